@@ -1,0 +1,198 @@
+"""The one source of truth for defaults.
+
+Every step of voxplain is configured by one pydantic model below. The Python API takes these
+models, the CLI builds its flags from their fields (help text and defaults included), and a TOML
+file (``--config run.toml``) is validated against the same models. A run folder keeps the
+resolved model in ``config.toml`` so the run can be redone.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: AAL2 regions that lose grey matter in the synthetic patients by default (early Alzheimer's
+#: disease targets: medial temporal lobe, both hemispheres).
+DEFAULT_ATROPHY_REGIONS: tuple[str, ...] = (
+    "Hippocampus_L",
+    "Hippocampus_R",
+    "ParaHippocampal_L",
+    "ParaHippocampal_R",
+    "Amygdala_L",
+    "Amygdala_R",
+)
+
+
+class Section(BaseModel):
+    """Base of every configuration section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AtrophyCohortConfig(Section):
+    """Synthetic 3D cohort: GM maps from the MNI152 template, AD patients lose GM in regions."""
+
+    out: Path = Field(description="Folder to write cohort.tsv, the volumes and the ground truth.")
+    subjects: int = Field(120, ge=4, description="Number of subjects (half CN, half AD).")
+    sessions: int = Field(2, ge=1, description="Sessions per subject (atrophy progresses).")
+    downsample: int = Field(
+        1, ge=1, description="Integer factor applied to the 121x145x121 1.5 mm SPM grid."
+    )
+    voxel_size: float | None = Field(
+        None, gt=0, description="Isotropic voxel size in mm (overrides --downsample)."
+    )
+    regions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ATROPHY_REGIONS),
+        description="AAL2 region names where AD patients lose grey matter.",
+    )
+    severity: tuple[float, float] = Field(
+        (0.3, 0.6), description="Range of the baseline fraction of GM lost at the atrophy peak."
+    )
+    progression: float = Field(
+        0.05, ge=0, description="Extra fraction of GM lost per follow-up session."
+    )
+    noise: float = Field(0.03, ge=0, description="Standard deviation of the voxel noise.")
+    deformation_mm: float = Field(
+        2.0, ge=0, description="Amplitude (mm) of the smooth per-subject deformation."
+    )
+    qc_failures: int = Field(
+        0, ge=0, description="Extra sessions with a low maximum, to exercise the quality check."
+    )
+    seed: int = Field(0, description="Seed of every random draw of the generator.")
+
+
+class LesionCohortConfig(Section):
+    """Synthetic 2D lesion patches: benign (round, smooth) vs malignant (irregular, spiculated)."""
+
+    out: Path = Field(description="Folder to write cohort.tsv, the patches and the masks.")
+    subjects: int = Field(200, ge=4, description="Number of patches (half benign, half malignant).")
+    size: int = Field(64, ge=16, description="Patch side in pixels.")
+    background: Literal["synthetic", "ct"] = Field(
+        "synthetic", description="Synthetic tissue texture, or real CT slices from pydicom-data."
+    )
+    file_format: Literal["npy", "png"] = Field("npy", description="Image file format.")
+    noise: float = Field(0.05, ge=0, description="Standard deviation of the pixel noise.")
+    seed: int = Field(0, description="Seed of every random draw of the generator.")
+
+
+ModelName = Literal["cnn", "convnet", "vgg_gap"]
+
+
+class ModelConfig(Section):
+    """Network architecture. ``None`` fields take the network's own published default."""
+
+    name: ModelName = Field("cnn", description="Network: cnn (paper 1), convnet (paper 3), vgg_gap.")
+    channels: list[int] | None = Field(
+        None, description="Output channels of each convolutional block."
+    )
+    convs_per_block: list[int] | None = Field(
+        None, description="Convolutions in each block (paper 1 uses 1 to 3)."
+    )
+    dropout: float = Field(0.5, ge=0, lt=1, description="Dropout rate before the classifier.")
+    in_channels: int = Field(1, ge=1, description="Image channels (set from the cohort).")
+    n_classes: int = Field(2, ge=2, description="Number of classes (set from the cohort).")
+    input_shape: list[int] | None = Field(
+        None, description="Spatial shape of the inputs (set from the cohort)."
+    )
+
+
+class TrainConfig(Section):
+    """Subject-level cross-validated training (paper 1, section 2.2)."""
+
+    cohort: Path = Field(description="cohort.tsv (participant_id, session_id, diagnosis, path).")
+    out: Path = Field(description="Run folder.")
+    caps: Path | None = Field(
+        None, description="Clinica CAPS folder: volumes are found there instead of a path column."
+    )
+    caps_group: str | None = Field(None, description="CAPS DARTEL group label (group-<label>).")
+    test: Path | None = Field(None, description="Optional held-out test cohort TSV.")
+    diagnosis_column: str = Field("diagnosis", description="Column of the TSV holding the label.")
+    classes: list[str] | None = Field(
+        None,
+        description="Diagnoses in class-index order. Default: sorted, with CN first if present.",
+    )
+    folds: int = Field(5, ge=2, description="Number of cross-validation folds.")
+    split_seed: int = Field(2, description="Seed of the subject-level stratified split.")
+    runs: int = Field(1, ge=1, description="Training runs per fold, each with its own seed.")
+    seed: int = Field(0, description="Seed of run 0 (run r uses seed + r).")
+    epochs: int = Field(30, ge=1, description="Maximum number of epochs.")
+    patience: int = Field(5, ge=1, description="Early stopping patience on the validation loss.")
+    batch_size: int = Field(8, ge=1, description="Images per optimisation step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay.")
+    downsample: int = Field(1, ge=1, description="Average-pool the images by this factor.")
+    qc_threshold: float | None = Field(
+        0.95, description="Reject images whose maximum is below this (paper 1, 2.3.1); none: off."
+    )
+    cache: Literal["memory", "disk"] = Field(
+        "memory", description="Keep decoded images in memory or in a memory-mapped file."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+
+    @field_validator("classes")
+    @classmethod
+    def _at_least_two_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) < 2:
+            raise ValueError(f"classes must name at least two distinct diagnoses, got {value}")
+        return value
+
+
+class PredictConfig(Section):
+    """Per-session probabilities of every model of a run folder."""
+
+    run: Path = Field(description="Run folder written by `voxplain train`.")
+    cohort: Path = Field(description="cohort.tsv of the sessions to classify.")
+    caps: Path | None = Field(None, description="Clinica CAPS folder of that cohort.")
+    out: Path | None = Field(None, description="Output TSV (default RUN/predictions/NAME.tsv).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run the models.")
+    batch_size: int = Field(16, ge=1, description="Images per forward pass.")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML configuration file, with an error that names the file."""
+    try:
+        with open(path, "rb") as stream:
+            return tomllib.load(stream)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: configuration file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML ({error})") from None
+
+
+def to_toml(sections: dict[str, BaseModel | dict[str, Any]]) -> str:
+    """Serialise configurations to TOML, one table per step (``[train]``, ...).
+
+    None values are left out (they mean "the default"), paths become strings. The result reads
+    back with :func:`read_toml` and validates against the same models.
+    """
+    tables = {name: config.model_dump(mode="json", exclude_none=True)
+              if isinstance(config, BaseModel) else config for name, config in sections.items()}
+    return _toml_table(tables, prefix="")
+
+
+def _toml_table(table: dict[str, Any], prefix: str) -> str:
+    scalars = [f"{key} = {_toml_value(value)}" for key, value in table.items()
+               if not isinstance(value, dict)]
+    text = "\n".join(scalars) + ("\n" if scalars else "")
+    for key, value in table.items():
+        if isinstance(value, dict):
+            name = f"{prefix}{key}"
+            text += f"\n[{name}]\n" + _toml_table(value, prefix=f"{name}.")
+    return text
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

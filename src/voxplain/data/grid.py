@@ -1,0 +1,106 @@
+"""Voxel grids: the SPM/Clinica MNI grid and anti-aliased downsampling that keeps the affine.
+
+A grid is a spatial shape plus a 4x4 voxel-to-world affine (mm). Downsampling by an integer
+factor averages blocks of ``factor**d`` voxels, so it is anti-aliased by construction, and moves
+the affine so that each coarse voxel sits at the centre of the block it averages: a coarse map
+overlays the fine one in any viewer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+#: Grid of Clinica's t1-volume outputs (SPM12 "Ixi549Space"): 121x145x121 voxels of 1.5 mm.
+SPM_SHAPE: tuple[int, int, int] = (121, 145, 121)
+SPM_AFFINE: np.ndarray = np.array(
+    [[-1.5, 0.0, 0.0, 90.0],
+     [0.0, 1.5, 0.0, -126.0],
+     [0.0, 0.0, 1.5, -72.0],
+     [0.0, 0.0, 0.0, 1.0]]
+)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A spatial shape and its voxel-to-world affine."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+
+    @property
+    def voxel_size(self) -> tuple[float, ...]:
+        """Voxel edge lengths in mm, one per spatial axis."""
+        spatial = len(self.shape)
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :spatial], axis=0))
+
+
+def spm_grid() -> Grid:
+    """The 121x145x121, 1.5 mm MNI grid of SPM12 / Clinica t1-volume."""
+    return Grid(SPM_SHAPE, SPM_AFFINE.copy())
+
+
+def downsampled_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
+    """Shape after :func:`downsample`: every axis is divided by ``factor``, rounded up."""
+    return tuple(-(-size // factor) for size in shape)
+
+
+def downsample_affine(affine: np.ndarray, factor: int, spatial_dims: int = 3) -> np.ndarray:
+    """Affine of the grid downsampled by ``factor`` on its first ``spatial_dims`` axes.
+
+    Coarse voxel ``i`` averages fine voxels ``i*factor .. i*factor + factor - 1``; its centre is
+    fine voxel ``i*factor + (factor - 1) / 2``.
+    """
+    scale = np.eye(4)
+    for axis in range(spatial_dims):
+        scale[axis, axis] = factor
+        scale[axis, 3] = (factor - 1) / 2
+    return affine @ scale
+
+
+def downsample(array: np.ndarray, factor: int, spatial_dims: int | None = None) -> np.ndarray:
+    """Average non-overlapping blocks of ``factor`` voxels along the last ``spatial_dims`` axes.
+
+    Args:
+        array: ``(..., *spatial)`` image(s); leading axes (batch, channel) are kept.
+        factor: integer block size; 1 returns the array unchanged.
+        spatial_dims: number of trailing spatial axes (default: all axes).
+
+    Returns:
+        ``(..., *ceil(spatial / factor))`` float32. A block cut by the border is averaged over
+        the voxels it holds, so edges are not darkened by padding.
+    """
+    if factor < 1:
+        raise ValueError(f"downsample factor must be >= 1, got {factor}")
+    spatial_dims = array.ndim if spatial_dims is None else spatial_dims
+    if factor == 1:
+        return array.astype(np.float32, copy=False)
+    lead = array.shape[: array.ndim - spatial_dims]
+    spatial = array.shape[array.ndim - spatial_dims:]
+    padded = tuple(-(-s // factor) * factor for s in spatial)
+    pad = [(0, 0)] * len(lead) + [(0, p - s) for s, p in zip(spatial, padded)]
+    values = np.pad(array.astype(np.float64), pad)
+    counts = np.pad(np.ones(spatial), [(0, p - s) for s, p in zip(spatial, padded)])
+    blocks = lead + tuple(dim for p in padded for dim in (p // factor, factor))
+    block_axes = tuple(len(lead) + 2 * i + 1 for i in range(spatial_dims))
+    summed = values.reshape(blocks).sum(axis=block_axes)
+    count_blocks = tuple(dim for p in padded for dim in (p // factor, factor))
+    count = counts.reshape(count_blocks).sum(axis=tuple(2 * i + 1 for i in range(spatial_dims)))
+    return (summed / count).astype(np.float32)
+
+
+def resample_to_grid(
+    array: np.ndarray, affine: np.ndarray, grid: Grid, order: int = 1, cval: float = 0.0
+) -> np.ndarray:
+    """Resample a 3D volume defined on ``affine`` onto ``grid`` (world coordinates in mm).
+
+    ``order=0`` is nearest neighbour (labels, atlases); ``order=1`` trilinear (intensities).
+    Voxels of ``grid`` outside the source volume get ``cval``.
+    """
+    source_from_target = np.linalg.inv(affine) @ grid.affine
+    return ndimage.affine_transform(
+        array, source_from_target[:3, :3], offset=source_from_target[:3, 3],
+        output_shape=grid.shape, order=order, mode="constant", cval=cval,
+    ).astype(array.dtype if order == 0 else np.float32)

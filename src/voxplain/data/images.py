@@ -1,0 +1,140 @@
+"""Read one image from disk as ``(C, *spatial)`` float32 plus its voxel-to-world affine.
+
+Volumes are NIfTI (``.nii``, ``.nii.gz``), 3D, one channel. 2D images are NPY (``(H, W)`` or
+``(C, H, W)``), PNG/JPEG (grey or RGB, scaled to [0, 1]) or DICOM (pydicom; rescaled to the
+modality's units, e.g. Hounsfield units for CT). Every error names the file and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NPY_SUFFIXES = (".npy",)
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message names the file and the problem."""
+
+
+def image_kind(path: Path) -> str:
+    """``"nifti"``, ``"npy"``, ``"picture"`` or ``"dicom"`` from the file name."""
+    name = path.name.lower()
+    for kind, suffixes in (("nifti", NIFTI_SUFFIXES), ("npy", NPY_SUFFIXES),
+                           ("picture", PICTURE_SUFFIXES), ("dicom", DICOM_SUFFIXES)):
+        if name.endswith(suffixes):
+            return kind
+    raise ImageError(
+        f"{path}: unsupported image format (expected NIfTI .nii/.nii.gz, .npy, .png/.jpg or .dcm)"
+    )
+
+
+def read_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """``(C, *spatial)`` shape and affine of an image, without decoding NIfTI voxel data."""
+    path = Path(path)
+    if image_kind(path) != "nifti":
+        array, affine = read_image(path)
+        return array.shape, affine
+    image = _open_nifti(path)
+    return (1, *image.shape), image.affine
+
+
+def read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Decode an image.
+
+    Returns:
+        ``(array, affine)``: ``array`` is ``(C, *spatial)`` float32 (``C = 1`` for volumes),
+        ``affine`` the 4x4 voxel-to-world matrix in mm (pixel spacing for 2D images).
+
+    Raises:
+        ImageError: missing, empty or unreadable file, wrong dimensionality, NaN or Inf values.
+    """
+    path = Path(path)
+    reader = {"nifti": _read_nifti, "npy": _read_npy, "picture": _read_picture,
+              "dicom": _read_dicom}[image_kind(path)]
+    array, affine = reader(path)
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise ImageError(f"{path}: {bad} voxels are NaN or Inf")
+    return array, affine
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise ImageError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: file is empty")
+
+
+def _open_nifti(path: Path) -> nib.Nifti1Image:
+    _check_file(path)
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises several types for corrupt or foreign files
+        raise ImageError(f"{path}: not a readable NIfTI file ({error})") from None
+    shape = image.shape
+    if len(shape) == 4 and shape[3] == 1:
+        image = image.slicer[..., 0]
+    elif len(image.shape) != 3:
+        raise ImageError(f"{path}: expected a 3D volume, got {len(shape)}D with shape {shape}")
+    return image
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    image = _open_nifti(path)
+    try:
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:  # truncated gzip streams surface as EOFError, zlib.error, ...
+        raise ImageError(f"{path}: voxel data cannot be read ({error})") from None
+    return data[np.newaxis], image.affine
+
+
+def _read_npy(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    _check_file(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        raise ImageError(f"{path}: not a plain numeric NPY array ({error})") from None
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    if data.ndim != 3:
+        raise ImageError(f"{path}: expected a 2D image (H, W) or (C, H, W), got shape {data.shape}")
+    return data.astype(np.float32), np.eye(4)
+
+
+def _read_picture(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    _check_file(path)
+    try:
+        with Image.open(path) as picture:
+            data = np.asarray(picture)
+    except (UnidentifiedImageError, OSError) as error:
+        raise ImageError(f"{path}: not a readable picture ({error})") from None
+    scale = np.iinfo(data.dtype).max if np.issubdtype(data.dtype, np.integer) else 1.0
+    data = data.astype(np.float32) / scale
+    data = data[np.newaxis] if data.ndim == 2 else np.moveaxis(data[..., :3], -1, 0)
+    return data, np.eye(4)
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import pydicom
+
+    _check_file(path)
+    try:
+        dataset = pydicom.dcmread(path)
+        pixels = dataset.pixel_array.astype(np.float32)
+    except Exception as error:  # pydicom raises InvalidDicomError, AttributeError, ...
+        raise ImageError(f"{path}: not a readable DICOM image ({error})") from None
+    if pixels.ndim != 2:
+        raise ImageError(f"{path}: expected a single 2D DICOM frame, got shape {pixels.shape}")
+    slope = float(getattr(dataset, "RescaleSlope", 1.0))
+    intercept = float(getattr(dataset, "RescaleIntercept", 0.0))
+    spacing = [float(s) for s in getattr(dataset, "PixelSpacing", [1.0, 1.0])]
+    affine = np.diag([spacing[0], spacing[1], 1.0, 1.0])
+    return (pixels * slope + intercept)[np.newaxis], affine

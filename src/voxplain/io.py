@@ -1,0 +1,67 @@
+"""Atomic writes: a file is either complete or absent, never half written.
+
+Every file of a run folder goes through :func:`atomic_path` (temp file in the same folder, then
+``os.replace``), so a killed run leaves nothing that a resumed run would mistake for finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(target.suffixes)  # keep ".nii.gz" so writers pick the right format
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=suffix,
+                                         dir=target.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write a JSON file atomically (indented, keys in insertion order)."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_tsv(path: str | os.PathLike[str], table: pd.DataFrame) -> None:
+    """Write a tab-separated table atomically, without the pandas index."""
+    with atomic_path(path) as temporary:
+        table.to_csv(temporary, sep="\t", index=False)
+
+
+def read_tsv(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a tab-separated table; identifiers stay strings (``sub-001`` is not a number)."""
+    return pd.read_csv(path, sep="\t", dtype={"participant_id": str, "session_id": str})
+
+
+def save_nifti(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray) -> None:
+    """Save a 3D array as NIfTI with the given affine (float32 unless integer), atomically."""
+    data = array if np.issubdtype(array.dtype, np.integer) else array.astype(np.float32)
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_xyzt_units("mm")
+    with atomic_path(path) as temporary:
+        nib.save(image, temporary)

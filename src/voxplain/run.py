@@ -1,0 +1,125 @@
+"""The run folder: the contract between steps (like ClinicaDL's MAPS).
+
+::
+
+    RUN/
+      config.toml                 one [section] per step, enough to redo the run
+      environment.json            Python, platform and package versions of each step
+      cohort.tsv                  sessions kept after the quality check (+ max_value)
+      qc_rejected.tsv             sessions rejected by the quality check (paper 1, 2.3.1)
+      splits/fold-K/{train,validation}.tsv
+      models/fold-K/run-R/{model.safetensors, model.json, history.tsv, metrics.tsv,
+                           predictions-validation.tsv, predictions-test.tsv}
+      evaluation/cross_validation.tsv
+      predictions/NAME.tsv
+
+Every step reads what earlier steps wrote, skips work already done and writes atomically.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from voxplain.config import read_toml, to_toml
+from voxplain.io import write_json, write_text
+
+RECORDED_PACKAGES = ("voxplain", "torch", "numpy", "scipy", "pandas", "scikit-learn", "nibabel",
+                     "nilearn", "captum", "torchmetrics", "safetensors", "pydantic")
+#: Settings that may change between a run and its resumption without changing its results.
+RESUMABLE_FIELDS = frozenset({"device"})
+
+
+class RunFolderError(ValueError):
+    """A run folder that does not match the step asked of it."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths of a run folder; creating the object touches nothing on disk."""
+
+    root: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def cohort_file(self) -> Path:
+        return self.root / "cohort.tsv"
+
+    @property
+    def qc_rejected_file(self) -> Path:
+        return self.root / "qc_rejected.tsv"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def split_file(self, fold: int, subset: str) -> Path:
+        """``splits/fold-K/SUBSET.tsv`` with SUBSET in train, validation."""
+        return self.root / "splits" / f"fold-{fold}" / f"{subset}.tsv"
+
+    def model_dir(self, fold: int, run: int) -> Path:
+        """``models/fold-K/run-R``."""
+        return self.root / "models" / f"fold-{fold}" / f"run-{run}"
+
+    def model_dirs(self) -> list[tuple[int, int, Path]]:
+        """``(fold, run, folder)`` of every finished model, in fold then run order."""
+        found = []
+        for weights in self.root.glob("models/fold-*/run-*/model.safetensors"):
+            folder = weights.parent
+            if (folder / "metrics.tsv").is_file():
+                fold = int(folder.parent.name.removeprefix("fold-"))
+                found.append((fold, int(folder.name.removeprefix("run-")), folder))
+        return sorted(found)
+
+    def read_config(self) -> dict[str, Any]:
+        """All sections of ``config.toml`` (empty when the run folder is new)."""
+        return read_toml(self.config_file) if self.config_file.is_file() else {}
+
+    def record_config(self, section: str, config: BaseModel) -> None:
+        """Store ``config`` as ``[section]`` of config.toml, or check it matches a stored one.
+
+        Resuming a step with other settings would mix two experiments in one folder, so a
+        difference (other than :data:`RESUMABLE_FIELDS`) is an error that names the fields.
+        """
+        sections = self.read_config()
+        new = json.loads(config.model_dump_json(exclude_none=True))
+        if section in sections:
+            old = sections[section]
+            changed = sorted(key for key in set(old) | set(new)
+                             if key not in RESUMABLE_FIELDS and old.get(key) != new.get(key))
+            if changed:
+                details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+                raise RunFolderError(f"{self.config_file}: this run folder was made with other "
+                                     f"[{section}] settings ({details}); use another folder")
+            return
+        sections[section] = new
+        write_text(self.config_file, to_toml(sections))
+        self._record_environment(section)
+
+    def _record_environment(self, section: str) -> None:
+        path = self.root / "environment.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        record[section] = environment()
+        write_json(path, record)
+
+
+def environment() -> dict[str, Any]:
+    """Python, platform and versions of the packages that shape results."""
+    versions = {}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(),
+            "packages": versions}
