@@ -61,7 +61,7 @@ class AtrophyCohortConfig(Section):
     qc_failures: int = Field(
         0, ge=0, description="Extra sessions with a low maximum, to exercise the quality check."
     )
-    seed: int = Field(0, description="Seed of every random draw of the generator.")
+    seed: int = Field(0, ge=0, description="Seed of every random draw of the generator.")
 
 
 class LesionCohortConfig(Section):
@@ -75,7 +75,7 @@ class LesionCohortConfig(Section):
     )
     file_format: Literal["npy", "png"] = Field("npy", description="Image file format.")
     noise: float = Field(0.05, ge=0, description="Standard deviation of the pixel noise.")
-    seed: int = Field(0, description="Seed of every random draw of the generator.")
+    seed: int = Field(0, ge=0, description="Seed of every random draw of the generator.")
 
 
 ModelName = Literal["cnn", "convnet", "vgg_gap"]

@@ -1,0 +1,436 @@
+"""Synthetic 2D lung-lesion patches: benign (round, smooth) vs malignant (lobulated, spiculated).
+
+The patches imitate the LIDC-IDRI data of paper 3 (Katzmann et al. 2021): axial 64x64 patches
+covering 45x45 mm around a lesion, benign against malignant. Every patch is built in Hounsfield
+units, pasted into a background, then shown through a lung window ([-1000, 400] HU -> [0, 1]).
+
+Lesion shape (the class signal). Both classes draw their radius, elongation, position jitter and
+density from the same ranges, so radius and brightness carry no class information (the mask
+area carries a little: lobes and spicules add pixels). A benign lesion is an ellipse with a
+smooth border. A malignant lesion has a lobulated border (a few low-order
+harmonics of the polar radius) and spicules: thin radial spikes tapering away from the border.
+The border is therefore where a faithful explanation should point. The ground-truth mask is the
+set of pixels at least half covered by the lesion (4x4 supersampling per pixel).
+
+Backgrounds.
+
+- ``synthetic``: lung parenchyma (-900 to -820 HU) with a smooth random texture
+  (Gaussian-filtered white noise at two scales).
+- ``ct``: crops of a real chest CT slice, converted to HU with RescaleSlope/RescaleIntercept and
+  resampled to the patch grid (45 mm field of view, bilinear, mirrored across the slice edges).
+  The lesion centre is placed on lung parenchyma of the slice. The slices used are listed in
+  :data:`CT_SLICES` and are read from the installed packages only, never downloaded:
+  ``CT_small.dcm`` of the ``pydicom`` package (``pydicom/data/test_files/CT_small.dcm``:
+  128x128, 0.66 mm pixels, a thoracic slice at the level of a vertebra with both lungs at its
+  upper corners). The other CT files installed with pydicom (``693_J2KI.dcm``,
+  ``J2K_pixelrep_mismatch.dcm``: head; ``dicomdirtests/*``: 16x16 thumbnails) and pydicom-data
+  (import package ``data_store``; ``693_UNCI.dcm``, ``693_UNCR.dcm``, ``693_J2KR.dcm``: head;
+  ``eCT_Supplemental.dcm``: brain perfusion; ``explicit_VR-UN.dcm``: abdomen) hold no lung, so
+  they are not used.
+
+In both cases pixel noise of standard deviation ``config.noise`` is added after the lesion is
+pasted, and intensities are clipped to [0, 1].
+
+Output folder: ``images/sub-0001_ses-M00.{npy,png}`` (NPY: float32 ``(1, H, W)``; PNG: 8-bit
+grey), ``masks/sub-0001_ses-M00.npy`` (uint8 ``(H, W)``), ``cohort.tsv`` and ``generator.json``.
+Sample ``i`` is drawn from generators seeded with ``(seed, i)`` only, so it does not depend on the
+cohort size or on the generation order, and samples whose files exist are not rendered again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+from PIL import Image
+from scipy import ndimage
+
+from voxplain.config import LesionCohortConfig
+from voxplain.io import atomic_path, write_json, write_text
+
+#: Side of the square field of view of a patch in mm (paper 3: 45x45 mm at 64x64 pixels).
+FIELD_OF_VIEW_MM = 45.0
+#: Lung window in HU, mapped linearly to [0, 1].
+LUNG_WINDOW_HU = (-1000.0, 400.0)
+#: HU range of lung parenchyma, where CT lesions are centred.
+PARENCHYMA_HU = (-950.0, -500.0)
+#: Least distance (mm) from a CT lesion centre to tissue that is not lung parenchyma.
+PARENCHYMA_MARGIN_MM = 5.0
+#: Real CT slices usable as backgrounds: (import package, path inside that package).
+CT_SLICES: tuple[tuple[str, str], ...] = (("pydicom", "data/test_files/CT_small.dcm"),)
+#: Sub-pixels per pixel side used to compute the lesion's coverage of each pixel.
+SUPERSAMPLING = 4
+DIAGNOSES = ("benign", "malignant")
+SESSION_ID = "ses-M00"
+
+
+@dataclass(frozen=True)
+class LesionShape:
+    """Geometry and density of one lesion, in patch pixels (rows, columns) and HU.
+
+    ``harmonics`` is ``(K, 3)``: order, relative amplitude, phase of each lobulation harmonic
+    of the polar radius. ``spicules`` is ``(S, 3)``: angle (rad), length (px), half-width at the
+    border (px) of each spike. Both are empty for a benign lesion.
+    """
+
+    center: tuple[float, float]
+    radius_px: float
+    elongation: float
+    orientation: float
+    harmonics: np.ndarray
+    spicules: np.ndarray
+    lesion_hu: float
+
+    @property
+    def lobulation(self) -> float:
+        """Sum of the harmonic amplitudes (0 for a smooth ellipse)."""
+        return float(self.harmonics[:, 1].sum()) if len(self.harmonics) else 0.0
+
+
+@dataclass(frozen=True)
+class CTSlice:
+    """A CT slice in HU with its pixel spacing and the parenchyma pixels lesions can sit on."""
+
+    name: str
+    hu: np.ndarray
+    spacing_mm: tuple[float, float]
+    parenchyma: np.ndarray
+
+
+@dataclass(frozen=True)
+class CTPlacement:
+    """Where a patch comes from in a CT slice.
+
+    Patch pixel ``(i, j)`` is slice pixel ``origin + (i, j) * step`` (rows, columns).
+    """
+
+    ct: CTSlice
+    origin: tuple[float, float]
+    step: tuple[float, float]
+
+
+def generate_lesion_cohort(
+    config: LesionCohortConfig, progress: Callable[[int, int], None] | None = None
+) -> Path:
+    """Write a cohort of benign and malignant lesion patches with their ground-truth masks.
+
+    Args:
+        config: cohort size, patch side, background, file format, noise and seed.
+        progress: called as ``progress(done, total)`` after each sample.
+
+    Returns:
+        Path of the written ``cohort.tsv``.
+
+    Raises:
+        ValueError: ``config.out`` holds a cohort made with other settings.
+        FileNotFoundError: ``background="ct"`` and no CT slice of :data:`CT_SLICES` is installed.
+    """
+    slices = []
+    if config.background == "ct":
+        slices = [load_ct_slice(name, path) for name, path in find_ct_slices().items()]
+    out = Path(config.out)
+    _claim_folder(out, config)
+    rows = []
+    for index in range(config.subjects):
+        rows.append(_write_sample(config, index, slices))
+        if progress is not None:
+            progress(index + 1, config.subjects)
+    table = pd.DataFrame(rows).to_csv(sep="\t", index=False)
+    cohort = out / "cohort.tsv"
+    if not cohort.exists() or cohort.read_text() != table:
+        write_text(cohort, table)
+    return cohort
+
+
+def _claim_folder(out: Path, config: LesionCohortConfig) -> None:
+    """Write ``generator.json``, or check that the one already in ``out`` has the same settings.
+
+    The output folder itself may move, so ``out`` is left out of the comparison.
+    """
+    settings = config.model_dump(mode="json")
+    path = out / "generator.json"
+    if not path.exists():
+        write_json(path, settings)
+        return
+    previous = json.loads(path.read_text())
+    changed = sorted(key for key in settings if key != "out" and previous.get(key) != settings[key])
+    if changed:
+        details = ", ".join(f"{key}: {previous.get(key)!r} -> {settings[key]!r}" for key in changed)
+        raise ValueError(
+            f"{out}: holds a lesion cohort generated with other settings ({details}); "
+            "choose another folder or delete it"
+        )
+
+
+def _write_sample(
+    config: LesionCohortConfig, index: int, slices: list[CTSlice]
+) -> dict[str, object]:
+    """Render sample ``index`` unless its files exist; return its cohort.tsv row."""
+    width = max(4, len(str(config.subjects)))
+    participant = f"sub-{index + 1:0{width}d}"
+    image_path = Path("images") / f"{participant}_{SESSION_ID}.{config.file_format}"
+    mask_path = Path("masks") / f"{participant}_{SESSION_ID}.npy"
+    diagnosis = DIAGNOSES[index % 2]
+    design = np.random.default_rng([config.seed, index, 0])
+    shape = draw_lesion_shape(design, diagnosis == "malignant", config.size)
+    placement = draw_ct_placement(design, slices, shape.center, config.size) if slices else None
+    out = Path(config.out)
+    if not ((out / image_path).exists() and (out / mask_path).exists()):
+        texture = np.random.default_rng([config.seed, index, 1])
+        image, mask = render_patch(shape, placement, config.size, config.noise, texture)
+        _save_image(out / image_path, image)
+        with atomic_path(out / mask_path) as temporary, open(temporary, "wb") as stream:
+            np.save(stream, mask)
+    row = {
+        "participant_id": participant,
+        "session_id": SESSION_ID,
+        "diagnosis": diagnosis,
+        "path": image_path.as_posix(),
+        "mask_path": mask_path.as_posix(),
+        "radius_px": round(shape.radius_px, 3),
+        "spicules": len(shape.spicules),
+        "lobulation": round(shape.lobulation, 4),
+        "elongation": round(shape.elongation, 4),
+        "lesion_hu": round(shape.lesion_hu, 1),
+        "center_row": round(shape.center[0], 3),
+        "center_col": round(shape.center[1], 3),
+    }
+    if placement is not None:
+        row |= {
+            "background_file": placement.ct.name,
+            "background_origin_row": placement.origin[0],
+            "background_origin_col": placement.origin[1],
+            "background_step_row": placement.step[0],
+            "background_step_col": placement.step[1],
+        }
+    return row
+
+
+def draw_lesion_shape(rng: np.random.Generator, malignant: bool, size: int) -> LesionShape:
+    """Draw a lesion for a ``size`` x ``size`` patch.
+
+    Radius (8-18 % of the side, i.e. 5.1-11.5 px or 3.6-8.1 mm at 64 px), elongation
+    (axis ratio 1-1.5), orientation, centre jitter (up to 8 % of the side) and density
+    (-200 to 100 HU: part-solid to solid) come from the same ranges for both classes. Only a
+    malignant lesion gets lobulation (2-3 harmonics of order 3-7, total amplitude 0.08-0.2 of
+    the radius) and 3-10 spicules (length 0.4-0.9 radius, half-width 0.7-1.1 px at 64 px).
+    """
+    scale = size / 64
+    middle = (size - 1) / 2
+    center = (middle + rng.uniform(-0.08, 0.08) * size, middle + rng.uniform(-0.08, 0.08) * size)
+    radius = rng.uniform(0.08, 0.18) * size
+    elongation = rng.uniform(1.0, 1.5)
+    orientation = rng.uniform(0, np.pi)
+    lesion_hu = rng.uniform(-200.0, 100.0)
+    harmonics = np.zeros((0, 3))
+    spicules = np.zeros((0, 3))
+    if malignant:
+        count = int(rng.integers(2, 4))
+        orders = rng.choice(np.arange(3, 8), size=count, replace=False)
+        amplitudes = rng.uniform(0.08, 0.2) * rng.dirichlet(np.ones(count))
+        harmonics = np.column_stack([orders, amplitudes, rng.uniform(0, 2 * np.pi, count)])
+        n_spicules = int(rng.integers(3, 11))
+        spicules = np.column_stack([
+            rng.uniform(0, 2 * np.pi, n_spicules),
+            rng.uniform(0.4, 0.9, n_spicules) * radius,
+            np.maximum(rng.uniform(0.7, 1.1, n_spicules) * scale, 0.5),
+        ])
+    return LesionShape(center, radius, elongation, orientation, harmonics, spicules, lesion_hu)
+
+
+def border_radius(shape: LesionShape, theta: np.ndarray) -> np.ndarray:
+    """Distance (px) from the lesion centre to its border (spicules excluded) at angles ``theta``.
+
+    An area-preserving ellipse of mean radius ``radius_px`` times ``1 + sum_k a_k cos(k t + p_k)``.
+    """
+    relative = theta - shape.orientation
+    q = shape.elongation
+    radius = shape.radius_px / np.sqrt(np.cos(relative) ** 2 / q + q * np.sin(relative) ** 2)
+    lobes = np.ones_like(theta)
+    for order, amplitude, phase in shape.harmonics:
+        lobes = lobes + amplitude * np.cos(order * theta + phase)
+    return radius * lobes
+
+
+def lesion_coverage(shape: LesionShape, size: int) -> np.ndarray:
+    """Fraction of each pixel covered by the lesion body and its spicules, ``(size, size)``.
+
+    Pixel ``(i, j)`` is the unit square centred on ``(i, j)``, sampled by
+    ``SUPERSAMPLING**2`` points.
+    """
+    offsets = (np.arange(SUPERSAMPLING) + 0.5) / SUPERSAMPLING - 0.5
+    axis = (np.arange(size)[:, None] + offsets[None, :]).ravel()
+    dy = axis[:, None] - shape.center[0]
+    dx = axis[None, :] - shape.center[1]
+    inside = np.hypot(dy, dx) <= border_radius(shape, np.arctan2(dy, dx))
+    for angle, length, half_width in shape.spicules:
+        base = float(border_radius(shape, np.array([angle]))[0])
+        along = dx * np.cos(angle) + dy * np.sin(angle)
+        across = np.abs(dy * np.cos(angle) - dx * np.sin(angle))
+        # Full width up to the border, then a linear taper to 30 % at the tip.
+        taper = np.clip((along - base) / length, 0.0, 1.0)
+        spike = (along >= 0) & (along <= base + length)
+        inside |= spike & (across <= half_width * (1 - 0.7 * taper))
+    return inside.reshape(size, SUPERSAMPLING, size, SUPERSAMPLING).mean(axis=(1, 3))
+
+
+def synthetic_background_hu(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Lung parenchyma in HU, ``(size, size)``: a level in [-900, -820] plus smooth texture.
+
+    The texture sums unit-variance Gaussian-filtered white noise at 1 and 6 px (at 64 px,
+    scaled with the patch side) with amplitudes 25 and 40 HU.
+    """
+    scale = size / 64
+    level = rng.uniform(-900.0, -820.0)
+    texture = np.zeros((size, size))
+    for sigma, amplitude in ((1.0, 25.0), (6.0, 40.0)):
+        smooth = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma * scale)
+        texture += amplitude * smooth / smooth.std()
+    return level + texture
+
+
+def find_ct_slices() -> dict[str, Path]:
+    """Installed CT slices of :data:`CT_SLICES`, looked up on disk (never downloaded).
+
+    Returns:
+        ``{"package/path/in/package": absolute path}`` for every listed file that exists and
+        whose Modality is CT.
+
+    Raises:
+        FileNotFoundError: none qualifies; the message names every package and path searched.
+    """
+    found, searched = {}, []
+    for package, relative in CT_SLICES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            searched.append(f"{package}/{relative} (package {package!r} not installed)")
+            continue
+        path = Path(list(spec.submodule_search_locations)[0]) / relative
+        if not path.is_file():
+            searched.append(f"{path} (missing)")
+            continue
+        modality = pydicom.dcmread(path, stop_before_pixels=True).get("Modality")
+        if modality != "CT":
+            searched.append(f"{path} (modality {modality!r}, not CT)")
+            continue
+        found[f"{package}/{relative}"] = path
+    if not found:
+        raise FileNotFoundError(
+            "background='ct' needs a real CT slice and none was found; searched: "
+            + "; ".join(searched)
+            + ". Install pydicom (it ships data/test_files/CT_small.dcm) or use "
+            "background='synthetic'."
+        )
+    return found
+
+
+@lru_cache(maxsize=8)
+def load_ct_slice(name: str, path: Path) -> CTSlice:
+    """Read the CT slice ``path`` (called ``name``) in HU: RescaleSlope * value + RescaleIntercept.
+
+    ``parenchyma`` lists the ``(row, col)`` pixels whose 2 px-smoothed HU lie in
+    :data:`PARENCHYMA_HU`, eroded by :data:`PARENCHYMA_MARGIN_MM` so that lesions sit in the lung.
+
+    Raises:
+        ValueError: the file is not one 2D slice or holds no lung parenchyma.
+    """
+    dataset = pydicom.dcmread(path)
+    stored = dataset.pixel_array
+    if stored.ndim != 2:
+        raise ValueError(f"{path}: expected one 2D CT slice, got pixel data shaped {stored.shape}")
+    slope = float(dataset.get("RescaleSlope", 1.0))
+    intercept = float(dataset.get("RescaleIntercept", 0.0))
+    hu = stored.astype(np.float64) * slope + intercept
+    row_mm, col_mm = (float(value) for value in dataset.PixelSpacing)
+    smooth = ndimage.gaussian_filter(hu, 2.0)
+    lung = (smooth >= PARENCHYMA_HU[0]) & (smooth <= PARENCHYMA_HU[1])
+    margin = max(1, round(PARENCHYMA_MARGIN_MM / min(row_mm, col_mm)))
+    parenchyma = np.argwhere(ndimage.binary_erosion(lung, iterations=margin))
+    if len(parenchyma) == 0:
+        raise ValueError(
+            f"{path}: no lung parenchyma ({PARENCHYMA_HU} HU, {PARENCHYMA_MARGIN_MM} mm from other "
+            "tissue) to place lesions on"
+        )
+    return CTSlice(name, hu, (row_mm, col_mm), parenchyma)
+
+
+def draw_ct_placement(
+    rng: np.random.Generator, slices: list[CTSlice], center: tuple[float, float], size: int
+) -> CTPlacement:
+    """Pick a slice and a parenchyma pixel of it, and map the patch so the lesion lands there.
+
+    The patch spans :data:`FIELD_OF_VIEW_MM` on each side, so one patch pixel is
+    ``FIELD_OF_VIEW_MM / size / spacing`` slice pixels; patch pixel ``center`` falls on the
+    chosen parenchyma pixel.
+    """
+    ct = slices[int(rng.integers(len(slices)))]
+    target = ct.parenchyma[int(rng.integers(len(ct.parenchyma)))]
+    step = tuple(FIELD_OF_VIEW_MM / size / spacing for spacing in ct.spacing_mm)
+    origin = tuple(float(target[axis] - center[axis] * step[axis]) for axis in range(2))
+    return CTPlacement(ct, origin, step)
+
+
+def ct_background_hu(placement: CTPlacement, size: int) -> np.ndarray:
+    """HU of the slice at the patch pixels, ``(size, size)``: bilinear, mirrored at the edges."""
+    rows = placement.origin[0] + np.arange(size) * placement.step[0]
+    cols = placement.origin[1] + np.arange(size) * placement.step[1]
+    grid = np.meshgrid(rows, cols, indexing="ij")
+    return ndimage.map_coordinates(placement.ct.hu, grid, order=1, mode="mirror")
+
+
+def lung_window(hu: np.ndarray) -> np.ndarray:
+    """Map HU to [0, 1] through :data:`LUNG_WINDOW_HU` (values outside are clipped)."""
+    low, high = LUNG_WINDOW_HU
+    return np.clip((hu - low) / (high - low), 0.0, 1.0)
+
+
+def render_patch(
+    shape: LesionShape,
+    placement: CTPlacement | None,
+    size: int,
+    noise: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paste a lesion into its background.
+
+    The lesion's opacity is its pixel coverage blurred by a 0.5 px Gaussian (a scanner's point
+    spread); inside, its density varies by a smooth 20 HU texture. The blend is
+    ``(1 - opacity) * background + opacity * lesion`` in HU, then the lung window, then pixel
+    noise of standard deviation ``noise``, clipped to [0, 1].
+
+    Args:
+        placement: where the CT background comes from; ``None`` draws a synthetic one.
+
+    Returns:
+        ``(image, mask)``: float32 ``(1, size, size)`` in [0, 1], uint8 ``(size, size)`` that is
+        1 where at least half of the pixel is covered by the lesion.
+    """
+    coverage = lesion_coverage(shape, size)
+    if placement is None:
+        background = synthetic_background_hu(rng, size)
+    else:
+        background = ct_background_hu(placement, size)
+    opacity = ndimage.gaussian_filter(coverage, 0.5)
+    inner = ndimage.gaussian_filter(rng.standard_normal((size, size)), 1.5)
+    lesion = shape.lesion_hu + 20.0 * inner / inner.std()
+    image = lung_window((1 - opacity) * background + opacity * lesion)
+    image = np.clip(image + rng.normal(0.0, noise, image.shape), 0.0, 1.0)
+    return image[None].astype(np.float32), (coverage >= 0.5).astype(np.uint8)
+
+
+def _save_image(path: Path, image: np.ndarray) -> None:
+    """Save a ``(1, H, W)`` image in [0, 1] as float32 NPY, or as 8-bit grey PNG (rounded)."""
+    with atomic_path(path) as temporary:
+        if path.suffix == ".png":
+            grey = np.round(image[0] * 255).astype(np.uint8)
+            Image.fromarray(grey).save(temporary, format="PNG")
+        else:
+            with open(temporary, "wb") as stream:
+                np.save(stream, image)
