@@ -161,6 +161,7 @@ def train(
     batch_size: int = option(TrainConfig, "batch_size", "--batch-size"),
     learning_rate: float = option(TrainConfig, "learning_rate", "--learning-rate"),
     downsample: int = option(TrainConfig, "downsample", "--downsample"),
+    qc_threshold: str = option(TrainConfig, "qc_threshold", "--qc-threshold"),
     cache: str = option(TrainConfig, "cache", "--cache"),
     device: str = option(TrainConfig, "device", "--device"),
     model: str = option(ModelConfig, "name", "--model"),
@@ -179,7 +180,7 @@ def train(
         caps=_absolute(caps), test=_absolute(test), diagnosis_column=diagnosis_column,
         classes=split_list(classes), folds=folds, runs=runs, seed=seed, epochs=epochs,
         patience=patience, batch_size=batch_size, learning_rate=learning_rate,
-        downsample=downsample, cache=cache, device=device, model=model_flags or None)
+        downsample=downsample, qc_threshold=qc_threshold, cache=cache, device=device, model=model_flags or None)
     with reported_errors(), progress_bar() as bar:
         summary = train_cohort(settings, progress=bar)
     _print_summary(summary)

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 #: AAL2 regions that lose grey matter in the synthetic patients by default (early Alzheimer's
 #: disease targets: medial temporal lobe, both hemispheres).
@@ -62,6 +62,15 @@ class AtrophyCohortConfig(Section):
         0, ge=0, description="Extra sessions with a low maximum, to exercise the quality check."
     )
     seed: int = Field(0, ge=0, description="Seed of every random draw of the generator.")
+
+
+    @field_validator("severity")
+    @classmethod
+    def _severity_is_a_fraction_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 <= low <= high < 1:
+            raise ValueError(f"severity must be a range 0 <= low <= high < 1, got {value}")
+        return value
 
 
 class LesionCohortConfig(Section):
@@ -125,13 +134,24 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay.")
     downsample: int = Field(1, ge=1, description="Average-pool the images by this factor.")
     qc_threshold: float | None = Field(
-        0.95, description="Reject images whose maximum is below this (paper 1, 2.3.1); none: off."
+        0.95, description="Reject GM maps (3D volumes) whose maximum is below this (paper 1, "
+        "2.3.1); 2D images are not checked; 'none' turns the check off."
     )
     cache: Literal["memory", "disk"] = Field(
         "memory", description="Keep decoded images in memory or in a memory-mapped file."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     model: ModelConfig = Field(default_factory=ModelConfig)
+
+    @field_validator("qc_threshold", mode="before")
+    @classmethod
+    def _none_turns_the_check_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() == "none" else value
+
+    @field_serializer("qc_threshold")
+    def _write_off_as_none(self, value: float | None) -> float | str:
+        # TOML has no null: "none" keeps "off" distinct from "default" in config.toml
+        return "none" if value is None else value
 
     @field_validator("classes")
     @classmethod
@@ -169,9 +189,19 @@ def to_toml(sections: dict[str, BaseModel | dict[str, Any]]) -> str:
     None values are left out (they mean "the default"), paths become strings. The result reads
     back with :func:`read_toml` and validates against the same models.
     """
-    tables = {name: config.model_dump(mode="json", exclude_none=True)
-              if isinstance(config, BaseModel) else config for name, config in sections.items()}
+    tables = {name: config_values(config) if isinstance(config, BaseModel) else config
+              for name, config in sections.items()}
     return _toml_table(tables, prefix="")
+
+
+def config_values(config: BaseModel) -> dict[str, Any]:
+    """Plain JSON values of a configuration without the None ("use the default") entries."""
+    return _without_none(config.model_dump(mode="json"))
+
+
+def _without_none(table: dict[str, Any]) -> dict[str, Any]:
+    return {key: _without_none(value) if isinstance(value, dict) else value
+            for key, value in table.items() if value is not None}
 
 
 def _toml_table(table: dict[str, Any], prefix: str) -> str:

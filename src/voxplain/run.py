@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from voxplain.config import read_toml, to_toml
+from voxplain.config import config_values, read_toml, to_toml
 from voxplain.io import write_json, write_text
 
 RECORDED_PACKAGES = ("voxplain", "torch", "numpy", "scipy", "pandas", "scikit-learn", "nibabel",
@@ -92,7 +92,7 @@ class RunFolder:
         difference (other than :data:`RESUMABLE_FIELDS`) is an error that names the fields.
         """
         sections = self.read_config()
-        new = json.loads(config.model_dump_json(exclude_none=True))
+        new = config_values(config)
         if section in sections:
             old = sections[section]
             changed = sorted(key for key in set(old) | set(new)

@@ -31,6 +31,17 @@ class Grid:
     affine: np.ndarray
 
     @property
+    def key(self) -> tuple[tuple[int, ...], bytes]:
+        """Hashable identity (shape and exact affine), e.g. for in-process caches."""
+        return tuple(int(s) for s in self.shape), np.asarray(self.affine, np.float64).tobytes()
+
+    @classmethod
+    def from_key(cls, key: tuple[tuple[int, ...], bytes]) -> Grid:
+        """The grid whose :attr:`key` is ``key``."""
+        shape, affine = key
+        return cls(shape, np.frombuffer(affine, np.float64).reshape(4, 4).copy())
+
+    @property
     def voxel_size(self) -> tuple[float, ...]:
         """Voxel edge lengths in mm, one per spatial axis."""
         spatial = len(self.shape)

