@@ -30,6 +30,7 @@ def _one_line_error(tsv: Path, *fragments: str, **kwargs) -> str:
     message = str(caught.value)
     for fragment in fragments:
         assert fragment in message, message
+    assert "\n" not in message, message
     return message
 
 
@@ -43,8 +44,7 @@ def test_reads_paths_relative_to_the_tsv_and_keeps_extra_columns(cohort_tsv):
 
 def test_missing_file_is_named(cohort_tsv):
     (cohort_tsv.parent / "sub-03_ses-M12.nii.gz").unlink()
-    message = _one_line_error(cohort_tsv, "sub-03 ses-M12", "sub-03_ses-M12.nii.gz", "not found")
-    assert "\n" not in message
+    _one_line_error(cohort_tsv, "sub-03 ses-M12", "sub-03_ses-M12.nii.gz", "not found")
 
 
 def test_non_nifti_file_is_named(cohort_tsv):
@@ -74,7 +74,8 @@ def test_affine_mismatch_is_refused(cohort_tsv):
     shifted = AFFINE.copy()
     shifted[0, 3] += 3.0
     _edit(cohort_tsv, 7, np.ones(SHAPE, np.float32), shifted)
-    _one_line_error(cohort_tsv, "sub-03 ses-M12", "affine differs")
+    _one_line_error(cohort_tsv, "sub-03 ses-M12", "affine [[-6.0,0.0,0.0,93.0]",
+                    "differs from the cohort's [[-6.0,0.0,0.0,90.0]")
 
 
 def test_nan_values_are_refused_when_decoded(cohort_tsv):

@@ -93,6 +93,15 @@ def _setup_logging() -> None:
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
 
 
+def _generate(generator: Callable[..., Path], settings: BaseModel, description: str) -> None:
+    """Run a cohort generator with a progress bar; print the cohort.tsv it wrote."""
+    with reported_errors(), progress_bar() as bar:
+        task = bar.add_task(description)
+        path = generator(
+            settings, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    typer.echo(path)
+
+
 @generate.command("atrophy")
 def generate_atrophy(
     out: Path = option(AtrophyCohortConfig, "out", "--out"),
@@ -114,11 +123,7 @@ def generate_atrophy(
                             subjects=subjects, sessions=sessions, downsample=downsample,
                             voxel_size=voxel_size, regions=split_list(regions), noise=noise,
                             qc_failures=qc_failures, seed=seed)
-    with reported_errors(), progress_bar() as bar:
-        task = bar.add_task("generating sessions")
-        path = generate_atrophy_cohort(
-            settings, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    typer.echo(path)
+    _generate(generate_atrophy_cohort, settings, "generating sessions")
 
 
 @generate.command("lesions")
@@ -138,11 +143,7 @@ def generate_lesions(
     settings = build_config(LesionCohortConfig, "generate_lesions", config, out=out,
                             subjects=subjects, size=size, background=background,
                             file_format=file_format, seed=seed)
-    with reported_errors(), progress_bar() as bar:
-        task = bar.add_task("generating patches")
-        path = generate_lesion_cohort(
-            settings, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    typer.echo(path)
+    _generate(generate_lesion_cohort, settings, "generating patches")
 
 
 @app.command()

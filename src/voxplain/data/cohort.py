@@ -181,10 +181,15 @@ def check_images(table: pd.DataFrame) -> tuple[tuple[int, ...], np.ndarray]:
                               f"differs from the cohort's {reference_shape[1:]} "
                               f"(channels {reference_shape[0]})")
         elif not np.allclose(affine, reference_affine, atol=1e-4):
-            raise CohortError(f"{where}: {row.path}: affine differs from the cohort's "
-                              f"(first image {table.path.iloc[0]}):\n{affine}\nvs\n{reference_affine}")
+            raise CohortError(f"{where}: {row.path}: affine {_compact(affine)} differs from the "
+                              f"cohort's {_compact(reference_affine)} (first image "
+                              f"{table.path.iloc[0]})")
     assert reference_shape is not None  # the table is never empty here
     return reference_shape, reference_affine
+
+
+def _compact(affine: np.ndarray) -> str:
+    return str(np.round(affine[:3], 3).tolist()).replace(" ", "")
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,23 @@ def _flat_size(features: nn.Module, in_channels: int, input_shape: Sequence[int]
     return size
 
 
-class CNN(nn.Module):
+class FlattenClassifier(nn.Module):
+    """Convolutional ``features`` -> flatten -> dropout -> one linear layer (papers 1 and 3)."""
+
+    def _build_head(self, features: nn.Sequential, in_channels: int, input_shape: Sequence[int],
+                    n_classes: int, dropout: float) -> None:
+        self.features = features
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(_flat_size(features, in_channels, input_shape), n_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, n_classes)`` of images ``(N, C, *spatial)``."""
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class CNN(FlattenClassifier):
     """Paper-1 CNN (fig. 1) for inputs ``(N, C, *input_shape)``."""
 
     default_channels = (8, 16, 32, 64, 128)
@@ -85,18 +101,10 @@ class CNN(nn.Module):
         for width, count in zip(widths, convs):
             blocks.append(pooled_block(spatial_dims, previous, width, count))
             previous = width
-        self.features = nn.Sequential(*blocks)
-        self.classifier = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(_flat_size(self.features, in_channels, input_shape), n_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, n_classes)`` of images ``(N, C, *spatial)``."""
-        return self.classifier(torch.flatten(self.features(x), 1))
+        self._build_head(nn.Sequential(*blocks), in_channels, input_shape, n_classes, dropout)
 
 
-class ConvNet(nn.Module):
+class ConvNet(FlattenClassifier):
     """Paper-3 ConvNet: 4 strided blocks (stride 1 then 2), batch-norm, ReLU, flatten, linear."""
 
     default_channels = (32, 64, 128, 256)
@@ -116,15 +124,7 @@ class ConvNet(nn.Module):
             units.append(conv_unit(spatial_dims, previous, width, stride=1 if i == 0 else 2,
                                    activation=nn.ReLU))
             previous = width
-        self.features = nn.Sequential(*units)
-        self.classifier = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(_flat_size(self.features, in_channels, input_shape), n_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, n_classes)`` of images ``(N, C, *spatial)``."""
-        return self.classifier(torch.flatten(self.features(x), 1))
+        self._build_head(nn.Sequential(*units), in_channels, input_shape, n_classes, dropout)
 
 
 class VGGGAP(nn.Module):
