@@ -195,6 +195,20 @@ def test_killed_training_resumes_without_redoing_finished_folds(cohort_tsv, tmp_
 
 
 @pytest.mark.slow
+def test_held_out_test_cohort_is_scored_on_baseline_sessions(cohort_tsv, tmp_path):
+    test_tsv = write_cohort(tmp_path / "test", subjects=6, sessions=2, seed=5)
+    table = pd.read_csv(test_tsv, sep="\t")
+    table["participant_id"] = table.participant_id.str.replace("sub-", "sub-T")
+    table.to_csv(test_tsv, sep="\t", index=False)
+    summary = train_cohort(_config(cohort_tsv, tmp_path / "run", folds=2, epochs=1,
+                                   test=test_tsv))
+    assert sorted(summary.subset) == ["test", "test", "validation", "validation"]
+    assert (summary[summary.subset == "test"].n == 6).all()  # one session per subject
+    predictions = pd.read_csv(tmp_path / "run/models/fold-0/run-0/predictions-test.tsv", sep="\t")
+    assert set(predictions.session_id) == {"ses-M00"} and len(predictions) == 6
+
+
+@pytest.mark.slow
 def test_predict_writes_probabilities_of_every_model(cohort_tsv, tmp_path):
     train_cohort(_config(cohort_tsv, tmp_path / "run", folds=2, epochs=1))
     predictions = predict_cohort(PredictConfig(run=tmp_path / "run", cohort=cohort_tsv,

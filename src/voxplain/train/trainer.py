@@ -148,6 +148,10 @@ def _test_dataset(config: TrainConfig, run: RunFolder, cohort: Cohort, classes: 
                                                                   atol=1e-4):
         raise CohortError(f"{config.test}: images have shape {test.image_shape[1:]} and affine "
                           f"differing from the training cohort's {cohort.image_shape[1:]}")
+    shared = set(test.table.participant_id) & set(cohort.table.participant_id)
+    if shared:
+        log.warning("%s: %d test subject(s) are also in the training cohort (e.g. %s); test "
+                    "metrics will be optimistic", config.test, len(shared), sorted(shared)[0])
     stack = _load(test, config, run, progress, "test cohort")
     passed = quality_check(stack.maxima, _qc_threshold(config, test))
     table = test.table.assign(image_index=np.arange(len(test)))[passed]
