@@ -161,6 +161,57 @@ class TrainConfig(Section):
         return value
 
 
+class MaskConfig(Section):
+    """Meaningful-perturbation mask (paper 1, 2.3, eq. 1-2), shared by session and group level.
+
+    The regularisers are sums over voxels, as in eq. 2 (not means): their weight relative to the
+    classifier term grows with the number of voxels, so defaults tuned on the 121x145x121 grid
+    give larger masks on coarse grids.
+    """
+
+    l1: float = Field(1e-4, ge=0, description="Weight of the sparsity term sum |1 - m|^b1.")
+    l2: float = Field(1e-2, ge=0, description="Weight of the smoothness term sum ||grad m||^b2.")
+    b1: float = Field(0.1, gt=0, description="Exponent of the sparsity term.")
+    b2: float = Field(1.0, gt=0, description="Exponent of the gradient norm.")
+    learning_rate: float = Field(0.1, gt=0, description="Adam learning rate.")
+    threshold: float = Field(0.95, gt=0, le=1, description="Mask values above it are set to 1.")
+    perturbation: Literal["constant", "blur", "mean"] = Field(
+        "constant", description="mu of eq. 1: a constant, the blurred input, or a class mean image."
+    )
+    constant: float = Field(1.0, description="mu for the constant perturbation (1: restore GM).")
+    blur_mm: float = Field(10.0, gt=0, description="Gaussian sigma (mm) of the blurred input.")
+    mean_class: str | None = Field(
+        None, description="Diagnosis whose mean training image is mu (default: class 0, e.g. CN)."
+    )
+    target: Literal["true"] | int = Field(
+        "true", description="Class whose probability f is minimised: the true class or an index."
+    )
+    epsilon: float = Field(
+        1e-3, gt=0, description="Smoothing of |x|^b at 0, where its derivative is infinite."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the image order (group masks).")
+
+
+class SessionMaskConfig(MaskConfig):
+    """One mask per image (paper 1, 2.3.4): stronger regularisation, no validation set."""
+
+    regularisation_factor: float = Field(100.0, gt=0, description="l1 and l2 are multiplied by it.")
+    tolerance: float = Field(0.01, ge=0, description="Relative improvement that resets patience.")
+    patience: int = Field(200, ge=1, description="Iterations without improvement before stopping.")
+    max_iterations: int = Field(5000, ge=1, description="Maximum number of iterations.")
+    batch_size: int = Field(16, ge=1, description="Session masks optimised together.")
+
+
+class GroupMaskConfig(MaskConfig):
+    """One mask for the correctly classified patients of a fold (paper 1, 2.3.3)."""
+
+    tolerance: float = Field(0.05, ge=0, description="Relative improvement that resets patience.")
+    patience: int = Field(5, ge=1, description="Epochs without improvement before stopping.")
+    max_epochs: int = Field(150, ge=1, description="Maximum number of epochs.")
+    batch_size: int = Field(1, ge=1, description="Images per mask update (paper: 1).")
+    qc_z: float = Field(3.5, gt=0, description="Robust z-score above which an image is flagged.")
+
+
 class PredictConfig(Section):
     """Per-session probabilities of every model of a run folder."""
 

@@ -1,7 +1,8 @@
-"""Per-epoch training checkpoints in safetensors + JSON, so a killed fold resumes mid-way.
+"""Resumable state in safetensors + JSON, so a killed long step continues where it stopped.
 
-The model, the best model so far, Adam's state and torch's RNG state are tensors (safetensors);
-epoch counters, history and Adam's hyperparameters are JSON. Nothing is pickled.
+Tensors (model weights, Adam moments, torch's RNG state, masks) go to ``NAME.safetensors``;
+counters, histories and hyperparameters to ``NAME.json``, written last: its presence marks a
+complete checkpoint. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -16,8 +17,54 @@ from safetensors.torch import load_file, save_file
 
 from voxplain.io import atomic_path, write_json
 
-TENSORS = "checkpoint.safetensors"
-STATE = "checkpoint.json"
+CHECKPOINT = "checkpoint"
+
+
+def save_state(folder: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any],
+               name: str = CHECKPOINT) -> None:
+    """Write ``folder/NAME.safetensors`` then ``folder/NAME.json``, each atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(Path(folder) / f"{name}.safetensors") as temporary:
+        save_file(tensors, str(temporary))
+    write_json(Path(folder) / f"{name}.json", state)
+
+
+def load_state(folder: Path, name: str = CHECKPOINT) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """``(tensors, state)`` of a complete checkpoint, or None when there is none."""
+    tensors_file, state_file = Path(folder) / f"{name}.safetensors", Path(folder) / f"{name}.json"
+    if not state_file.is_file() or not tensors_file.is_file():
+        return None
+    return load_file(str(tensors_file)), json.loads(state_file.read_text())
+
+
+def remove_state(folder: Path, name: str = CHECKPOINT) -> None:
+    """Delete a checkpoint once the step's final files are written."""
+    for suffix in (".json", ".safetensors"):
+        (Path(folder) / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    """Adam-like per-parameter state as ``optimizer.INDEX.KEY`` tensors, plus param_groups."""
+    state = optimizer.state_dict()
+    tensors = {f"optimizer.{index}.{key}": torch.as_tensor(value)
+               for index, values in state["state"].items() for key, value in values.items()}
+    return tensors, state["param_groups"]
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                      param_groups: list[Any]) -> None:
+    """Inverse of :func:`optimizer_tensors`; moments go to their parameter's device."""
+    per_parameter: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            per_parameter.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_parameter, "param_groups": param_groups})
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for parameter in parameters:
+        for name, value in optimizer.state.get(parameter, {}).items():
+            if name != "step":  # Adam keeps 'step' on the CPU
+                optimizer.state[parameter][name] = value.to(parameter.device)
 
 
 @dataclass
@@ -35,45 +82,28 @@ class TrainingState:
 
 def save_checkpoint(folder: Path, state: TrainingState, model: torch.nn.Module,
                     best_model_state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
-    """Write the checkpoint of ``folder`` (tensors first, then the JSON that marks it complete)."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    """Checkpoint of a training fold/run after an epoch."""
+    tensors, param_groups = optimizer_tensors(optimizer)
+    tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors.update({f"best.{k}": v for k, v in best_model_state.items()})
-    optimizer_state = optimizer.state_dict()
-    for index, values in optimizer_state["state"].items():
-        tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v) for k, v in values.items()})
     tensors["rng"] = torch.get_rng_state()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path(folder / TENSORS) as temporary:
-        save_file(tensors, str(temporary))
-    write_json(folder / STATE, {"state": state.__dict__,
-                                "param_groups": optimizer_state["param_groups"]})
+    save_state(folder, tensors, {"state": state.__dict__, "param_groups": param_groups})
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> tuple[TrainingState, dict[str, torch.Tensor]] | None:
     """Restore ``model``, ``optimizer`` and the RNG from ``folder``; None if there is no checkpoint."""
-    if not (folder / STATE).is_file() or not (folder / TENSORS).is_file():
+    loaded = load_state(folder)
+    if loaded is None:
         return None
-    saved: dict[str, Any] = json.loads((folder / STATE).read_text())
-    tensors = load_file(str(folder / TENSORS))
-    device = next(model.parameters()).device
+    tensors, saved = loaded
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            optimizer_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": optimizer_state, "param_groups": saved["param_groups"]})
-    for values in optimizer.state.values():  # load_state_dict keeps 'step' on the CPU, as Adam wants
-        for name, value in values.items():
-            if name != "step":
-                values[name] = value.to(device)
+    restore_optimizer(optimizer, tensors, saved["param_groups"])
     torch.set_rng_state(tensors["rng"])
     return TrainingState(**saved["state"]), best
 
 
 def remove_checkpoint(folder: Path) -> None:
-    """Delete the checkpoint once the fold/run's final files are written."""
-    for name in (STATE, TENSORS):
-        (folder / name).unlink(missing_ok=True)
+    """Delete the training checkpoint once the fold/run's final files are written."""
+    remove_state(folder)

@@ -1,0 +1,270 @@
+"""Optimisation of meaningful-perturbation masks at session and group level (paper 1, 2.3.3-2.3.5).
+
+- :func:`optimise_session_masks`: one mask per image, many images as one batch; l1 and l2
+  multiplied by 100; each mask stops on its own (relative tolerance 0.01, patience 200, at most
+  5000 iterations) and keeps its lowest-loss value.
+- :func:`optimise_group_mask`: one mask for a set of images, mini-batches over them each epoch;
+  early stopping on the loss of a validation set (relative tolerance 0.05, patience 5, at most
+  150 epochs), best mask by validation loss; resumable from a per-epoch checkpoint; the loss of
+  every image each time it is used is recorded for quality-check step 2 (:func:`qc_flags`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import median_abs_deviation
+from torch import nn
+
+from voxplain.config import GroupMaskConfig, MaskConfig, SessionMaskConfig
+from voxplain.explain.perturbation import (MaskWeights, RelativeEarlyStopping, gaussian_blur,
+                                           mask_loss, perturb, target_probability,
+                                           threshold_mask)
+from voxplain.train.checkpoint import (load_state, optimizer_tensors, remove_state,
+                                       restore_optimizer, save_state)
+
+Progress = Callable[[int, int], None]
+Reference = Callable[[torch.Tensor], torch.Tensor]
+
+
+def make_reference(config: MaskConfig, voxel_size: tuple[float, ...] = (),
+                   mean_image: torch.Tensor | None = None) -> Reference:
+    """The perturbation ``mu`` of eq. 1 as a function of the images ``(N, C, *spatial)``.
+
+    ``constant``: ``config.constant`` everywhere (1: restore grey matter); ``blur``: each image
+    blurred with a Gaussian of ``config.blur_mm`` mm (``voxel_size`` in mm per axis); ``mean``:
+    ``mean_image`` ``(1, C, *spatial)``, e.g. the mean control image.
+    """
+    if config.perturbation == "constant":
+        return lambda images: torch.full_like(images, config.constant)
+    if config.perturbation == "blur":
+        if not voxel_size:
+            raise ValueError("the blur perturbation needs the voxel size in mm")
+        sigma = tuple(config.blur_mm / size for size in voxel_size)
+        return lambda images: gaussian_blur(images, sigma)
+    if mean_image is None:
+        raise ValueError("the mean perturbation needs a mean image")
+    return lambda images: mean_image.to(images.device).expand_as(images)
+
+
+def weights_of(config: MaskConfig, factor: float = 1.0) -> MaskWeights:
+    """Eq. 2 coefficients; session masks multiply l1 and l2 by ``factor`` (paper: 100)."""
+    return MaskWeights(config.l1 * factor, config.l2 * factor, config.b1, config.b2,
+                       config.epsilon)
+
+
+@dataclass(frozen=True)
+class SessionMasks:
+    """Result of :func:`optimise_session_masks` (``N`` images).
+
+    Attributes:
+        masks: ``(N, 1, *spatial)`` lowest-loss masks, thresholded.
+        loss: ``(N,)`` lowest loss of each mask (before thresholding).
+        iterations: ``(N,)`` iterations run before the mask stopped.
+        probability_before: ``(N,)`` target probability of the unmasked image.
+        probability_after: ``(N,)`` target probability of the image under its final mask.
+    """
+
+    masks: torch.Tensor
+    loss: np.ndarray
+    iterations: np.ndarray
+    probability_before: np.ndarray
+    probability_after: np.ndarray
+
+
+def optimise_session_masks(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                           reference: Reference, config: SessionMaskConfig,
+                           progress: Progress | None = None) -> SessionMasks:
+    """One mask per image (paper 1, 2.3.4), ``config.batch_size`` images optimised together.
+
+    Args:
+        model: classifier in eval mode (its weights are not changed).
+        images: ``(N, C, *spatial)`` on the model's device.
+        targets: ``(N,)`` class whose probability each mask minimises.
+    """
+    parts = []
+    for start in range(0, len(images), config.batch_size):
+        chunk = slice(start, start + config.batch_size)
+        parts.append(_optimise_batch(model, images[chunk], targets[chunk], reference, config))
+        if progress:
+            progress(min(start + config.batch_size, len(images)), len(images))
+    masks = torch.cat([p[0] for p in parts])
+    loss, iterations = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
+    with torch.no_grad():
+        before = target_probability(model, images, targets).cpu().numpy()
+        after = target_probability(model, perturb(images, masks, reference(images)),
+                                   targets).cpu().numpy()
+    return SessionMasks(masks, loss, iterations, before, after)
+
+
+def _optimise_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                    reference: Reference, config: SessionMaskConfig) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Independent masks of one batch; a stopped mask is frozen at its best and leaves the batch."""
+    size = len(images)
+    weights = weights_of(config, config.regularisation_factor)
+    mu = reference(images)
+    mask = torch.ones((size, 1, *images.shape[2:]), dtype=images.dtype, device=images.device,
+                      requires_grad=True)
+    optimizer = torch.optim.Adam([mask], lr=config.learning_rate)
+    best = mask.detach().clone()
+    best_loss = np.full(size, np.inf)
+    iterations = np.zeros(size, dtype=np.int64)
+    stopping = RelativeEarlyStopping(size, config.tolerance, config.patience)
+    active = np.arange(size)
+    for _ in range(config.max_iterations):
+        rows = torch.from_numpy(active).to(images.device)
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = mask_loss(model, images[rows], mask[rows], mu[rows], targets[rows], weights)
+        loss.sum().backward()
+        losses = loss.detach().cpu().numpy()
+        better = rows[torch.from_numpy(losses < best_loss[active]).to(images.device)]
+        best[better] = mask.detach()[better]
+        best_loss[active] = np.minimum(best_loss[active], losses)
+        iterations[active] += 1
+        active = active[~stopping.step(losses, active)]
+        optimizer.step()
+        with torch.no_grad():
+            mask.clamp_(0, 1)
+            frozen = np.setdiff1d(np.arange(size), active)
+            mask[frozen] = best[frozen]
+        if not active.size:
+            break
+    return threshold_mask(best, config.threshold), best_loss, iterations
+
+
+@dataclass(frozen=True)
+class GroupMask:
+    """Result of :func:`optimise_group_mask`.
+
+    Attributes:
+        mask: ``(1, 1, *spatial)`` best mask (lowest validation loss), thresholded.
+        history: per epoch: ``epoch``, ``train_loss``, ``validation_loss``, ``sparsity``,
+            ``smoothness``, ``validation_probability`` (mean target probability).
+        image_losses: ``image`` (row of the training images), ``epoch``, ``loss``: the loss of
+            every image each time it was used.
+        best_epoch: epoch of the kept mask.
+    """
+
+    mask: torch.Tensor
+    history: pd.DataFrame
+    image_losses: pd.DataFrame
+    best_epoch: int
+
+
+def optimise_group_mask(model: nn.Module, images: np.ndarray, targets: np.ndarray,
+                        validation_images: np.ndarray | None, validation_targets: np.ndarray | None,
+                        reference: Reference, config: GroupMaskConfig, device: torch.device,
+                        checkpoint: Path | None = None, progress: Progress | None = None) -> GroupMask:
+    """One mask for all ``images`` ``(N, C, *spatial)`` (paper 1, 2.3.3).
+
+    Each epoch visits the images in a seeded random order, ``config.batch_size`` at a time; the
+    mask is updated on the mean loss of the batch. Early stopping and the choice of the best mask
+    use the validation loss (the mean training loss of the epoch when there is no validation set).
+    With ``checkpoint`` (a folder) the state is saved after every epoch and resumed from there.
+    """
+    weights = weights_of(config)
+    mask = torch.ones((1, 1, *images.shape[2:]), dtype=torch.from_numpy(images[:1]).dtype,
+                      device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([mask], lr=config.learning_rate)
+    state = {"epoch": 0, "best_epoch": -1, "history": [], "image_losses": [],
+             "lowest": float("inf"), "without_improvement": 0}
+    best = mask.detach().clone()
+    restored = load_state(checkpoint) if checkpoint else None
+    if restored:
+        tensors, state = restored
+        with torch.no_grad():
+            mask.copy_(tensors["mask"].to(device))
+        best = tensors["best"].to(device)
+        restore_optimizer(optimizer, tensors, state.pop("param_groups"))
+    stopping = RelativeEarlyStopping(1, config.tolerance, config.patience)
+    stopping.lowest[0], stopping.without_improvement[0] = state["lowest"], state["without_improvement"]
+    while state["epoch"] < config.max_epochs and state["without_improvement"] < config.patience:
+        epoch = state["epoch"]
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(images))
+        train_losses = []
+        for start in range(0, len(order), config.batch_size):
+            rows = np.sort(order[start:start + config.batch_size])
+            x, y = _tensors(images, targets, rows, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = mask_loss(model, x, mask, reference(x), y, weights)
+            loss.mean().backward()
+            optimizer.step()
+            with torch.no_grad():
+                mask.clamp_(0, 1)
+            train_losses += loss.detach().cpu().tolist()
+            state["image_losses"] += [[int(r), epoch, float(v)] for r, v in zip(rows, loss.tolist())]
+        train_loss = float(np.mean(train_losses))
+        has_validation = validation_images is not None and len(validation_images) > 0
+        terms = (_evaluate(model, mask.detach(), validation_images, validation_targets, reference,
+                           weights, config.batch_size, device) if has_validation else
+                 {"loss": train_loss, "probability": float("nan"), "sparsity": float("nan"),
+                  "smoothness": float("nan")})
+        if terms["loss"] < state["lowest"]:
+            best, state["best_epoch"] = mask.detach().clone(), epoch
+        stopping.step(np.array([terms["loss"]]))
+        state["lowest"] = float(stopping.lowest[0])
+        state["without_improvement"] = int(stopping.without_improvement[0])
+        state["history"].append({"epoch": epoch, "train_loss": train_loss,
+                                 "validation_loss": terms["loss"],
+                                 "sparsity": terms["sparsity"], "smoothness": terms["smoothness"],
+                                 "validation_probability": terms["probability"]})
+        state["epoch"] = epoch + 1
+        if checkpoint:
+            tensors, param_groups = optimizer_tensors(optimizer)
+            save_state(checkpoint, {**tensors, "mask": mask, "best": best},
+                       {**state, "param_groups": param_groups})
+        if progress:
+            progress(state["epoch"], config.max_epochs)
+    if checkpoint:
+        remove_state(checkpoint)
+    return GroupMask(threshold_mask(best, config.threshold), pd.DataFrame(state["history"]),
+                     pd.DataFrame(state["image_losses"], columns=["image", "epoch", "loss"]),
+                     state["best_epoch"])
+
+
+def _tensors(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.ascontiguousarray(images[rows])).to(device)
+    return x, torch.from_numpy(np.asarray(targets)[rows]).to(device)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, mask: torch.Tensor, images: np.ndarray, targets: np.ndarray,
+              reference: Reference, weights: MaskWeights, batch_size: int,
+              device: torch.device) -> dict[str, float]:
+    """Eq. 2 of a fixed mask averaged over ``images`` (the regularisers do not depend on them)."""
+    probabilities, terms = [], {}
+    for start in range(0, len(images), max(batch_size, 8)):
+        rows = np.arange(start, min(start + max(batch_size, 8), len(images)))
+        x, y = _tensors(images, targets, rows, device)
+        _, terms = mask_loss(model, x, mask, reference(x), y, weights)
+        probabilities.append(terms["probability"].cpu())
+    probability = float(torch.cat(probabilities).mean())
+    sparsity, smoothness = float(terms["sparsity"][0]), float(terms["smoothness"][0])
+    loss = weights.l1 * sparsity + weights.l2 * smoothness + probability
+    return {"loss": loss, "probability": probability, "sparsity": sparsity,
+            "smoothness": smoothness}
+
+
+def qc_flags(image_losses: pd.DataFrame, z_threshold: float = 3.5) -> pd.DataFrame:
+    """Quality check step 2 (paper 1, 2.3.1): images that make the group-mask loss jump.
+
+    Each image's mean loss over the times it was used is compared to the others with a robust
+    z-score, ``(x - median) / MAD`` with the MAD scaled to the standard deviation of a normal
+    distribution (Iglewicz & Hoaglin); images above ``z_threshold`` are flagged.
+
+    Returns one row per image: ``image``, ``mean_loss``, ``robust_z``, ``flagged``.
+    """
+    per_image = image_losses.groupby("image", as_index=False)["loss"].mean()
+    per_image = per_image.rename(columns={"loss": "mean_loss"})
+    values = per_image["mean_loss"].to_numpy()
+    spread = median_abs_deviation(values, scale="normal")
+    z = (values - np.median(values)) / spread if spread > 0 else np.zeros_like(values)
+    per_image["robust_z"] = z
+    per_image["flagged"] = z > z_threshold
+    return per_image

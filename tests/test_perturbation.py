@@ -1,0 +1,211 @@
+"""Meaningful-perturbation masks (paper 1, 2.3): eq. 1-2 term by term, stopping, batching."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import ndimage
+
+from voxplain.config import GroupMaskConfig, ModelConfig, SessionMaskConfig
+from voxplain.explain.masks import (make_reference, optimise_group_mask, optimise_session_masks,
+                                    qc_flags)
+from voxplain.explain.perturbation import (MaskWeights, RelativeEarlyStopping, gaussian_blur,
+                                           mask_loss, perturb, power_of_root, smoothness_term,
+                                           sparsity_term, spatial_gradient, target_probability,
+                                           threshold_mask)
+from voxplain.models.registry import build_model
+
+EPS = 1e-8
+
+
+def _model(shape=(12, 12, 12)):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cnn", input_shape=list(shape), channels=[4, 8]))
+    return model.eval().requires_grad_(False)
+
+
+def test_spatial_gradient_is_the_forward_difference_on_every_axis():
+    mask = torch.tensor([[0.0, 1.0], [2.0, 4.0]])[None, None]
+    gradient = spatial_gradient(mask)
+    assert gradient.shape == (1, 2, 1, 1)
+    assert gradient[0, :, 0, 0].tolist() == [2.0, 1.0]  # m(1,0)-m(0,0), m(0,1)-m(0,0)
+    volume = torch.arange(27.0).reshape(1, 1, 3, 3, 3)
+    steps = spatial_gradient(volume)
+    assert steps.shape == (1, 3, 2, 2, 2)
+    assert steps[0, :, 0, 0, 0].tolist() == [9.0, 3.0, 1.0]
+
+
+def test_sparsity_term_is_the_sum_of_one_minus_m_to_the_b1():
+    mask = torch.tensor([[1.0, 0.5], [0.0, 0.75]])[None, None]
+    assert sparsity_term(mask, 1.0, EPS).item() == pytest.approx(0.5 + 1.0 + 0.25, abs=1e-6)
+    expected = 0.5 ** 0.1 + 1.0 + 0.25 ** 0.1
+    assert sparsity_term(mask, 0.1, EPS).item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_smoothness_term_is_the_sum_of_gradient_norms_to_the_b2():
+    mask = torch.tensor([[0.0, 1.0, 1.0], [2.0, 4.0, 0.0], [1.0, 1.0, 1.0]])[None, None]
+    # forward differences on the 2x2 interior: (d_row, d_col) per voxel
+    pairs = [(2.0, 1.0), (3.0, 0.0), (-1.0, 2.0), (-3.0, -4.0)]
+    norms = [math.hypot(a, b) for a, b in pairs]
+    assert smoothness_term(mask, 1.0, EPS).item() == pytest.approx(sum(norms), rel=1e-6)
+    assert smoothness_term(mask, 2.0, EPS).item() == pytest.approx(sum(n ** 2 for n in norms),
+                                                                    rel=1e-6)
+
+
+def test_the_power_at_zero_has_a_finite_gradient_and_is_exact_beyond_epsilon():
+    x = torch.tensor([0.0, 1e-6, 1e-3, 0.3, -0.3], requires_grad=True)
+    values = power_of_root(x.square(), 0.1, 1e-3)
+    values.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0] == 0
+    assert values[0] == 0
+    expected = x.detach().abs()[2:] ** 0.1
+    torch.testing.assert_close(values[2:].detach(), expected)
+    naive = torch.tensor([0.0], requires_grad=True)
+    naive.abs().pow(0.1).sum().backward()
+    assert not torch.isfinite(naive.grad).all()  # why the quadratic piece exists
+    near = torch.linspace(0, 2e-3, 101)
+    curve = power_of_root(near.square(), 0.1, 1e-3)
+    assert (curve.diff() >= 0).all()  # monotone, continuous at epsilon
+    assert curve[49].item() < 1e-3 ** 0.1 < curve[51].item()
+
+
+def test_total_loss_is_the_weighted_sum_of_eq_2():
+    model = _model()
+    images = torch.rand(2, 1, 12, 12, 12)
+    mask = torch.rand(2, 1, 12, 12, 12)
+    targets = torch.tensor([0, 1])
+    weights = MaskWeights(l1=0.3, l2=0.2, b1=0.5, b2=1.0, epsilon=1e-3)
+    loss, terms = mask_loss(model, images, mask, torch.ones_like(images), targets, weights)
+    masked = mask * images + (1 - mask)
+    probability = torch.softmax(model(masked), 1)[[0, 1], [0, 1]]
+    torch.testing.assert_close(terms["probability"], probability)
+    expected = (0.3 * sparsity_term(mask, 0.5, 1e-3) + 0.2 * smoothness_term(mask, 1.0, 1e-3)
+                + probability)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_a_mask_of_ones_leaves_the_model_output_unchanged():
+    model = _model()
+    images = torch.rand(3, 1, 12, 12, 12)
+    ones = torch.ones(3, 1, 12, 12, 12)
+    assert torch.equal(perturb(images, ones, torch.zeros_like(images)), images)
+    targets = torch.tensor([0, 1, 1])
+    torch.testing.assert_close(target_probability(model, perturb(images, ones, images * 0 + 1),
+                                                  targets), target_probability(model, images,
+                                                                               targets))
+
+
+def test_threshold_sets_values_above_095_to_one():
+    mask = torch.tensor([0.2, 0.95, 0.951, 1.0])
+    assert threshold_mask(mask).tolist() == pytest.approx([0.2, 0.95, 1.0, 1.0])
+
+
+def test_early_stopping_needs_a_relative_improvement_beyond_the_tolerance():
+    stopping = RelativeEarlyStopping(1, tolerance=0.1, patience=2)
+    stops = [bool(stopping.step(np.array([v]))[0]) for v in (10.0, 9.5, 8.0, 7.9, 7.8)]
+    # 9.5 is not 10% below 10; 8.0 is 10% below 9.5; 7.9 and 7.8 are not 10% below 8.0 / 7.9
+    assert stops == [False, False, False, False, True]
+    assert stopping.lowest[0] == 7.8
+
+
+def test_gaussian_blur_matches_scipy():
+    rng = np.random.default_rng(0)
+    volume = rng.random((1, 2, 20, 22, 18)).astype(np.float32)
+    ours = gaussian_blur(torch.from_numpy(volume), (2.0, 1.0, 1.0)).numpy()
+    for channel in range(2):
+        expected = ndimage.gaussian_filter(volume[0, channel].astype(np.float64), (2.0, 1.0, 1.0),
+                                           mode="mirror", truncate=3.0)
+        np.testing.assert_allclose(ours[0, channel], expected, atol=1e-5)
+
+
+def _session_config(**changes):
+    values = {"max_iterations": 40, "patience": 5, "tolerance": 0.01, "batch_size": 4,
+              "regularisation_factor": 1.0, "l1": 1e-5, "l2": 1e-4}
+    return SessionMaskConfig(**{**values, **changes})
+
+
+def test_batched_session_masks_equal_masks_optimised_alone():
+    # float64: in float32 a convolution's rounding differs with the batch size, and Adam turns
+    # the sign of a near-zero gradient into a full step; the independence itself is exact.
+    model = _model().double()
+    torch.manual_seed(1)
+    images = torch.rand(4, 1, 12, 12, 12, dtype=torch.float64)
+    targets = torch.tensor([0, 1, 1, 0])
+    reference = make_reference(_session_config())
+    batched = optimise_session_masks(model, images, targets, reference, _session_config())
+    assert len(set(batched.iterations.tolist())) > 1, "masks must stop at different iterations"
+    for i in range(4):
+        alone = optimise_session_masks(model, images[i:i + 1], targets[i:i + 1], reference,
+                                       _session_config(batch_size=1))
+        torch.testing.assert_close(batched.masks[i], alone.masks[0], atol=1e-9, rtol=0)
+        assert batched.iterations[i] == alone.iterations[0]
+
+
+def test_session_masks_lower_the_target_probability():
+    model = _model()
+    images = torch.rand(2, 1, 12, 12, 12)
+    targets = torch.tensor([0, 1])
+    result = optimise_session_masks(model, images, targets, make_reference(_session_config()),
+                                    _session_config(max_iterations=60, patience=60))
+    assert (result.probability_after < result.probability_before).all()
+    assert result.masks.min() < 1 and result.masks.max() <= 1
+
+
+def _group_inputs():
+    rng = np.random.default_rng(3)
+    images = rng.random((6, 1, 12, 12, 12)).astype(np.float32)
+    return images[:4], np.array([1, 1, 0, 1]), images[4:], np.array([1, 0])
+
+
+def test_group_mask_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
+    model = _model()
+    train, train_targets, validation, validation_targets = _group_inputs()
+    config = GroupMaskConfig(max_epochs=6, patience=6, batch_size=2, l1=1e-3)
+    reference = make_reference(config)
+    device = torch.device("cpu")
+    whole = optimise_group_mask(model, train, train_targets, validation, validation_targets,
+                                reference, config, device, checkpoint=tmp_path / "whole")
+    (tmp_path / "split").mkdir()
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_three(done, total):
+        if done == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        optimise_group_mask(model, train, train_targets, validation, validation_targets,
+                            reference, config, device, checkpoint=tmp_path / "split",
+                            progress=stop_after_three)
+    assert (tmp_path / "split" / "checkpoint.json").is_file()
+    resumed = optimise_group_mask(model, train, train_targets, validation, validation_targets,
+                                  reference, config, device, checkpoint=tmp_path / "split")
+    torch.testing.assert_close(resumed.mask, whole.mask)
+    pd.testing.assert_frame_equal(resumed.history, whole.history)
+    pd.testing.assert_frame_equal(resumed.image_losses, whole.image_losses)
+    assert not (tmp_path / "split" / "checkpoint.json").exists()
+
+
+def test_group_mask_keeps_the_epoch_of_lowest_validation_loss():
+    model = _model()
+    train, train_targets, validation, validation_targets = _group_inputs()
+    config = GroupMaskConfig(max_epochs=8, patience=3, tolerance=0.05, batch_size=2)
+    result = optimise_group_mask(model, train, train_targets, validation, validation_targets,
+                                 make_reference(config), config, torch.device("cpu"))
+    losses = result.history.validation_loss.to_numpy()
+    assert result.best_epoch == int(np.argmin(losses))
+    assert len(result.image_losses) == 4 * len(result.history)  # every image once per epoch
+
+
+def test_qc_flags_the_image_that_makes_the_loss_jump():
+    rng = np.random.default_rng(0)
+    rows = [{"image": i, "epoch": e, "loss": 0.5 + 0.02 * rng.standard_normal()}
+            for i in range(20) for e in range(5)]
+    rows += [{"image": 20, "epoch": e, "loss": 0.95} for e in range(5)]
+    flags = qc_flags(pd.DataFrame(rows))
+    assert flags.loc[flags.flagged, "image"].tolist() == [20]
