@@ -21,13 +21,17 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from voxplain.config import (AtrophyCohortConfig, LesionCohortConfig, ModelConfig, PredictConfig,
+from voxplain.config import (AtrophyCohortConfig, GroupMaskConfig, GroupMaskStepConfig,
+                             LesionCohortConfig, MaskConfig, MaskGridConfig, MaskStepConfig,
+                             ModelConfig, PredictConfig, SessionMaskConfig, SessionMaskStepConfig,
                              TrainConfig, read_toml)
 
 app = typer.Typer(help="Train, explain and measure deep classifiers of medical images.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 generate = typer.Typer(help="Write synthetic cohorts with ground truth.", no_args_is_help=True)
 app.add_typer(generate, name="generate")
+mask = typer.Typer(help="Meaningful-perturbation masks (paper 1, 2.3).", no_args_is_help=True)
+app.add_typer(mask, name="mask")
 
 console = Console(stderr=True)
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -208,19 +212,127 @@ def predict(
     typer.echo(predictions.to_csv(sep="\t", index=False), nl=False)
 
 
+def _given(**values: Any) -> dict[str, Any] | None:
+    """The flags that were given, as a nested section (None when none was)."""
+    given = {key: value for key, value in values.items() if value is not None}
+    return given or None
+
+
+@mask.command("group")
+def mask_group(
+    run: Path = option(MaskStepConfig, "run", "--run"),
+    folds: str = option(MaskStepConfig, "folds", "--folds"),
+    diagnosis: str = option(MaskStepConfig, "diagnosis", "--diagnosis"),
+    device: str = option(MaskStepConfig, "device", "--device"),
+    l1: float = option(MaskConfig, "l1", "--l1"),
+    l2: float = option(MaskConfig, "l2", "--l2"),
+    b1: float = option(MaskConfig, "b1", "--b1"),
+    b2: float = option(MaskConfig, "b2", "--b2"),
+    perturbation: str = option(MaskConfig, "perturbation", "--perturbation"),
+    max_epochs: int = option(GroupMaskConfig, "max_epochs", "--max-epochs"),
+    patience: int = option(GroupMaskConfig, "patience", "--patience"),
+    batch_size: int = option(GroupMaskConfig, "batch_size", "--batch-size"),
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """One mask per fold for its correctly classified patients (training set; validation set
+    for early stopping)."""
+    from voxplain.explain.mask_steps import group_masks
+
+    _setup_logging()
+    settings = build_config(
+        GroupMaskStepConfig, "mask_group", config, run=_absolute(run),
+        folds=split_list(folds, int), diagnosis=diagnosis, device=device,
+        mask=_given(l1=l1, l2=l2, b1=b1, b2=b2, perturbation=perturbation, max_epochs=max_epochs,
+                    patience=patience, batch_size=batch_size))
+    with reported_errors(), progress_bar() as bar:
+        summary = group_masks(settings, progress=bar)
+    _print_table("Group masks", summary, ["fold", "run", "n_train", "n_validation", "best_epoch",
+                                          "probability_before", "probability_after",
+                                          "top_regions"])
+
+
+@mask.command("session")
+def mask_session(
+    run: Path = option(MaskStepConfig, "run", "--run"),
+    folds: str = option(MaskStepConfig, "folds", "--folds"),
+    diagnosis: str = option(MaskStepConfig, "diagnosis", "--diagnosis"),
+    device: str = option(MaskStepConfig, "device", "--device"),
+    max_sessions: int = option(SessionMaskStepConfig, "max_sessions", "--max-sessions"),
+    l1: float = option(MaskConfig, "l1", "--l1"),
+    l2: float = option(MaskConfig, "l2", "--l2"),
+    perturbation: str = option(MaskConfig, "perturbation", "--perturbation"),
+    max_iterations: int = option(SessionMaskConfig, "max_iterations", "--max-iterations"),
+    patience: int = option(SessionMaskConfig, "patience", "--patience"),
+    batch_size: int = option(SessionMaskConfig, "batch_size", "--batch-size"),
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """One mask per correctly classified session of each fold's validation subjects, batched."""
+    from voxplain.explain.mask_steps import session_masks
+
+    _setup_logging()
+    settings = build_config(
+        SessionMaskStepConfig, "mask_session", config, run=_absolute(run),
+        folds=split_list(folds, int), diagnosis=diagnosis, device=device,
+        max_sessions=max_sessions,
+        mask=_given(l1=l1, l2=l2, perturbation=perturbation, max_iterations=max_iterations,
+                    patience=patience, batch_size=batch_size))
+    with reported_errors(), progress_bar() as bar:
+        index = session_masks(settings, progress=bar)
+    _print_table("Session masks", index, ["fold", "participant_id", "session_id", "iterations",
+                                          "probability_before", "probability_after"])
+
+
+@mask.command("grid")
+def mask_grid_command(
+    run: Path = option(MaskStepConfig, "run", "--run"),
+    folds: str = option(MaskStepConfig, "folds", "--folds"),
+    diagnosis: str = option(MaskStepConfig, "diagnosis", "--diagnosis"),
+    device: str = option(MaskStepConfig, "device", "--device"),
+    l1: str = option(MaskGridConfig, "l1", "--l1"),
+    l2: str = option(MaskGridConfig, "l2", "--l2"),
+    b1: str = option(MaskGridConfig, "b1", "--b1"),
+    b2: str = option(MaskGridConfig, "b2", "--b2"),
+    max_epochs: int = option(GroupMaskConfig, "max_epochs", "--max-epochs"),
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """Group masks for every combination of l1, l2, b1, b2 (paper 1, 2.3.2), keyed by setting."""
+    from voxplain.explain.mask_steps import mask_grid
+
+    _setup_logging()
+    settings = build_config(
+        MaskGridConfig, "mask_grid", config, run=_absolute(run), folds=split_list(folds, int),
+        diagnosis=diagnosis, device=device, l1=split_list(l1, float), l2=split_list(l2, float),
+        b1=split_list(b1, float), b2=split_list(b2, float), mask=_given(max_epochs=max_epochs))
+    with reported_errors(), progress_bar() as bar:
+        summary = mask_grid(settings, progress=bar)
+    _print_table("Mask grid", summary, ["l1", "l2", "b1", "b2", "fold", "run",
+                                        "probability_after", "top_regions"])
+
+
+def _print_table(title: str, frame: Any, columns: list[str]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in frame.to_dict("records"):
+        table.add_row(*[_cell(row.get(column, "")) for column in columns])
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
 def _absolute(path: Path | None) -> Path | None:
     return None if path is None else path.resolve()
 
 
 def _print_summary(summary: Any) -> None:
-    table = Table(title="Cross-validation (best model of each fold and run)")
-    columns = ["fold", "run", "subset", "best_epoch", "balanced_accuracy", "auc", "loss"]
-    for column in columns:
-        table.add_column(column, justify="right")
-    for row in summary.itertuples():
-        table.add_row(*[f"{getattr(row, c):.3f}" if isinstance(getattr(row, c, ""), float)
-                        else str(getattr(row, c, "")) for c in columns])
-    console.print(table)
+    _print_table("Cross-validation (best model of each fold and run)", summary,
+                 ["fold", "run", "subset", "best_epoch", "balanced_accuracy", "auc", "loss"])
     for subset, group in summary.groupby("subset"):
         console.print(f"mean {subset} balanced accuracy: {group.balanced_accuracy.mean():.3f} "
                       f"(per fold: {', '.join(f'{v:.2f}' for v in group.balanced_accuracy)})")

@@ -212,6 +212,42 @@ class GroupMaskConfig(MaskConfig):
     qc_z: float = Field(3.5, gt=0, description="Robust z-score above which an image is flagged.")
 
 
+class MaskStepConfig(Section):
+    """Which models and images of a run folder a mask step works on."""
+
+    run: Path = Field(description="Run folder written by `voxplain train`.")
+    folds: list[int] | None = Field(None, description="Folds to process (default: all).")
+    diagnosis: str | None = Field(
+        None, description="Diagnosis of the images to mask (default: class 1, e.g. AD)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to optimise.")
+
+
+class GroupMaskStepConfig(MaskStepConfig):
+    """``voxplain mask group``: one mask per fold/run for its correctly classified patients."""
+
+    mask: GroupMaskConfig = Field(default_factory=GroupMaskConfig)
+
+
+class SessionMaskStepConfig(MaskStepConfig):
+    """``voxplain mask session``: one mask per correctly classified validation-subject session."""
+
+    max_sessions: int | None = Field(
+        None, ge=1, description="At most this many sessions per fold/run (default: all)."
+    )
+    mask: SessionMaskConfig = Field(default_factory=SessionMaskConfig)
+
+
+class MaskGridConfig(MaskStepConfig):
+    """``voxplain mask grid``: group masks over a grid of eq. 2 hyperparameters (paper 1, 2.3.2)."""
+
+    l1: list[float] = Field(default_factory=lambda: [1e-4], description="Values of l1.")
+    l2: list[float] = Field(default_factory=lambda: [1e-2], description="Values of l2.")
+    b1: list[float] = Field(default_factory=lambda: [0.1], description="Values of b1.")
+    b2: list[float] = Field(default_factory=lambda: [1.0], description="Values of b2.")
+    mask: GroupMaskConfig = Field(default_factory=GroupMaskConfig)
+
+
 class PredictConfig(Section):
     """Per-session probabilities of every model of a run folder."""
 

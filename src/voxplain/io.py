@@ -65,3 +65,15 @@ def save_nifti(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarr
     image.header.set_xyzt_units("mm")
     with atomic_path(path) as temporary:
         nib.save(image, temporary)
+
+
+def save_map(stem: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray) -> Path:
+    """Save a spatial map: 3D as ``STEM.nii.gz`` (with ``affine``), 2D as ``STEM.npy``."""
+    if array.ndim == 3:
+        path = Path(f"{stem}.nii.gz")
+        save_nifti(path, array, affine)
+        return path
+    path = Path(f"{stem}.npy")
+    with atomic_path(path) as temporary:
+        np.save(temporary, np.asarray(array, dtype=np.float32))
+    return path

@@ -10,6 +10,10 @@
       splits/fold-K/{train,validation}.tsv
       models/fold-K/run-R/{model.safetensors, model.json, history.tsv, metrics.tsv,
                            predictions-validation.tsv, predictions-test.tsv}
+      masks/group/fold-K/run-R/{mask.nii.gz, loss.tsv, image_losses.tsv, qc_flags.tsv,
+                                summary.json}
+      masks/session/fold-K/run-R/{sub-X_ses-Y.nii.gz, index.tsv}
+      masks/grid/l1-A_l2-B_b1-C_b2-D/fold-K/run-R/...   (same files as masks/group)
       evaluation/cross_validation.tsv
       predictions/NAME.tsv
 
@@ -28,13 +32,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from voxplain.config import config_values, read_toml, to_toml
+from voxplain.config import TrainConfig, config_values, read_toml, to_toml
 from voxplain.io import write_json, write_text
 
 RECORDED_PACKAGES = ("voxplain", "torch", "numpy", "scipy", "pandas", "scikit-learn", "nibabel",
                      "nilearn", "captum", "torchmetrics", "safetensors", "pydantic")
 #: Settings that may change between a run and its resumption without changing its results.
-RESUMABLE_FIELDS = frozenset({"device"})
+RESUMABLE_FIELDS = frozenset({"device", "folds", "max_sessions"})
 
 
 class RunFolderError(ValueError):
@@ -63,6 +67,10 @@ class RunFolder:
     def cache_dir(self) -> Path:
         return self.root / "cache"
 
+    def mask_dir(self, level: str, fold: int, run: int) -> Path:
+        """``masks/LEVEL/fold-K/run-R`` (LEVEL: group, session, or grid/SETTING)."""
+        return self.root / "masks" / level / f"fold-{fold}" / f"run-{run}"
+
     def split_file(self, fold: int, subset: str) -> Path:
         """``splits/fold-K/SUBSET.tsv`` with SUBSET in train, validation."""
         return self.root / "splits" / f"fold-{fold}" / f"{subset}.tsv"
@@ -80,6 +88,13 @@ class RunFolder:
                 fold = int(folder.parent.name.removeprefix("fold-"))
                 found.append((fold, int(folder.name.removeprefix("run-")), folder))
         return sorted(found)
+
+    def train_config(self) -> TrainConfig:
+        """The ``[train]`` settings; an error when the folder holds no trained run."""
+        section = self.read_config().get("train")
+        if section is None or not self.model_dirs():
+            raise RunFolderError(f"{self.root}: no trained model (run `voxplain train` first)")
+        return TrainConfig.model_validate(section)
 
     def read_config(self) -> dict[str, Any]:
         """All sections of ``config.toml`` (empty when the run folder is new)."""

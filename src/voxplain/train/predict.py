@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 from rich.progress import Progress
 
-from voxplain.config import PredictConfig, TrainConfig
+from voxplain.config import PredictConfig
 from voxplain.data.cohort import Cohort, CohortError, encode_labels, load_images
 from voxplain.evaluate.classification import classification_metrics
 from voxplain.io import write_tsv
 from voxplain.models.serialization import load_model
-from voxplain.run import RunFolder, RunFolderError
+from voxplain.run import RunFolder
 from voxplain.train.trainer import Dataset, predict_proba, prediction_table, resolve_device
 
 log = logging.getLogger("voxplain")
@@ -27,11 +27,8 @@ def predict_cohort(config: PredictConfig, progress: Progress | None = None) -> p
     When the cohort's diagnoses are all known classes, metrics per model are logged.
     """
     run = RunFolder(config.run)
-    train_section = run.read_config().get("train")
+    train = run.train_config()
     models = run.model_dirs()
-    if train_section is None or not models:
-        raise RunFolderError(f"{config.run}: no trained model (run `voxplain train` first)")
-    train = TrainConfig.model_validate(train_section)
     cohort = Cohort.from_tsv(config.cohort, train.diagnosis_column, config.caps, train.caps_group)
     task = progress.add_task("loading cohort", total=len(cohort)) if progress else None
     stack = load_images(cohort, train.downsample, progress=(

@@ -1,0 +1,282 @@
+"""Mask steps on a run folder: ``voxplain mask group|session|grid`` (paper 1, 2.3).
+
+Each fold/run's model masks images it classifies correctly, of one diagnosis (default class 1,
+e.g. AD) towards the loss of that class's probability:
+
+- group: the fold's training sessions train the mask, its validation sessions stop it;
+- session: every session of the fold's validation subjects (never seen in training), one mask
+  each, optimised as batches;
+- grid: group masks for every combination of l1, l2, b1, b2.
+
+Outputs follow :mod:`voxplain.run`; finished fold/runs are skipped, a group mask interrupted
+mid-way resumes from its epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from voxplain.config import (GroupMaskConfig, GroupMaskStepConfig, MaskConfig, MaskGridConfig,
+                             MaskStepConfig, SessionMaskStepConfig, TrainConfig)
+from voxplain.data.atlas import Atlas
+from voxplain.data.cohort import Cohort, encode_labels, load_images
+from voxplain.data.grid import Grid
+from voxplain.evaluate.regions import top_regions
+from voxplain.explain.masks import (Reference, make_reference, optimise_group_mask,
+                                    optimise_session_masks, qc_flags)
+from voxplain.explain.perturbation import perturb, target_probability
+from voxplain.io import save_map, write_json, write_tsv
+from voxplain.models.serialization import load_model, read_model_json
+from voxplain.run import RunFolder, RunFolderError
+from voxplain.train.trainer import Dataset, predict_proba, resolve_device
+
+log = logging.getLogger("voxplain")
+
+IDS = ["participant_id", "session_id", "diagnosis"]
+
+
+@dataclass(frozen=True)
+class MaskContext:
+    """What every mask step needs from a run folder, read once."""
+
+    run: RunFolder
+    train: TrainConfig
+    table: pd.DataFrame  # sessions kept by the quality check, in image order
+    images: np.ndarray   # (N, C, *spatial) on the training grid
+    grid: Grid
+    device: torch.device
+
+
+def read_context(config: MaskStepConfig, section: str,
+                 progress: Progress | None = None) -> MaskContext:
+    """Check ``config`` against the run folder, record it as ``[section]``, load the cohort."""
+    run = RunFolder(config.run)
+    train = run.train_config()
+    for _, _, folder in run.model_dirs():
+        masked_class(config, read_model_json(folder)["classes"])
+    run.record_config(section, config)
+    cohort = Cohort.from_tsv(run.cohort_file)
+    task = progress.add_task("loading cohort", total=len(cohort)) if progress else None
+    stack = load_images(cohort, train.downsample,
+                        run.cache_dir if train.cache == "disk" else None,
+                        (lambda done, total: progress.update(task, completed=done))
+                        if progress else None)
+    return MaskContext(run, train, cohort.table, stack.array,
+                       Grid(tuple(stack.array.shape[2:]), stack.affine),
+                       resolve_device(config.device))
+
+
+def fold_models(context: MaskContext, folds: list[int] | None) -> Iterator[tuple[int, int, nn.Module, list[str]]]:
+    """``(fold, run, model, classes)`` of the selected folds; models frozen, in eval mode."""
+    found = [(f, r, d) for f, r, d in context.run.model_dirs() if folds is None or f in folds]
+    if not found:
+        raise RunFolderError(f"{context.run.root}: no trained model for folds {folds}")
+    for fold, run_index, folder in found:
+        model, description = load_model(folder, context.device)
+        yield fold, run_index, model.requires_grad_(False), description["classes"]
+
+
+def masked_class(config: MaskStepConfig, classes: list[str]) -> str:
+    """The diagnosis whose images are masked: given, or class 1 of a binary problem."""
+    if config.diagnosis is not None:
+        if config.diagnosis not in classes:
+            raise ValueError(f"diagnosis '{config.diagnosis}' is not a class of the model "
+                             f"({classes})")
+        return config.diagnosis
+    if len(classes) != 2:
+        raise ValueError(f"the model has {len(classes)} classes {classes}: choose the diagnosis "
+                         "to mask with --diagnosis")
+    return classes[1]
+
+
+def correctly_classified(context: MaskContext, model: nn.Module, sessions: pd.DataFrame,
+                         classes: list[str], diagnosis: str) -> pd.DataFrame:
+    """Rows of ``sessions`` with ``diagnosis`` that ``model`` classifies as ``diagnosis``."""
+    rows = context.table.reset_index(names="image_index").merge(sessions[IDS[:2]], on=IDS[:2])
+    rows = rows[rows.diagnosis == diagnosis].reset_index(drop=True)
+    if rows.empty:
+        return rows
+    data = Dataset(rows, context.images, encode_labels(rows, classes, context.run.cohort_file))
+    probabilities, _ = predict_proba(model, data, context.train.batch_size, context.device)
+    return rows[probabilities.argmax(1) == classes.index(diagnosis)].reset_index(drop=True)
+
+
+def reference_for(context: MaskContext, config: MaskConfig, classes: list[str],
+                  train_sessions: pd.DataFrame) -> Reference:
+    """``mu``: constant, blurred input, or the mean training image of ``mean_class``."""
+    mean_image = None
+    if config.perturbation == "mean":
+        name = config.mean_class or classes[0]
+        rows = context.table.reset_index(names="image_index").merge(train_sessions[IDS[:2]])
+        index = rows.loc[rows.diagnosis == name, "image_index"].to_numpy()
+        if not len(index):
+            raise ValueError(f"no training image of '{name}' for the mean perturbation")
+        mean_image = torch.from_numpy(context.images[np.sort(index)].mean(0, keepdims=True))
+    return make_reference(config, context.grid.voxel_size, mean_image)
+
+
+def _images(context: MaskContext, rows: pd.DataFrame) -> np.ndarray:
+    return np.ascontiguousarray(context.images[rows.image_index.to_numpy()])
+
+
+def group_masks(config: GroupMaskStepConfig, progress: Progress | None = None) -> pd.DataFrame:
+    """One group mask per selected fold/run; returns a summary row per fold/run.
+
+    Each fold/run writes ``masks/group/fold-K/run-R/``: ``mask.nii.gz`` (thresholded),
+    ``loss.tsv`` (per epoch), ``image_losses.tsv``, ``qc_flags.tsv`` and ``summary.json``
+    (validation probability of the masked class without/with the mask, top-5 AAL2 regions).
+    """
+    context = read_context(config, "mask_group", progress)
+    return _group_masks(context, config, config.mask, "group", progress)
+
+
+def _group_masks(context: MaskContext, config: MaskStepConfig, mask: GroupMaskConfig, level: str,
+                 progress: Progress | None) -> pd.DataFrame:
+    summaries = []
+    for fold, run_index, model, classes in fold_models(context, config.folds):
+        folder = context.run.mask_dir(level, fold, run_index)
+        if (folder / "summary.json").is_file():
+            log.info("%s mask fold %d run %d already computed: skipped", level, fold, run_index)
+            summaries.append(pd.Series(json.loads((folder / "summary.json").read_text())))
+            continue
+        summaries.append(_group_mask(context, config, mask, fold, run_index, model, classes,
+                                     folder, progress))
+    return pd.DataFrame(summaries)
+
+
+def _group_mask(context: MaskContext, config: MaskStepConfig, mask: GroupMaskConfig, fold: int,
+                run_index: int, model: nn.Module, classes: list[str], folder: Path,
+                progress: Progress | None) -> pd.Series:
+    diagnosis = masked_class(config, classes)
+    splits = {name: pd.read_csv(context.run.split_file(fold, name), sep="\t", dtype=str)
+              for name in ("train", "validation")}
+    train = correctly_classified(context, model, splits["train"], classes, diagnosis)
+    validation = correctly_classified(context, model, splits["validation"], classes, diagnosis)
+    if train.empty:
+        raise ValueError(f"fold {fold} run {run_index}: no correctly classified {diagnosis} "
+                         "training session to optimise a group mask on")
+    target = classes.index(diagnosis)
+    reference = reference_for(context, mask, classes, splits["train"])
+    task = (progress.add_task(f"group mask fold {fold} run {run_index}", total=mask.max_epochs)
+            if progress else None)
+    result = optimise_group_mask(
+        model, _images(context, train), np.full(len(train), target),
+        _images(context, validation), np.full(len(validation), target), reference, mask,
+        context.device, checkpoint=folder,
+        progress=(lambda done, total: progress.update(task, completed=done)) if progress else None)
+    mask_array = result.mask[0, 0].cpu().numpy()
+    save_map(folder / "mask", mask_array, context.grid.affine)
+    write_tsv(folder / "loss.tsv", result.history)
+    losses = result.image_losses.merge(train[IDS].reset_index(names="image"), on="image")
+    write_tsv(folder / "image_losses.tsv", losses)
+    flags = qc_flags(result.image_losses, mask.qc_z).merge(train[IDS].reset_index(names="image"))
+    write_tsv(folder / "qc_flags.tsv", flags.drop(columns="image"))
+    if flags.flagged.any():
+        log.warning("fold %d run %d: %d image(s) flagged by the group-mask quality check (%s)",
+                    fold, run_index, int(flags.flagged.sum()), folder / "qc_flags.tsv")
+    summary = {"fold": fold, "run": run_index, "diagnosis": diagnosis, "n_train": len(train),
+               "n_validation": len(validation), "best_epoch": result.best_epoch,
+               "epochs": len(result.history), **_masked_probability(
+                   model, context, validation, target, result.mask, reference),
+               "masked_fraction": float((mask_array < 1).mean()),
+               "top_regions": _top_regions(context, 1 - mask_array)}
+    write_json(folder / "summary.json", summary)
+    log.info("%s mask fold %d run %d: validation probability of %s %.3f -> %.3f; top regions %s",
+             folder.parent.parent.name, fold, run_index, diagnosis, summary["probability_before"],
+             summary["probability_after"], ", ".join(summary["top_regions"]))
+    return pd.Series(summary)
+
+
+@torch.no_grad()
+def _masked_probability(model: nn.Module, context: MaskContext, rows: pd.DataFrame, target: int,
+                        mask: torch.Tensor, reference: Reference) -> dict[str, float]:
+    """Mean probability of ``target`` on ``rows`` without and with ``mask``."""
+    if rows.empty:
+        return {"probability_before": float("nan"), "probability_after": float("nan")}
+    x = torch.from_numpy(_images(context, rows)).to(context.device)
+    y = torch.full((len(rows),), target, device=context.device)
+    before = target_probability(model, x, y).mean().item()
+    after = target_probability(model, perturb(x, mask, reference(x)), y).mean().item()
+    return {"probability_before": before, "probability_after": after}
+
+
+def _top_regions(context: MaskContext, density: np.ndarray, k: int = 5) -> list[str]:
+    """The ``k`` AAL2 regions most hidden by a 3D mask (none for 2D images)."""
+    if density.ndim != 3:
+        return []
+    return top_regions(density, Atlas.aal2(context.grid), k)
+
+
+def session_masks(config: SessionMaskStepConfig, progress: Progress | None = None) -> pd.DataFrame:
+    """Session masks of the correctly classified sessions of each fold's validation subjects.
+
+    Writes ``masks/session/fold-K/run-R/SESSION.nii.gz`` (thresholded) and an ``index.tsv``
+    (loss, iterations, probability of the masked class without/with the mask); returns the
+    concatenated index.
+    """
+    context = read_context(config, "mask_session", progress)
+    indexes = []
+    for fold, run_index, model, classes in fold_models(context, config.folds):
+        folder = context.run.mask_dir("session", fold, run_index)
+        if (folder / "index.tsv").is_file():
+            log.info("session masks fold %d run %d already computed: skipped", fold, run_index)
+            indexes.append(pd.read_csv(folder / "index.tsv", sep="\t"))
+            continue
+        diagnosis = masked_class(config, classes)
+        subjects = pd.read_csv(context.run.split_file(fold, "validation"), sep="\t", dtype=str)
+        sessions = context.table[context.table.participant_id.isin(subjects.participant_id)]
+        rows = correctly_classified(context, model, sessions, classes, diagnosis)
+        rows = rows.iloc[:config.max_sessions]
+        if rows.empty:
+            log.warning("fold %d run %d: no correctly classified %s session to mask", fold,
+                        run_index, diagnosis)
+            continue
+        splits_train = pd.read_csv(context.run.split_file(fold, "train"), sep="\t", dtype=str)
+        reference = reference_for(context, config.mask, classes, splits_train)
+        images = torch.from_numpy(_images(context, rows)).to(context.device)
+        targets = torch.full((len(rows),), classes.index(diagnosis), device=context.device)
+        task = (progress.add_task(f"session masks fold {fold} run {run_index}", total=len(rows))
+                if progress else None)
+        result = optimise_session_masks(model, images, targets, reference, config.mask, (
+            lambda done, total: progress.update(task, completed=done)) if progress else None)
+        paths = []
+        for row, mask in zip(rows.itertuples(), result.masks):
+            stem = folder / f"{row.participant_id}_{row.session_id}"
+            paths.append(save_map(stem, mask[0].cpu().numpy(), context.grid.affine).name)
+        index = rows[IDS].assign(fold=fold, run=run_index, path=paths, loss=result.loss,
+                                 iterations=result.iterations,
+                                 probability_before=result.probability_before,
+                                 probability_after=result.probability_after)
+        write_tsv(folder / "index.tsv", index)
+        indexes.append(index)
+    return pd.concat(indexes, ignore_index=True) if indexes else pd.DataFrame()
+
+
+def grid_setting(l1: float, l2: float, b1: float, b2: float) -> str:
+    """Folder name of one grid point, e.g. ``l1-0.0001_l2-0.01_b1-0.1_b2-1``."""
+    return f"l1-{l1:g}_l2-{l2:g}_b1-{b1:g}_b2-{b2:g}"
+
+
+def mask_grid(config: MaskGridConfig, progress: Progress | None = None) -> pd.DataFrame:
+    """Group masks for every (l1, l2, b1, b2) of the grid, under ``masks/grid/SETTING``."""
+    context = read_context(config, "mask_grid", progress)
+    summaries = []
+    for l1, l2, b1, b2 in itertools.product(config.l1, config.l2, config.b1, config.b2):
+        mask = config.mask.model_copy(update={"l1": l1, "l2": l2, "b1": b1, "b2": b2})
+        summary = _group_masks(context, config, mask, f"grid/{grid_setting(l1, l2, b1, b2)}",
+                               progress)
+        summaries.append(summary.assign(l1=l1, l2=l2, b1=b1, b2=b2))
+    table = pd.concat(summaries, ignore_index=True)
+    write_tsv(context.run.root / "masks" / "grid" / "summary.tsv", table)
+    return table

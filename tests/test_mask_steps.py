@@ -1,0 +1,81 @@
+"""Mask steps on a run folder: which sessions, which files, resume (paper 1, 2.3.3-2.3.4)."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import write_cohort
+from voxplain.config import (GroupMaskStepConfig, MaskGridConfig, SessionMaskStepConfig,
+                             TrainConfig)
+from voxplain.explain.mask_steps import group_masks, mask_grid, session_masks
+from voxplain.train.trainer import train_cohort
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("masks")
+    tsv = write_cohort(folder / "cohort", subjects=24)
+    train_cohort(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=6, batch_size=4,
+                             learning_rate=3e-3, device="cpu",
+                             model={"name": "cnn", "channels": [4, 8, 8]}))
+    return folder / "run"
+
+
+def test_group_masks_write_the_mask_its_losses_and_quality_flags(trained_run):
+    config = GroupMaskStepConfig(run=trained_run, folds=[0], device="cpu",
+                                 mask={"max_epochs": 4, "batch_size": 4})
+    summary = group_masks(config)
+    folder = trained_run / "masks/group/fold-0/run-0"
+    mask = nib.load(folder / "mask.nii.gz")
+    reference = nib.load(trained_run.parent / "cohort" / "sub-00_ses-M00.nii.gz")
+    np.testing.assert_allclose(mask.affine, reference.affine)
+    values = mask.get_fdata()
+    assert values.shape == (20, 24, 20) and values.min() >= 0 and values.max() <= 1
+    assert not ((values > 0.95) & (values < 1)).any()  # thresholded
+    losses = pd.read_csv(folder / "image_losses.tsv", sep="\t")
+    split = pd.read_csv(trained_run / "splits/fold-0/train.tsv", sep="\t")
+    assert set(losses.participant_id) <= set(split[split.diagnosis == "AD"].participant_id)
+    flags = pd.read_csv(folder / "qc_flags.tsv", sep="\t")
+    assert set(flags.columns) >= {"participant_id", "session_id", "robust_z", "flagged"}
+    record = json.loads((folder / "summary.json").read_text())
+    assert record["diagnosis"] == "AD" and len(record["top_regions"]) == 5
+    assert summary.fold.tolist() == [0]
+    again = group_masks(config)  # finished: read back, not recomputed
+    assert again.probability_after.tolist() == summary.probability_after.tolist()
+    assert not (folder / "checkpoint.json").exists()
+
+
+def test_session_masks_cover_validation_subjects_only(trained_run):
+    config = SessionMaskStepConfig(run=trained_run, folds=[1], device="cpu", max_sessions=3,
+                                   mask={"max_iterations": 20, "patience": 5, "batch_size": 2})
+    index = session_masks(config)
+    validation = pd.read_csv(trained_run / "splits/fold-1/validation.tsv", sep="\t")
+    assert 0 < len(index) <= 3
+    assert set(index.participant_id) <= set(validation.participant_id)
+    assert (index.diagnosis == "AD").all()
+    folder = trained_run / "masks/session/fold-1/run-0"
+    for name in index.path:
+        assert nib.load(folder / name).shape == (20, 24, 20)
+
+
+def test_grid_keys_masks_by_their_hyperparameters(trained_run):
+    config = MaskGridConfig(run=trained_run, folds=[2], device="cpu", b1=[0.1, 1.0],
+                            mask={"max_epochs": 2, "batch_size": 8})
+    table = mask_grid(config)
+    assert sorted(table.b1) == [0.1, 1.0]
+    for setting in ("l1-0.0001_l2-0.01_b1-0.1_b2-1", "l1-0.0001_l2-0.01_b1-1_b2-1"):
+        assert (trained_run / "masks/grid" / setting / "fold-2/run-0/mask.nii.gz").is_file()
+    assert (trained_run / "masks/grid/summary.tsv").is_file()
+
+
+def test_a_diagnosis_that_is_not_a_class_is_refused(trained_run):
+    with pytest.raises(ValueError, match="diagnosis 'MCI' is not a class of the model"):
+        group_masks(GroupMaskStepConfig(run=trained_run, folds=[0], diagnosis="MCI",
+                                        device="cpu"))
