@@ -30,6 +30,8 @@ demo: venv
 	$(BIN)/voxplain generate atrophy --out $(DEMO)/cohort --subjects 80 --sessions 2 \
 		--downsample 4 --qc-failures 2 --seed 0
 	$(BIN)/voxplain train --cohort $(DEMO)/cohort/cohort.tsv --out $(DEMO)/run --folds 5 --runs 1
+	$(BIN)/voxplain mask group --run $(DEMO)/run
+	$(BIN)/voxplain mask session --run $(DEMO)/run --folds 0 --max-sessions 4
 
 benchmark: venv
 	$(BIN)/python benchmarks/train_throughput.py

@@ -79,3 +79,22 @@ def test_a_diagnosis_that_is_not_a_class_is_refused(trained_run):
     with pytest.raises(ValueError, match="diagnosis 'MCI' is not a class of the model"):
         group_masks(GroupMaskStepConfig(run=trained_run, folds=[0], diagnosis="MCI",
                                         device="cpu"))
+
+
+def test_group_masks_find_the_atrophied_regions_of_a_synthetic_cohort(tmp_path):
+    """Paper 1, 3.2.1 on ground truth: the most masked AAL2 regions are the atrophied ones."""
+    from voxplain.config import DEFAULT_ATROPHY_REGIONS, AtrophyCohortConfig
+    from voxplain.data.synthetic import generate_atrophy_cohort
+
+    tsv = generate_atrophy_cohort(AtrophyCohortConfig(out=tmp_path / "cohort", subjects=40,
+                                                      sessions=1, downsample=5, seed=3))
+    # patience = epochs: 26 training images give 4 steps per epoch, too few for patience 5
+    train_cohort(TrainConfig(cohort=tsv, out=tmp_path / "run", folds=3, epochs=20, patience=20,
+                             device="cpu",
+                             model={"name": "cnn", "channels": [8, 16, 32, 64]}))
+    summary = group_masks(GroupMaskStepConfig(run=tmp_path / "run", device="cpu"))
+    assert len(summary) == 3
+    for row in summary.itertuples():
+        assert row.probability_after < 0.1, row
+        hits = set(row.top_regions) & set(DEFAULT_ATROPHY_REGIONS)
+        assert len(hits) >= 2, row.top_regions

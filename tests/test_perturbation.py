@@ -39,21 +39,30 @@ def test_spatial_gradient_is_the_forward_difference_on_every_axis():
     assert steps[0, :, 0, 0, 0].tolist() == [9.0, 3.0, 1.0]
 
 
-def test_sparsity_term_is_the_sum_of_one_minus_m_to_the_b1():
+def test_sparsity_term_is_the_mean_of_one_minus_m_to_the_b1():
     mask = torch.tensor([[1.0, 0.5], [0.0, 0.75]])[None, None]
-    assert sparsity_term(mask, 1.0, EPS).item() == pytest.approx(0.5 + 1.0 + 0.25, abs=1e-6)
-    expected = 0.5 ** 0.1 + 1.0 + 0.25 ** 0.1
+    assert sparsity_term(mask, 1.0, EPS).item() == pytest.approx((0.5 + 1.0 + 0.25) / 4, abs=1e-6)
+    expected = (0.5 ** 0.1 + 1.0 + 0.25 ** 0.1) / 4
     assert sparsity_term(mask, 0.1, EPS).item() == pytest.approx(expected, abs=1e-4)
 
 
-def test_smoothness_term_is_the_sum_of_gradient_norms_to_the_b2():
+def test_regularisers_do_not_depend_on_the_number_of_voxels():
+    small = torch.rand(1, 1, 6, 6, 6)
+    large = small.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
+    assert sparsity_term(large, 0.1, 1e-3).item() == pytest.approx(
+        sparsity_term(small, 0.1, 1e-3).item(), rel=1e-5)
+    constant = torch.full((1, 1, 30, 30, 30), 0.3)
+    assert smoothness_term(constant, 1.0, 1e-3).item() == 0
+
+
+def test_smoothness_term_is_the_mean_of_gradient_norms_to_the_b2():
     mask = torch.tensor([[0.0, 1.0, 1.0], [2.0, 4.0, 0.0], [1.0, 1.0, 1.0]])[None, None]
     # forward differences on the 2x2 interior: (d_row, d_col) per voxel
     pairs = [(2.0, 1.0), (3.0, 0.0), (-1.0, 2.0), (-3.0, -4.0)]
     norms = [math.hypot(a, b) for a, b in pairs]
-    assert smoothness_term(mask, 1.0, EPS).item() == pytest.approx(sum(norms), rel=1e-6)
-    assert smoothness_term(mask, 2.0, EPS).item() == pytest.approx(sum(n ** 2 for n in norms),
-                                                                    rel=1e-6)
+    assert smoothness_term(mask, 1.0, EPS).item() == pytest.approx(sum(norms) / 4, rel=1e-6)
+    assert smoothness_term(mask, 2.0, EPS).item() == pytest.approx(
+        sum(n ** 2 for n in norms) / 4, rel=1e-6)
 
 
 def test_the_power_at_zero_has_a_finite_gradient_and_is_exact_beyond_epsilon():

@@ -164,13 +164,12 @@ class TrainConfig(Section):
 class MaskConfig(Section):
     """Meaningful-perturbation mask (paper 1, 2.3, eq. 1-2), shared by session and group level.
 
-    The regularisers are sums over voxels, as in eq. 2 (not means): their weight relative to the
-    classifier term grows with the number of voxels, so defaults tuned on the 121x145x121 grid
-    give larger masks on coarse grids.
+    The regularisers are means over voxels (see :mod:`voxplain.explain.perturbation` for why),
+    so the defaults do not depend on the number of voxels.
     """
 
-    l1: float = Field(1e-4, ge=0, description="Weight of the sparsity term sum |1 - m|^b1.")
-    l2: float = Field(1e-2, ge=0, description="Weight of the smoothness term sum ||grad m||^b2.")
+    l1: float = Field(1e-4, ge=0, description="Weight of the sparsity term mean |1 - m|^b1.")
+    l2: float = Field(1e-2, ge=0, description="Weight of the smoothness term mean ||grad m||^b2.")
     b1: float = Field(0.1, gt=0, description="Exponent of the sparsity term.")
     b2: float = Field(1.0, gt=0, description="Exponent of the gradient norm.")
     learning_rate: float = Field(0.1, gt=0, description="Adam learning rate.")
