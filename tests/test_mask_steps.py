@@ -75,6 +75,12 @@ def test_grid_keys_masks_by_their_hyperparameters(trained_run):
     assert (trained_run / "masks/grid/summary.tsv").is_file()
 
 
+def test_a_target_index_outside_the_classes_is_refused(trained_run):
+    with pytest.raises(ValueError, match=r"target class 2 is not an index of the classes"):
+        session_masks(SessionMaskStepConfig(run=trained_run, folds=[0], device="cpu",
+                                            mask={"target": 2, "max_iterations": 2}))
+
+
 def test_a_diagnosis_that_is_not_a_class_is_refused(trained_run):
     with pytest.raises(ValueError, match="diagnosis 'MCI' is not a class of the model"):
         group_masks(GroupMaskStepConfig(run=trained_run, folds=[0], diagnosis="MCI",

@@ -220,6 +220,7 @@ class MaskStepConfig(Section):
         None, description="Diagnosis of the images to mask (default: class 1, e.g. AD)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to optimise.")
+    mask: MaskConfig = Field(default_factory=MaskConfig)
 
 
 class GroupMaskStepConfig(MaskStepConfig):

@@ -64,7 +64,8 @@ def read_context(config: MaskStepConfig, section: str,
     run = RunFolder(config.run)
     train = run.train_config()
     for _, _, folder in run.model_dirs():
-        masked_class(config, read_model_json(folder)["classes"])
+        classes = read_model_json(folder)["classes"]
+        target_class(config.mask, classes, masked_class(config, classes))
     run.record_config(section, config)
     cohort = Cohort.from_tsv(run.cohort_file)
     task = progress.add_task("loading cohort", total=len(cohort)) if progress else None
@@ -98,6 +99,15 @@ def masked_class(config: MaskStepConfig, classes: list[str]) -> str:
         raise ValueError(f"the model has {len(classes)} classes {classes}: choose the diagnosis "
                          "to mask with --diagnosis")
     return classes[1]
+
+
+def target_class(config: MaskConfig, classes: list[str], diagnosis: str) -> int:
+    """Index of the class whose probability ``f`` the mask minimises (default: the true one)."""
+    if config.target == "true":
+        return classes.index(diagnosis)
+    if not 0 <= config.target < len(classes):
+        raise ValueError(f"target class {config.target} is not an index of the classes {classes}")
+    return config.target
 
 
 def correctly_classified(context: MaskContext, model: nn.Module, sessions: pd.DataFrame,
@@ -166,7 +176,7 @@ def _group_mask(context: MaskContext, config: MaskStepConfig, mask: GroupMaskCon
     if train.empty:
         raise ValueError(f"fold {fold} run {run_index}: no correctly classified {diagnosis} "
                          "training session to optimise a group mask on")
-    target = classes.index(diagnosis)
+    target = target_class(mask, classes, diagnosis)
     reference = reference_for(context, mask, classes, splits["train"])
     task = (progress.add_task(f"group mask fold {fold} run {run_index}", total=mask.max_epochs)
             if progress else None)
@@ -245,7 +255,8 @@ def session_masks(config: SessionMaskStepConfig, progress: Progress | None = Non
         splits_train = pd.read_csv(context.run.split_file(fold, "train"), sep="\t", dtype=str)
         reference = reference_for(context, config.mask, classes, splits_train)
         images = torch.from_numpy(_images(context, rows)).to(context.device)
-        targets = torch.full((len(rows),), classes.index(diagnosis), device=context.device)
+        targets = torch.full((len(rows),), target_class(config.mask, classes, diagnosis),
+                             device=context.device)
         task = (progress.add_task(f"session masks fold {fold} run {run_index}", total=len(rows))
                 if progress else None)
         result = optimise_session_masks(model, images, targets, reference, config.mask, (

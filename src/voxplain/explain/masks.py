@@ -40,8 +40,8 @@ def make_reference(config: MaskConfig, voxel_size: tuple[float, ...] = (),
     blurred with a Gaussian of ``config.blur_mm`` mm (``voxel_size`` in mm per axis); ``mean``:
     ``mean_image`` ``(1, C, *spatial)``, e.g. the mean control image.
     """
-    if config.perturbation == "constant":
-        return lambda images: torch.full_like(images, config.constant)
+    if config.perturbation == "constant":  # a 0-d tensor: broadcast, never materialised
+        return lambda images: images.new_tensor(config.constant)
     if config.perturbation == "blur":
         if not voxel_size:
             raise ValueError("the blur perturbation needs the voxel size in mm")
@@ -117,13 +117,15 @@ def _optimise_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
     stopping = RelativeEarlyStopping(size, config.tolerance, config.patience)
     active = np.arange(size)
     for _ in range(config.max_iterations):
-        rows = torch.from_numpy(active).to(images.device)
+        # while every mask is active the batch is used as it is: no per-iteration copies
+        rows = None if len(active) == size else torch.from_numpy(active).to(images.device)
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = mask_loss(model, images[rows], mask[rows], mu[rows], targets[rows], weights)
+        loss, _ = mask_loss(model, *_rows((images, mask, mu, targets), rows), weights)
         loss.sum().backward()
         losses = loss.detach().cpu().numpy()
-        better = rows[torch.from_numpy(losses < best_loss[active]).to(images.device)]
-        best[better] = mask.detach()[better]
+        improved = torch.from_numpy(losses < best_loss[active]).to(images.device)
+        improved_rows = improved.nonzero()[:, 0] if rows is None else rows[improved]
+        best[improved_rows] = mask.detach()[improved_rows]
         best_loss[active] = np.minimum(best_loss[active], losses)
         iterations[active] += 1
         active = active[~stopping.step(losses, active)]
@@ -131,10 +133,18 @@ def _optimise_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
         with torch.no_grad():
             mask.clamp_(0, 1)
             frozen = np.setdiff1d(np.arange(size), active)
-            mask[frozen] = best[frozen]
+            if frozen.size:
+                mask[frozen] = best[frozen]
         if not active.size:
             break
     return threshold_mask(best, config.threshold), best_loss, iterations
+
+
+def _rows(tensors: tuple[torch.Tensor, ...], rows: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The ``rows`` of each batched tensor (0-d tensors, e.g. a constant ``mu``, stay as they are)."""
+    if rows is None:
+        return tensors
+    return tuple(tensor if tensor.ndim == 0 else tensor[rows] for tensor in tensors)
 
 
 @dataclass(frozen=True)

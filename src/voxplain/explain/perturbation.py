@@ -57,23 +57,27 @@ def power_of_root(squared: torch.Tensor, exponent: float, epsilon: float) -> tor
     return torch.where(squared >= floor, exact, epsilon ** (exponent - 2) * squared)
 
 
+def _forward_differences(mask: torch.Tensor) -> list[torch.Tensor]:
+    """``m(u + e_i) - m(u)`` for every spatial axis ``i``, each ``(N, *(spatial - 1))``, on the
+    voxels where every component is defined."""
+    spatial_dims = mask.ndim - 2
+    differences = []
+    for axis in range(spatial_dims):
+        difference = mask.narrow(2 + axis, 1, mask.shape[2 + axis] - 1) - mask.narrow(
+            2 + axis, 0, mask.shape[2 + axis] - 1)
+        crop = [slice(0, -1)] * spatial_dims
+        crop[axis] = slice(None)
+        differences.append(difference[(slice(None), 0, *crop)])
+    return differences
+
+
 def spatial_gradient(mask: torch.Tensor) -> torch.Tensor:
     """Forward differences of ``mask`` ``(N, 1, *spatial)`` along every spatial axis.
 
     Returns ``(N, d, *(spatial - 1))``: component ``i`` at voxel ``u`` is ``m(u + e_i) - m(u)``,
     on the voxels where every component is defined.
     """
-    spatial_dims = mask.ndim - 2
-    interior = tuple(slice(0, -1) for _ in range(spatial_dims))
-    components = []
-    for axis in range(spatial_dims):
-        forward = mask.narrow(2 + axis, 1, mask.shape[2 + axis] - 1)
-        backward = mask.narrow(2 + axis, 0, mask.shape[2 + axis] - 1)
-        difference = forward - backward
-        crop = list(interior)
-        crop[axis] = slice(None)
-        components.append(difference[(slice(None), 0, *crop)])
-    return torch.stack(components, dim=1)
+    return torch.stack(_forward_differences(mask), dim=1)
 
 
 def sparsity_term(mask: torch.Tensor, b1: float, epsilon: float) -> torch.Tensor:
@@ -84,13 +88,13 @@ def sparsity_term(mask: torch.Tensor, b1: float, epsilon: float) -> torch.Tensor
 def smoothness_term(mask: torch.Tensor, b2: float, epsilon: float) -> torch.Tensor:
     """``(N,)``: ``mean_u ||grad m(u)||^b2`` of each mask ``(N, 1, *spatial)`` over the voxels
     where the forward differences are defined."""
-    norm_squared = spatial_gradient(mask).square().sum(1)
+    norm_squared = sum(difference.square() for difference in _forward_differences(mask))
     return power_of_root(norm_squared, b2, epsilon).flatten(1).mean(1)
 
 
 def perturb(images: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Eq. 1: ``m X + (1 - m) mu``; ``mask`` ``(N or 1, 1, *spatial)`` broadcasts over channels."""
-    return mask * images + (1 - mask) * reference
+    return reference + mask * (images - reference)
 
 
 def target_probability(model: nn.Module, images: torch.Tensor,
