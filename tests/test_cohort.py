@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import AFFINE, SHAPE, write_cohort
+from conftest import AFFINE, SHAPE
 from voxplain.data import cohort as cohort_module
 from voxplain.data.cohort import (Cohort, CohortError, caps_image_path, class_names, load_images,
                                   quality_check)

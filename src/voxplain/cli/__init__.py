@@ -1,0 +1,24 @@
+"""``voxplain <verb>``: the command line on top of the Python API.
+
+One module per group of verbs; each registers its commands on :data:`app` here. Shared pieces
+(flags built from the config models, one-line errors, progress, tables) live in
+:mod:`voxplain.cli.common`.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from voxplain.cli import generate as _generate
+from voxplain.cli import masks as _masks
+from voxplain.cli import train as _train
+from voxplain.cli.common import build_config
+
+app = typer.Typer(help="Train, explain and measure deep classifiers of medical images.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(_generate.generate, name="generate")
+app.command()(_train.train)
+app.command()(_train.predict)
+app.add_typer(_masks.mask, name="mask")
+
+__all__ = ["app", "build_config"]

@@ -1,0 +1,5 @@
+"""``python -m voxplain.cli``."""
+
+from voxplain.cli import app
+
+app()
