@@ -1,0 +1,113 @@
+"""One interface for every per-sample explanation method.
+
+An explainer is configured in ``__init__`` (model, layer, method options) and does its work in one
+verb, :meth:`Explainer.explain`: a batch of inputs ``(N, C, *spatial)`` and one target class per
+sample give one map per sample, ``(N, 1, *spatial)`` on the input's grid. 2D and 3D inputs go
+through the same code. Batches are cut into chunks of ``batch_size`` samples so memory stays
+bounded whatever the caller passes.
+
+Methods register themselves by their command-line name with :func:`register`; :func:`explainer`
+builds one by name. The registry is filled when :mod:`voxplain.explain.methods` is imported.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Explainer(ABC):
+    """Base class of explanation methods.
+
+    Subclasses set ``name`` (the command-line name) and ``signed`` (True when the sign of the map
+    carries meaning, e.g. gradients; False for non-negative maps such as Grad-CAM), and implement
+    :meth:`attribute` for one chunk.
+    """
+
+    name: ClassVar[str]
+    signed: ClassVar[bool]
+
+    def __init__(self, model: nn.Module, *, batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model = model.eval()
+        self.batch_size = batch_size
+
+    def explain(self, x: torch.Tensor, target: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
+        """Maps of ``x`` ``(N, C, *spatial)`` for ``target`` (one class index per sample, or one
+        for all), shaped ``(N, 1, *spatial)``, on the model's device, detached."""
+        if x.ndim < 3:
+            raise ValueError(f"expected a batch (N, C, *spatial), got shape {tuple(x.shape)}")
+        device = next(self.model.parameters()).device
+        x = x.to(device)
+        targets = as_targets(target, len(x), device)
+        chunks = [self.attribute(x[i:i + self.batch_size], targets[i:i + self.batch_size]).detach()
+                  for i in range(0, len(x), self.batch_size)]
+        maps = torch.cat(chunks)
+        expected = (len(x), 1, *x.shape[2:])
+        if tuple(maps.shape) != expected:
+            raise RuntimeError(f"{self.name} returned shape {tuple(maps.shape)}, expected {expected}")
+        return maps
+
+    @abstractmethod
+    def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Maps ``(n, 1, *spatial)`` of one chunk ``x`` ``(n, C, *spatial)``, targets ``(n,)``."""
+
+
+def as_targets(target: torch.Tensor | Sequence[int] | int, n: int,
+               device: torch.device) -> torch.Tensor:
+    """One class index per sample, as a long tensor ``(n,)``."""
+    targets = torch.as_tensor(target, dtype=torch.long, device=device)
+    if targets.ndim == 0:
+        targets = targets.expand(n)
+    if targets.shape != (n,):
+        raise ValueError(f"expected one target per sample ({n}), got shape {tuple(targets.shape)}")
+    return targets
+
+
+def named_layer(model: nn.Module, name: str, kinds: tuple[type[nn.Module], ...] = CONV_TYPES) -> nn.Module:
+    """The submodule called ``name`` (as in ``model.named_modules()``), which must be one of
+    ``kinds``; the error lists the valid names."""
+    modules = dict(model.named_modules())
+    valid = [key for key, module in modules.items() if isinstance(module, kinds)]
+    if name not in modules or not isinstance(modules[name], kinds):
+        kind_names = "/".join(kind.__name__ for kind in kinds)
+        raise ValueError(f"layer {name!r} is not a {kind_names} layer of {type(model).__name__}; "
+                         f"valid layers: {', '.join(valid) or 'none'}")
+    return modules[name]
+
+
+def last_conv_name(model: nn.Module) -> str:
+    """The name of the model's last convolution (the default Grad-CAM layer)."""
+    names = [key for key, module in model.named_modules() if isinstance(module, CONV_TYPES)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no convolutional layer")
+    return names[-1]
+
+
+METHODS: dict[str, type[Explainer]] = {}
+
+
+def register(cls: type[Explainer]) -> type[Explainer]:
+    """Class decorator: make ``cls`` available by its ``name``."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"two explanation methods are called {cls.name!r}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def explainer(name: str, model: nn.Module, **options: object) -> Explainer:
+    """Build the method called ``name`` (e.g. ``"grad_cam"``) for ``model``."""
+    import voxplain.explain.methods  # noqa: F401  (fills METHODS)
+
+    if name not in METHODS:
+        raise ValueError(f"unknown explanation method {name!r}; "
+                         f"available: {', '.join(sorted(METHODS))}")
+    factory: Callable[..., Explainer] = METHODS[name]
+    return factory(model, **options)
