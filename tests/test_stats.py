@@ -1,0 +1,142 @@
+"""Heatmap statistics of paper 2, 2.4, against scipy.stats and statsmodels and hand cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from voxplain.data.atlas import Atlas
+from voxplain.data.grid import Grid
+from voxplain.evaluate.stats import (
+    bonferroni,
+    brain_percentile,
+    cluster_table,
+    fdr_bh,
+    normalise_map,
+    one_sample_ttest,
+    percentile_test,
+    threshold_at_percentile,
+    two_sample_ttest,
+)
+
+RNG = np.random.default_rng(0)
+GROUP_A = RNG.normal(0.3, 1.0, (12, 5, 6, 4))
+GROUP_B = RNG.normal(0.0, 2.0, (9, 5, 6, 4))
+VOXELS = [(0, 0, 0), (2, 3, 1), (4, 5, 3), (1, 4, 2)]
+
+
+def test_one_sample_t_test_matches_scipy_at_every_voxel():
+    result = one_sample_ttest(GROUP_A, popmean=0.1)
+    expected = stats.ttest_1samp(GROUP_A, 0.1, axis=0)
+    np.testing.assert_allclose(result.t, expected.statistic, rtol=1e-10)
+    np.testing.assert_allclose(result.p, expected.pvalue, rtol=1e-9)
+    assert result.df == 11
+
+
+@pytest.mark.parametrize("equal_var", [True, False])
+def test_two_sample_t_test_matches_scipy_student_and_welch(equal_var):
+    result = two_sample_ttest(GROUP_A, GROUP_B, equal_var=equal_var)
+    for voxel in VOXELS:
+        a = GROUP_A[(slice(None), *voxel)]
+        b = GROUP_B[(slice(None), *voxel)]
+        expected = stats.ttest_ind(a, b, equal_var=equal_var)
+        assert result.t[voxel] == pytest.approx(expected.statistic, rel=1e-10)
+        assert result.p[voxel] == pytest.approx(expected.pvalue, rel=1e-9)
+
+
+def test_t_tests_stream_maps_one_at_a_time_with_the_same_result():
+    as_array = two_sample_ttest(GROUP_A, GROUP_B)
+    streamed = two_sample_ttest(iter(list(GROUP_A)), (m for m in GROUP_B))
+    np.testing.assert_allclose(streamed.t, as_array.t, rtol=1e-12)
+
+
+def test_t_tests_leave_voxels_outside_the_brain_and_constant_voxels_untested():
+    brain = np.zeros(GROUP_A.shape[1:], bool)
+    brain[1:4, 1:5, 1:3] = True
+    maps = GROUP_A.copy()
+    maps[:, 2, 2, 2] = 0.7  # every map equal: no variance, no test
+    result = one_sample_ttest(maps, brain)
+    assert np.isnan(result.t[~brain]).all()
+    assert np.isnan(result.t[2, 2, 2]) and np.isnan(result.p[2, 2, 2])
+    expected = stats.ttest_1samp(maps[:, 1, 3, 1], 0.0)
+    assert result.t[1, 3, 1] == pytest.approx(expected.statistic, rel=1e-10)
+    # Bonferroni counts the tested voxels only: brain minus the constant one
+    assert np.isfinite(result.p).sum() == brain.sum() - 1
+    corrected = bonferroni(result.p)
+    assert corrected[1, 3, 1] == pytest.approx(min(1, result.p[1, 3, 1] * (brain.sum() - 1)))
+
+
+def test_t_tests_reject_groups_of_one_map_and_mixed_grids():
+    with pytest.raises(ValueError, match="at least 2 maps"):
+        one_sample_ttest(GROUP_A[:1])
+    with pytest.raises(ValueError, match="shape"):
+        one_sample_ttest([GROUP_A[0], GROUP_A[1, :4]])
+
+
+def test_bonferroni_and_benjamini_hochberg_match_statsmodels():
+    p = RNG.uniform(size=500) ** 4
+    np.testing.assert_allclose(bonferroni(p), multipletests(p, method="bonferroni")[1])
+    np.testing.assert_allclose(fdr_bh(p), multipletests(p, method="fdr_bh")[1], rtol=1e-12)
+
+
+def test_corrections_skip_nan_and_keep_the_map_shape():
+    p = RNG.uniform(size=(4, 5)) ** 2
+    p[0, :2] = np.nan
+    finite = p[np.isfinite(p)]
+    adjusted = fdr_bh(p)
+    assert adjusted.shape == p.shape and np.isnan(adjusted[0, :2]).all()
+    np.testing.assert_allclose(adjusted[np.isfinite(p)], multipletests(finite, method="fdr_bh")[1])
+
+
+def test_percentile_test_is_student_t_test_with_group_mean_and_sd():
+    a, b = [0.70, 0.75, 0.68, 0.80], [0.60, 0.66, 0.63]
+    result = percentile_test(a, b)
+    expected = stats.ttest_ind(a, b, equal_var=True)
+    assert result["t"] == pytest.approx(expected.statistic)
+    assert result["p"] == pytest.approx(expected.pvalue)
+    assert result["mean_a"] == pytest.approx(0.7325)
+    assert result["sd_b"] == pytest.approx(0.03)  # deviations -0.03, 0.03, 0: sqrt(0.0018/2)
+
+
+def test_ninety_fifth_percentile_and_threshold_inside_the_brain():
+    values = np.arange(200, dtype=np.float32).reshape(10, 20)
+    brain = np.zeros_like(values, bool)
+    brain[:5] = True  # values 0..99
+    assert brain_percentile(values, brain) == pytest.approx(94.05)  # 0.95 * 99 = 94.05
+    kept = threshold_at_percentile(values, brain)
+    assert sorted(kept[kept > 0].tolist()) == [95, 96, 97, 98, 99]
+
+
+def test_normalise_map_scales_the_brain_to_zero_one_and_zeroes_the_rest():
+    values = np.array([[2.0, 4.0], [6.0, 100.0]])
+    brain = np.array([[True, True], [True, False]])
+    np.testing.assert_allclose(normalise_map(values, brain), [[0, 0.5], [1, 0]])
+    assert not normalise_map(np.full((2, 2), 3.0)).any()
+
+
+def _toy_atlas(shape, affine):
+    labels = np.zeros(shape, np.int32)
+    labels[:5] = 1
+    labels[5:] = 2
+    return Atlas(labels, {1: "Left_Thing", 2: "Right_Thing"}, Grid(shape, affine), "toy")
+
+
+def test_cluster_table_sizes_peaks_in_mm_and_regions():
+    shape = (10, 10, 10)
+    affine = np.array([[2.0, 0, 0, -10], [0, 2.0, 0, -20], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    t = np.zeros(shape)
+    t[1:3, 1:3, 1:3] = 3.0   # 8 voxels, in region 1
+    t[2, 2, 1] = 5.0         # its peak
+    t[7, 7, 7] = -4.0        # one negative voxel, region 2
+    t[8, 8, 8] = -6.0        # touches (7,7,7) by a corner only
+    table = cluster_table(t, t != 0, affine, _toy_atlas(shape, affine))
+    assert table[["sign", "size"]].values.tolist() == [["+", 8], ["-", 1], ["-", 1]]
+    first = table.iloc[0]
+    assert first.peak_t == 5.0 and first.peak_voxel == "2,2,1"
+    assert (first.x, first.y, first.z) == (-6.0, -16.0, 2.0)  # 2*2-10, 2*2-20, 2*1+0
+    assert first.size_mm3 == pytest.approx(64.0) and first.region == "Left_Thing"
+    assert table.iloc[1].peak_t == -6.0 and table.iloc[1].region == "Right_Thing"
+    joined = cluster_table(t, t != 0, affine, connectivity=3)
+    assert joined["size"].tolist() == [8, 2] and joined.iloc[1].peak_t == -6.0
