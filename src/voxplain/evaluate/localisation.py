@@ -1,0 +1,197 @@
+"""Ground-truth localisation: does a map point at the regions that truly carry the signal?
+
+Synthetic cohorts (:mod:`voxplain.data.synthetic`) record where the patients lose grey matter, so
+an explanation can be *measured*, not only looked at. Conventions, shared by every score:
+
+- **Relevance.** Localisation asks *where* a map puts its weight, not in which direction. A
+  signed map (gradients, integrated gradients, LRP, ...) is scored on ``|map|``; an unsigned map
+  (Grad-CAM, masks turned into ``1 - m``, ...) on its positive part ``max(map, 0)`` (Grad-CAM is
+  non-negative already, so this changes nothing for it). See :func:`relevance`.
+- **Truth.** The ground-truth map is binarised at ``truth > threshold`` (default 0: every voxel
+  the smoothed atrophy pattern touches at all; the generator's Gaussian stops at 4 sigma, so
+  "touches" is a finite halo of about 16 mm around the regions).
+- **Brain.** Scores are computed over brain voxels only (a boolean mask, e.g.
+  :func:`voxplain.data.template.brain_mask`); background voxels are neither hits nor misses.
+
+Scores:
+
+- :func:`localisation_auc`: ROC AUC of the relevance as a score for "voxel is in the true
+  region" (Mann-Whitney U with average ranks for ties, as scikit-learn's ``roc_auc_score``);
+  0.5 is chance, 1 a perfect separation.
+- :func:`relevance_mass_inside`: share of the relevance mass inside the true region (the
+  "relevance mass accuracy" of Arras et al. 2022, CLEVR-XAI); chance level is the share of brain
+  voxels inside the true region (:func:`chance_mass`).
+- :func:`pointing_game`: is the map's maximum inside the true region (within ``tolerance``
+  voxels)? Every voxel that attains the maximum must be, so a constant map does not score.
+- :func:`top_region_hit_rate`: of the ``k`` AAL2 regions with the highest mean relevance, the
+  share that are truly affected (hits / min(k, number of true regions), so 1 is attainable
+  when fewer than ``k`` regions are affected).
+
+All scores are vectorised numpy over the whole grid; 2D and 3D maps share the code (the region
+score needs an atlas, i.e. a 3D grid).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage, stats
+
+from voxplain.data.atlas import Atlas
+from voxplain.evaluate.regions import region_means, top_regions
+
+
+def relevance(attribution: np.ndarray, signed: bool) -> np.ndarray:
+    """What the scores measure: ``|attribution|`` for a signed map, ``max(attribution, 0)``
+    for an unsigned one; float64, same shape."""
+    values = np.asarray(attribution, dtype=np.float64)
+    return np.abs(values) if signed else np.maximum(values, 0.0)
+
+
+def true_region(truth: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+    """Boolean ground truth: ``truth > threshold``."""
+    return np.asarray(truth) > threshold
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for the boolean labels ``positive`` (same shape), ties counted half.
+
+    Computed as the Mann-Whitney U statistic from average ranks, ``U / (n_pos n_neg)``, which
+    equals the area under the empirical ROC curve. NaN when one class is empty.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positive = np.asarray(positive, dtype=bool).ravel()
+    n_positive = int(positive.sum())
+    n_negative = positive.size - n_positive
+    if n_positive == 0 or n_negative == 0:
+        return float("nan")
+    ranks = stats.rankdata(scores)
+    u = ranks[positive].sum() - n_positive * (n_positive + 1) / 2
+    return float(u / (n_positive * n_negative))
+
+
+def _within(values: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
+    """Boolean selection of the voxels scored (the brain, or all voxels)."""
+    if brain is None:
+        return np.ones(np.shape(values), dtype=bool)
+    brain = np.asarray(brain, dtype=bool)
+    if brain.shape != np.shape(values):
+        raise ValueError(f"brain mask shape {brain.shape} differs from the map's "
+                         f"{np.shape(values)}")
+    return brain
+
+
+def _check_shapes(relevance_map: np.ndarray, truth: np.ndarray) -> None:
+    if np.shape(relevance_map) != np.shape(truth):
+        raise ValueError(f"map shape {np.shape(relevance_map)} differs from the ground truth's "
+                         f"{np.shape(truth)}; put both on one grid first")
+
+
+def localisation_auc(relevance_map: np.ndarray, truth: np.ndarray,
+                     brain: np.ndarray | None = None) -> float:
+    """ROC AUC of ``relevance_map`` against the boolean ``truth`` over ``brain`` voxels."""
+    _check_shapes(relevance_map, truth)
+    inside = _within(relevance_map, brain)
+    return roc_auc(np.asarray(relevance_map)[inside], np.asarray(truth, dtype=bool)[inside])
+
+
+def relevance_mass_inside(relevance_map: np.ndarray, truth: np.ndarray,
+                          brain: np.ndarray | None = None) -> float:
+    """Share of the (non-negative) relevance mass over ``brain`` that lies in ``truth``.
+
+    NaN for a map with no mass; an error for negative values (pass the map through
+    :func:`relevance` first).
+    """
+    _check_shapes(relevance_map, truth)
+    values = np.asarray(relevance_map, dtype=np.float64)
+    if (values < 0).any():
+        raise ValueError("relevance mass needs a non-negative map; use relevance(map, signed)")
+    inside = _within(values, brain)
+    total = values[inside].sum()
+    if total <= 0:
+        return float("nan")
+    return float(values[inside & np.asarray(truth, dtype=bool)].sum() / total)
+
+
+def chance_mass(truth: np.ndarray, brain: np.ndarray | None = None) -> float:
+    """Relevance mass inside ``truth`` of a uniform map: the share of scored voxels in it."""
+    inside = _within(truth, brain)
+    return float(np.asarray(truth, dtype=bool)[inside].mean())
+
+
+def pointing_game(relevance_map: np.ndarray, truth: np.ndarray,
+                  brain: np.ndarray | None = None, tolerance: float = 0.0) -> bool:
+    """True when every voxel attaining the maximum of the map over ``brain`` lies within
+    ``tolerance`` voxels (Euclidean, on the voxel grid) of the true region."""
+    _check_shapes(relevance_map, truth)
+    truth = np.asarray(truth, dtype=bool)
+    if not truth.any():
+        raise ValueError("the ground truth holds no voxel: nothing to point at")
+    values = np.asarray(relevance_map, dtype=np.float64)
+    inside = _within(values, brain)
+    if not inside.any():
+        raise ValueError("the brain mask holds no voxel")
+    peaks = inside & (values == values[inside].max())
+    reach = truth if tolerance == 0 else ndimage.distance_transform_edt(~truth) <= tolerance
+    return bool(reach[peaks].all())
+
+
+def top_region_hit_rate(relevance_map: np.ndarray, atlas: Atlas, regions: Sequence[str],
+                        k: int = 5) -> float:
+    """Share of the ``k`` regions with the highest mean relevance that are among ``regions``,
+    out of ``min(k, len(regions))``."""
+    if not regions:
+        raise ValueError("no true region to compare the top regions with")
+    atlas.region_mask(list(regions))  # unknown names are an error that suggests close ones
+    top = top_regions(np.asarray(relevance_map, dtype=np.float64), atlas, k)
+    return len(set(top) & set(regions)) / min(k, len(set(regions)))
+
+
+def atrophied_regions(truth_path: Path, truth: np.ndarray | None = None,
+                      atlas: Atlas | None = None) -> list[str]:
+    """The truly affected regions of a ground-truth map.
+
+    The synthetic generator names them in ``generator.json`` next to ``ground_truth.nii.gz``;
+    without that file, the atlas regions whose mean ground truth is at least 0.5 (``truth`` and
+    ``atlas`` on one grid are then needed).
+    """
+    record = Path(truth_path).parent / "generator.json"
+    if record.is_file():
+        regions = json.loads(record.read_text()).get("regions")
+        if regions:
+            return list(regions)
+    if truth is None or atlas is None:
+        raise ValueError(f"{truth_path}: no generator.json next to it naming the true regions")
+    means = region_means(np.asarray(truth, dtype=np.float64), atlas)
+    return list(means.index[means.to_numpy() >= 0.5])
+
+
+def localisation_scores(attribution: np.ndarray, truth: np.ndarray, *, signed: bool,
+                        brain: np.ndarray | None = None, threshold: float = 0.0,
+                        tolerance: float = 0.0, atlas: Atlas | None = None,
+                        regions: Sequence[str] | None = None, k: int = 5) -> dict[str, float]:
+    """Every score of one map against one ground truth (see the module docstring).
+
+    Args:
+        attribution: the map, ``(*spatial)``.
+        truth: ground-truth map on the same grid (binarised at ``> threshold``).
+        signed: the method's sign convention (``Explainer.signed``).
+        brain: boolean mask of the scored voxels (default: all).
+        atlas, regions: AAL2 on the grid and the truly affected regions, for ``top{k}_hit``
+            (NaN without them).
+
+    Returns:
+        ``auc``, ``mass_inside``, ``chance_mass``, ``pointing_game`` (0 or 1), ``top{k}_hit``.
+    """
+    values = relevance(attribution, signed)
+    positive = true_region(truth, threshold)
+    top = (top_region_hit_rate(values, atlas, regions, k) if atlas is not None and regions
+           else float("nan"))
+    return {"auc": localisation_auc(values, positive, brain),
+            "mass_inside": relevance_mass_inside(values, positive, brain),
+            "chance_mass": chance_mass(positive, brain),
+            "pointing_game": float(pointing_game(values, positive, brain, tolerance)),
+            f"top{k}_hit": top}
