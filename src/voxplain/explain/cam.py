@@ -1,0 +1,241 @@
+"""Class activation maps of paper 2, section 2.3: CAM, Grad-CAM and Grad-CAM++ (our own code).
+
+All three weight the feature maps ``A^k`` of one layer and keep the positive part,
+``L^c = ReLU(sum_k w_k^c A^k)``; they differ in the weights ``w_k^c``:
+
+- :class:`CAM` (Zhou et al. 2016): the weights of the linear layer that follows global average
+  pooling (GAP), ``w_k^c = W[c, k]``, at the GAP input.
+- :class:`GradCAM` (Selvaraju et al. 2017, paper 2 eq. 1): the gradient of the class logit
+  ``y^c`` averaged over *all* spatial axes of the layer, ``w_k^c = 1/Z sum_ij dy^c/dA_ij^k``.
+- :class:`GradCAMPlusPlus` (Chattopadhyay et al. 2018, paper 2 eq. 2): the closed form for the
+  exponential score ``Y^c = exp(y^c)``.
+
+Shared conventions, for 2D and 3D alike (``spatial_dims = x.ndim - 2``):
+
+- batched, one target class per sample: the score back-propagated is ``sum_n y^{c_n}_n``; in eval
+  mode samples do not interact, so each sample's gradient is that of its own target and a batch
+  with mixed targets gives exactly the per-sample maps.
+- the layer map is upsampled to the input grid with :func:`torch.nn.functional.interpolate`,
+  (bi/tri)linear with ``align_corners=False``: voxels are cells, a coarse cell's value sits at the
+  centre of the block of input voxels it covers (MONAI's default upsampler does the same).
+- ``normalise=True`` (the default) divides each sample's upsampled map by its own maximum, so
+  every map lies in [0, 1] with 0 meaning "no positive evidence"; an all-zero map stays zero.
+  ``normalise=False`` returns the raw map (for Grad-CAM++ see the note on its scale).
+- gradients are taken with :func:`torch.autograd.grad` w.r.t. the layer's output only: the
+  layers before it run without a graph (no memory kept for a backward that is not needed),
+  no ``.grad`` of any parameter is written, and ``requires_grad`` of the parameters is left as
+  it is. Hooks are removed before each call returns, also when it fails.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from voxplain.explain.api import Explainer, last_conv_name, named_layer, register
+
+_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+_GAP_TYPES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def to_input_grid(maps: torch.Tensor, shape: tuple[int, ...], normalise: bool) -> torch.Tensor:
+    """Layer maps ``(n, 1, *layer_spatial)`` upsampled (linear, ``align_corners=False``) to
+    ``shape``, then, if ``normalise``, divided by each sample's maximum; ``(n, 1, *shape)``."""
+    if tuple(maps.shape[2:]) != tuple(shape):
+        maps = F.interpolate(maps, size=shape, mode=_LINEAR_MODES[len(shape)], align_corners=False)
+    if normalise:
+        peak = maps.flatten(1).amax(1).view(-1, *[1] * (maps.ndim - 1))
+        maps = maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return maps
+
+
+def weighted_feature_maps(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """``ReLU(sum_k w_k A^k)`` of weights ``(n, K)`` and feature maps ``(n, K, *spatial)``,
+    shaped ``(n, 1, *spatial)``."""
+    return F.relu(torch.einsum("nk,nk...->n...", weights, activations)).unsqueeze(1)
+
+
+def forward_with_layer(model: nn.Module, layer: nn.Module,
+                       x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(n, classes)`` of ``x`` and the output of ``layer`` as a leaf tensor that requires
+    grad, with the logits' graph starting at that leaf.
+
+    The forward runs without a graph up to ``layer``; its hook switches gradients on and hands the
+    rest of the network a copy of the output (so an in-place operation after ``layer`` cannot
+    alter the activations we keep). The hook is removed before returning.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...],
+             output: torch.Tensor) -> torch.Tensor:
+        if captured:
+            raise ValueError(f"layer {type(module).__name__} runs more than once per forward pass; "
+                             "choose a layer that produces one feature map per sample")
+        torch.set_grad_enabled(True)  # restored when the enclosing no_grad block exits
+        leaf = output.detach().requires_grad_(True)
+        captured.append(leaf)
+        return leaf.clone()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"layer {type(layer).__name__} is not used by the model's forward pass")
+    return logits, captured[0]
+
+
+def check_targets(logits: torch.Tensor, target: torch.Tensor) -> None:
+    """Refuse logits that are not ``(n, classes)`` and targets that are not class indices."""
+    if logits.ndim != 2:
+        raise ValueError(f"expected logits (N, classes), got shape {tuple(logits.shape)}")
+    if target.min() < 0 or target.max() >= logits.shape[1]:
+        raise ValueError(f"targets {target.tolist()} outside the model's {logits.shape[1]} classes")
+
+
+def target_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Logit of each sample's own target class, ``(n,)``."""
+    check_targets(logits, target)
+    return logits.gather(1, target[:, None]).squeeze(1)
+
+
+@register
+class CAM(Explainer):
+    """Class activation map (Zhou et al. 2016; paper 2, 2.3): ``ReLU(sum_k W[c, k] A^k)``.
+
+    Needs a network whose logits are ``W @ GAP(A) + b``: exactly one global average pooling
+    module (adaptive average pooling to size 1) whose input ``A`` ``(n, K, *spatial)`` feeds one
+    linear layer (dropout in between is allowed: it is the identity in eval mode), such as
+    :class:`~voxplain.models.networks.VGGGAP`. The structure is checked when the explainer is
+    built and, numerically, on every call (the logits must equal ``W @ mean(A) + b``).
+
+    Paper 2 writes CAM without a ReLU; we keep its positive part, like Grad-CAM, so the three
+    maps share one convention (``signed = False``). With it, Grad-CAM at the GAP input equals
+    CAM / Z exactly (Z = voxels of ``A``), because there ``dy^c/dA_ij^k = W[c, k] / Z``.
+    """
+
+    name = "cam"
+    signed = False
+
+    def __init__(self, model: nn.Module, *, normalise: bool = True, batch_size: int = 8) -> None:
+        super().__init__(model, batch_size=batch_size)
+        self.normalise = normalise
+        pools = [m for m in model.modules() if isinstance(m, _GAP_TYPES)
+                 and all(size == 1 for size in _as_tuple(m.output_size))]
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if len(pools) != 1 or len(linears) != 1:
+            raise ValueError(
+                f"cam needs a network with global average pooling followed by one linear layer "
+                f"(e.g. vgg_gap); {type(model).__name__} has {len(pools)} global average pooling "
+                f"and {len(linears)} linear layers. Use grad_cam instead.")
+        self.pool, self.linear = pools[0], linears[0]
+
+    def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        handle = self.pool.register_forward_hook(lambda module, inputs, output:
+                                                 captured.append(inputs[0]))
+        try:
+            with torch.no_grad():
+                logits = self.model(x)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise ValueError(f"cam: global average pooling ran {len(captured)} times per forward pass")
+        activations = captured[0]
+        check_targets(logits, target)
+        pooled = activations.flatten(2).mean(2)
+        expected = F.linear(pooled, self.linear.weight, self.linear.bias)
+        if not torch.allclose(logits, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()) + 1e-6):
+            raise ValueError(f"cam: the logits of {type(self.model).__name__} are not "
+                             "linear(global average pool(features)); use grad_cam instead")
+        maps = weighted_feature_maps(self.linear.weight[target], activations)
+        return to_input_grid(maps, tuple(x.shape[2:]), self.normalise)
+
+
+class _LayerGradients(Explainer):
+    """Common part of Grad-CAM and Grad-CAM++: the feature maps of ``layer`` (a convolution's
+    name as in ``model.named_modules()``; default: the last convolution) and the gradient of each
+    sample's target logit w.r.t. them."""
+
+    signed = False
+
+    def __init__(self, model: nn.Module, *, layer: str | None = None, normalise: bool = True,
+                 batch_size: int = 8) -> None:
+        super().__init__(model, batch_size=batch_size)
+        self.layer_name = last_conv_name(model) if layer is None else layer
+        self.layer = named_layer(model, self.layer_name)
+        self.normalise = normalise
+
+    def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            logits, activations = forward_with_layer(self.model, self.layer, x)
+            scores = target_scores(logits, target)
+            (gradients,) = torch.autograd.grad(scores.sum(), activations)
+        maps = weighted_feature_maps(self.weights(activations.detach(), gradients), activations.detach())
+        return to_input_grid(maps, tuple(x.shape[2:]), self.normalise)
+
+    def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """Channel weights ``(n, K)`` from feature maps and gradients ``(n, K, *spatial)``."""
+        raise NotImplementedError
+
+
+@register
+class GradCAM(_LayerGradients):
+    """Grad-CAM (paper 2, eq. 1): ``w_k^c = 1/Z sum_ij dy^c/dA_ij^k``, the gradient of the target
+    logit averaged over all spatial axes of ``layer``; map ``ReLU(sum_k w_k^c A^k)``."""
+
+    name = "grad_cam"
+
+    def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        return gradients.flatten(2).mean(2)
+
+
+@register
+class GradCAMPlusPlus(_LayerGradients):
+    """Grad-CAM++ (paper 2, eq. 2) in closed form for the exponential score ``Y^c = exp(y^c)``.
+
+    With ``g = dy^c/dA`` and a piecewise-linear network (ReLU, max-pool, linear layers: second
+    derivatives of ``y^c`` vanish), ``d^n Y^c / (dA_ij^k)^n = Y^c g_ij^n``, so eq. 2 reads::
+
+        alpha_ij^k = g_ij^2 / (2 g_ij^2 + (sum_ab A_ab^k) g_ij^3) = 1 / (2 + (sum_ab A_ab^k) g_ij)
+        w_k^c      = sum_ij alpha_ij^k ReLU(Y^c g_ij) = Y^c sum_ij ReLU(g_ij) / (2 + S_k g_ij)
+
+    with ``S_k = sum_ab A_ab^k``; positions where ``g_ij <= 0`` or the denominator is zero add
+    nothing (``0/0`` taken as 0). Written with ``g_ij^2`` divided out, no power of ``g`` can
+    underflow.
+
+    Denominator convention: the paper's (Chattopadhyay et al. eq. 19 and their reference code):
+    the spatial *sum of the activations* times the gradient cubed *at the same position*,
+    ``S_k g_ij^3``. It is the one eq. 2 of paper 2 states and the one the derivation gives.
+    MONAI's ``GradCAMpp`` uses ``sum_ab A_ab^k g_ab^3`` instead (one constant per channel, the
+    cubed gradient summed with the activations). The two agree when the gradient is constant
+    over space within each channel (e.g. at a layer followed directly by global average pooling)
+    and differ otherwise.
+
+    Overflow: ``Y^c = exp(y^c)`` overflows float32 for ``y^c > 88`` (float64: 709), and MONAI's
+    ``exp(score) * grad`` then gives inf/NaN maps. ``Y^c`` cancels from ``alpha`` and is a positive
+    factor of every weight of sample n, hence of its whole map: working in log space,
+    ``log L = y^c + log ReLU(sum_k w'_k A^k)`` with ``w'_k = w_k / Y^c``, and we drop the additive
+    ``y^c`` (equivalently: use ``exp(y^c - y^c)``). This is exact: the normalised map
+    (``normalise=True``) is identical to eq. 2's, and the unnormalised map is eq. 2's divided by
+    ``exp(y^c)`` of its own sample, finite for any logit.
+    """
+
+    name = "grad_cam_pp"
+
+    def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        spatial = tuple(range(2, activations.ndim))
+        totals = activations.sum(spatial, keepdim=True)
+        denominator = 2 + totals * gradients
+        usable = (gradients > 0) & (denominator != 0)
+        terms = torch.where(usable, gradients / torch.where(usable, denominator, 1), 0)
+        return terms.flatten(2).sum(2)
+
+
+def _as_tuple(size: int | tuple[int | None, ...] | None) -> tuple[int | None, ...]:
+    return size if isinstance(size, tuple) else (size,)
