@@ -313,3 +313,276 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+class ReportConfig(Section):
+    """``voxplain report``: the HTML report of a run folder (RUN/report/index.html)."""
+
+    run: Path = Field(description="Run folder to report on.")
+    out: Path | None = Field(None, description="Report folder (default: RUN/report).")
+    inline: bool = Field(
+        False, description="Embed figures and viewers in index.html (one file to share) instead "
+        "of linking report/figures and report/viewers."
+    )
+    formats: list[Literal["png", "svg", "pdf"]] = Field(
+        default_factory=lambda: ["png", "svg"],
+        description="Formats each figure is saved in under report/figures (png is always kept).",
+    )
+    dpi: int = Field(110, ge=30, le=600, description="Resolution of the PNG figures.")
+    max_viewers: int = Field(
+        4, ge=0, description="Interactive 3D viewers (nilearn view_img) of group maps, at most."
+    )
+    max_columns: int = Field(
+        6, ge=1, description="Folds/runs shown side by side in a brain figure, at most."
+    )
+    max_sessions_2d: int = Field(
+        4, ge=1, description="2D sessions shown as overlays (original and maps side by side)."
+    )
+
+
+class ExplainConfig(Section):
+    """One per-sample explanation method and how it is applied (``voxplain explain``)."""
+
+    method: str = Field(description="Explanation method, e.g. grad_cam, integrated_gradients.")
+    layer: str | None = Field(
+        None, description="Layer the method reads (e.g. for grad_cam); default: the method's own."
+    )
+    target: Literal["true", "predicted"] | int | str = Field(
+        "true", description="Class explained: the true diagnosis, the predicted class, or a class "
+        "(index or name)."
+    )
+    batch_size: int = Field(8, ge=1, description="Images explained together.")
+    options: dict[str, bool | int | float | str] = Field(
+        default_factory=dict, description="Extra options of the method (e.g. n_steps=32)."
+    )
+    group: Literal["correct", "all"] = Field(
+        "correct", description="Sessions averaged into a diagnosis's group map: the correctly "
+        "classified ones, or all."
+    )
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _digits_are_a_class_index(cls, value: Any) -> Any:
+        return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
+class ExplainStepConfig(Section):
+    """``voxplain explain``: maps of every model of a run folder for its validation sessions."""
+
+    run: Path = Field(description="Run folder written by `voxplain train`.")
+    cohort: Path | None = Field(
+        None, description="cohort.tsv of other sessions to explain (default: each fold's "
+        "validation sessions)."
+    )
+    folds: list[int] | None = Field(None, description="Folds to process (default: all).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run the models.")
+    evaluate_against: Path | None = Field(
+        None, description="Ground-truth map (e.g. ground_truth.nii.gz): score the group maps "
+        "of the patient class against it."
+    )
+    explain: ExplainConfig
+
+
+class LocalisationConfig(Section):
+    """Scores of group maps against a ground-truth map (synthetic cohorts)."""
+
+    truth_threshold: float = Field(
+        0.0, ge=0, description="Ground-truth voxels above this value are the true region."
+    )
+    tolerance: float = Field(
+        0.0, ge=0, description="Pointing game: distance (voxels) allowed between the map's "
+        "maximum and the true region."
+    )
+    top_k: int = Field(5, ge=1, description="Number of most attributed AAL2 regions checked.")
+
+
+#: The criteria of paper 3's user study (3.4), in its words.
+DEFAULT_STUDY_CRITERIA: tuple[str, ...] = (
+    "intuitive validity",
+    "semantic meaningfulness",
+    "image quality",
+)
+
+
+class StudyMakeConfig(Section):
+    """``voxplain study make``: blinded, randomised questionnaires A and B (paper 3, 3.4)."""
+
+    run: Path = Field(description="Run folder with explanations/METHOD/fold-K/run-R/index.tsv.")
+    methods: list[str] | None = Field(
+        None, description="Explanation methods to compare (default: every one in the run folder)."
+    )
+    fold: int = Field(0, ge=0, description="Fold whose explanations are shown.")
+    model_run: int = Field(0, ge=0, description="Run (seed) of that fold whose explanations are shown.")
+    samples_per_class: int = Field(
+        12, ge=1, description="Correctly classified samples drawn per class (paper: 12)."
+    )
+    seed: int = Field(0, description="Seed of the sample draw, the method orders and the image ids.")
+    criteria: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STUDY_CRITERIA),
+        description="Criteria every image is scored on.",
+    )
+    score_min: int = Field(-4, description="Lowest score (paper: -4).")
+    score_max: int = Field(4, description="Highest score (paper: 4).")
+    colormap: str = Field(
+        "RdBu_r", description="Diverging matplotlib colormap of every overlay, centred on 0."
+    )
+    opacity: float = Field(
+        0.8, gt=0, le=1, description="Overlay opacity where the map reaches its largest |value|."
+    )
+    pixels: int = Field(256, ge=16, description="Shorter side of each rendered image, in pixels.")
+    out: Path | None = Field(None, description="Study folder (default RUN/study).")
+
+    @field_validator("criteria")
+    @classmethod
+    def _distinct_criteria(cls, criteria: list[str]) -> list[str]:
+        if not criteria or len(set(criteria)) != len(criteria):
+            raise ValueError(f"criteria must be distinct and not empty, got {criteria}")
+        return criteria
+
+
+class StudyServeConfig(Section):
+    """``voxplain study serve``: one questionnaire as a local web form, answers into SQLite."""
+
+    study: Path = Field(description="Study folder written by `voxplain study make`.")
+    variant: Literal["A", "B"] = Field("A", description="Questionnaire variant to show.")
+    port: int = Field(8765, ge=0, le=65535, description="Port on 127.0.0.1 (0: any free port).")
+    database: Path | None = Field(None, description="SQLite file (default STUDY/answers.sqlite).")
+
+
+class StudyAnalyseConfig(Section):
+    """``voxplain study analyse``: de-randomised statistics of the answers (paper 3, 3.4, 4.2)."""
+
+    study: Path = Field(description="Study folder written by `voxplain study make`.")
+    database: Path | None = Field(None, description="SQLite file (default STUDY/answers.sqlite).")
+    answers_csv: list[Path] = Field(
+        default_factory=list,
+        description="Extra answer CSVs (rater, variant, question, image, criterion, score), "
+                    "e.g. from paper questionnaires.",
+    )
+    out: Path | None = Field(None, description="Output folder (default STUDY/analysis).")
+
+
+class CyCEConfig(Section):
+    """CyCE: cycle-consistent activation maximisation (paper 3, 2-3.2); defaults sized for a CPU."""
+
+    widths: list[int] = Field(
+        default_factory=lambda: [16, 32, 64, 128],
+        description="Kernels of U-Net stages 0-3 of generators and discriminators "
+                    "(paper: 48,96,192,384).")
+    convs_per_stage: int = Field(3, ge=1, description="Convolutions per U-Net stage (paper: 3).")
+    symmetric_discriminator: bool = Field(
+        True, description="Tie the two output neurons so swapping a pair swaps the logits.")
+    cycle_weight: float = Field(1.0, ge=0, description="Weight of the cycle-consistency loss.")
+    similarity_weight: float = Field(1.0, ge=0, description="Weight of the similarity loss.")
+    adversarial_weight: float = Field(1.0, ge=0, description="Weight of the adversarial loss.")
+    activation_weight: float = Field(
+        1.0, ge=0, description="Weight of the activation-maximisation loss.")
+    ssim_kernel: int | None = Field(
+        None, ge=1, description="SSIM window (odd); default: chosen from the image size.")
+    ssim_scales: int | None = Field(
+        None, ge=1, le=5, description="MS-SSIM scales; default: as many as the image size allows.")
+    ssim_k1: float = Field(0.01, gt=0, description="SSIM constant k1 (c1 = (k1 L)^2; paper .01).")
+    ssim_k2: float = Field(0.03, gt=0, description="SSIM constant k2 (c2 = (k2 L)^2; paper .03).")
+    data_range: float = Field(1.0, gt=0, description="Intensity range L of the images.")
+    positive_class: int = Field(
+        1, ge=0, le=1, description="Class index G+ maximises (G- maximises the other one).")
+    batch_size: int = Field(8, ge=1, description="Image pairs (x_a, x_b) per step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Adam learning rate of all networks.")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (CycleGAN's 0.5).")
+    max_steps: int = Field(1500, ge=1, description="Maximum number of training steps.")
+    min_steps: int = Field(300, ge=0, description="Steps before convergence may stop training.")
+    window: int = Field(50, ge=1, description="Steps in the moving average of the generator loss.")
+    tolerance: float = Field(
+        0.01, ge=0, description="Relative fall of the moving average that resets patience.")
+    patience: int = Field(
+        300, ge=1, description="Steps without such a fall before training stops (converged).")
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation, pairs and shuffles.")
+
+
+class CyCEStepConfig(Section):
+    """``voxplain cyce train``: CyCE generators for the classifiers of a run folder."""
+
+    run: Path = Field(description="Run folder written by `voxplain train`.")
+    folds: list[int] | None = Field(None, description="Folds to process (default: all).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    cyce: CyCEConfig = Field(default_factory=CyCEConfig)
+
+
+class CyCETransferConfig(Section):
+    """``voxplain cyce transfer``: classifier output on x, G-(x), G+(x) (paper 3, 3.3 and 4.1)."""
+
+    run: Path = Field(description="Run folder with trained CyCE generators.")
+    folds: list[int] | None = Field(None, description="Folds to process (default: all).")
+    subset: Literal["validation", "train"] = Field(
+        "validation", description="Sessions evaluated (validation: unseen by classifier and CyCE).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the confidence intervals.")
+    batch_size: int = Field(32, ge=1, description="Images per forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run.")
+
+
+class StudyExportConfig(Section):
+    """``voxplain study export``: every answer of the SQLite database as one CSV."""
+
+    study: Path = Field(description="Study folder written by `voxplain study make`.")
+    database: Path | None = Field(None, description="SQLite file (default STUDY/answers.sqlite).")
+    out: Path | None = Field(None, description="CSV file (default STUDY/answers.csv).")
+
+
+class ClassificationEvaluationConfig(Section):
+    """``voxplain evaluate classification``: metrics with bootstrap CIs of a run's models."""
+
+    run: Path = Field(description="Run folder written by `voxplain train`.")
+    subset: str = Field("validation", description="Predictions evaluated: predictions-SUBSET.tsv.")
+    n_boot: int = Field(1000, ge=1, description="Bootstrap resamples (stratified by class).")
+    seed: int = Field(0, ge=0, description="Seed of the bootstrap resampling.")
+    level: float = Field(0.95, gt=0, lt=1, description="Level of the confidence intervals.")
+    positive: str | None = Field(
+        None, description="Positive class of binary metrics (default: class 1, e.g. AD)."
+    )
+
+
+class RobustnessConfig(Section):
+    """``voxplain evaluate robustness``: similarity of maps across folds, runs, sessions,
+    hyperparameters and datasets (paper 1, 3.2-3.3)."""
+
+    run: Path = Field(description="Run folder with masks and/or explanations.")
+    methods: list[str] | None = Field(
+        None, description="Methods compared: 'mask' and/or explanation methods (default: all "
+        "found in the run folder)."
+    )
+    other_run: Path | None = Field(
+        None, description="Run folder with maps of the same models on another cohort (across "
+        "datasets, paper 1, 3.2.1)."
+    )
+    prob_cnn: bool = Field(
+        False, description="Also compare group and session masks by prob_CNN (forward passes "
+        "of every model on masked images)."
+    )
+    batch_size: int = Field(16, ge=1, description="Images per forward pass for prob_CNN.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run prob_CNN.")
+
+
+class StatsConfig(Section):
+    """``voxplain stats``: heatmap statistics of one method's session maps (paper 2, 2.4)."""
+
+    run: Path = Field(description="Run folder with session masks or explanations.")
+    method: str = Field("mask", description="'mask' or an explanation method under explanations/.")
+    groups: list[str] | None = Field(
+        None, description="One or two diagnoses to test (default: those with maps, if at most 2)."
+    )
+    folds: list[int] | None = Field(None, description="Folds whose maps are used (default: all).")
+    percentile: float = Field(
+        95.0, gt=0, lt=100, description="Percentile compared between groups and used as each "
+        "map's threshold."
+    )
+    correction: Literal["bonferroni", "fdr", "none"] = Field(
+        "bonferroni", description="Multiple-comparison correction of the cluster table."
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level (corrected p).")
+    equal_var: bool = Field(
+        True, description="Student's two-sample test (pooled variance); false: Welch's test."
+    )
+    connectivity: int = Field(
+        1, ge=1, le=3, description="Neighbours joining voxels into clusters (1 faces, 3 corners)."
+    )

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import typer
 
+from voxplain.cli import explain as _explain
 from voxplain.cli import generate as _generate
 from voxplain.cli import masks as _masks
+from voxplain.cli import study as _study
+from voxplain.cli import report as _report
 from voxplain.cli import train as _train
 from voxplain.cli.common import build_config
 
@@ -20,5 +23,8 @@ app.add_typer(_generate.generate, name="generate")
 app.command()(_train.train)
 app.command()(_train.predict)
 app.add_typer(_masks.mask, name="mask")
+app.command()(_explain.explain)
+app.add_typer(_study.study, name="study")
+app.command()(_report.report)
 
 __all__ = ["app", "build_config"]

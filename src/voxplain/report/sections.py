@@ -1,0 +1,573 @@
+"""The sections of the report, each read from what the run folder holds (layout:
+:mod:`voxplain.run` and DESIGN.md).
+
+A section function returns a :class:`Section` of blocks (tables, figures, text); when the run
+folder holds nothing for it, the section carries a short ``note`` saying what is absent and which
+step writes it, never an error. Files other steps write (explanations, robustness, statistics,
+localisation) are read by their documented layout only, so a section renders as soon as its step
+has run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from voxplain.config import ReportConfig
+from voxplain.data.grid import Grid, downsample
+from voxplain.io import read_tsv
+from voxplain.report import figures
+from voxplain.run import RunFolder
+
+log = logging.getLogger("voxplain")
+
+#: Columns of cross_validation.tsv shown in the classification table, in this order.
+METRIC_COLUMNS = ("balanced_accuracy", "accuracy", "auc", "sensitivity", "specificity", "f1",
+                  "ppv", "npv", "mcc", "informedness", "markedness", "loss")
+#: Largest table rendered in full; longer ones show their first rows and say so.
+MAX_TABLE_ROWS = 60
+MAP_SUFFIXES = (".nii.gz", ".nii", ".npy")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One element of a section: ``kind`` is table, figure, text, code or viewer.
+
+    ``content`` is HTML for tables, text for text/code, the PNG path for figures and the
+    viewer's HTML file for viewers.
+    """
+
+    kind: str
+    content: Any
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ViewerCandidate:
+    """A 3D group map offered to the interactive viewer section."""
+
+    name: str
+    title: str
+    values: np.ndarray
+    affine: np.ndarray
+    style: figures.MapStyle
+
+
+@dataclass
+class ReportContext:
+    """The run folder, the settings, and where figures go; collects viewer candidates."""
+
+    run: RunFolder
+    config: ReportConfig
+    figures_dir: Path
+    viewers: list[ViewerCandidate] = field(default_factory=list)
+
+    def figure(self, figure: Figure, name: str, caption: str) -> Block:
+        path = figures.save_figure(figure, self.figures_dir, _slug(name), self.config.formats,
+                                   self.config.dpi)
+        return Block("figure", path, caption)
+
+    def path(self, *parts: str) -> Path:
+        return self.run.root.joinpath(*parts)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def table_html(table: pd.DataFrame, index: bool = False) -> str:
+    """An HTML table (escaped cells, 3 significant digits), cut at :data:`MAX_TABLE_ROWS`."""
+    shown = table.head(MAX_TABLE_ROWS)
+    html = shown.to_html(index=index, border=0, classes="data", na_rep="–", escape=True,
+                         float_format=lambda v: f"{v:.3g}")
+    if len(table) > MAX_TABLE_ROWS:
+        html += f"<p class='note'>First {MAX_TABLE_ROWS} of {len(table)} rows.</p>"
+    return html
+
+
+def table_block(table: pd.DataFrame, caption: str, index: bool = False) -> Block:
+    return Block("table", table_html(table, index), caption)
+
+
+def read_map(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A saved map: NIfTI -> (3D array, affine); NPY -> (2D array, None)."""
+    if path.name.endswith(".npy"):
+        return np.load(path).squeeze().astype(np.float32), None
+    image = nib.load(path)
+    return np.asarray(image.dataobj, np.float32).squeeze(), image.affine
+
+
+def map_stem(path: Path) -> str:
+    name = path.name
+    for suffix in MAP_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def fold_run_files(folder: Path, pattern: str) -> list[tuple[int, int, Path]]:
+    """``(fold, run, path)`` of ``folder/fold-K/run-R/PATTERN``, in fold then run order."""
+    found = []
+    for path in folder.glob(f"fold-*/run-*/{pattern}"):
+        fold, run = path.parent.parent.name, path.parent.name
+        if re.fullmatch(r"fold-\d+", fold) and re.fullmatch(r"run-\d+", run):
+            found.append((int(fold[5:]), int(run[4:]), path))
+    return sorted(found)
+
+
+def column_labels(found: Sequence[tuple[int, int, Path]]) -> list[str]:
+    """``fold K`` columns, ``fold K run R`` when a fold has several runs."""
+    several = len({run for _, run, _ in found}) > 1
+    return [f"fold {f} run {r}" if several else f"fold {f}" for f, r, _ in found]
+
+
+def template_for(values: np.ndarray, affine: np.ndarray) -> np.ndarray | None:
+    """The MNI GM template on the maps' grid (None off MNI space, e.g. an empty overlap)."""
+    from voxplain.data.template import gm_template
+
+    template = np.asarray(gm_template(Grid(tuple(values.shape), affine)))
+    return template if template.max() > 0 else None
+
+
+# --- cohort, configuration, software ------------------------------------------------------
+
+def cohort_section(context: ReportContext) -> Section:
+    section = Section("cohort", "Cohort")
+    if not context.run.cohort_file.is_file():
+        section.note = "No cohort.tsv in the run folder: `voxplain train` writes it."
+        return section
+    table = read_tsv(context.run.cohort_file)
+    counts = table.groupby("diagnosis").agg(subjects=("participant_id", "nunique"),
+                                            sessions=("session_id", "size"))
+    if "age" in table:
+        ages = table.groupby("diagnosis")["age"]
+        counts["age (mean ± sd)"] = [f"{m:.1f} ± {s:.1f}" for m, s in
+                                     zip(ages.mean(), ages.std().fillna(0))]
+    if "sex" in table:
+        counts = counts.join(pd.crosstab(table.diagnosis, table.sex).add_prefix("sex "))
+    total = pd.DataFrame({"subjects": [table.participant_id.nunique()],
+                          "sessions": [len(table)]}, index=["all"])
+    counts = pd.concat([counts, total]).rename_axis("diagnosis")
+    section.blocks.append(table_block(counts.reset_index(), "Sessions kept after the quality "
+                                      "check, per diagnosis."))
+    rejected = (read_tsv(context.run.qc_rejected_file)
+                if context.run.qc_rejected_file.is_file() else None)
+    if rejected is None:
+        section.blocks.append(Block("text", "No qc_rejected.tsv: quality-check results absent."))
+    elif rejected.empty:
+        section.blocks.append(Block("text", "Quality check (paper 1, 2.3.1: GM maximum below "
+                                    "the threshold): no session rejected."))
+    else:
+        section.blocks.append(table_block(
+            rejected.drop(columns=["path"], errors="ignore"),
+            f"{len(rejected)} session(s) rejected by the quality check (paper 1, 2.3.1)."))
+    return section
+
+
+def configuration_section(context: ReportContext) -> Section:
+    section = Section("configuration", "Configuration and software")
+    if context.run.config_file.is_file():
+        section.blocks.append(Block("code", context.run.config_file.read_text(),
+                                    "config.toml: the settings of every step of this run."))
+    environment_file = context.path("environment.json")
+    if environment_file.is_file():
+        record = json.loads(environment_file.read_text())
+        rows = {}
+        for step, info in record.items():
+            rows[step] = {"python": info.get("python"), "platform": info.get("platform"),
+                          **info.get("packages", {})}
+        section.blocks.append(table_block(pd.DataFrame(rows).rename_axis("package")
+                                          .reset_index(), "Software versions per step "
+                                          "(environment.json)."))
+    if not section.blocks:
+        section.note = "Neither config.toml nor environment.json in the run folder."
+    return section
+
+
+# --- classification ------------------------------------------------------------------------
+
+def classification_section(context: ReportContext) -> Section:
+    section = Section("classification", "Classification")
+    cross_validation = context.path("evaluation", "cross_validation.tsv")
+    if cross_validation.is_file():
+        table = pd.read_csv(cross_validation, sep="\t")
+        ids = [c for c in ("fold", "run", "subset", "best_epoch", "n") if c in table]
+        metrics = [c for c in METRIC_COLUMNS if c in table]
+        shown = table[ids + metrics]
+        if metrics:
+            means = shown.groupby("subset")[metrics].agg(["mean", "std"]) if "subset" in shown \
+                else None
+            section.blocks.append(table_block(shown, "Best model of each fold and run "
+                                              "(evaluation/cross_validation.tsv)."))
+            if means is not None:
+                summary = pd.DataFrame({m: [f"{a:.3f} ± {s:.3f}" for a, s in
+                                            zip(means[m]["mean"], means[m]["std"].fillna(0))]
+                                        for m in metrics}, index=means.index)
+                section.blocks.append(table_block(summary.reset_index(),
+                                                  "Mean ± standard deviation over folds."))
+    intervals = context.path("evaluation", "classification.tsv")
+    if intervals.is_file():
+        section.blocks.append(confidence_interval_block(pd.read_csv(intervals, sep="\t")))
+    elif cross_validation.is_file():
+        section.blocks.append(Block("text", "No evaluation/classification.tsv: bootstrap 95% "
+                                    "confidence intervals not computed yet."))
+    found = fold_run_files(context.path("models"), "history.tsv")
+    histories = {label: pd.read_csv(path, sep="\t")
+                 for label, (_, _, path) in zip(column_labels(found), found)}
+    if histories:
+        figure = figures.curves(histories, [
+            ("loss (solid: train, dashed: validation)", ["train_loss", "validation_loss"]),
+            ("validation balanced accuracy", ["validation_balanced_accuracy"])])
+        section.blocks.append(context.figure(figure, "training_curves",
+                                             "Training curves of each fold (history.tsv)."))
+    if not section.blocks:
+        section.note = "No trained model yet: `voxplain train` writes models/ and evaluation/."
+    return section
+
+
+def confidence_interval_block(table: pd.DataFrame) -> Block:
+    """``value [ci_low, ci_high]`` per metric (columns) and fold/run/subset (rows)."""
+    needed = {"metric", "value"}
+    if not needed <= set(table.columns):
+        return table_block(table, "evaluation/classification.tsv (no metric/value columns: "
+                           "shown as is).")
+    keys = [c for c in table.columns if c not in {"metric", "value", "ci_low", "ci_high"}
+            and table[c].nunique() < len(table)]
+    has_ci = {"ci_low", "ci_high"} <= set(table.columns)
+    cells = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if has_ci else f"{v:.3f}" for v, lo, hi in zip(
+        table["value"], table.get("ci_low", table["value"]), table.get("ci_high", table["value"]))]
+    wide = table.assign(cell=cells).pivot_table(index=keys or None, columns="metric",
+                                                values="cell", aggfunc="first", sort=False)
+    return table_block(wide.reset_index() if keys else wide, "Classification metrics with "
+                       "bootstrap 95% confidence intervals (evaluation/classification.tsv).",
+                       index=not keys)
+
+
+# --- brain maps shared by masks, explanations and statistics ---------------------------------
+
+def map_figures(context: ReportContext, name: str, title: str, maps: dict[str, np.ndarray],
+                affine: np.ndarray | None, style: figures.MapStyle, glass: bool = True,
+                viewer: bool = True, brain_only: bool = False) -> list[Block]:
+    """Orthogonal slices + coronal montage (+ glass brain of the mean) of 3D maps; 2D panels.
+
+    ``brain_only`` hides values outside the MNI brain mask (for masks, whose values outside the
+    brain perturb nothing a reader can interpret); the caption says so.
+    """
+    items = dict(list(maps.items())[: context.config.max_columns])
+    if affine is None:
+        return [context.figure(figures.panels_2d(items, style), f"{name}_panels",
+                               f"{title}: one column per fold/run.")]
+    template = template_for(next(iter(items.values())), affine)
+    if brain_only and template is not None:
+        from voxplain.data.template import brain_mask
+
+        inside = brain_mask(Grid(tuple(template.shape), affine))
+        maps = {label: np.where(inside, values, 0.0) for label, values in maps.items()}
+        items = {label: maps[label] for label in items}
+        title = f"{title}, inside the brain mask"
+    blocks = [
+        context.figure(figures.orthogonal_slices(items, affine, template, style), f"{name}_ortho",
+                       f"{title}: orthogonal slices through the peak of the mean map, one column "
+                       "per fold/run, over the MNI GM template."),
+        context.figure(figures.coronal_montage(items, affine, template, style), f"{name}_coronal",
+                       f"{title}: coronal montage (back to front), one column per fold/run.")]
+    mean = np.mean(list(maps.values()), axis=0)
+    if glass:
+        blocks.append(context.figure(figures.glass_brain(mean, affine, style), f"{name}_glass",
+                                     f"{title}: glass brain of the mean over {len(maps)} "
+                                     "fold(s)/run(s)."))
+    if viewer:
+        context.viewers.append(ViewerCandidate(name, f"{title} (mean over folds/runs)", mean,
+                                               affine, style))
+    return blocks
+
+
+# --- masks ---------------------------------------------------------------------------------
+
+def masks_section(context: ReportContext) -> Section:
+    section = Section("masks", "Meaningful-perturbation masks")
+    group_dir = context.path("masks", "group")
+    found = [item for suffix in (".nii.gz", ".npy")
+             for item in fold_run_files(group_dir, f"mask{suffix}")]
+    if found:
+        labels = column_labels(found)
+        maps, affine = {}, None
+        for label, (_, _, path) in zip(labels, found):
+            values, affine = read_map(path)
+            maps[label] = 1.0 - values  # what the mask hides: 1 - m (paper 1, fig. 5)
+        style = figures.map_style(list(maps.values()), "1 - mask", signed=False,
+                                  threshold_fraction=0.0)
+        section.blocks.extend(map_figures(context, "group_mask", "Group mask (1 - m)", maps,
+                                          affine, style, brain_only=True))
+    summaries = [json.loads(path.read_text())
+                 for _, _, path in fold_run_files(group_dir, "summary.json")]
+    if summaries:
+        table = pd.DataFrame(summaries)
+        table["top_regions"] = [", ".join(r) if isinstance(r, list) else r
+                                for r in table.get("top_regions", [""] * len(table))]
+        section.blocks.append(table_block(table, "Group masks: validation probability of the "
+                                          "masked class without/with the mask and the five AAL2 "
+                                          "regions the mask hides most (summary.json)."))
+    losses_found = fold_run_files(group_dir, "loss.tsv")
+    if losses_found:
+        losses = {label: pd.read_csv(path, sep="\t")
+                  for label, (_, _, path) in zip(column_labels(losses_found), losses_found)}
+        section.blocks.append(context.figure(figures.curves(losses, [
+            ("mask loss (solid: train, dashed: validation)", ["train_loss", "validation_loss"])]),
+            "group_mask_losses", "Group-mask loss per epoch (loss.tsv)."))
+    flags = [pd.read_csv(path, sep="\t").assign(fold=f, run=r)
+             for f, r, path in fold_run_files(group_dir, "qc_flags.tsv")]
+    if flags:
+        flagged = pd.concat(flags, ignore_index=True)
+        flagged = flagged[flagged["flagged"].astype(bool)] if "flagged" in flagged else flagged
+        section.blocks.append(
+            table_block(flagged, "Images flagged by the group-mask quality check (QC step 2).")
+            if len(flagged) else Block("text", "Group-mask quality check (QC step 2): no image "
+                                       "flagged."))
+    section.blocks.extend(_session_mask_blocks(context))
+    grid_summary = context.path("masks", "grid", "summary.tsv")
+    if grid_summary.is_file():
+        section.blocks.append(table_block(pd.read_csv(grid_summary, sep="\t"),
+                                          "Group masks over the hyperparameter grid "
+                                          "(masks/grid/summary.tsv)."))
+    if not section.blocks:
+        section.note = "No mask in the run folder: `voxplain mask group` and `voxplain mask " \
+                       "session` write masks/."
+    return section
+
+
+def _session_mask_blocks(context: ReportContext) -> list[Block]:
+    indexes = [pd.read_csv(path, sep="\t") for _, _, path in
+               fold_run_files(context.path("masks", "session"), "index.tsv")]
+    if not indexes:
+        return []
+    index = pd.concat(indexes, ignore_index=True)
+    keys = [c for c in ("fold", "run") if c in index]
+    numeric = [c for c in ("iterations", "loss", "probability_before", "probability_after")
+               if c in index]
+    summary = index.groupby(keys)[numeric].mean() if keys else index[numeric].mean().to_frame().T
+    summary.insert(0, "sessions", index.groupby(keys).size() if keys else len(index))
+    return [table_block(summary.reset_index() if keys else summary,
+                        "Session masks: number of sessions and means per fold/run (index.tsv).")]
+
+
+# --- explanations --------------------------------------------------------------------------
+
+def explanations_section(context: ReportContext) -> Section:
+    section = Section("explanations", "Explanations")
+    root = context.path("explanations")
+    methods = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for method in methods:
+        section.blocks.append(Block("heading", method))
+        found = [item for item in fold_run_files(root / method, "group_*")
+                 if map_stem(item[2]) != item[2].name]
+        diagnoses = sorted({map_stem(path).removeprefix("group_") for _, _, path in found})
+        for diagnosis in diagnoses:
+            chosen = [item for item in found
+                      if map_stem(item[2]) == f"group_{diagnosis}"]
+            maps, affine = {}, None
+            for label, (_, _, path) in zip(column_labels(chosen), chosen):
+                maps[label], affine = read_map(path)
+            style = figures.map_style(list(maps.values()), f"{method} relevance")
+            section.blocks.extend(map_figures(context, f"{method}_group_{diagnosis}",
+                                              f"{method}, group map of {diagnosis}", maps,
+                                              affine, style))
+        indexes = fold_run_files(root / method, "index.tsv")
+        sessions = sum(len(pd.read_csv(path, sep="\t")) for _, _, path in indexes)
+        if not diagnoses:
+            section.blocks.append(Block("text", f"{method}: no group map (group_<DIAGNOSIS>) "
+                                        f"yet; {sessions} session map(s) indexed."))
+        else:
+            section.blocks.append(Block("text", f"{method}: {sessions} session map(s) indexed "
+                                        f"in {len(indexes)} fold/run index.tsv file(s)."))
+    overlays = _overlay_block(context, root, methods)
+    if overlays is not None:
+        section.blocks.append(overlays)
+    if not methods:
+        section.note = "No explanation in the run folder (explanations/METHOD/fold-K/run-R/ is " \
+                       "written by the explanation step)."
+    return section
+
+
+def _overlay_block(context: ReportContext, root: Path, methods: Sequence[str]) -> Block | None:
+    """2D session maps of every method (and session masks) next to their image (paper 3 fig. 6)."""
+    sources = {method: root / method for method in methods}
+    sources["mask (1 - m)"] = context.path("masks", "session")
+    per_method: dict[str, dict[str, Path]] = {}
+    for name, folder in sources.items():
+        for _, _, path in fold_run_files(folder, "sub-*.npy"):
+            per_method.setdefault(map_stem(path), {}).setdefault(name, path)
+    if not per_method or not context.run.cohort_file.is_file():
+        return None
+    from voxplain.data.cohort import read_cohort_table
+    from voxplain.data.images import read_image
+
+    cohort = read_cohort_table(context.run.cohort_file).set_index(
+        ["participant_id", "session_id"])
+    factor = int(context.run.read_config().get("train", {}).get("downsample", 1))
+    rows = []
+    for stem in sorted(per_method, key=lambda s: -len(per_method[s]))[
+            : context.config.max_sessions_2d]:
+        participant, _, session = stem.partition("_")
+        if (participant, session) not in cohort.index:
+            continue
+        image = read_image(Path(cohort.loc[(participant, session), "path"]))[0]
+        image = downsample(image, factor, spatial_dims=2).mean(axis=0)
+        maps = {}
+        for name, path in per_method[stem].items():
+            values = read_map(path)[0]
+            maps[name] = 1.0 - values if name.startswith("mask") else values
+        if all(m.shape == image.shape for m in maps.values()):
+            rows.append((f"{participant}\n{session}", image, maps))
+    if not rows:
+        return None
+    return context.figure(figures.overlays_2d(rows), "explanations_2d",
+                          "2D explanations: each image, then each method's map over it "
+                          "(each map scaled by its own largest |value|; blue-red: signed).")
+
+
+# --- robustness ----------------------------------------------------------------------------
+
+def matrix_of(table: pd.DataFrame) -> pd.DataFrame | None:
+    """``table`` as a labelled square similarity matrix, or None when it is not one.
+
+    Accepted: a first column of labels equal to the other columns' names, or an all-numeric
+    square table (rows labelled like its columns).
+    """
+    first = table.columns[0]
+    if table[first].dtype == object and set(table[first].astype(str)) == set(
+            map(str, table.columns[1:])):
+        matrix = table.set_index(first)
+    elif table.shape[0] == table.shape[1]:
+        matrix = table.set_axis(table.columns, axis=0)
+    else:
+        return None
+    if not all(pd.api.types.is_numeric_dtype(t) for t in matrix.dtypes):
+        return None
+    return matrix.astype(float)
+
+
+def _long_groups(table: pd.DataFrame) -> tuple[str, str] | None:
+    """``(group column, value column)`` of a long table that compares a few groups."""
+    labels = [c for c in table.columns if table[c].dtype == object
+              and 2 <= table[c].nunique() <= 8 and c not in ("participant_id", "session_id")]
+    values = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
+    return (labels[0], values[0]) if labels and values else None
+
+
+def robustness_section(context: ReportContext) -> Section:
+    section = Section("robustness", "Robustness of the explanations")
+    folder = context.path("evaluation", "robustness")
+    files = sorted(folder.rglob("*.tsv")) if folder.is_dir() else []
+    off_diagonal: dict[str, np.ndarray] = {}
+    for path in files:
+        name = str(path.relative_to(folder).with_suffix(""))
+        table = pd.read_csv(path, sep="\t")
+        matrix = matrix_of(table) if len(table.columns) > 1 else None
+        if matrix is not None:
+            section.blocks.append(context.figure(figures.heatmap(matrix, name),
+                                                 f"robustness_{name}", f"{name}.tsv"))
+            values = matrix.to_numpy()
+            off_diagonal[name] = values[~np.eye(len(values), dtype=bool)]
+            continue
+        groups = _long_groups(table)
+        if groups is not None:
+            label, value = groups
+            section.blocks.append(context.figure(figures.box_plot(
+                {str(k): v[value].to_numpy() for k, v in table.groupby(label)}, value, name),
+                f"robustness_{name}", f"{name}.tsv: {value} by {label}."))
+        section.blocks.append(table_block(table, f"{name}.tsv"))
+    if len(off_diagonal) > 1:
+        section.blocks.append(context.figure(
+            figures.box_plot(off_diagonal, "similarity", "off-diagonal values per matrix"),
+            "robustness_comparison", "Off-diagonal similarities of every matrix side by side "
+            "(e.g. intra- vs inter-subject)."))
+    if not files:
+        section.note = "No evaluation/robustness/*.tsv in the run folder: the robustness step " \
+                       "(inter-fold, inter-run, intra- vs inter-subject similarity) writes them."
+    return section
+
+
+# --- statistics ----------------------------------------------------------------------------
+
+def statistics_section(context: ReportContext) -> Section:
+    section = Section("statistics", "Statistics")
+    root = context.path("stats")
+    folders = ([root] if any(root.glob("*.*")) else []) + sorted(
+        p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for folder in folders:
+        label = "stats" if folder == root else folder.name
+        section.blocks.append(Block("heading", label))
+        for path in sorted(folder.glob("*.nii*"))[: context.config.max_columns]:
+            values, affine = read_map(path)
+            if values.ndim != 3:
+                continue
+            stem = map_stem(path)
+            is_p = bool(re.search(r"(^|[_-])(p|pvalues?|q)([_-]|$)", stem))
+            style = figures.map_style([values], stem, signed=not is_p)
+            section.blocks.extend(map_figures(context, f"stats_{label}_{stem}", f"{label}: {stem}",
+                                              {stem: values}, affine, style, viewer=False))
+        for path in sorted(folder.glob("*.tsv")):
+            table = pd.read_csv(path, sep="\t")
+            percentile = [c for c in table.columns if "percentile" in c.lower() or "p95" in c]
+            group = [c for c in table.columns if c in ("group", "diagnosis")]
+            if percentile and group and pd.api.types.is_numeric_dtype(table[percentile[0]]):
+                section.blocks.append(context.figure(figures.box_plot(
+                    {str(k): v[percentile[0]].to_numpy() for k, v in table.groupby(group[0])},
+                    percentile[0], f"{label}: {path.stem}"), f"stats_{label}_{path.stem}",
+                    f"{label}: {percentile[0]} of each normalised map by {group[0]}."))
+            section.blocks.append(table_block(table, f"{label}/{path.name}"))
+        for path in sorted(folder.glob("*.json")):
+            record = json.loads(path.read_text())
+            if isinstance(record, dict):
+                section.blocks.append(table_block(pd.DataFrame(
+                    {"key": list(record), "value": [json.dumps(v) if isinstance(v, (list, dict))
+                                                    else v for v in record.values()]}),
+                    f"{label}/{path.name}"))
+    if not section.blocks:
+        section.note = "No stats/ in the run folder: the statistics step writes T-maps, " \
+                       "clusters.tsv and the 95th-percentile comparison there."
+    return section
+
+
+# --- ground truth --------------------------------------------------------------------------
+
+def localisation_section(context: ReportContext) -> Section:
+    section = Section("localisation", "Ground-truth localisation")
+    path = context.path("evaluation", "localisation.tsv")
+    if path.is_file():
+        section.blocks.append(table_block(pd.read_csv(path, sep="\t"), "How well each "
+                                          "explanation points at the known atrophy "
+                                          "(evaluation/localisation.tsv)."))
+    else:
+        section.note = "No evaluation/localisation.tsv: it is written for synthetic cohorts, " \
+                       "whose atrophy map is the ground truth."
+    return section
+
+
+SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
+    cohort_section, configuration_section, classification_section, masks_section,
+    explanations_section, robustness_section, statistics_section, localisation_section)
+
+
+def all_sections(context: ReportContext, sections: Iterable[Callable[[ReportContext], Section]]
+                 = SECTIONS) -> list[Section]:
+    return [build(context) for build in sections]
