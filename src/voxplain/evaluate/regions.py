@@ -6,10 +6,16 @@ region the mask hides); for an attribution map it is the mean attribution per re
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from voxplain.data.atlas import Atlas
+
+#: maps x voxels converted to float64 at a time by :func:`region_means_batch` (~64 MB).
+_CHUNK_ELEMENTS = 8_000_000
 
 
 def region_means(values: np.ndarray, atlas: Atlas) -> pd.Series:
@@ -17,16 +23,42 @@ def region_means(values: np.ndarray, atlas: Atlas) -> pd.Series:
 
     A region with no voxel on the grid gets NaN.
     """
-    if values.shape != atlas.labels.shape:
-        raise ValueError(f"map shape {values.shape} differs from the atlas grid "
+    return pd.Series(region_means_batch(np.asarray(values)[None], atlas)[0],
+                     index=atlas.region_names, name="mean")
+
+
+def region_means_batch(maps: np.ndarray, atlas: Atlas) -> np.ndarray:
+    """``(M, R)`` mean of each of ``maps`` ``(M, *grid)`` in every region (label order).
+
+    One sparse ``(V, R)`` averaging matrix product (in float64) instead of a loop over regions;
+    a region with no voxel on the grid gets NaN.
+    """
+    maps = np.asarray(maps)
+    if maps.shape[1:] != atlas.labels.shape:
+        raise ValueError(f"map shape {maps.shape[1:]} differs from the {atlas.title} grid "
                          f"{atlas.labels.shape}")
+    averaging, empty = _averaging_matrix(atlas)
+    flat = maps.reshape(len(maps), -1)
+    chunk = max(1, _CHUNK_ELEMENTS // max(flat.shape[1], 1))
+    means = np.concatenate([np.asarray(flat[start:start + chunk].astype(np.float64) @ averaging)
+                            for start in range(0, len(flat), chunk)] or [np.zeros((0, len(empty)))])
+    means[:, empty] = np.nan
+    return means
+
+
+@functools.lru_cache(maxsize=8)
+def _averaging_matrix(atlas: Atlas) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """``(V, R)`` matrix with ``1 / |region|`` at (voxel, its region), and the empty regions."""
     indices = np.array(sorted(atlas.names))
-    sums = np.bincount(atlas.labels.ravel(), weights=values.ravel().astype(np.float64),
-                       minlength=indices.max() + 1)
-    counts = np.bincount(atlas.labels.ravel(), minlength=indices.max() + 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums[indices] / counts[indices]
-    return pd.Series(means, index=[atlas.names[i] for i in indices], name="mean")
+    column = np.full(max(int(atlas.labels.max()), int(indices.max())) + 1, -1)
+    column[indices] = np.arange(len(indices))
+    labels = atlas.labels.ravel()
+    voxels = np.flatnonzero(column[labels] >= 0)
+    regions = column[labels[voxels]]
+    counts = np.bincount(regions, minlength=len(indices))
+    matrix = sparse.csr_matrix((1.0 / counts[regions], (voxels, regions)),
+                               shape=(labels.size, len(indices)))
+    return matrix, counts == 0
 
 
 def top_regions(values: np.ndarray, atlas: Atlas, k: int = 5) -> list[str]:
