@@ -16,7 +16,7 @@ from voxplain.data.atlas import Atlas
 from voxplain.data.grid import Grid, downsampled_shape, spm_grid
 from voxplain.evaluate.regions import region_means_batch
 from voxplain.evaluate.similarity import (cosine_matrix, prob_cnn, rank_correlation,
-                                          roi_cosine_similarity, roi_vector, roi_vectors,
+                                          rank_correlation_matrix, roi_cosine_similarity, roi_vector, roi_vectors,
                                           symmetric_prob_cnn, top_regions)
 
 
@@ -109,6 +109,18 @@ def test_rank_correlation_is_spearman_over_brain_voxels():
     x, y = rng.random((3, 2, 2)), rng.random((3, 2, 2))
     inside = atlas.labels > 0
     assert rank_correlation(x, y, atlas) == pytest.approx(spearmanr(x[inside], y[inside])[0])
+
+
+def test_rank_correlation_matrix_agrees_with_scipy_pairwise():
+    rng = np.random.default_rng(4)
+    maps = np.round(rng.random((4, 5, 6, 3)), 1)
+    maps[3] = 0.5  # constant: no ranking
+    brain = rng.random((5, 6, 3)) > 0.3
+    matrix = rank_correlation_matrix(maps, brain)
+    for i in range(3):
+        for j in range(3):
+            assert matrix[i, j] == pytest.approx(spearmanr(maps[i][brain], maps[j][brain])[0])
+    assert np.isnan(matrix[3]).all()
 
 
 def test_top_regions_are_the_most_masked_or_most_attributed():

@@ -117,6 +117,27 @@ def rank_correlation(a: np.ndarray, b: np.ndarray, brain: np.ndarray | Atlas | N
     return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
 
 
+def rank_correlation_matrix(maps: np.ndarray,
+                            brain: np.ndarray | Atlas | None = None) -> np.ndarray:
+    """``(M, M)`` Spearman correlations of ``maps`` ``(M, *spatial)`` over the brain voxels: each
+    map is ranked once (average ranks for ties); a constant map gives NaN."""
+    maps = np.asarray(maps)
+    flat = maps.reshape(len(maps), -1)
+    if brain is not None:
+        inside = brain.labels > 0 if isinstance(brain, Atlas) else np.asarray(brain, dtype=bool)
+        if inside.shape != maps.shape[1:]:
+            raise ValueError(f"brain mask shape {inside.shape} differs from the maps' "
+                             f"{maps.shape[1:]}")
+        flat = flat[:, inside.ravel()]
+    ranks = rankdata(flat, axis=1)
+    ranks -= ranks.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(ranks, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        unit = ranks / norms[:, None]
+    unit[norms == 0] = np.nan
+    return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
 def top_regions(map_: np.ndarray, atlas: Atlas, k: int = 5, kind: Kind = "mask",
                 **options) -> list[str]:
     """Names of the ``k`` most masked (highest density of ``1 - m``) or most attributed regions."""
