@@ -16,14 +16,24 @@ no test: T and p are NaN there, as with scipy, and corrections count only the te
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage, special, stats
 
+from voxplain.config import StatsConfig
 from voxplain.data.atlas import Atlas
+from voxplain.data.grid import Grid
+from voxplain.data.template import brain_mask
+from voxplain.evaluate.maps import MASK, evidence, map_grid, read_map, session_maps
+from voxplain.io import save_map, write_tsv
+from voxplain.run import RunFolder, RunFolderError
+
+log = logging.getLogger("voxplain")
 
 #: Percentile of paper 2 (thresholds and group comparison).
 PERCENTILE = 95.0
@@ -81,37 +91,52 @@ def percentile_test(group_a: Sequence[float], group_b: Sequence[float]) -> dict[
 
 @dataclass
 class VoxelMoments:
-    """Count, mean and sum of squared deviations (M2) of maps, voxel by voxel.
+    """Count, mean and sum of squared deviations (M2) of maps, voxel by voxel, over ``brain``.
+
+    Maps are added one at a time (Welford's update), so a group of maps read from disk never
+    needs to sit in memory at once.
 
     Attributes:
+        shape: spatial shape of the maps.
+        brain: ``shape`` boolean mask of the voxels followed (None: all).
         n: number of maps added.
-        mean: ``(V,)`` float64 mean of each voxel.
+        mean: ``(V,)`` float64 mean of each followed voxel.
         m2: ``(V,)`` float64 sum of squared deviations from the mean.
     """
 
+    shape: tuple[int, ...]
+    brain: np.ndarray | None
     n: int
     mean: np.ndarray
     m2: np.ndarray
 
     @classmethod
+    def start(cls, shape: Sequence[int], brain: np.ndarray | None = None) -> VoxelMoments:
+        """No map yet, on a grid of ``shape``."""
+        shape = tuple(int(s) for s in shape)
+        if brain is not None and brain.shape != shape:
+            raise ValueError(f"brain mask {brain.shape} differs from the maps {shape}")
+        size = int(brain.sum()) if brain is not None else int(np.prod(shape))
+        return cls(shape, brain, 0, np.zeros(size), np.zeros(size))
+
+    @classmethod
     def of(cls, maps: Iterable[np.ndarray], brain: np.ndarray | None = None) -> VoxelMoments:
-        """Moments of ``maps`` (an ``(M, *spatial)`` array or an iterable of ``(*spatial)``
-        arrays, e.g. read one at a time from disk) over the voxels of ``brain``."""
+        """Moments of ``maps``: an ``(M, *spatial)`` array or an iterable of ``(*spatial)``
+        arrays (e.g. read one at a time from disk)."""
         moments = None
         for values in maps:
-            flat = _inside(values, brain).astype(np.float64)
             if moments is None:
-                moments = cls(0, np.zeros_like(flat), np.zeros_like(flat))
-            elif flat.shape != moments.mean.shape:
-                raise ValueError(f"map {moments.n} has {flat.size} voxels, the first map "
-                                 f"{moments.mean.size}: maps must share one grid")
-            moments.add(flat)
+                moments = cls.start(np.shape(values), brain)
+            moments.add(values)
         if moments is None:
             raise ValueError("no map to test")
         return moments
 
-    def add(self, flat: np.ndarray) -> None:
-        """Welford's update with one ``(V,)`` map."""
+    def add(self, values: np.ndarray) -> None:
+        """Welford's update with one ``(*spatial)`` map."""
+        if np.shape(values) != self.shape:
+            raise ValueError(f"map {self.n} has shape {np.shape(values)}, the group {self.shape}")
+        flat = _inside(values, self.brain).astype(np.float64)
         self.n += 1
         delta = flat - self.mean
         self.mean += delta / self.n
@@ -119,8 +144,16 @@ class VoxelMoments:
         self.m2 += delta
 
     def variance(self) -> np.ndarray:
-        """Unbiased variance (``ddof=1``) of every voxel."""
+        """Unbiased variance (``ddof=1``) of every followed voxel."""
         return self.m2 / (self.n - 1)
+
+    def spread(self, flat: np.ndarray) -> np.ndarray:
+        """A ``(V,)`` vector of followed voxels back onto the grid, NaN elsewhere."""
+        if self.brain is None:
+            return np.asarray(flat, np.float64).reshape(self.shape)
+        full = np.full(self.shape, np.nan)
+        full[self.brain] = flat
+        return full
 
 
 @dataclass(frozen=True)
@@ -133,48 +166,50 @@ class TTest:
     df: float | np.ndarray
 
 
-def one_sample_ttest(maps: Iterable[np.ndarray], brain: np.ndarray | None = None,
-                     popmean: float = 0.0) -> TTest:
+def one_sample_ttest(maps: Iterable[np.ndarray] | VoxelMoments,
+                     brain: np.ndarray | None = None, popmean: float = 0.0) -> TTest:
     """Voxel-wise one-sample t-test of ``maps`` against ``popmean`` (paper 2: within a group).
 
     Args:
-        maps: ``(M, *spatial)`` array or an iterable of ``(*spatial)`` maps, M >= 2.
+        maps: ``(M, *spatial)`` array, an iterable of ``(*spatial)`` maps (M >= 2), or their
+            :class:`VoxelMoments` (then ``brain`` is the one they were taken over).
         brain: voxels to test (default: all); the others get NaN.
         popmean: mean under the null hypothesis.
 
     Returns:
         :class:`TTest` with ``(*spatial)`` maps.
     """
-    moments, shape = _moments(maps, brain)
+    moments = _moments(maps, brain)
     _need_two(moments.n, "one-sample")
     with np.errstate(divide="ignore", invalid="ignore"):
         se = np.sqrt(moments.variance() / moments.n)
         t = (moments.mean - popmean) / se
     t[se == 0] = np.nan
     df = moments.n - 1
-    return TTest(*_spread((t, _two_sided_p(t, df)), shape, brain), df=df)
+    return TTest(moments.spread(t), moments.spread(_two_sided_p(t, df)), df=df)
 
 
-def two_sample_ttest(maps_a: Iterable[np.ndarray], maps_b: Iterable[np.ndarray],
+def two_sample_ttest(maps_a: Iterable[np.ndarray] | VoxelMoments,
+                     maps_b: Iterable[np.ndarray] | VoxelMoments,
                      brain: np.ndarray | None = None, equal_var: bool = True) -> TTest:
     """Voxel-wise unpaired t-test, group a minus group b (paper 2: between groups).
 
     Args:
-        maps_a, maps_b: each an ``(M, *spatial)`` array or an iterable of maps, M >= 2.
+        maps_a, maps_b: each an ``(M, *spatial)`` array, an iterable of maps (M >= 2), or
+            their :class:`VoxelMoments` over one brain mask.
         brain: voxels to test (default: all); the others get NaN.
         equal_var: Student's test (pooled variance, paper 2); False for Welch's test.
     """
-    a, shape = _moments(maps_a, brain)
-    b, shape_b = _moments(maps_b, brain)
-    if shape != shape_b:
-        raise ValueError(f"groups have maps of shapes {shape} and {shape_b}")
+    a, b = _moments(maps_a, brain), _moments(maps_b, brain)
+    if a.shape != b.shape or a.mean.shape != b.mean.shape:
+        raise ValueError(f"groups have maps of shapes {a.shape} and {b.shape} "
+                         f"({a.mean.size} and {b.mean.size} voxels tested)")
     _need_two(a.n, "two-sample")
     _need_two(b.n, "two-sample")
     with np.errstate(divide="ignore", invalid="ignore"):
         if equal_var:
             df = float(a.n + b.n - 2)
-            pooled = (a.m2 + b.m2) / df
-            se = np.sqrt(pooled * (1 / a.n + 1 / b.n))
+            se = np.sqrt((a.m2 + b.m2) / df * (1 / a.n + 1 / b.n))
         else:
             va, vb = a.variance() / a.n, b.variance() / b.n
             se = np.sqrt(va + vb)
@@ -182,9 +217,7 @@ def two_sample_ttest(maps_a: Iterable[np.ndarray], maps_b: Iterable[np.ndarray],
         t = (a.mean - b.mean) / se
     t[se == 0] = np.nan
     p = _two_sided_p(t, df)
-    if not equal_var:
-        df = _spread((df,), shape, brain)[0]
-    return TTest(*_spread((t, p), shape, brain), df=df)
+    return TTest(a.spread(t), a.spread(p), df=df if equal_var else a.spread(df))
 
 
 def bonferroni(p: np.ndarray) -> np.ndarray:
@@ -269,20 +302,9 @@ def _inside(values: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
     return values[brain]
 
 
-def _moments(maps: Iterable[np.ndarray], brain: np.ndarray | None
-             ) -> tuple[VoxelMoments, tuple[int, ...]]:
-    shapes: list[tuple[int, ...]] = []
-
-    def checked() -> Iterable[np.ndarray]:
-        for values in maps:
-            shape = np.shape(values)
-            if shapes and shape != shapes[0]:
-                raise ValueError(f"map {len(shapes)} has shape {shape}, the first {shapes[0]}")
-            shapes.append(shape)
-            yield values
-
-    moments = VoxelMoments.of(checked(), brain)
-    return moments, shapes[0]
+def _moments(maps: Iterable[np.ndarray] | VoxelMoments,
+             brain: np.ndarray | None) -> VoxelMoments:
+    return maps if isinstance(maps, VoxelMoments) else VoxelMoments.of(maps, brain)
 
 
 def _need_two(n: int, test: str) -> None:
@@ -295,14 +317,131 @@ def _two_sided_p(t: np.ndarray, df: float | np.ndarray) -> np.ndarray:
         return 2 * special.stdtr(df, -np.abs(t))
 
 
-def _spread(flats: Sequence[np.ndarray], shape: tuple[int, ...],
-            brain: np.ndarray | None) -> list[np.ndarray]:
-    """Brain-voxel vectors back onto the grid, NaN outside the brain."""
-    if brain is None:
-        return [np.asarray(f).reshape(shape) for f in flats]
-    out = []
-    for flat in flats:
-        full = np.full(shape, np.nan)
-        full[brain] = flat
-        out.append(full)
-    return out
+def heatmap_statistics(config: StatsConfig) -> pd.DataFrame:
+    """Paper 2's statistics of one method's session maps in a run folder.
+
+    Each session's map (``1 - m`` for a mask) is min-max normalised inside the brain (the MNI
+    brain mask for volumes, every pixel for 2D images); a session explained by several models
+    (folds/runs) gets the normalised mean of their normalised maps. Then, per diagnosis group:
+    the 95th percentile of each map, the group comparison of those percentiles, and the
+    voxel-wise t-tests on the maps thresholded at their own percentile.
+
+    Writes ``RUN/stats/METHOD/``: ``percentiles.tsv``, ``percentile_test.tsv``, for each test
+    ``TEST_T``, ``TEST_p``, ``TEST_p-bonferroni`` and ``TEST_p-fdr`` maps (NIfTI with the maps'
+    affine, NPY for 2D), ``clusters.tsv`` (significant voxels after ``config.correction``) and
+    ``summary.tsv`` (returned).
+    """
+    run = RunFolder(config.run)
+    sessions = session_maps(run, config.method)
+    if config.folds is not None:
+        sessions = sessions[sessions.fold.isin(config.folds)]
+    if sessions.empty:
+        raise RunFolderError(f"{run.root}: no session map of method {config.method!r} "
+                             f"({'masks/session' if config.method == MASK else 'explanations'}"
+                             f"/... is empty)")
+    groups = _chosen_groups(config, sessions)
+    grid = map_grid(sessions.path.iloc[0])
+    brain = _brain(grid)
+    out = run.root / "stats" / config.method
+    moments = {group: VoxelMoments.start(grid.shape, brain) for group in groups}
+    records = []
+    for (participant, session), rows in sessions.groupby(["participant_id", "session_id"]):
+        diagnosis = rows.diagnosis.iloc[0]
+        if diagnosis not in moments:
+            continue
+        values = session_map(rows.path, config.method, brain)
+        percentile = brain_percentile(values, brain, config.percentile)
+        records.append({"participant_id": participant, "session_id": session,
+                        "diagnosis": diagnosis, "n_maps": len(rows), "percentile": percentile})
+        moments[diagnosis].add(threshold_at_percentile(values, brain, config.percentile))
+    percentiles = pd.DataFrame(records)
+    write_tsv(out / "percentiles.tsv", percentiles)
+    tests = {f"one-sample_{g}": (lambda g=g: one_sample_ttest(moments[g])) for g in groups
+             if _enough(moments[g], f"one-sample test of {g}")}
+    if len(groups) == 2:
+        a, b = groups
+        values = [percentiles.loc[percentiles.diagnosis == g, "percentile"] for g in groups]
+        if all(len(v) >= 2 for v in values):
+            write_tsv(out / "percentile_test.tsv", pd.DataFrame(
+                [{"group_a": a, "group_b": b, **percentile_test(*values)}]))
+        if _enough(moments[a], f"two-sample test ({a})") and \
+                _enough(moments[b], f"two-sample test ({b})"):
+            tests[f"two-sample_{a}-{b}"] = lambda: two_sample_ttest(
+                moments[a], moments[b], equal_var=config.equal_var)
+    atlas = Atlas.aal2(grid) if len(grid.shape) == 3 else None
+    summaries, clusters = [], []
+    for name, compute in tests.items():
+        result = compute()
+        summary, table = _write_test(out, name, result, grid, atlas, config)
+        summaries.append(summary)
+        clusters.append(table.assign(test=name))
+    clusters_table = (pd.concat(clusters, ignore_index=True) if clusters
+                      else pd.DataFrame(columns=["test"]))
+    write_tsv(out / "clusters.tsv", clusters_table[["test", *[c for c in clusters_table.columns
+                                                              if c != "test"]]])
+    summary = pd.DataFrame(summaries)
+    write_tsv(out / "summary.tsv", summary)
+    return summary
+
+
+def session_map(paths: Iterable[str], method: str, brain: np.ndarray | None) -> np.ndarray:
+    """The normalised map of one session: mean of its normalised maps, normalised again."""
+    maps = [normalise_map(evidence(read_map(path), method), brain) for path in paths]
+    return maps[0] if len(maps) == 1 else normalise_map(np.mean(maps, axis=0), brain)
+
+
+def _chosen_groups(config: StatsConfig, sessions: pd.DataFrame) -> list[str]:
+    present = sorted(sessions.diagnosis.unique())
+    if config.groups is None:
+        if len(present) > 2:
+            raise ValueError(f"maps of {len(present)} diagnoses {present}: choose two with "
+                             "--groups")
+        return present
+    if len(config.groups) not in (1, 2):
+        raise ValueError(f"--groups takes one or two diagnoses, got {config.groups}")
+    absent = [g for g in config.groups if g not in present]
+    if absent:
+        raise ValueError(f"no {config.method} session map of diagnosis {absent} "
+                         f"(maps exist for {present})")
+    return list(config.groups)
+
+
+def _brain(grid: Grid) -> np.ndarray | None:
+    if len(grid.shape) != 3:
+        return None
+    brain = brain_mask(grid)
+    if not brain.any():
+        log.warning("the MNI brain mask is empty on this grid: every voxel is tested")
+        return None
+    return brain
+
+
+def _enough(moments: VoxelMoments, test: str) -> bool:
+    if moments.n >= 2:
+        return True
+    log.warning("%s skipped: %d map(s), a t-test needs at least 2", test, moments.n)
+    return False
+
+
+def _write_test(out: Path, name: str, result: TTest, grid: Grid, atlas: Atlas | None,
+                config: StatsConfig) -> tuple[dict, pd.DataFrame]:
+    corrected = {key: CORRECTIONS[key](result.p) for key in ("bonferroni", "fdr")}
+    save_map(out / f"{name}_T", result.t, grid.affine)
+    save_map(out / f"{name}_p", result.p, grid.affine)
+    for key, values in corrected.items():
+        save_map(out / f"{name}_p-{key}", values, grid.affine)
+    p = corrected.get(config.correction, result.p)
+    with np.errstate(invalid="ignore"):
+        significant = np.nan_to_num(p, nan=1.0) < config.alpha
+    table = cluster_table(result.t, significant, grid.affine, atlas, config.connectivity)
+    tested = np.isfinite(result.p)
+    summary = {"test": name, "tested_voxels": int(tested.sum()),
+               "significant_voxels": int(significant.sum()), "correction": config.correction,
+               "alpha": config.alpha, "clusters": len(table),
+               "min_p": float(np.nanmin(p)) if tested.any() else float("nan"),
+               "max_abs_t": float(np.nanmax(np.abs(result.t))) if tested.any() else float("nan"),
+               "top_region": table.region.iloc[0] if len(table) else ""}
+    log.info("%s: %d of %d tested voxels significant (%s p < %g), %d cluster(s)", name,
+             summary["significant_voxels"], summary["tested_voxels"], config.correction,
+             config.alpha, len(table))
+    return summary, table
