@@ -29,6 +29,13 @@ Scores:
 
 All scores are vectorised numpy over the whole grid; 2D and 3D maps share the code (the region
 score needs an atlas, i.e. a 3D grid).
+
+On a run folder, :func:`evaluate_localisation` scores the group map of the patient class of every
+explanation method and fold/run (``voxplain explain --evaluate-against ground_truth.nii.gz``)
+and writes ``evaluation/localisation.tsv``. The ground truth must lie on the cohort's grid; when
+the run was trained on downsampled images, it is downsampled the same way
+(:func:`voxplain.data.grid.downsample`, block average) before it is binarised. Brain voxels are
+those of the MNI GM template's brain mask on that grid (:func:`voxplain.data.template.brain_mask`).
 """
 
 from __future__ import annotations
@@ -37,11 +44,21 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pandas as pd
 from scipy import ndimage, stats
 
+from voxplain.config import LocalisationConfig
 from voxplain.data.atlas import Atlas
+from voxplain.data.cohort import CONTROL_LABELS
+from voxplain.data.grid import Grid, downsample, downsample_affine, downsampled_shape
+from voxplain.data.template import brain_mask
 from voxplain.evaluate.regions import region_means, top_regions
+from voxplain.explain.explain_steps import explanation_dir, read_map
+from voxplain.io import read_tsv, write_tsv
+from voxplain.models.serialization import read_model_json
+from voxplain.run import RunFolder
 
 
 def relevance(attribution: np.ndarray, signed: bool) -> np.ndarray:
@@ -195,3 +212,124 @@ def localisation_scores(attribution: np.ndarray, truth: np.ndarray, *, signed: b
             "chance_mass": chance_mass(positive, brain),
             "pointing_game": float(pointing_game(values, positive, brain, tolerance)),
             f"top{k}_hit": top}
+
+
+def patient_class(classes: Sequence[str], diagnosis: str | None = None) -> str:
+    """The class whose group map is scored: ``diagnosis`` if given, else the only class that is
+    not a control label (CN, HC, ...)."""
+    if diagnosis is not None:
+        if diagnosis not in classes:
+            raise ValueError(f"diagnosis {diagnosis!r} is not a class of the model {list(classes)}")
+        return diagnosis
+    patients = [name for name in classes if name not in CONTROL_LABELS]
+    if len(patients) != 1:
+        raise ValueError(f"cannot tell the patient class among {list(classes)}: name it "
+                         "(diagnosis=...)")
+    return patients[0]
+
+
+def truth_on_grid(truth_path: Path, grid: Grid, factor: int) -> np.ndarray:
+    """The ground truth on the maps' ``grid``: as it is, or downsampled by the run's ``factor``.
+
+    Raises:
+        ValueError: the ground truth lies on another grid (the message gives both).
+    """
+    truth_path = Path(truth_path)
+    if not truth_path.is_file():
+        raise FileNotFoundError(f"{truth_path}: ground-truth map not found")
+    if truth_path.suffix == ".npy":
+        truth, affine = np.load(truth_path).astype(np.float32), None
+    else:
+        image = nib.load(truth_path)
+        truth, affine = np.asarray(image.dataobj, dtype=np.float32), image.affine
+    same = tuple(truth.shape) == tuple(grid.shape)
+    if same and (affine is None or np.allclose(affine, grid.affine, atol=1e-4)):
+        return truth
+    coarse = downsampled_shape(truth.shape, factor) == tuple(grid.shape)
+    if factor > 1 and coarse and (affine is None or np.allclose(
+            downsample_affine(affine, factor, truth.ndim), grid.affine, atol=1e-4)):
+        return downsample(truth, factor)
+    raise ValueError(f"{truth_path}: ground truth of shape {truth.shape} is on another grid than "
+                     f"the maps ({tuple(grid.shape)}, images downsampled by {factor}); "
+                     "give the ground truth of the run's cohort")
+
+
+def evaluate_localisation(run: Path, truth_path: Path, methods: Sequence[str] | None = None,
+                          diagnosis: str | None = None,
+                          config: LocalisationConfig | None = None) -> pd.DataFrame:
+    """Score the patient-class group map of every explanation in ``run`` against ``truth_path``.
+
+    Args:
+        run: run folder with ``explanations/KEY/...`` written by ``voxplain explain``.
+        truth_path: ground-truth map of the cohort (e.g. ``ground_truth.nii.gz``).
+        methods: only these method names (default: every explanation found).
+        diagnosis: the class whose group map is scored (default: the non-control class).
+        config: truth threshold, pointing-game tolerance, k of the region hit rate.
+
+    Returns:
+        One row per explanation and fold/run (method, layer, fold, run, diagnosis, n_sessions,
+        auc, mass_inside, chance_mass, pointing_game, top{k}_hit, key); also written to
+        ``RUN/evaluation/localisation.tsv``.
+    """
+    config = config or LocalisationConfig()
+    folder = RunFolder(Path(run))
+    train = folder.train_config()
+    rows = []
+    for record_file in sorted((folder.root / "explanations").glob("*/explanation.json")):
+        record = json.loads(record_file.read_text())
+        if methods is not None and record["method"] not in methods:
+            continue
+        key = record_file.parent.name
+        for fold, run_index, model_dir in folder.model_dirs():
+            patient = patient_class(read_model_json(model_dir)["classes"], diagnosis)
+            row = _score_group_map(explanation_dir(folder, key, fold, run_index), patient,
+                                   record, truth_path, train.downsample, config)
+            if row is not None:
+                rows.append({"key": key, "fold": fold, "run": run_index, **row})
+    if not rows:
+        raise ValueError(f"{folder.root}: no group map to score"
+                         f"{' for ' + ', '.join(methods) if methods else ''}; "
+                         "run `voxplain explain` first")
+    columns = ["method", "layer", "fold", "run", "diagnosis", "n_sessions", "auc", "mass_inside",
+               "chance_mass", "pointing_game", f"top{config.top_k}_hit", "key"]
+    table = pd.DataFrame(rows)[columns]
+    write_tsv(folder.root / "evaluation" / "localisation.tsv", table)
+    return table
+
+
+def _score_group_map(folder: Path, patient: str, record: dict, truth_path: Path, factor: int,
+                     config: LocalisationConfig) -> dict | None:
+    """Scores of ``folder``'s ``group_<patient>`` map (None when the fold/run has none)."""
+    found = [path for path in (folder / f"group_{patient}.nii.gz", folder / f"group_{patient}.npy")
+             if path.is_file()]
+    if not found or not (folder / "index.tsv").is_file():
+        return None
+    values = read_map(found[0])
+    affine = nib.load(found[0]).affine if found[0].suffix == ".gz" else np.eye(4)
+    grid = Grid(values.shape, affine)
+    truth = truth_on_grid(truth_path, grid, factor)
+    three_d = values.ndim == 3
+    atlas = Atlas.aal2(grid) if three_d else None
+    regions = atrophied_regions(truth_path, truth, atlas) if three_d else None
+    index = read_tsv(folder / "index.tsv")
+    kept = index[index.diagnosis == patient]
+    if record.get("group", "correct") == "correct":
+        kept = kept[kept.correct.astype(bool)]
+    scores = localisation_scores(
+        values, truth, signed=record["signed"], brain=brain_mask(grid) if three_d else None,
+        threshold=config.truth_threshold, tolerance=config.tolerance, atlas=atlas,
+        regions=regions, k=config.top_k)
+    layer = str(index.layer.iloc[0]) if "layer" in index and index.layer.notna().any() else ""
+    return {"method": record["method"], "layer": layer, "diagnosis": patient,
+            "n_sessions": len(kept), **scores}
+
+
+def localisation_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean of each score over the fold/runs of every explanation (one row per method key)."""
+    scores = [column for column in table.columns
+              if column in ("auc", "mass_inside", "chance_mass", "pointing_game")
+              or (column.startswith("top") and column.endswith("_hit"))]
+    grouped = table.groupby(["key", "method", "layer"], sort=False)
+    summary = grouped[scores].mean().reset_index()
+    summary.insert(3, "models", grouped.size().to_numpy())
+    return summary

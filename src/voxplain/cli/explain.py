@@ -1,0 +1,96 @@
+"""``voxplain explain``: per-session attribution maps and group maps of a run's models."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from voxplain.cli.common import (
+    CONFIG_OPTION,
+    absolute,
+    build_config,
+    console,
+    given,
+    option,
+    print_table,
+    progress_bar,
+    reported_errors,
+    setup_logging,
+    split_list,
+)
+from voxplain.config import ExplainConfig, ExplainStepConfig, LocalisationConfig
+
+
+def explain(
+    run: Path = option(ExplainStepConfig, "run", "--run"),
+    method: str = option(ExplainConfig, "method", "--method"),
+    cohort: Path = option(ExplainStepConfig, "cohort", "--cohort"),
+    target: str = option(ExplainConfig, "target", "--target"),
+    layer: str = option(ExplainConfig, "layer", "--layer"),
+    batch_size: int = option(ExplainConfig, "batch_size", "--batch-size"),
+    options: str = option(ExplainConfig, "options", "--options"),
+    group: str = option(ExplainConfig, "group", "--group"),
+    folds: str = option(ExplainStepConfig, "folds", "--folds"),
+    device: str = option(ExplainStepConfig, "device", "--device"),
+    evaluate_against: Path = option(ExplainStepConfig, "evaluate_against", "--evaluate-against"),
+    tolerance: float = option(LocalisationConfig, "tolerance", "--tolerance"),
+    top_k: int = option(LocalisationConfig, "top_k", "--top-k"),
+    config: Path = CONFIG_OPTION,
+) -> None:
+    """Maps of every fold/run's model for its validation sessions (or --cohort), a group map per
+    diagnosis, and with --evaluate-against a localisation table of every method's group maps.
+    --method takes one name or several, comma separated (e.g. grad_cam,grad_cam_pp)."""
+    from voxplain.explain.explain_steps import explain_run
+
+    setup_logging()
+    methods = split_list(method) or [None]
+    settings = [build_config(
+        ExplainStepConfig, "explain", config, run=absolute(run), cohort=absolute(cohort),
+        folds=split_list(folds, int), device=device, evaluate_against=absolute(evaluate_against),
+        explain=given(method=name, target=target, layer=layer, batch_size=batch_size,
+                      options=parse_options(options), group=group))
+        for name in methods]
+    for step in settings:
+        with reported_errors(), progress_bar() as bar:
+            index = explain_run(step, progress=bar)
+        console.print(f"{step.explain.method}: {len(index)} map(s) in "
+                      f"{step.run / 'explanations'}", highlight=False)
+    truth = settings[-1].evaluate_against
+    if truth is not None:
+        _print_localisation(settings[-1].run, truth, LocalisationConfig.model_validate(
+            {k: v for k, v in {"tolerance": tolerance, "top_k": top_k}.items() if v is not None}))
+
+
+def _print_localisation(run: Path, truth: Path, config: LocalisationConfig) -> None:
+    from voxplain.evaluate.localisation import (
+        evaluate_localisation,
+        localisation_summary,
+    )
+
+    with reported_errors():
+        table = evaluate_localisation(run, truth, config=config)
+    hit = f"top{config.top_k}_hit"
+    print_table(f"Localisation against {truth.name} (mean over folds/runs)",
+                localisation_summary(table),
+                ["method", "layer", "models", "auc", "mass_inside", "chance_mass",
+                 "pointing_game", hit])
+    console.print(f"per fold/run: {run / 'evaluation' / 'localisation.tsv'}", highlight=False)
+
+
+def parse_options(text: str | None) -> dict[str, Any] | None:
+    """``"n_steps=32,baseline=blur"`` -> ``{"n_steps": 32, "baseline": "blur"}``."""
+    if text is None:
+        return None
+    options: dict[str, Any] = {}
+    for item in split_list(text) or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"--options: expected NAME=VALUE, got {item!r}")
+        try:
+            options[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[name.strip()] = value.strip()
+    return options
