@@ -56,10 +56,13 @@ def test_t_tests_leave_voxels_outside_the_brain_and_constant_voxels_untested():
     brain = np.zeros(GROUP_A.shape[1:], bool)
     brain[1:4, 1:5, 1:3] = True
     maps = GROUP_A.copy()
-    maps[:, 2, 2, 2] = 0.7  # every map equal: no variance, no test
+    maps[:, 2, 2, 2] = 0.0  # every map at the null mean: no variance, no difference, no test
+    maps[:, 2, 3, 2] = 0.5  # no variance but a difference: T = inf, p = 0 as in scipy
     result = one_sample_ttest(maps, brain)
     assert np.isnan(result.t[~brain]).all()
     assert np.isnan(result.t[2, 2, 2]) and np.isnan(result.p[2, 2, 2])
+    assert result.t[2, 3, 2] == stats.ttest_1samp(maps[:, 2, 3, 2], 0.0).statistic == np.inf
+    assert result.p[2, 3, 2] == 0.0
     expected = stats.ttest_1samp(maps[:, 1, 3, 1], 0.0)
     assert result.t[1, 3, 1] == pytest.approx(expected.statistic, rel=1e-10)
     # Bonferroni counts the tested voxels only: brain minus the constant one
@@ -140,3 +143,82 @@ def test_cluster_table_sizes_peaks_in_mm_and_regions():
     assert table.iloc[1].peak_t == -6.0 and table.iloc[1].region == "Right_Thing"
     joined = cluster_table(t, t != 0, affine, connectivity=3)
     assert joined["size"].tolist() == [8, 2] and joined.iloc[1].peak_t == -6.0
+
+
+def _write_explanations(run, grid, atlas, groups):
+    """Session maps under explanations/grad_cam: each group bright in its own region."""
+    import pandas as pd
+
+    from voxplain.io import save_nifti, write_tsv
+
+    rng = np.random.default_rng(1)
+    folder = run / "explanations" / "grad_cam" / "fold-0" / "run-0"
+    rows, maps = [], {}
+    for diagnosis, region in groups.items():
+        for k in range(6):
+            participant = f"sub-{diagnosis}{k}"
+            values = rng.uniform(0, 0.3, grid.shape).astype(np.float32)
+            inside = atlas.region_mask([region])
+            values[inside] = 1.0 + rng.uniform(0, 0.05, inside.sum())
+            save_nifti(folder / f"{participant}_ses-M00.nii.gz", values, grid.affine)
+            rows.append({"participant_id": participant, "session_id": "ses-M00",
+                         "diagnosis": diagnosis, "path": f"{participant}_ses-M00.nii.gz"})
+            maps.setdefault(diagnosis, []).append(values)
+    write_tsv(folder / "index.tsv", pd.DataFrame(rows))
+    return maps
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy, CN all zero
+def test_heatmap_statistics_of_a_run_folder_find_each_groups_region(tmp_path):
+    import nibabel as nib
+    import pandas as pd
+
+    from voxplain.config import StatsConfig
+    from voxplain.data.grid import downsample_affine, downsampled_shape, spm_grid
+    from voxplain.data.template import brain_mask
+    from voxplain.evaluate.stats import heatmap_statistics
+
+    grid = Grid(downsampled_shape(spm_grid().shape, 8), downsample_affine(spm_grid().affine, 8))
+    atlas = Atlas.aal2(grid)
+    maps = _write_explanations(tmp_path, grid, atlas,
+                               {"AD": "Frontal_Sup_2_L", "CN": "Precentral_L"})
+    summary = heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam"))
+    assert summary.test.tolist() == ["one-sample_AD", "one-sample_CN", "two-sample_AD-CN"]
+    out = tmp_path / "stats" / "grad_cam"
+    clusters = pd.read_csv(out / "clusters.tsv", sep="\t")
+    two = clusters[clusters.test == "two-sample_AD-CN"]
+    assert two[two.sign == "+"].iloc[0].region == "Frontal_Sup_2_L"
+    assert two[two.sign == "-"].iloc[0].region == "Precentral_L"
+    image = nib.load(out / "two-sample_AD-CN_T.nii.gz")
+    np.testing.assert_allclose(image.affine, grid.affine)
+    # the T value at one voxel, recomputed by hand: min-max in the brain, own 95th percentile
+    brain = brain_mask(grid)
+    voxel = tuple(np.argwhere(atlas.region_mask(["Frontal_Sup_2_L"]) & brain)[0])
+
+    def thresholded(values):
+        inside = values[brain]
+        scaled = (values - inside.min()) / (inside.max() - inside.min())
+        return scaled[voxel] if scaled[voxel] >= np.percentile(scaled[brain], 95) else 0.0
+
+    expected = stats.ttest_ind([thresholded(m) for m in maps["AD"]],
+                               [thresholded(m) for m in maps["CN"]])
+    assert image.get_fdata()[voxel] == pytest.approx(expected.statistic, rel=1e-5)
+    test = pd.read_csv(out / "percentile_test.tsv", sep="\t").iloc[0]
+    assert (test.group_a, test.n_a, test.n_b) == ("AD", 6, 6)
+
+
+def test_heatmap_statistics_of_one_group_skip_the_group_comparison(tmp_path):
+    from voxplain.config import StatsConfig
+    from voxplain.data.grid import downsample_affine, downsampled_shape, spm_grid
+    from voxplain.evaluate.stats import heatmap_statistics
+
+    grid = Grid(downsampled_shape(spm_grid().shape, 8), downsample_affine(spm_grid().affine, 8))
+    _write_explanations(tmp_path, grid, Atlas.aal2(grid), {"AD": "Frontal_Sup_2_L",
+                                                           "CN": "Precentral_L"})
+    summary = heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam", groups=["AD"]))
+    assert summary.test.tolist() == ["one-sample_AD"]
+    assert not (tmp_path / "stats" / "grad_cam" / "percentile_test.tsv").exists()
+    with pytest.raises(ValueError, match="no grad_cam session map of diagnosis"):
+        heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam", groups=["MCI"]))
+    with pytest.raises(ValueError, match="no session map of method 'mask'"):
+        heatmap_statistics(StatsConfig(run=tmp_path, method="mask"))

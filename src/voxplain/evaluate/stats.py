@@ -10,8 +10,9 @@ Paper 2 compares two patient groups through their explanation maps in three step
 
 The voxel-wise tests stream the maps: one pass keeps a running mean and sum of squared
 deviations per voxel (Welford's update, float64), so memory does not grow with the number of
-maps. Voxels where every map of a group is equal (e.g. zero everywhere after thresholding) carry
-no test: T and p are NaN there, as with scipy, and corrections count only the tested voxels.
+maps. As with scipy, a voxel without variance (e.g. zero in every map after thresholding) gets
+T = NaN (no test: p NaN) when its mean difference is 0 too, and T = +-inf (p = 0) otherwise;
+corrections count only the tested voxels (finite p).
 """
 
 from __future__ import annotations
@@ -184,7 +185,6 @@ def one_sample_ttest(maps: Iterable[np.ndarray] | VoxelMoments,
     with np.errstate(divide="ignore", invalid="ignore"):
         se = np.sqrt(moments.variance() / moments.n)
         t = (moments.mean - popmean) / se
-    t[se == 0] = np.nan
     df = moments.n - 1
     return TTest(moments.spread(t), moments.spread(_two_sided_p(t, df)), df=df)
 
@@ -215,7 +215,6 @@ def two_sample_ttest(maps_a: Iterable[np.ndarray] | VoxelMoments,
             se = np.sqrt(va + vb)
             df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))
         t = (a.mean - b.mean) / se
-    t[se == 0] = np.nan
     p = _two_sided_p(t, df)
     return TTest(a.spread(t), a.spread(p), df=df if equal_var else a.spread(df))
 
