@@ -217,9 +217,12 @@ def server(study_2d, tmp_path):
     httpd.server_close()
 
 
-def test_server_listens_on_localhost_only(server):
-    url, _ = server
-    assert url.startswith("http://127.0.0.1:")
+def test_server_listens_on_localhost_only(study_2d, tmp_path):
+    httpd = make_server(study_2d[0], "B", port=0, database=tmp_path / "answers.sqlite")
+    try:
+        assert httpd.socket.getsockname()[0] == "127.0.0.1"
+    finally:
+        httpd.server_close()
 
 
 def test_resent_answer_updates_its_row_instead_of_adding_one(server, study_2d):
@@ -431,7 +434,7 @@ def test_cli_study_make_and_analyse(tmp_path, study_2d):
     result = CliRunner().invoke(app, ["study", "make", "--run", str(run),
                                       "--samples-per-class", "3"])
     assert result.exit_code == 2
-    assert "other [study_make] settings" in " ".join(result.output.split())
+    assert "samples_per_class: 2 -> 3" in " ".join(result.output.split())
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
