@@ -205,3 +205,43 @@ def test_across_datasets_compares_the_same_fold_and_run_of_two_run_folders(tmp_p
 def test_baseline_is_the_first_session_in_natural_order():
     assert sorted(["ses-M12", "ses-M6", "ses-M00"], key=natural_key) == \
         ["ses-M00", "ses-M6", "ses-M12"]
+
+
+def test_cli_evaluate_robustness_writes_the_summary(tmp_path):
+    from typer.testing import CliRunner
+
+    from voxplain.cli import app
+
+    run = tmp_path / "run"
+    write_group_mask(run, 0, 0, hiding(Hippocampus_L=1.0))
+    write_group_mask(run, 1, 0, hiding(Hippocampus_L=1.0))
+    result = CliRunner().invoke(app, ["evaluate", "robustness", "--run", str(run)],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(run / "evaluation/robustness/summary.tsv", sep="\t")
+    assert summary[["experiment", "metric", "mean"]].values.tolist() == [
+        ["inter-fold", "roi_cosine", pytest.approx(1.0)]]
+
+
+def test_cli_evaluate_classification_writes_metrics_with_cis(tmp_path):
+    from typer.testing import CliRunner
+
+    from voxplain.cli import app
+
+    run = tmp_path / "run"
+    # fold 0: 3 of 4 right (one AD called CN); fold 1: all right -> balanced accuracy 0.75, 1
+    for fold, calls in ((0, ["CN", "CN", "AD", "CN"]), (1, ["CN", "CN", "AD", "AD"])):
+        table = pd.DataFrame({"participant_id": [f"sub-{fold}{i}" for i in range(4)],
+                              "session_id": "ses-M00", "diagnosis": ["CN", "CN", "AD", "AD"],
+                              "proba_CN": [0.9 if c == "CN" else 0.1 for c in calls]})
+        table["proba_AD"] = 1 - table.proba_CN
+        write_tsv(run / "models" / f"fold-{fold}" / "run-0" / "predictions-validation.tsv",
+                  table)
+    result = CliRunner().invoke(app, ["evaluate", "classification", "--run", str(run),
+                                      "--n-boot", "50"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_csv(run / "evaluation/classification.tsv", sep="\t")
+    mean = metrics[(metrics.scope == "mean") & (metrics.metric == "balanced_accuracy")].iloc[0]
+    assert mean.value == pytest.approx(0.875) and mean.per_fold == "0.75, 1"
+    assert {"ci_low", "ci_high"} <= set(metrics.columns)
+    assert "balanced_accuracy" in result.output

@@ -52,6 +52,7 @@ def test_t_tests_stream_maps_one_at_a_time_with_the_same_result():
     np.testing.assert_allclose(streamed.t, as_array.t, rtol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy on constant data
 def test_t_tests_leave_voxels_outside_the_brain_and_constant_voxels_untested():
     brain = np.zeros(GROUP_A.shape[1:], bool)
     brain[1:4, 1:5, 1:3] = True
@@ -168,7 +169,6 @@ def _write_explanations(run, grid, atlas, groups):
     return maps
 
 
-@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy, CN all zero
 def test_heatmap_statistics_of_a_run_folder_find_each_groups_region(tmp_path):
     import nibabel as nib
     import pandas as pd
@@ -222,3 +222,24 @@ def test_heatmap_statistics_of_one_group_skip_the_group_comparison(tmp_path):
         heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam", groups=["MCI"]))
     with pytest.raises(ValueError, match="no session map of method 'mask'"):
         heatmap_statistics(StatsConfig(run=tmp_path, method="mask"))
+
+
+def test_cli_stats_writes_t_maps_and_clusters(tmp_path):
+    from typer.testing import CliRunner
+
+    from voxplain.cli import app
+    from voxplain.data.grid import downsample_affine, downsampled_shape, spm_grid
+
+    grid = Grid(downsampled_shape(spm_grid().shape, 8), downsample_affine(spm_grid().affine, 8))
+    _write_explanations(tmp_path, grid, Atlas.aal2(grid), {"AD": "Frontal_Sup_2_L",
+                                                           "CN": "Precentral_L"})
+    runner = CliRunner()
+    result = runner.invoke(app, ["stats", "--run", str(tmp_path), "--method", "grad_cam",
+                                 "--groups", "CN,AD", "--correction", "fdr"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "stats" / "grad_cam"
+    assert (out / "two-sample_CN-AD_p-fdr.nii.gz").is_file()
+    assert (out / "clusters.tsv").is_file() and "two-sample_CN-AD" in result.output
+    missing = runner.invoke(app, ["stats", "--run", str(tmp_path), "--method", "saliency"])
+    assert missing.exit_code == 2 and "methods with session maps: grad_cam" in missing.output

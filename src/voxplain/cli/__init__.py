@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from voxplain.cli import evaluate as _evaluate
 from voxplain.cli import explain as _explain
 from voxplain.cli import generate as _generate
 from voxplain.cli import masks as _masks
@@ -26,5 +27,7 @@ app.add_typer(_masks.mask, name="mask")
 app.command()(_explain.explain)
 app.add_typer(_study.study, name="study")
 app.command()(_report.report)
+app.add_typer(_evaluate.evaluate, name="evaluate")
+app.command()(_evaluate.stats)
 
 __all__ = ["app", "build_config"]

@@ -51,6 +51,12 @@ def explanation_methods(run: RunFolder) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
+def available_methods(run: RunFolder) -> list[str]:
+    """``mask`` when the folder holds masks, then every explanation method."""
+    has_masks = any((run.root / "masks" / level).is_dir() for level in ("group", "session", "grid"))
+    return ([MASK] if has_masks else []) + explanation_methods(run)
+
+
 def session_maps(run: RunFolder, method: str) -> pd.DataFrame:
     """Every session map of ``method``: ``participant_id, session_id, diagnosis, fold, run,
     path`` (absolute), in fold, run, subject, session order; empty when there is none.

@@ -42,7 +42,7 @@ from voxplain.data.atlas import Atlas
 from voxplain.data.cohort import Cohort, load_images
 from voxplain.data.grid import Grid
 from voxplain.data.template import brain_mask
-from voxplain.evaluate.maps import (GRID_PARAMETERS, MASK, explanation_methods, grid_masks,
+from voxplain.evaluate.maps import (GRID_PARAMETERS, MASK, available_methods, grid_masks,
                                     group_maps, map_grid, map_kind, read_map, session_maps)
 from voxplain.evaluate.similarity import (cosine_matrix, masked_probabilities, prob_cnn,
                                           rank_correlation, roi_vectors)
@@ -81,12 +81,6 @@ def evaluate_robustness(config: RobustnessConfig) -> pd.DataFrame:
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     write_tsv(out / "summary.tsv", summary)
     return summary
-
-
-def available_methods(run: RunFolder) -> list[str]:
-    """``mask`` when the folder holds masks, then every explanation method."""
-    has_masks = any((run.root / "masks" / level).is_dir() for level in ("group", "session", "grid"))
-    return ([MASK] if has_masks else []) + explanation_methods(run)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from voxplain.config import StatsConfig
 from voxplain.data.atlas import Atlas
 from voxplain.data.grid import Grid
 from voxplain.data.template import brain_mask
-from voxplain.evaluate.maps import MASK, evidence, map_grid, read_map, session_maps
+from voxplain.evaluate.maps import (available_methods, evidence, map_grid, read_map,
+                                    session_maps)
 from voxplain.io import save_map, write_tsv
 from voxplain.run import RunFolder, RunFolderError
 
@@ -335,9 +336,9 @@ def heatmap_statistics(config: StatsConfig) -> pd.DataFrame:
     if config.folds is not None:
         sessions = sessions[sessions.fold.isin(config.folds)]
     if sessions.empty:
+        found = [m for m in available_methods(run) if not session_maps(run, m).empty]
         raise RunFolderError(f"{run.root}: no session map of method {config.method!r} "
-                             f"({'masks/session' if config.method == MASK else 'explanations'}"
-                             f"/... is empty)")
+                             f"(methods with session maps: {', '.join(found) or 'none'})")
     groups = _chosen_groups(config, sessions)
     grid = map_grid(sessions.path.iloc[0])
     brain = _brain(grid)
