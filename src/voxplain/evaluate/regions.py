@@ -30,25 +30,29 @@ def region_means(values: np.ndarray, atlas: Atlas) -> pd.Series:
 def region_means_batch(maps: np.ndarray, atlas: Atlas) -> np.ndarray:
     """``(M, R)`` mean of each of ``maps`` ``(M, *grid)`` in every region (label order).
 
-    One sparse ``(V, R)`` averaging matrix product (in float64) instead of a loop over regions;
-    a region with no voxel on the grid gets NaN.
+    The labelled voxels are gathered (in float64, a few maps at a time) and multiplied by one
+    sparse averaging matrix, instead of a loop over regions; a region with no voxel on the grid
+    gets NaN.
     """
     maps = np.asarray(maps)
     if maps.shape[1:] != atlas.labels.shape:
         raise ValueError(f"map shape {maps.shape[1:]} differs from the {atlas.title} grid "
                          f"{atlas.labels.shape}")
-    averaging, empty = _averaging_matrix(atlas)
+    voxels, averaging, empty = _averaging_matrix(atlas)
     flat = maps.reshape(len(maps), -1)
-    chunk = max(1, _CHUNK_ELEMENTS // max(flat.shape[1], 1))
-    means = np.concatenate([np.asarray(flat[start:start + chunk].astype(np.float64) @ averaging)
-                            for start in range(0, len(flat), chunk)] or [np.zeros((0, len(empty)))])
+    chunk = max(1, _CHUNK_ELEMENTS // max(len(voxels), 1))
+    means = np.zeros((len(maps), len(empty)))
+    for start in range(0, len(maps), chunk):
+        labelled = flat[start:start + chunk, voxels].astype(np.float64)
+        means[start:start + chunk] = np.asarray(labelled @ averaging)
     means[:, empty] = np.nan
     return means
 
 
 @functools.lru_cache(maxsize=8)
-def _averaging_matrix(atlas: Atlas) -> tuple[sparse.csr_matrix, np.ndarray]:
-    """``(V, R)`` matrix with ``1 / |region|`` at (voxel, its region), and the empty regions."""
+def _averaging_matrix(atlas: Atlas) -> tuple[np.ndarray, sparse.csr_matrix, np.ndarray]:
+    """Labelled voxels (flat indices), the ``(labelled, R)`` matrix with ``1 / |region|`` at
+    (voxel, its region), and which regions are empty."""
     indices = np.array(sorted(atlas.names))
     column = np.full(max(int(atlas.labels.max()), int(indices.max())) + 1, -1)
     column[indices] = np.arange(len(indices))
@@ -56,9 +60,9 @@ def _averaging_matrix(atlas: Atlas) -> tuple[sparse.csr_matrix, np.ndarray]:
     voxels = np.flatnonzero(column[labels] >= 0)
     regions = column[labels[voxels]]
     counts = np.bincount(regions, minlength=len(indices))
-    matrix = sparse.csr_matrix((1.0 / counts[regions], (voxels, regions)),
-                               shape=(labels.size, len(indices)))
-    return matrix, counts == 0
+    matrix = sparse.csr_matrix((1.0 / counts[regions], (np.arange(len(voxels)), regions)),
+                               shape=(len(voxels), len(indices)))
+    return voxels, matrix, counts == 0
 
 
 def top_regions(values: np.ndarray, atlas: Atlas, k: int = 5) -> list[str]:
