@@ -1,0 +1,189 @@
+"""Layer-wise relevance propagation with Captum's ``LRP`` and explicit per-module rules.
+
+- ``lrp``: the epsilon rule (Bach et al. 2015) on every convolution and linear layer,
+  ``R_i = sum_j x_i w_ij / (z_j + eps sign(z_j)) R_j``. Signed.
+- ``deep_taylor``: the z+ rule (Montavon et al. 2017), Captum's ``Alpha1_Beta0_Rule`` with the
+  biases left out (the z+ rule has no bias term), ``R_i = sum_j x_i w_ij^+ / sum_i' x_i' w_i'j^+ R_j``.
+  On a ReLU network with non-negative inputs every ratio is non-negative, so the map has the sign
+  of the target logit: non-negative for a positive logit. Declared unsigned (group maps take
+  absolute values). On LeakyReLU networks (paper-1 CNN) the small negative activations can make
+  some voxels negative.
+
+What Captum needs and this module provides, on a deep copy of the model (the model is never
+modified):
+
+1. batch-norm folded into the preceding convolution/linear layer (:func:`fold_batch_norm`);
+   Captum's rules do not fit batch-norm (Alpha1_Beta0 would clamp its scale);
+2. modules that are the identity in evaluation mode (the folded-away batch-norms, dropout) removed
+   from their ``nn.Sequential`` so that no rule has to pass relevance through them;
+3. a rule on every remaining leaf module (Captum has no default for 3D layers): the method's rule
+   on convolutions and linear layers, the epsilon rule with Captum's default stabiliser (1e-9) on
+   pooling layers (max-pooling passes relevance to the winner, average pooling in proportion to
+   the inputs, neither absorbs any), ``IdentityRule`` on activations Captum does not know (e.g.
+   LeakyReLU: relevance passes through unchanged, as Captum does for ReLU). ReLU is left to Captum.
+   A leaf module that fits none of these raises a ``ValueError`` naming it.
+
+Captum returns the relevance scaled so that it sums to the target logit, minus what is absorbed:
+by the biases and epsilon (``lrp``), or, for the z+ rule, at active neurons whose input has no
+positive contribution (activated by their bias alone). The map is summed over the input channels.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import captum.attr as ca
+import torch
+from captum.attr._utils.lrp_rules import (
+    Alpha1_Beta0_Rule,
+    EpsilonRule,
+    IdentityRule,
+    PropagationRule,
+)
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from voxplain.explain.api import Explainer, register
+from voxplain.explain.gradients import channel_sum
+
+FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+WEIGHTED = FOLDABLE
+POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+ELEMENTWISE = (nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.Sigmoid)
+CAPTUM_ACTIVATIONS = (nn.ReLU, nn.Tanh)
+EVAL_IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                 nn.AlphaDropout)
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in evaluation mode where every batch-norm that directly follows a
+    convolution or linear layer in an ``nn.Sequential`` is folded into it and replaced by
+    ``nn.Identity`` (module names are kept). In evaluation mode its outputs equal the model's:
+    ``w' = w gamma / sqrt(var + eps)``, ``b' = (b - mean) gamma / sqrt(var + eps) + beta``.
+
+    Batch-norms elsewhere are left as they are; one without running statistics (which normalises
+    with the batch's statistics even in evaluation mode) raises a ``ValueError``.
+    """
+    folded = copy.deepcopy(model).eval()
+    for container_name, container in folded.named_modules():
+        if not isinstance(container, nn.Sequential):
+            continue
+        names = list(container._modules)
+        for previous, name in zip(names, names[1:]):
+            layer, norm = container._modules[previous], container._modules[name]
+            if not (isinstance(norm, _BatchNorm) and isinstance(layer, FOLDABLE)):
+                continue
+            if norm.running_mean is None or norm.running_var is None:
+                raise ValueError(f"batch-norm {container_name}.{name} has no running statistics "
+                                 "(track_running_stats=False): it cannot be folded")
+            _fold(layer, norm)
+            container._modules[name] = nn.Identity()
+    return folded
+
+
+@torch.no_grad()
+def _fold(layer: nn.Module, norm: _BatchNorm) -> None:
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(shift)
+    layer.weight.mul_(scale.view(-1, *([1] * (layer.weight.ndim - 1))))
+    layer.bias = nn.Parameter(bias * scale + shift)
+
+
+def _without_eval_identities(model: nn.Module) -> nn.Module:
+    """Remove (in place) the modules of every ``nn.Sequential`` that are the identity in
+    evaluation mode: folded batch-norms and dropout."""
+    for container in model.modules():
+        if isinstance(container, nn.Sequential):
+            for name in [key for key, child in container._modules.items()
+                         if isinstance(child, EVAL_IDENTITY)]:
+                del container._modules[name]
+    return model
+
+
+def assign_rules(model: nn.Module, weighted_rule: Callable[[], PropagationRule],
+                 epsilon_pooling: float = 1e-9) -> None:
+    """Set ``module.rule`` on every leaf module of ``model`` as described in the module docstring;
+    ``weighted_rule()`` makes the rule of each convolution and linear layer. Captum deletes the
+    rules after each attribution, so call this before each one."""
+    for name, module in model.named_modules():
+        if list(module.children()):
+            continue
+        if isinstance(module, WEIGHTED):
+            module.rule = weighted_rule()
+        elif isinstance(module, POOLING):
+            module.rule = EpsilonRule(epsilon_pooling)
+        elif isinstance(module, ELEMENTWISE):
+            module.rule = IdentityRule()
+        elif type(module) in CAPTUM_ACTIVATIONS:
+            continue
+        else:
+            raise ValueError(f"no LRP rule for module {name!r} ({type(module).__name__}) of "
+                             f"{type(model).__name__}; supported: convolution, linear, pooling, "
+                             "activations, batch-norm after a convolution, dropout")
+
+
+class LRPExplainer(Explainer):
+    """Base of the Captum LRP methods: a folded, identity-free copy of the model is built once."""
+
+    signed = True
+
+    def __init__(self, model: nn.Module, *, batch_size: int = 8) -> None:
+        super().__init__(model, batch_size=batch_size)
+        self.lrp_model = _without_eval_identities(fold_batch_norm(self.model))
+        for parameter in self.lrp_model.parameters():
+            parameter.requires_grad_(False)
+        self._check_rules()
+
+    def _check_rules(self) -> None:
+        self.assign_rules()
+        for module in self.lrp_model.modules():
+            if hasattr(module, "rule"):
+                del module.rule
+
+    def assign_rules(self) -> None:
+        raise NotImplementedError
+
+    def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.assign_rules()
+        x = x.detach().clone().requires_grad_(True)
+        return channel_sum(ca.LRP(self.lrp_model).attribute(x, target=target))
+
+
+@register
+class EpsilonLRP(LRPExplainer):
+    """LRP with the epsilon rule on convolutions and linear layers (``epsilon``, default 0.01, in
+    the units of the pre-activations, which batch-norm brings to order 1). Signed. With
+    ``epsilon -> 0`` and no biases the map sums to the target logit (conservation)."""
+
+    name = "lrp"
+    signed = True
+
+    def __init__(self, model: nn.Module, *, epsilon: float = 0.01, batch_size: int = 8) -> None:
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be positive, got {epsilon}")
+        self.epsilon = epsilon
+        super().__init__(model, batch_size=batch_size)
+
+    def assign_rules(self) -> None:
+        assign_rules(self.lrp_model, lambda: EpsilonRule(self.epsilon))
+
+
+@register
+class DeepTaylor(LRPExplainer):
+    """Deep Taylor decomposition with the z+ rule (``Alpha1_Beta0_Rule`` without biases) on
+    convolutions and linear layers. Unsigned: non-negative for ReLU networks, non-negative inputs
+    and a positive target logit."""
+
+    name = "deep_taylor"
+    signed = False
+
+    def assign_rules(self) -> None:
+        assign_rules(self.lrp_model, lambda: Alpha1_Beta0_Rule(set_bias_to_zero=True))
