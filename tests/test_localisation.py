@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -21,11 +22,13 @@ from voxplain.evaluate.localisation import (
     chance_mass,
     localisation_auc,
     localisation_scores,
+    patient_class,
     pointing_game,
     relevance,
     relevance_mass_inside,
     roc_auc,
     top_region_hit_rate,
+    truth_on_grid,
 )
 
 
@@ -155,3 +158,25 @@ def test_scores_of_a_signed_map_pointing_at_the_truth_with_negative_values(atlas
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differs from the ground truth"):
         localisation_auc(np.zeros((3, 3)), np.zeros((3, 4), bool))
+
+
+def test_ground_truth_is_downsampled_like_the_run_images(tmp_path):
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])
+    truth = np.zeros((4, 4, 4), np.float32)
+    truth[1:3, 1:3, 1:3] = 1.0  # one fine voxel in each 2x2x2 block
+    path = tmp_path / "truth.nii.gz"
+    nib.save(nib.Nifti1Image(truth, affine), path)
+    coarse = Grid((2, 2, 2), downsample_affine(affine, 2))
+    np.testing.assert_allclose(truth_on_grid(path, coarse, 2), np.full((2, 2, 2), 1 / 8))
+    np.testing.assert_array_equal(truth_on_grid(path, Grid((4, 4, 4), affine), 1), truth)
+    with pytest.raises(ValueError, match=r"truth.nii.gz: ground truth of shape \(4, 4, 4\) is on "
+                                         r"another grid"):
+        truth_on_grid(path, Grid((4, 4, 4), np.diag([-3.0, 3.0, 3.0, 1.0])), 1)
+
+
+def test_patient_class_is_the_non_control_class_or_the_named_one():
+    assert patient_class(["CN", "AD"]) == "AD"
+    assert patient_class(["benign", "malignant"]) == "malignant"
+    with pytest.raises(ValueError, match="cannot tell the patient class"):
+        patient_class(["CN", "AD", "MCI"])
+    assert patient_class(["CN", "AD", "MCI"], "MCI") == "MCI"

@@ -14,8 +14,8 @@ when they differ from the default — ``_layer-LAYER``, ``_OPTION-VALUE``, ``_ta
     explanations/KEY/explanation.json          method, layer, signed, target, cohort
     explanations/KEY/fold-K/run-R/sub-X_ses-Y.nii.gz   one map per session (2D: .npy + .png)
     explanations/KEY/fold-K/run-R/group_<DIAGNOSIS>.nii.gz
-    explanations/KEY/fold-K/run-R/index.tsv    participant_id, session_id, diagnosis, target,
-                                               predicted, predicted_probability,
+    explanations/KEY/fold-K/run-R/index.tsv    participant_id, session_id, diagnosis, fold,
+                                               run, target, predicted, predicted_probability,
                                                target_probability, correct, method, layer, path
 
 Group maps (one per diagnosis) average the session maps of that diagnosis — by default only
@@ -204,6 +204,8 @@ def explain_model(context: MaskContext, config: ExplainStepConfig, key: str, fol
     if rows.empty:
         raise RunFolderError(f"fold {fold} run {run_index}: no session to explain")
     index = _predictions(context, config.explain, model, rows, classes)
+    index.insert(3, "fold", fold)
+    index.insert(4, "run", run_index)
     method = build_explainer(config.explain, model)
     index["method"] = config.explain.method
     index["layer"] = getattr(method, "layer_name", None) or config.explain.layer or ""

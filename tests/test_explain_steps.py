@@ -1,0 +1,251 @@
+"""``voxplain explain`` on a run folder: files, index, group maps and their sign, resume, errors."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import AFFINE, SHAPE, write_cohort
+from PIL import Image
+from typer.testing import CliRunner
+
+from voxplain.cli import app
+from voxplain.config import ExplainStepConfig, LesionCohortConfig, TrainConfig
+from voxplain.data.lesions import generate_lesion_cohort
+from voxplain.evaluate.localisation import evaluate_localisation
+from voxplain.explain.api import Explainer, register
+from voxplain.explain.explain_steps import explain_run
+from voxplain.run import RunFolderError
+from voxplain.train.trainer import train_cohort
+
+pytestmark = pytest.mark.slow
+
+#: The centre cube where the fixture's AD volumes are darker (conftest.write_cohort).
+CUBE = tuple(slice(s // 2 - 3, s // 2 + 3) for s in SHAPE)
+
+
+@register
+class SignedProbe(Explainer):
+    """A known signed map: ``(mean over channels of x) - 0.5``, negated for target 0."""
+
+    name = "test_signed_probe"
+    signed = True
+    samples: list[int] = []
+
+    def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        type(self).samples.append(len(x))
+        sign = (2.0 * target - 1).view(-1, *[1] * (x.ndim - 1))
+        return sign * (x.mean(1, keepdim=True) - 0.5)
+
+
+@register
+class UnsignedProbe(SignedProbe):
+    """The same map declared unsigned: group maps average its magnitude."""
+
+    name = "test_unsigned_probe"
+    signed = False
+
+
+@register
+class CubeOracle(Explainer):
+    """Points exactly at the fixture's darker cube, whatever the input."""
+
+    name = "test_cube_oracle"
+    signed = False
+
+    def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        maps = torch.zeros(len(x), 1, *x.shape[2:])
+        maps[(slice(None), slice(None), *CUBE)] = 1.0
+        return maps
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("explain")
+    tsv = write_cohort(folder / "cohort", subjects=18)
+    train_cohort(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=3, batch_size=4,
+                             learning_rate=3e-3, device="cpu",
+                             model={"name": "cnn", "channels": [4, 8, 8]}))
+    return folder / "run"
+
+
+def step(run, method, **explain):
+    folds = explain.pop("folds", [0])
+    cohort = explain.pop("cohort", None)
+    return ExplainStepConfig(run=run, folds=folds, device="cpu", cohort=cohort,
+                             explain={"method": method, **explain})
+
+
+def test_one_map_per_validation_session_with_the_cohort_affine_and_an_index(trained_run):
+    index = explain_run(step(trained_run, "test_signed_probe", batch_size=3))
+    folder = trained_run / "explanations/test_signed_probe/fold-0/run-0"
+    validation = pd.read_csv(trained_run / "splits/fold-0/validation.tsv", sep="\t")
+    assert sorted(index.participant_id) == sorted(validation.participant_id)
+    assert list(index.columns[:10]) == ["participant_id", "session_id", "diagnosis", "fold",
+                                        "run", "target", "predicted", "predicted_probability",
+                                        "target_probability", "correct"]
+    assert {"method", "layer", "path"} <= set(index.columns)
+    assert (index.target == index.diagnosis).all()  # target "true"
+    assert (index.predicted_probability >= 0.5).all()  # binary: the argmax class
+    written = pd.read_csv(folder / "index.tsv", sep="\t")
+    assert written.participant_id.tolist() == index.participant_id.tolist()
+    for row in written.itertuples():
+        image = nib.load(folder / row.path)
+        np.testing.assert_allclose(image.affine, AFFINE)
+        source = nib.load(trained_run.parent / "cohort" / f"{row.participant_id}_"
+                                                           f"{row.session_id}.nii.gz")
+        sign = 1.0 if row.target == "AD" else -1.0  # classes are [CN, AD]
+        np.testing.assert_allclose(image.get_fdata(), sign * (source.get_fdata() - 0.5),
+                                   atol=1e-6)
+
+
+def test_group_map_is_the_signed_mean_for_signed_methods_and_the_mean_magnitude_otherwise(
+        trained_run):
+    groups = {}
+    for method in ("test_signed_probe", "test_unsigned_probe"):
+        explain_run(step(trained_run, method, group="all", folds=[1]))
+        folder = trained_run / f"explanations/{method}_group-all/fold-1/run-0"
+        index = pd.read_csv(folder / "index.tsv", sep="\t")
+        for diagnosis in ("AD", "CN"):
+            maps = np.stack([nib.load(folder / p).get_fdata()
+                             for p in index.path[index.diagnosis == diagnosis]])
+            expected = maps.mean(0) if method == "test_signed_probe" else np.abs(maps).mean(0)
+            group = nib.load(folder / f"group_{diagnosis}.nii.gz")
+            np.testing.assert_allclose(group.get_fdata(), expected, atol=1e-6)
+            np.testing.assert_allclose(group.affine, AFFINE)
+            groups[method, diagnosis] = group.get_fdata()
+    # AD maps are x - 0.5, about 0.2 - 0.5 in the darker cube: the signed mean keeps the sign
+    assert groups["test_signed_probe", "AD"][CUBE].mean() < -0.2
+    assert groups["test_unsigned_probe", "AD"][CUBE].mean() > 0.2
+
+
+def test_default_group_map_averages_the_correctly_classified_sessions_only(trained_run):
+    explain_run(step(trained_run, "test_unsigned_probe", folds=[2]))
+    folder = trained_run / "explanations/test_unsigned_probe/fold-2/run-0"
+    index = pd.read_csv(folder / "index.tsv", sep="\t")
+    assert (index.correct == (index.predicted == index.diagnosis)).all()
+    for diagnosis in ("AD", "CN"):
+        kept = index.path[(index.diagnosis == diagnosis) & index.correct]
+        path = folder / f"group_{diagnosis}.nii.gz"
+        if kept.empty:
+            assert not path.exists()
+            continue
+        expected = np.mean([np.abs(nib.load(folder / p).get_fdata()) for p in kept], axis=0)
+        np.testing.assert_allclose(nib.load(path).get_fdata(), expected, atol=1e-6)
+
+
+def test_resume_explains_only_the_missing_maps(trained_run):
+    config = step(trained_run, "test_signed_probe", folds=[0])
+    explain_run(config)
+    folder = trained_run / "explanations/test_signed_probe/fold-0/run-0"
+    maps = sorted(folder.glob("sub-*.nii.gz"))
+    SignedProbe.samples.clear()
+    explain_run(config)  # finished: index.tsv marks it done
+    assert SignedProbe.samples == []
+    (folder / "index.tsv").unlink()
+    maps[0].unlink()
+    kept = {path: path.stat().st_mtime_ns for path in maps[1:]}
+    explain_run(config)
+    assert SignedProbe.samples == [1]
+    assert maps[0].is_file() and (folder / "index.tsv").is_file()
+    assert {path: path.stat().st_mtime_ns for path in maps[1:]} == kept
+
+
+def test_predicted_and_fixed_targets(trained_run):
+    index = explain_run(step(trained_run, "test_unsigned_probe", target="predicted",
+                             folds=[0], group="all"))
+    assert (index.target == index.predicted).all()
+    assert np.allclose(index.target_probability, index.predicted_probability)
+    index = explain_run(step(trained_run, "test_unsigned_probe", target="CN", folds=[0],
+                             cohort=trained_run.parent / "cohort" / "cohort.tsv"))
+    assert (index.target == "CN").all() and len(index) == 36  # the whole given cohort
+    assert (trained_run / "explanations/test_unsigned_probe_target-CN_cohort-cohort/fold-0/"
+                          "run-0/index.tsv").is_file()
+
+
+def test_a_layer_keys_the_folder_so_two_layers_do_not_overwrite_each_other(trained_run):
+    for layer in ("features.1.0.0", "features.2.0.0"):
+        index = explain_run(step(trained_run, "grad_cam", layer=layer, folds=[0]))
+        assert (index.layer == layer).all()
+    for layer in ("features.1.0.0", "features.2.0.0"):
+        folder = trained_run / f"explanations/grad_cam_layer-{layer}/fold-0/run-0"
+        assert len(list(folder.glob("sub-*.nii.gz"))) == 6
+
+
+def test_unknown_method_lists_the_available_ones(trained_run):
+    with pytest.raises(ValueError, match=r"unknown explanation method 'nope'; available: .*"
+                                         r"grad_cam.*test_signed_probe"):
+        explain_run(step(trained_run, "nope"))
+    assert not (trained_run / "explanations/nope").exists()
+
+
+def test_unknown_layer_lists_the_valid_ones_before_anything_is_written(trained_run):
+    with pytest.raises(ValueError, match=r"valid layers: features\.0\.0\.0, features\.1\.0\.0"):
+        explain_run(step(trained_run, "grad_cam", layer="features.9"))
+    assert not (trained_run / "explanations/grad_cam_layer-features.9").exists()
+
+
+def test_an_option_the_method_does_not_take_is_an_error(trained_run):
+    with pytest.raises(ValueError, match="does not take the options"):
+        explain_run(step(trained_run, "test_signed_probe", options={"n_steps": 4}))
+
+
+def test_a_target_that_is_not_a_class_is_refused(trained_run):
+    with pytest.raises(ValueError, match=r"target class 5 is not an index of the classes"):
+        explain_run(step(trained_run, "test_signed_probe", target=5))
+    with pytest.raises(ValueError, match=r"'MCI' is neither true, predicted, nor a class"):
+        explain_run(step(trained_run, "test_signed_probe", target="MCI"))
+
+
+def test_a_run_folder_without_models_is_refused(tmp_path):
+    with pytest.raises(RunFolderError, match="no trained model"):
+        explain_run(step(tmp_path, "test_signed_probe"))
+
+
+def test_cli_explains_several_methods_and_prints_one_localisation_row_per_method(trained_run):
+    truth = np.zeros(SHAPE, np.float32)
+    truth[CUBE] = 1.0
+    truth_path = trained_run.parent / "truth.nii.gz"
+    nib.save(nib.Nifti1Image(truth, AFFINE), truth_path)
+    result = CliRunner().invoke(app, [
+        "explain", "--run", str(trained_run), "--method", "test_cube_oracle,test_unsigned_probe",
+        "--folds", "0", "--device", "cpu", "--group", "all",
+        "--evaluate-against", str(truth_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "test_cube_oracle" in result.output and "Localisation" in result.output
+    table = pd.read_csv(trained_run / "evaluation/localisation.tsv", sep="\t")
+    oracle = table[table.method == "test_cube_oracle"].iloc[0]
+    assert oracle.auc == 1.0 and oracle.pointing_game == 1.0 and oracle.mass_inside == 1.0
+    assert {"test_cube_oracle", "test_unsigned_probe"} <= set(table.method)
+    assert list(table.columns[:11]) == ["method", "layer", "fold", "run", "diagnosis",
+                                        "n_sessions", "auc", "mass_inside", "chance_mass",
+                                        "pointing_game", "top5_hit"]
+    only = evaluate_localisation(trained_run, truth_path, methods=["test_cube_oracle"])
+    assert only.method.unique().tolist() == ["test_cube_oracle"]
+
+
+def test_cli_reports_an_unknown_method_in_one_line(trained_run):
+    result = CliRunner().invoke(app, ["explain", "--run", str(trained_run), "--method", "nope"])
+    assert result.exit_code == 2 and "available:" in result.output
+
+
+def test_two_dimensional_run_writes_npy_maps_png_previews_and_group_maps(tmp_path):
+    tsv = generate_lesion_cohort(LesionCohortConfig(out=tmp_path / "lesions", subjects=24,
+                                                    size=32))
+    train_cohort(TrainConfig(cohort=tsv, out=tmp_path / "run", folds=3, epochs=2, batch_size=8,
+                             device="cpu", model={"name": "cnn", "channels": [4, 8, 8]}))
+    index = explain_run(step(tmp_path / "run", "test_signed_probe", group="all"))
+    folder = tmp_path / "run/explanations/test_signed_probe_group-all/fold-0/run-0"
+    for row in index.itertuples():
+        values = np.load(folder / row.path)
+        assert row.path.endswith(".npy") and values.shape == (32, 32)
+        source = np.load(tsv.parent / "images" / f"{row.participant_id}_{row.session_id}.npy")
+        sign = 1.0 if row.target == "malignant" else -1.0  # classes are [benign, malignant]
+        np.testing.assert_allclose(values, sign * (source[0] - 0.5), atol=1e-6)
+        preview = Image.open(folder / row.path.replace(".npy", ".png"))
+        assert preview.size == (32, 32)
+    for diagnosis in index.diagnosis.unique():
+        assert np.load(folder / f"group_{diagnosis}.npy").shape == (32, 32)
+        assert (folder / f"group_{diagnosis}.png").is_file()
