@@ -161,6 +161,16 @@ def test_too_few_correct_samples_is_an_error_naming_the_class(tmp_path):
         make_questionnaires(StudyMakeConfig(run=run, samples_per_class=3))
 
 
+def test_a_class_without_correct_samples_is_an_error_not_a_smaller_study(tmp_path):
+    run = write_explained_run(tmp_path / "run", per_class=2)
+    for index_file in run.glob("explanations/*/fold-0/run-0/index.tsv"):
+        index = pd.read_csv(index_file, sep="\t")
+        index.loc[index["diagnosis"] == "malignant", "predicted"] = "benign"
+        index.to_csv(index_file, sep="\t", index=False)
+    with pytest.raises(ValueError, match="only 0 correctly classified 'malignant'"):
+        make_questionnaires(StudyMakeConfig(run=run, samples_per_class=1))
+
+
 def test_overlay_is_grey_where_the_map_is_zero_and_red_or_blue_by_sign():
     image = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
     relevance = np.zeros((3, 4), dtype=np.float32)

@@ -153,11 +153,13 @@ def _map_file(folder: Path, participant: str, session: str) -> str | None:
     return None
 
 
-def draw_samples(candidates: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
-    """``per_class`` rows of each diagnosis, drawn without replacement, in a seeded random order."""
+def draw_samples(candidates: pd.DataFrame, classes: list[str], per_class: int,
+                 seed: int) -> pd.DataFrame:
+    """``per_class`` rows of each class, drawn without replacement, in a seeded random order."""
     rng = np.random.default_rng(seed)
     drawn = []
-    for diagnosis, rows in candidates.groupby("diagnosis", sort=True):
+    for diagnosis in classes:
+        rows = candidates[candidates["diagnosis"] == diagnosis]
         if len(rows) < per_class:
             raise ValueError(f"only {len(rows)} correctly classified '{diagnosis}' samples have "
                              f"explanations by every method; {per_class} asked")
@@ -248,7 +250,7 @@ def make_questionnaires(config: StudyMakeConfig) -> pd.DataFrame:
         raise ValueError(f"{config.run / 'explanations'}: a study compares at least two methods, "
                          f"found {methods}")
     candidates = correctly_classified(config.run, methods, config.fold, config.model_run, classes)
-    samples = draw_samples(candidates, config.samples_per_class, config.seed)
+    samples = draw_samples(candidates, classes, config.samples_per_class, config.seed)
     paths = {(p, s): path for p, s, path in zip(cohort["participant_id"], cohort["session_id"],
                                                  cohort["path"])}
     rng = np.random.default_rng([config.seed, 1])
