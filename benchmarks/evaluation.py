@@ -101,7 +101,7 @@ def ttest_section(n_maps: int, grid_name: str) -> list[str]:
 
     from voxplain.data.template import brain_mask
     from voxplain.evaluate.stats import (brain_percentile, normalise_map, one_sample_ttest,
-                                         threshold_at_percentile, two_sample_ttest)
+                                         threshold_at, two_sample_ttest)
 
     grid = grid_of(grid_name)
     brain = brain_mask(grid)
@@ -121,8 +121,7 @@ def ttest_section(n_maps: int, grid_name: str) -> list[str]:
     def preprocess() -> None:
         for m in maps(2 * n_maps):
             normalised = normalise_map(m, brain)
-            brain_percentile(normalised, brain)
-            threshold_at_percentile(normalised, brain)
+            threshold_at(normalised, brain_percentile(normalised, brain), brain)
 
     prep = seconds(preprocess)
     shape = "x".join(map(str, grid.shape))

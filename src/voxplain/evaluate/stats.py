@@ -50,13 +50,13 @@ def normalise_map(values: np.ndarray, brain: np.ndarray | None = None) -> np.nda
     """
     values = np.asarray(values, dtype=np.float32)
     inside = _inside(values, brain)
-    low, high = float(inside.min()), float(inside.max())
+    low, high = inside.min(), inside.max()
     out = np.zeros_like(values)
     if high > low:
-        scaled = (values - low) / (high - low)
+        scaled = (inside - low) / (high - low)
         if brain is None:
-            return scaled
-        out[brain] = scaled[brain]
+            return scaled.reshape(values.shape)
+        out[brain] = scaled
     return out
 
 
@@ -69,8 +69,14 @@ def brain_percentile(values: np.ndarray, brain: np.ndarray | None = None,
 def threshold_at_percentile(values: np.ndarray, brain: np.ndarray | None = None,
                             q: float = PERCENTILE) -> np.ndarray:
     """``values`` where they reach their own ``q``-th percentile inside ``brain``, else 0."""
+    return threshold_at(values, brain_percentile(values, brain, q), brain)
+
+
+def threshold_at(values: np.ndarray, threshold: float,
+                 brain: np.ndarray | None = None) -> np.ndarray:
+    """``values`` where they reach ``threshold`` inside ``brain``, else 0 (float32)."""
     values = np.asarray(values, dtype=np.float32)
-    keep = values >= brain_percentile(values, brain, q)
+    keep = values >= threshold
     if brain is not None:
         keep &= brain
     return np.where(keep, values, np.float32(0))
@@ -353,7 +359,7 @@ def heatmap_statistics(config: StatsConfig) -> pd.DataFrame:
         percentile = brain_percentile(values, brain, config.percentile)
         records.append({"participant_id": participant, "session_id": session,
                         "diagnosis": diagnosis, "n_maps": len(rows), "percentile": percentile})
-        moments[diagnosis].add(threshold_at_percentile(values, brain, config.percentile))
+        moments[diagnosis].add(threshold_at(values, percentile, brain))
     percentiles = pd.DataFrame(records)
     write_tsv(out / "percentiles.tsv", percentiles)
     tests = {f"one-sample_{g}": (lambda g=g: one_sample_ttest(moments[g])) for g in groups
