@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import sqlite3
@@ -13,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_cohort
 from scipy import stats
 
-from conftest import write_cohort
 from voxplain.config import StudyAnalyseConfig, StudyMakeConfig
 from voxplain.study.analyse import (
     analyse,
@@ -79,7 +78,7 @@ def write_explained_run(root: Path, spatial: tuple[int, ...] = (32, 32), per_cla
                 nib.save(nib.Nifti1Image(relevance, np.eye(4)),
                          folder / f"{row.participant_id}_{row.session_id}.nii.gz")
             correct = number // 2 >= wrong
-            other = sorted(set(cohort["diagnosis"]) - {row.diagnosis})[0]
+            other = min(set(cohort["diagnosis"]) - {row.diagnosis})
             index.append({"participant_id": row.participant_id, "session_id": row.session_id,
                           "diagnosis": row.diagnosis, "target": row.diagnosis,
                           "predicted": row.diagnosis if correct else other,
@@ -120,7 +119,7 @@ def study_2d(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
 
 
 def test_questionnaire_draws_correctly_classified_samples_per_class(study_2d):
-    folder, key = study_2d
+    _, key = study_2d
     samples = key.drop_duplicates("question")
     assert samples["diagnosis"].value_counts().to_dict() == {"benign": 6, "malignant": 6}
     # sessions 0-3 (the first two of each class) were misclassified by the fixture
@@ -323,7 +322,7 @@ def test_mean_ci_is_the_t_interval():
 
 @pytest.fixture(scope="module")
 def simulated(study_2d):
-    folder, key = study_2d
+    _, key = study_2d
     answers = derandomise(simulate_raters(key, raters=8, seed=1), key)
     answers["z"] = z_normalise(answers)
     answers["rank"] = question_ranks(answers)

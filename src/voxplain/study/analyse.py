@@ -226,7 +226,11 @@ def preference_factor(matrix: pd.DataFrame) -> tuple[pd.Series, pd.Series, float
 def analyse(config: StudyAnalyseConfig) -> dict:
     """Every table and figure of the study into ``STUDY/analysis`` (see module docstring);
     returns the summary also written to ``summary.json``."""
-    from voxplain.study.figures import comparison_figure, criteria_dendrogram, preference_figure
+    from voxplain.study.figures import (
+        comparison_figure,
+        criteria_dendrogram,
+        preference_figure,
+    )
 
     folder = StudyFolder(config.study)
     out = config.out or folder.analysis_dir

@@ -18,7 +18,7 @@ import logging
 import re
 import sqlite3
 from contextlib import closing
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -54,7 +54,7 @@ class AnswerStore:
 
     def record(self, rows: list[dict]) -> None:
         """Insert answers, or update the score of answers given before (one transaction)."""
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
         with closing(self._connect()) as connection, connection:
             connection.executemany(
                 "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -212,7 +212,7 @@ def make_server(study: Path, variant: str, port: int = 0,
     page = questionnaire_page(questionnaire, variant).encode()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             url = urlparse(self.path)
             if url.path in ("/", "/index.html"):
                 self._reply(HTTPStatus.OK, "text/html; charset=utf-8", page)
@@ -228,7 +228,7 @@ def make_server(study: Path, variant: str, port: int = 0,
             else:
                 self._reply(HTTPStatus.NOT_FOUND, "text/plain", b"not found")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             if urlparse(self.path).path != "/answer":
                 self._reply(HTTPStatus.NOT_FOUND, "text/plain", b"not found")
                 return
@@ -252,7 +252,7 @@ def make_server(study: Path, variant: str, port: int = 0,
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
     return ThreadingHTTPServer((HOST, port), Handler)
