@@ -1,0 +1,173 @@
+"""CyCE on a run folder: ``voxplain cyce train`` and ``voxplain cyce transfer``.
+
+For each selected fold/run with a trained classifier, CyCE is trained on the fold's *training*
+sessions (the images the classifier learnt from; their labels are never used) and evaluated on
+its *validation* sessions, unseen by both. Outputs, in ``RUN/cyce/fold-K/run-R/``:
+``generators.safetensors`` + ``generators.json`` (the explainer reads these), ``loss.tsv`` (every
+loss term per step), ``transfer.tsv``. A fold/run whose generators exist is skipped; an
+interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import Progress
+
+from voxplain.config import CyCEStepConfig, CyCETransferConfig, TrainConfig
+from voxplain.data.cohort import Cohort, load_images
+from voxplain.explain.cyce.relevance import DESCRIPTION, CyCEGenerators
+from voxplain.explain.cyce.training import CyCETrainer
+from voxplain.explain.cyce.transfer import transfer_probabilities, transfer_table
+from voxplain.io import read_tsv, write_tsv
+from voxplain.models.serialization import load_model
+from voxplain.run import RunFolder, RunFolderError
+from voxplain.train.checkpoint import remove_state
+from voxplain.train.trainer import resolve_device
+
+log = logging.getLogger("voxplain")
+
+
+@dataclass(frozen=True)
+class CyCEContext:
+    """The run folder, its cohort images and the device, read once."""
+
+    run: RunFolder
+    train: TrainConfig
+    table: pd.DataFrame   # sessions in image order
+    images: np.ndarray    # (N, C, *spatial)
+    device: torch.device
+
+
+def cyce_dir(run: RunFolder, fold: int, run_index: int) -> Path:
+    """``RUN/cyce/fold-K/run-R``."""
+    return run.root / "cyce" / f"fold-{fold}" / f"run-{run_index}"
+
+
+def read_context(run_path: Path, device: str, progress: Progress | None) -> CyCEContext:
+    run = RunFolder(run_path)
+    train = run.train_config()
+    cohort = Cohort.from_tsv(run.cohort_file)
+    task = progress.add_task("loading cohort", total=len(cohort)) if progress else None
+    stack = load_images(cohort, train.downsample,
+                        run.cache_dir if train.cache == "disk" else None,
+                        (lambda done, total: progress.update(task, completed=done))
+                        if progress else None)
+    return CyCEContext(run, train, cohort.table, stack.array, resolve_device(device))
+
+
+def split_images(context: CyCEContext, fold: int, subset: str) -> np.ndarray:
+    """Images of the fold's ``subset`` (train or validation) sessions, in split order."""
+    split = read_tsv(context.run.split_file(fold, subset))
+    rows = context.table.reset_index(names="image_index").merge(
+        split[["participant_id", "session_id"]], on=["participant_id", "session_id"])
+    if rows.empty:
+        raise RunFolderError(f"{context.run.split_file(fold, subset)}: no session of this split "
+                             "is in the run's cohort")
+    return np.ascontiguousarray(context.images[rows.image_index.to_numpy()])
+
+
+def selected_models(run: RunFolder, folds: list[int] | None) -> list[tuple[int, int, Path]]:
+    found = [(f, r, d) for f, r, d in run.model_dirs() if folds is None or f in folds]
+    if not found:
+        raise RunFolderError(f"{run.root}: no trained model for folds {folds}")
+    return found
+
+
+def _check_binary(classes: list[str], folder: Path) -> None:
+    if len(classes) != 2:
+        raise ValueError(f"{folder}: CyCE explains two-class classifiers (paper 3); this model "
+                         f"has {len(classes)} classes {classes}")
+
+
+def train_cyce(config: CyCEStepConfig, progress: Progress | None = None) -> pd.DataFrame:
+    """Train CyCE for every selected fold/run; one summary row per fold/run."""
+    run = RunFolder(config.run)
+    run.train_config()
+    run.record_config("cyce", config)
+    context = read_context(config.run, config.device, progress)
+    rows = []
+    for fold, run_index, model_folder in selected_models(run, config.folds):
+        folder = cyce_dir(run, fold, run_index)
+        if (folder / DESCRIPTION).is_file():
+            log.info("CyCE fold %d run %d already trained: skipped", fold, run_index)
+            rows.append(_summary(folder, fold, run_index))
+            continue
+        classifier, description = load_model(model_folder, context.device)
+        _check_binary(description["classes"], model_folder)
+        images = split_images(context, fold, "train")
+        trainer = CyCETrainer(classifier, images, config.cyce, context.device)
+        task = (progress.add_task(f"CyCE fold {fold} run {run_index}",
+                                  total=config.cyce.max_steps) if progress else None)
+
+        def show(step: int, losses: dict[str, float]) -> None:
+            if progress is not None and task is not None:
+                progress.update(task, completed=step, description=_loss_line(fold, run_index,
+                                                                            losses))
+
+        started = time.perf_counter()
+        state = trainer.fit(folder, show)
+        generators = CyCEGenerators(trainer.networks["g_plus"], trainer.networks["g_minus"])
+        write_tsv(folder / "loss.tsv", pd.DataFrame(state.history))
+        generators.save(folder, {**trainer.description(), "fold": fold, "run": run_index,
+                                 "classes": description["classes"],
+                                 "classifier": str(model_folder.relative_to(run.root)),
+                                 "training_images": len(images),
+                                 "seconds_this_session": time.perf_counter() - started})
+        remove_state(folder)
+        log.info("CyCE fold %d run %d: %d steps (%s)", fold, run_index, state.next_step,
+                 state.stop_reason)
+        rows.append(_summary(folder, fold, run_index))
+    return pd.DataFrame(rows)
+
+
+def _loss_line(fold: int, run_index: int, losses: dict[str, float]) -> str:
+    return (f"CyCE fold {fold} run {run_index} G {losses['generator']:.3f} "
+            f"D {losses['discriminator']:.3f} cyc {losses['cycle_plus']:.3f}/"
+            f"{losses['cycle_minus']:.3f} sim {losses['similarity_plus']:.3f}/"
+            f"{losses['similarity_minus']:.3f} adv {losses['adversarial_plus']:.2f}/"
+            f"{losses['adversarial_minus']:.2f} AM {losses['activation_plus']:.2f}/"
+            f"{losses['activation_minus']:.2f} p+ {losses['probability_plus']:.2f} "
+            f"p- {losses['probability_minus']:.2f}")
+
+
+def _summary(folder: Path, fold: int, run_index: int) -> dict[str, object]:
+    losses = pd.read_csv(folder / "loss.tsv", sep="\t")
+    last = losses.tail(50).mean(numeric_only=True)
+    return {"fold": fold, "run": run_index, "steps": len(losses),
+            "seconds_per_step": float(losses.seconds.mean()),
+            **{name: float(last[name]) for name in ("generator", "discriminator",
+                                                     "probability_plus", "probability_minus")}}
+
+
+def transfer_cyce(config: CyCETransferConfig, progress: Progress | None = None) -> pd.DataFrame:
+    """Domain transfer (paper 3, 4.1) of every trained fold/run; writes ``transfer.tsv`` each."""
+    run = RunFolder(config.run)
+    context = read_context(config.run, config.device, progress)
+    tables = []
+    for fold, run_index, model_folder in selected_models(run, config.folds):
+        folder = cyce_dir(run, fold, run_index)
+        if not (folder / DESCRIPTION).is_file():
+            log.warning("CyCE fold %d run %d: no generators (%s): skipped", fold, run_index, folder)
+            continue
+        classifier, description = load_model(model_folder, context.device)
+        _check_binary(description["classes"], model_folder)
+        generators = CyCEGenerators.load(folder, context.device)
+        positive = int(generators.description.get("positive_class", 1))
+        probabilities = transfer_probabilities(
+            classifier, generators, split_images(context, fold, config.subset), positive,
+            config.batch_size, context.device)
+        table = transfer_table(probabilities, config.confidence).assign(
+            fold=fold, run=run_index, subset=config.subset,
+            positive_class=description["classes"][positive])
+        write_tsv(folder / "transfer.tsv", table)
+        tables.append(table)
+    if not tables:
+        raise RunFolderError(f"{run.root}: no trained CyCE generators; run `voxplain cyce train`")
+    return pd.concat(tables, ignore_index=True)
