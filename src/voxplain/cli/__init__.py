@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from voxplain.cli import cyce as _cyce
 from voxplain.cli import evaluate as _evaluate
 from voxplain.cli import explain as _explain
 from voxplain.cli import generate as _generate
@@ -24,6 +25,7 @@ app.add_typer(_generate.generate, name="generate")
 app.command()(_train.train)
 app.command()(_train.predict)
 app.add_typer(_masks.mask, name="mask")
+app.add_typer(_cyce.cyce, name="cyce")
 app.command()(_explain.explain)
 app.add_typer(_study.study, name="study")
 app.command()(_report.report)
