@@ -135,22 +135,22 @@ class CAM(Explainer):
                 f"and {len(linears)} linear layers. Use grad_cam instead.")
         self.pool, self.linear = pools[0], linears[0]
 
+    @torch.no_grad()
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
         handle = self.pool.register_forward_hook(lambda module, inputs, output:
                                                  captured.append(inputs[0]))
         try:
-            with torch.no_grad():
-                logits = self.model(x)
+            logits = self.model(x)
         finally:
             handle.remove()
         if len(captured) != 1:
             raise ValueError(f"cam: global average pooling ran {len(captured)} times per forward pass")
         activations = captured[0]
         check_targets(logits, target)
-        pooled = activations.flatten(2).mean(2)
-        expected = F.linear(pooled, self.linear.weight, self.linear.bias)
-        if not torch.allclose(logits, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()) + 1e-6):
+        expected = F.linear(activations.flatten(2).mean(2), self.linear.weight, self.linear.bias)
+        tolerance = 1e-4 * float(expected.abs().max()) + 1e-6
+        if not torch.allclose(logits, expected, rtol=1e-4, atol=tolerance):
             raise ValueError(f"cam: the logits of {type(self.model).__name__} are not "
                              "linear(global average pool(features)); use grad_cam instead")
         maps = weighted_feature_maps(self.linear.weight[target], activations)
