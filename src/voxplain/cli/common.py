@@ -27,6 +27,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from voxplain.config import read_toml
 
@@ -79,7 +80,9 @@ def reported_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        # as plain text: messages quote config sections such as "[train]", not rich markup
+        console.print(Text.assemble(("error:", "bold red"), f" {error}"), highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(2) from None
 
 
