@@ -46,9 +46,9 @@ def to_input_grid(maps: torch.Tensor, shape: tuple[int, ...], normalise: bool) -
     ``shape``, then, if ``normalise``, divided by each sample's maximum; ``(n, 1, *shape)``."""
     if tuple(maps.shape[2:]) != tuple(shape):
         maps = F.interpolate(maps, size=shape, mode=_LINEAR_MODES[len(shape)], align_corners=False)
-    if normalise:
+    if normalise:  # in place: ``maps`` is always a fresh tensor of ours here
         peak = maps.flatten(1).amax(1).view(-1, *[1] * (maps.ndim - 1))
-        maps = maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+        maps.div_(torch.where(peak > 0, peak, torch.ones_like(peak)))
     return maps
 
 

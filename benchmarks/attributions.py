@@ -1,0 +1,217 @@
+"""Cost of every explanation method, and of our CAM family against MONAI and Captum, in one run.
+
+For the default paper-1 ``cnn`` (``build_model(ModelConfig(input_shape=grid))``) at the demo grid
+(the SPM grid 121x145x121 downsampled by 4, :func:`~voxplain.data.grid.downsampled_shape`:
+31x37x31) and the full SPM grid, batches of 1 and 8 random volumes:
+
+- ``s/volume``: median seconds of ``explainer(name, model).explain(x, targets)`` per volume, maps
+  upsampled to the input grid (every method returns maps on the input grid, so upsampling is part
+  of every timing);
+- ``floor``: one forward + backward of the same model on the same batch, in eval mode: the summed
+  target logits differentiated w.r.t. the input (``torch.autograd.grad``; no parameter
+  gradients) — what one gradient map cannot avoid; ``ratio`` = method / floor, both per batch;
+- methods that need global average pooling (``cam``) cannot run on the ``cnn``: they are timed on
+  ``vgg_gap`` at the same grid, against that model's own floor (marked in the output);
+- peers, on the same ``cnn``, input and targets: our ``grad_cam`` / ``grad_cam_pp`` vs MONAI's
+  ``GradCAM`` / ``GradCAMpp`` (batch size 1: MONAI is only correct there, so batch 8 is a loop
+  over the 8 volumes; its trilinear upsampler, no post-processing) and Captum's ``LayerGradCam``
+  (batched, with ``LayerAttribution.interpolate(..., "trilinear")``). Ours keeps its default
+  per-sample normalisation, the peers none, so the comparison does not favour us.
+
+Expensive methods run with fewer samples than their defaults (listed in the ``settings`` column
+and printed above the table; their cost grows about linearly with it), and at the full grid only
+at batch 1. Each figure is the median over repeats after one warm-up call; methods and floor take
+turns within each repeat, so a drift of the machine hits them alike.
+
+Run: ``.venv/bin/python benchmarks/attributions.py [--quick] [--methods a,b] [--device auto|cpu|cuda]``
+(``--quick``: demo grid only, fewer repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from voxplain.config import ModelConfig
+from voxplain.data.grid import SPM_SHAPE, downsampled_shape
+from voxplain.explain.api import METHODS, explainer, last_conv_name
+from voxplain.models.registry import build_model
+from voxplain.train.trainer import resolve_device
+
+GRIDS = {"demo": downsampled_shape(SPM_SHAPE, 4), "full": SPM_SHAPE}
+METHOD_MODULES = ("cam", "gradients", "lrp")
+NEEDS_GAP = {"cam"}
+#: Reduced settings for methods that run the network many times per map (defaults: 50 samples or
+#: steps; occlusion window = stride = 8, i.e. thousands of windows at the full grid).
+REDUCED = {
+    "demo": {"smoothgrad": {"n_samples": 8}, "integrated_gradients": {"n_steps": 8},
+             "gradient_shap": {"n_samples": 8}, "occlusion": {"window": 8, "stride": 8}},
+    "full": {"smoothgrad": {"n_samples": 8}, "integrated_gradients": {"n_steps": 8},
+             "gradient_shap": {"n_samples": 8}, "occlusion": {"window": 32, "stride": 32},
+             "deeplift_shap": {}},
+}
+
+
+def load_methods() -> list[str]:
+    """Import each method module on its own, so the benchmark runs with whichever exist."""
+    for module in METHOD_MODULES:
+        try:
+            importlib.import_module(f"voxplain.explain.{module}")
+        except ImportError as error:
+            print(f"# voxplain.explain.{module} not importable ({error}): its methods are not timed")
+    return sorted(METHODS)
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(call: Callable[[], object], device: torch.device) -> float:
+    synchronise(device)
+    start = time.perf_counter()
+    call()
+    synchronise(device)
+    return time.perf_counter() - start
+
+
+def floor_call(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> Callable[[], object]:
+    """One forward + backward of the summed target logits w.r.t. the input (eval mode)."""
+    def call() -> object:
+        inputs = x.detach().requires_grad_(True)
+        score = model(inputs).gather(1, targets[:, None]).sum()
+        return torch.autograd.grad(score, inputs)
+    return call
+
+
+def monai_call(kind: str, model: nn.Module, x: torch.Tensor,
+               targets: torch.Tensor) -> Callable[[], object]:
+    from monai.visualize import GradCAM, GradCAMpp
+
+    # MONAI leaves its hooks on the model: give it a copy
+    cam = {"grad_cam": GradCAM, "grad_cam_pp": GradCAMpp}[kind](
+        copy.deepcopy(model), target_layers=last_conv_name(model), postprocessing=lambda m: m)
+    return lambda: [cam(x[i:i + 1], class_idx=int(targets[i])) for i in range(len(x))]
+
+
+def captum_call(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> Callable[[], object]:
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    layer = dict(model.named_modules())[last_conv_name(model)]
+    cam = LayerGradCam(model, layer)
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.ndim - 2]
+    return lambda: LayerAttribution.interpolate(
+        cam.attribute(x, targets, relu_attributions=True).detach(), tuple(x.shape[2:]), mode)
+
+
+def medians(calls: dict[str, Callable[[], object]], repeats: int,
+            device: torch.device) -> dict[str, float]:
+    """Median seconds of each call: one warm-up round, then ``repeats`` rounds taking turns."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(timed(call, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def settings_text(options: dict[str, object]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in options.items()) or "defaults"
+
+
+def benchmark_grid(grid: str, methods: list[str], batches: list[int], repeats: int,
+                   device: torch.device) -> tuple[list[str], list[str]]:
+    shape = GRIDS[grid]
+    label = "x".join(map(str, shape))
+    torch.manual_seed(0)
+    models = {name: build_model(ModelConfig(name=name, input_shape=list(shape))).to(device).eval()
+              for name in ("cnn", "vgg_gap")}
+    rows, peer_rows = [], []
+    for batch in batches:
+        x = torch.rand(batch, 1, *shape, device=device)
+        targets = torch.arange(batch, device=device) % 2  # mixed targets
+        calls: dict[str, Callable[[], object]] = {
+            f"floor {net}": floor_call(model, x, targets) for net, model in models.items()}
+        skipped = []
+        for name in methods:
+            options = REDUCED[grid].get(name, {})
+            if grid == "full" and batch > 1 and name in REDUCED[grid]:
+                skipped.append(name)
+                continue
+            net = "vgg_gap" if name in NEEDS_GAP else "cnn"
+            method = explainer(name, models[net], batch_size=batch, **options)
+            calls[name] = lambda method=method: method.explain(x, targets)
+        cnn = models["cnn"]
+        peers = [name for name in ("grad_cam", "grad_cam_pp") if name in calls]
+        for name in peers:
+            calls[f"monai {name}"] = monai_call(name, cnn, x, targets)
+        if "grad_cam" in calls:
+            calls["captum grad_cam"] = captum_call(cnn, x, targets)
+        seconds = medians(calls, repeats, device)
+        for name in methods:
+            if name in skipped:
+                rows.append(f"| {label} | {batch} | {name} | not timed (expensive; batch 1 only "
+                            f"at this grid) | | | |")
+                continue
+            net = "vgg_gap" if name in NEEDS_GAP else "cnn"
+            floor = seconds[f"floor {net}"]
+            settings = settings_text(REDUCED[grid].get(name, {}))
+            if net != "cnn":
+                settings += "; on vgg_gap (needs GAP), its own floor"
+            rows.append(f"| {label} | {batch} | {name} | {settings} | {seconds[name] / batch:.4f} "
+                        f"| {floor / batch:.4f} | {seconds[name] / floor:.2f} |")
+        for name in peers:
+            ours, monai = seconds[name], seconds[f"monai {name}"]
+            captum = seconds.get("captum grad_cam") if name == "grad_cam" else None
+            captum_text = (f"{captum / batch:.4f} | {captum / ours:.2f}" if captum is not None
+                           else "n/a (no Grad-CAM++) | ")
+            peer_rows.append(f"| {label} | {batch} | {name} | {ours / batch:.4f} | "
+                             f"{monai / batch:.4f} | {monai / ours:.2f} | {captum_text} |")
+        print(f"# {grid} batch {batch} done", flush=True)
+    return rows, peer_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="demo grid only, fewer repeats")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated method names (default: every registered method)")
+    arguments = parser.parse_args()
+    device = resolve_device(arguments.device)
+    available = load_methods()
+    methods = available if arguments.methods is None else arguments.methods.split(",")
+    unknown = sorted(set(methods) - set(available))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; available: {', '.join(available)}")
+    grids = ["demo"] if arguments.quick else ["demo", "full"]
+    repeats = {"demo": 2 if arguments.quick else 5, "full": 1 if arguments.quick else 2}
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    for grid in grids:
+        reduced = {name: settings_text(o) for name, o in REDUCED[grid].items() if name in methods}
+        print(f"# {grid}: {repeats[grid]} repeats; reduced settings: {reduced}")
+    rows, peer_rows = [], []
+    for grid in grids:
+        grid_rows, grid_peers = benchmark_grid(grid, methods, [1, 8], repeats[grid], device)
+        rows += grid_rows
+        peer_rows += grid_peers
+    print("| grid | batch | method | settings | s / volume | floor s / volume | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    print()
+    print("| grid | batch | method | ours s / volume | MONAI s / volume | MONAI / ours "
+          "| Captum s / volume | Captum / ours |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(peer_rows))
+
+
+if __name__ == "__main__":
+    main()
