@@ -218,3 +218,41 @@ def test_qc_flags_the_image_that_makes_the_loss_jump():
     rows += [{"image": 20, "epoch": e, "loss": 0.95} for e in range(5)]
     flags = qc_flags(pd.DataFrame(rows))
     assert flags.loc[flags.flagged, "image"].tolist() == [20]
+
+
+def _away_from_the_kink(shape, epsilon, seed):
+    """Random mask values, a third of them exactly 1 (the start, where |1 - m|^b1 has no
+    derivative without smoothing). A value within the finite-difference step of epsilon, where
+    the smoothed terms switch branch, has a probability of about 1e-6 per voxel."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=generator, dtype=torch.float64)
+    mask[..., ::3] = 1.0  # exactly at m = 1 too: the point where |x|^b1 is not differentiable
+    return mask
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5, 4), (2, 1, 4, 3, 5)])
+@pytest.mark.parametrize("exponent", [0.1, 1.0, 2.0])
+def test_closed_form_gradients_of_the_regularisers_agree_with_finite_differences(shape, exponent):
+    epsilon = 1e-3
+    mask = _away_from_the_kink(shape, epsilon, seed=len(shape)).requires_grad_(True)
+    for term in (sparsity_term, smoothness_term):
+        weights = torch.tensor([0.7, -1.3], dtype=torch.float64)
+        assert torch.autograd.gradcheck(lambda m: (term(m, exponent, epsilon) * weights).sum(),
+                                        (mask,), eps=1e-7, atol=1e-5)
+
+
+@pytest.mark.parametrize("exponent", [0.1, 1.0, 3.0])
+def test_closed_form_gradients_equal_autograd_of_the_smoothed_powers(exponent):
+    """Reference: the same terms written with autograd through power_of_root."""
+    epsilon = 1e-2
+    mask = _away_from_the_kink((3, 1, 6, 5, 4), epsilon, seed=7).requires_grad_(True)
+    mask.data[0] = 1.0  # one mask at its starting point, where every voxel is below epsilon
+    reference_sparsity = power_of_root((1 - mask).square(), exponent, epsilon).flatten(1).mean(1)
+    steps = spatial_gradient(mask)
+    reference_smoothness = power_of_root(steps.square().sum(1), exponent, epsilon).flatten(1).mean(1)
+    for ours, reference in ((sparsity_term(mask, exponent, epsilon), reference_sparsity),
+                            (smoothness_term(mask, exponent, epsilon), reference_smoothness)):
+        torch.testing.assert_close(ours, reference)
+        expected, = torch.autograd.grad(reference.sum(), mask, retain_graph=True)
+        actual, = torch.autograd.grad(ours.sum(), mask, retain_graph=True)
+        torch.testing.assert_close(actual, expected)

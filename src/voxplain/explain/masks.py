@@ -89,7 +89,7 @@ def optimise_session_masks(model: nn.Module, images: torch.Tensor, targets: torc
         images: ``(N, C, *spatial)`` on the model's device.
         targets: ``(N,)`` class whose probability each mask minimises.
     """
-    model = fold_batch_norm(model)
+    model = fold_batch_norm(model)  # Adam below is fused: one pass over the masks per step
     parts = []
     for start in range(0, len(images), config.batch_size):
         chunk = slice(start, start + config.batch_size)
@@ -113,7 +113,7 @@ def _optimise_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
     mu = reference(images)
     mask = torch.ones((size, 1, *images.shape[2:]), dtype=images.dtype, device=images.device,
                       requires_grad=True)
-    optimizer = torch.optim.Adam([mask], lr=config.learning_rate)
+    optimizer = torch.optim.Adam([mask], lr=config.learning_rate, fused=True)
     best = mask.detach().clone()
     best_loss = np.full(size, np.inf)
     iterations = np.zeros(size, dtype=np.int64)
@@ -186,7 +186,7 @@ def optimise_group_mask(model: nn.Module, images: np.ndarray, targets: np.ndarra
     weights = weights_of(config)
     mask = torch.ones((1, 1, *images.shape[2:]), dtype=torch.from_numpy(images[:1]).dtype,
                       device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([mask], lr=config.learning_rate)
+    optimizer = torch.optim.Adam([mask], lr=config.learning_rate, fused=True)
     state = {"epoch": 0, "best_epoch": -1, "history": [], "image_losses": [],
              "lowest": float("inf"), "without_improvement": 0}
     best = mask.detach().clone()

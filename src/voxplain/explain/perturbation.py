@@ -81,15 +81,84 @@ def spatial_gradient(mask: torch.Tensor) -> torch.Tensor:
 
 
 def sparsity_term(mask: torch.Tensor, b1: float, epsilon: float) -> torch.Tensor:
-    """``(N,)``: ``mean_u |1 - m(u)|^b1`` of each mask ``(N, 1, *spatial)``."""
-    return power_of_root((1 - mask).square(), b1, epsilon).flatten(1).mean(1)
+    """``(N,)``: ``mean_u |1 - m(u)|^b1`` of each mask ``(N, 1, *spatial)`` (smoothed below
+    ``epsilon`` as in :func:`power_of_root`)."""
+    return _Sparsity.apply(mask, b1, epsilon)
 
 
 def smoothness_term(mask: torch.Tensor, b2: float, epsilon: float) -> torch.Tensor:
     """``(N,)``: ``mean_u ||grad m(u)||^b2`` of each mask ``(N, 1, *spatial)`` over the voxels
-    where the forward differences are defined."""
-    norm_squared = sum(difference.square() for difference in _forward_differences(mask))
-    return power_of_root(norm_squared, b2, epsilon).flatten(1).mean(1)
+    where the forward differences are defined (smoothed below ``epsilon``)."""
+    return _Smoothness.apply(mask, b2, epsilon)
+
+
+# The two regularisers are evaluated at every iteration of every mask on the full grid, where
+# each elementwise pass over the volume costs milliseconds. Written with autograd they take about
+# twenty passes each (forward and backward); with the gradient in closed form, computed in the
+# forward pass, about half. Both use ``power_of_root(s, b, eps) = max(s, eps^2)^(b/2 - 1) * s``
+# (exact: it is ``s^(b/2)`` above ``eps^2`` and ``eps^(b-2) s`` below) whose derivative is
+# ``max(s, eps^2)^(b/2 - 1)`` times ``b/2`` above ``eps^2`` and times 1 below.
+
+class _Sparsity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mask: torch.Tensor, exponent: float, epsilon: float) -> torch.Tensor:
+        residual = 1 - mask                                          # r = 1 - m, s = r^2
+        scale = residual.abs().clamp_min_(epsilon).pow_(exponent - 2)  # max(|r|, eps)^(b-2)
+        weighted = scale.mul_(residual)                              # scale * r
+        count = residual[0].numel()
+        value = torch.linalg.vecdot(weighted.flatten(1), residual.flatten(1)) / count
+        if ctx.needs_input_grad[0]:
+            # d/dm [scale r^2] = -2 scale r (below eps) or -b scale r (above)
+            above = residual.abs_() >= epsilon
+            gradient = weighted.mul_(-2 / count)
+            ctx.save_for_backward(torch.where(above, gradient * (exponent / 2), gradient))
+        return value
+
+    @staticmethod
+    def backward(ctx, output_gradient: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        shape = (-1,) + (1,) * (gradient.ndim - 1)
+        return gradient * output_gradient.reshape(shape), None, None
+
+
+class _Smoothness(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mask: torch.Tensor, exponent: float, epsilon: float) -> torch.Tensor:
+        differences = _forward_differences(mask)
+        squared = differences[0].square()
+        for difference in differences[1:]:
+            squared.addcmul_(difference, difference)                 # s = ||grad m||^2
+        scale = squared.clamp_min(epsilon**2).pow_(exponent / 2 - 1)
+        count = squared[0].numel()
+        value = torch.linalg.vecdot(scale.flatten(1), squared.flatten(1)) / count
+        if ctx.needs_input_grad[0]:
+            # dvalue/ds per voxel, then ds/dm through d_i = m(u + e_i) - m(u)
+            slope = torch.where(squared >= epsilon**2, scale * (exponent / 2), scale)
+            ctx.save_for_backward(_difference_adjoint(mask, differences, slope.mul_(2 / count)))
+        return value
+
+    @staticmethod
+    def backward(ctx, output_gradient: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        shape = (-1,) + (1,) * (gradient.ndim - 1)
+        return gradient * output_gradient.reshape(shape), None, None
+
+
+def _difference_adjoint(mask: torch.Tensor, differences: list[torch.Tensor],
+                        slope: torch.Tensor) -> torch.Tensor:
+    """``d/dm sum_u slope(u) * ||grad m(u)||^2 / 2`` for the cropped forward differences of
+    :func:`_forward_differences`: each ``slope * d_i`` is added at ``u + e_i`` and subtracted
+    at ``u``."""
+    spatial_dims = mask.ndim - 2
+    gradient = torch.zeros_like(mask)
+    for axis, difference in enumerate(differences):
+        weighted = slope * difference
+        origin = [slice(None), 0] + [slice(0, -1)] * spatial_dims
+        shifted = list(origin)
+        shifted[2 + axis] = slice(1, None)
+        gradient[tuple(shifted)] += weighted
+        gradient[tuple(origin)] -= weighted
+    return gradient
 
 
 def perturb(images: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
