@@ -249,8 +249,7 @@ def confidence_interval_block(table: pd.DataFrame) -> Block:
     if not needed <= set(table.columns):
         return table_block(table, "evaluation/classification.tsv (no metric/value columns: "
                            "shown as is).")
-    keys = [c for c in table.columns if c not in {"metric", "value", "ci_low", "ci_high"}
-            and table[c].nunique() < len(table)]
+    keys = [c for c in table.columns if c not in {"metric", "value", "ci_low", "ci_high"}]
     has_ci = {"ci_low", "ci_high"} <= set(table.columns)
     cells = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if has_ci else f"{v:.3f}" for v, lo, hi in zip(
         table["value"], table.get("ci_low", table["value"]), table.get("ci_high", table["value"]))]
@@ -377,6 +376,11 @@ def explanations_section(context: ReportContext) -> Section:
     methods = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     for method in methods:
         section.blocks.append(Block("heading", method))
+        described = root / method / "explanation.json"
+        description = json.loads(described.read_text()) if described.is_file() else {}
+        if description:
+            section.blocks.append(Block("text", "; ".join(
+                f"{key}: {value}" for key, value in description.items() if value is not None)))
         found = [item for item in fold_run_files(root / method, "group_*")
                  if map_stem(item[2]) != item[2].name]
         diagnoses = sorted({map_stem(path).removeprefix("group_") for _, _, path in found})
@@ -386,7 +390,8 @@ def explanations_section(context: ReportContext) -> Section:
             maps, affine = {}, None
             for label, (_, _, path) in zip(column_labels(chosen), chosen):
                 maps[label], affine = read_map(path)
-            style = figures.map_style(list(maps.values()), f"{method} relevance")
+            style = figures.map_style(list(maps.values()), f"{method} relevance",
+                                      signed=description.get("signed"))
             section.blocks.extend(map_figures(context, f"{method}_group_{diagnosis}",
                                               f"{method}, group map of {diagnosis}", maps,
                                               affine, style))
@@ -453,7 +458,7 @@ def matrix_of(table: pd.DataFrame) -> pd.DataFrame | None:
     square table (rows labelled like its columns).
     """
     first = table.columns[0]
-    if table[first].dtype == object and set(table[first].astype(str)) == set(
+    if not pd.api.types.is_numeric_dtype(table[first]) and set(table[first].astype(str)) == set(
             map(str, table.columns[1:])):
         matrix = table.set_index(first)
     elif table.shape[0] == table.shape[1]:
@@ -467,8 +472,9 @@ def matrix_of(table: pd.DataFrame) -> pd.DataFrame | None:
 
 def _long_groups(table: pd.DataFrame) -> tuple[str, str] | None:
     """``(group column, value column)`` of a long table that compares a few groups."""
-    labels = [c for c in table.columns if table[c].dtype == object
-              and 2 <= table[c].nunique() <= 8 and c not in ("participant_id", "session_id")]
+    labels = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])
+              and 2 <= table[c].nunique() <= 8 and not c.startswith(("participant", "session"))]
+    labels.sort(key=lambda c: c != "kind")
     values = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
     return (labels[0], values[0]) if labels and values else None
 
@@ -477,7 +483,6 @@ def robustness_section(context: ReportContext) -> Section:
     section = Section("robustness", "Robustness of the explanations")
     folder = context.path("evaluation", "robustness")
     files = sorted(folder.rglob("*.tsv")) if folder.is_dir() else []
-    off_diagonal: dict[str, np.ndarray] = {}
     for path in files:
         name = str(path.relative_to(folder).with_suffix(""))
         table = pd.read_csv(path, sep="\t")
@@ -485,21 +490,15 @@ def robustness_section(context: ReportContext) -> Section:
         if matrix is not None:
             section.blocks.append(context.figure(figures.heatmap(matrix, name),
                                                  f"robustness_{name}", f"{name}.tsv"))
-            values = matrix.to_numpy()
-            off_diagonal[name] = values[~np.eye(len(values), dtype=bool)]
             continue
-        groups = _long_groups(table)
+        groups = _long_groups(table) if path.stem != "summary" else None
         if groups is not None:
             label, value = groups
             section.blocks.append(context.figure(figures.box_plot(
                 {str(k): v[value].to_numpy() for k, v in table.groupby(label)}, value, name),
-                f"robustness_{name}", f"{name}.tsv: {value} by {label}."))
+                f"robustness_{name}", f"{name}.tsv: {value} by {label} (e.g. intra- vs "
+                "inter-subject pairs)."))
         section.blocks.append(table_block(table, f"{name}.tsv"))
-    if len(off_diagonal) > 1:
-        section.blocks.append(context.figure(
-            figures.box_plot(off_diagonal, "similarity", "off-diagonal values per matrix"),
-            "robustness_comparison", "Off-diagonal similarities of every matrix side by side "
-            "(e.g. intra- vs inter-subject)."))
     if not files:
         section.note = "No evaluation/robustness/*.tsv in the run folder: the robustness step " \
                        "(inter-fold, inter-run, intra- vs inter-subject similarity) writes them."
@@ -516,15 +515,19 @@ def statistics_section(context: ReportContext) -> Section:
     for folder in folders:
         label = "stats" if folder == root else folder.name
         section.blocks.append(Block("heading", label))
-        for path in sorted(folder.glob("*.nii*"))[: context.config.max_columns]:
+        maps = sorted(p for p in folder.iterdir() if p.name.endswith(MAP_SUFFIXES))
+        t_maps = [p for p in maps if map_stem(p).endswith("_T")]
+        for path in t_maps[: context.config.max_columns]:
             values, affine = read_map(path)
-            if values.ndim != 3:
-                continue
             stem = map_stem(path)
-            is_p = bool(re.search(r"(^|[_-])(p|pvalues?|q)([_-]|$)", stem))
-            style = figures.map_style([values], stem, signed=not is_p)
-            section.blocks.extend(map_figures(context, f"stats_{label}_{stem}", f"{label}: {stem}",
-                                              {stem: values}, affine, style, viewer=False))
+            style = figures.map_style([values], "T", signed=True)
+            section.blocks.extend(map_figures(context, f"stats_{label}_{stem}",
+                                              f"{label}: {stem} (T statistic)", {stem: values},
+                                              affine, style, viewer=False))
+        others = [p.name for p in maps if p not in t_maps]
+        if others:
+            section.blocks.append(Block("text", f"Other maps in stats/{label}: "
+                                        f"{', '.join(others)}."))
         for path in sorted(folder.glob("*.tsv")):
             table = pd.read_csv(path, sep="\t")
             percentile = [c for c in table.columns if "percentile" in c.lower() or "p95" in c]

@@ -1,0 +1,286 @@
+"""The HTML report (issue 7): every section from what the run folder holds, absent ones as a note,
+and a page that a real browser (headless Chromium) opens offline without an error."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from conftest import AFFINE, SHAPE, write_cohort
+from voxplain.cli import app
+from voxplain.config import GroupMaskStepConfig, ReportConfig, TrainConfig
+from voxplain.explain.mask_steps import group_masks
+from voxplain.report import build_report
+from voxplain.report.browser import check_page, find_chromium
+from voxplain.report.figures import canonical, map_style
+from voxplain.report.html import remote_references
+from voxplain.report.sections import confidence_interval_block, matrix_of
+from voxplain.train.trainer import train_cohort
+
+SECTIONS = ("cohort", "configuration", "classification", "masks", "explanations", "robustness",
+            "statistics", "localisation", "viewer")
+
+needs_chromium = pytest.mark.skipif(
+    find_chromium() is None, reason="chromium/chromedriver not installed (the Makefile's test "
+    "target installs the Debian packages chromium and chromium-driver)")
+
+
+def present(page: str) -> dict[str, bool]:
+    """Section key -> whether the section has content (rather than an absent-note)."""
+    return {key: value == "yes" for key, value in
+            re.findall(r'<section id="([a-z]+)" data-present="(yes|no)"', page)}
+
+
+def _smooth(rng: np.random.Generator, signed: bool) -> np.ndarray:
+    from scipy import ndimage
+
+    values = ndimage.gaussian_filter(rng.standard_normal(SHAPE), 1.5).astype(np.float32)
+    return values if signed else np.abs(values)
+
+
+def _save(path, values):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(values, AFFINE), path)
+
+
+def write_other_steps(run) -> None:
+    """Files of the explanation, robustness, statistics, localisation and bootstrap steps, in
+    the layout those steps document (their modules are written by other engineers)."""
+    rng = np.random.default_rng(0)
+    for method, signed, folds in (("saliency", True, (0, 1)), ("grad-cam", False, (0,))):
+        root = run / "explanations" / method
+        root.mkdir(parents=True)
+        (root / "explanation.json").write_text(json.dumps({"method": method, "signed": signed}))
+        for fold in folds:
+            folder = root / f"fold-{fold}" / "run-0"
+            for diagnosis in ("AD", "CN"):
+                _save(folder / f"group_{diagnosis}.nii.gz", _smooth(rng, signed))
+            _save(folder / "sub-01_ses-M00.nii.gz", _smooth(rng, signed))
+            pd.DataFrame({"participant_id": ["sub-01"], "session_id": ["ses-M00"],
+                          "diagnosis": ["AD"], "path": ["sub-01_ses-M00.nii.gz"]}).to_csv(
+                folder / "index.tsv", sep="\t", index=False)
+    robustness = run / "evaluation" / "robustness" / "saliency"
+    robustness.mkdir(parents=True)
+    labels = ["fold-0_run-0", "fold-1_run-0"]
+    pd.DataFrame({"map": labels, labels[0]: [1.0, 0.8], labels[1]: [0.8, 1.0]}).to_csv(
+        robustness / "group_AD_roi_cosine.tsv", sep="\t", index=False)
+    pd.DataFrame({"kind": ["intra-subject"] * 3 + ["inter-subject"] * 3,
+                  "participant_a": ["sub-01", "sub-03", "sub-05", "sub-01", "sub-01", "sub-03"],
+                  "roi_cosine": [0.95, 0.93, 0.9, 0.8, 0.75, 0.82]}).to_csv(
+        robustness / "session_pairs.tsv", sep="\t", index=False)
+    stats = run / "stats" / "saliency"
+    _save(stats / "one-sample_AD_T.nii.gz", 5 * _smooth(rng, True))
+    _save(stats / "one-sample_AD_p.nii.gz", rng.uniform(size=SHAPE).astype(np.float32))
+    pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(6)],
+                  "diagnosis": ["AD", "CN"] * 3, "percentile": rng.uniform(size=6)}).to_csv(
+        stats / "percentiles.tsv", sep="\t", index=False)
+    pd.DataFrame({"test": ["one-sample_AD"], "sign": ["+"], "size": [12], "peak_t": [6.1],
+                  "region": ["Hippocampus_L"]}).to_csv(stats / "clusters.tsv", sep="\t",
+                                                       index=False)
+    pd.DataFrame({"method": ["saliency"], "fold": [0], "auc": [0.91]}).to_csv(
+        run / "evaluation" / "localisation.tsv", sep="\t", index=False)
+    pd.DataFrame({"fold": [0, 0, 1, 1], "metric": ["balanced_accuracy", "auc"] * 2,
+                  "value": [0.8, 0.9, 0.7, 0.85], "ci_low": [0.7, 0.8, 0.6, 0.75],
+                  "ci_high": [0.9, 0.95, 0.8, 0.93]}).to_csv(
+        run / "evaluation" / "classification.tsv", sep="\t", index=False)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """A trained 2-fold run with group masks, plus files of every later step."""
+    folder = tmp_path_factory.mktemp("report")
+    tsv = write_cohort(folder / "cohort", subjects=24)
+    train_cohort(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=6, batch_size=4,
+                             learning_rate=3e-3, device="cpu",
+                             model={"name": "cnn", "channels": [4, 8, 8]}))
+    group_masks(GroupMaskStepConfig(run=folder / "run", folds=[0, 1], device="cpu",
+                                    mask={"max_epochs": 2, "batch_size": 8}))
+    write_other_steps(folder / "run")
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def full_report(full_run):
+    return build_report(ReportConfig(run=full_run, max_viewers=3))
+
+
+@pytest.mark.slow
+def test_report_renders_every_section_the_run_folder_holds(full_run, full_report):
+    page = full_report.read_text()
+    assert present(page) == dict.fromkeys(SECTIONS, True)
+    figures = full_run / "report" / "figures"
+    for name in ("training_curves", "group_mask_ortho", "group_mask_coronal", "group_mask_glass",
+                 "group_mask_losses", "saliency_group_AD_ortho", "grad-cam_group_CN_glass",
+                 "robustness_saliency-group_AD_roi_cosine", "robustness_saliency-session_pairs",
+                 "stats_saliency_one-sample_AD_T_ortho", "stats_saliency_percentiles"):
+        assert (figures / f"{name}.png").stat().st_size > 1000, name
+        assert (figures / f"{name}.svg").is_file(), name
+    # classification with CIs from evaluation/classification.tsv, as value [low, high]
+    assert "0.800 [0.700, 0.900]" in page
+    # top-5 AAL2 regions of each group mask, from summary.json
+    for fold in (0, 1):
+        summary = json.loads((full_run / f"masks/group/fold-{fold}/run-0/summary.json")
+                             .read_text())
+        assert all(region in page for region in summary["top_regions"])
+    # the p map is listed, not drawn; the T map is drawn
+    assert "one-sample_AD_p.nii.gz" in page
+    assert not (figures / "stats_saliency_one-sample_AD_p_ortho.png").exists()
+    # viewers: limited in number, saved next to the page, nothing fetched from the network
+    viewers = sorted((full_run / "report" / "viewers").glob("*.html"))
+    assert len(viewers) == 3
+    assert page.count("<iframe") == 3
+    for viewer in viewers:
+        assert remote_references(viewer.read_text()) == []
+    assert "more group map(s) without a viewer" in page
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_report_opens_offline_in_headless_chromium(full_report, tmp_path):
+    screenshot = tmp_path / "report.png"
+    check = check_page(full_report, screenshot)
+    assert check.console_errors == []
+    assert check.requested_urls, "the performance log recorded no request at all"
+    assert check.remote_requests == []
+    assert check.images and check.broken_images == []
+    assert check.frames == 3
+    assert screenshot.stat().st_size > 10_000
+    assert check.load_ms < 3000
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_inline_report_is_one_file_that_opens_offline(full_run, tmp_path):
+    page = build_report(ReportConfig(run=full_run, out=tmp_path / "inline", inline=True,
+                                     max_viewers=1, formats=["png"]))
+    text = page.read_text()
+    assert 'src="figures/' not in text and "data:image/png;base64," in text
+    assert "srcdoc=" in text
+    lone = tmp_path / "alone" / "index.html"  # moved away from figures/ and viewers/
+    lone.parent.mkdir()
+    lone.write_text(text)
+    check = check_page(lone, tmp_path / "inline.png")
+    assert check.console_errors == [] and check.remote_requests == []
+    assert check.images and check.broken_images == []
+
+
+def test_an_empty_run_folder_gives_a_note_for_every_section(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    page = build_report(ReportConfig(run=run)).read_text()
+    assert present(page) == dict.fromkeys(SECTIONS, False)
+    assert page.count('class="note absent-note"') == len(SECTIONS)
+    assert "voxplain train" in page and "voxplain mask group" in page
+
+
+@pytest.fixture
+def run_2d(tmp_path):
+    """A 2D run folder with session maps of two methods and session masks, no training."""
+    rng = np.random.default_rng(1)
+    run = tmp_path / "run2d"
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for subject in range(3):
+        np.save(images / f"sub-{subject}.npy", rng.uniform(size=(32, 32)).astype(np.float32))
+        rows.append({"participant_id": f"sub-{subject}", "session_id": "ses-M00",
+                     "diagnosis": "benign", "path": str(images / f"sub-{subject}.npy")})
+    run.mkdir()
+    pd.DataFrame(rows).to_csv(run / "cohort.tsv", sep="\t", index=False)
+    (run / "config.toml").write_text("[train]\ndownsample = 2\n")
+    for method in ("saliency", "grad-cam"):
+        folder = run / "explanations" / method / "fold-0" / "run-0"
+        folder.mkdir(parents=True)
+        for subject in range(3):
+            np.save(folder / f"sub-{subject}_ses-M00.npy", rng.standard_normal((16, 16)))
+        np.save(folder / "group_benign.npy", rng.standard_normal((16, 16)))
+    masks = run / "masks" / "session" / "fold-0" / "run-0"
+    masks.mkdir(parents=True)
+    np.save(masks / "sub-0_ses-M00.npy", rng.uniform(size=(16, 16)))
+    return run
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_2d_explanations_are_shown_as_overlays_and_open_in_chromium(run_2d, tmp_path):
+    page = build_report(ReportConfig(run=run_2d))
+    text = page.read_text()
+    sections = present(text)
+    assert sections["cohort"] and sections["explanations"]
+    assert not sections["classification"] and not sections["viewer"]
+    figures = run_2d / "report" / "figures"
+    assert (figures / "explanations_2d.png").stat().st_size > 1000
+    assert (figures / "saliency_group_benign_panels.png").is_file()
+    check = check_page(page, tmp_path / "report2d.png")
+    assert check.console_errors == [] and check.remote_requests == []
+    assert check.images and check.broken_images == []
+
+
+def test_a_second_rendering_removes_figures_the_first_left(run_2d):
+    build_report(ReportConfig(run=run_2d))
+    stale = run_2d / "report" / "figures" / "old.png"
+    stale.write_bytes(b"x")
+    build_report(ReportConfig(run=run_2d))
+    assert not stale.exists()
+    assert (run_2d / "report" / "figures" / "explanations_2d.png").is_file()
+
+
+def test_cli_report_prints_the_page_and_refuses_a_missing_folder(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "run").mkdir()
+    result = runner.invoke(app, ["report", "--run", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "report" / "index.html").is_file()
+    missing = runner.invoke(app, ["report", "--run", str(tmp_path / "absent")])
+    assert missing.exit_code == 2
+    assert "run folder not found" in missing.output
+
+
+def test_remote_references_finds_network_urls_and_ignores_local_ones():
+    html = ('<link rel="icon" href="https://example.org/favicon.ico">'
+            '<img src="data:image/png;base64,AAAA"><img src="figures/a.png">'
+            '<script src="//cdn.example.org/x.js"></script>'
+            '<style>body { background: url("http://example.org/b.png") }</style>'
+            '<a href="#cohort">x</a>')
+    found = remote_references(html)
+    assert len(found) == 3
+    assert all("example.org" in item for item in found)
+
+
+def test_confidence_intervals_are_written_value_low_high_per_fold():
+    table = pd.DataFrame({"fold": [0, 1], "metric": ["auc", "auc"], "value": [0.8, 0.75],
+                          "ci_low": [0.7, 0.6], "ci_high": [0.9, 0.85]})
+    html = confidence_interval_block(table).content
+    assert "0.800 [0.700, 0.900]" in html and "0.750 [0.600, 0.850]" in html
+    assert html.index("0.800") < html.index("0.750")
+
+
+def test_matrix_of_accepts_labelled_square_tables_only():
+    labelled = pd.DataFrame({"map": ["a", "b"], "a": [1.0, 0.5], "b": [0.5, 1.0]})
+    matrix = matrix_of(labelled)
+    assert list(matrix.index) == ["a", "b"] and matrix.loc["a", "b"] == 0.5
+    assert matrix_of(pd.DataFrame({"kind": ["x", "y", "z"], "value": [1.0, 2.0, 3.0]})) is None
+    assert matrix_of(pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]})) is not None
+
+
+def test_signed_maps_get_a_diverging_scale_centred_on_zero():
+    style = map_style([np.array([-0.5, 2.0]), np.array([1.0])], "relevance")
+    assert (style.vmin, style.vmax, style.cmap) == (-2.0, 2.0, "RdBu_r")
+    unsigned = map_style([np.array([0.0, 3.0])], "1 - mask", threshold_fraction=0.0)
+    assert (unsigned.vmin, unsigned.vmax, unsigned.threshold) == (0.0, 3.0, 0.0)
+
+
+def test_canonical_puts_the_right_hemisphere_at_high_x_indices():
+    # conftest's affine has a negative x step (radiological storage, like SPM's grid): voxel
+    # i = 0 lies at x = +90 mm, i.e. on the right; RAS+ reorientation must move it to the end.
+    volume = np.zeros(SHAPE, np.float32)
+    volume[0, 5, 5] = 1.0
+    oriented, zooms = canonical(volume, AFFINE)
+    assert oriented[SHAPE[0] - 1, 5, 5] == 1.0 and oriented[0, 5, 5] == 0.0
+    assert zooms == (6.0, 6.0, 6.0)
