@@ -245,7 +245,7 @@ def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float
         return float("nan"), float("nan"), 0
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(defined, [tail, 100 - tail])
-    return float(low), float(high), int(len(defined))
+    return float(low), float(high), len(defined)
 
 
 def _weighted_metrics(y_true: np.ndarray, y_pred: np.ndarray, y_score: np.ndarray | None,

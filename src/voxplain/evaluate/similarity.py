@@ -85,11 +85,7 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
 
     NaN entries (regions absent from the grid) count as 0; a zero row gives NaN cosines.
     """
-    vectors = np.nan_to_num(np.asarray(vectors, dtype=np.float64), nan=0.0)
-    norms = np.linalg.norm(vectors, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        unit = vectors / norms[:, None]
-    unit[norms == 0] = np.nan
+    unit = _unit_rows(np.nan_to_num(np.asarray(vectors, dtype=np.float64), nan=0.0))
     return np.clip(unit @ unit.T, -1.0, 1.0)
 
 
@@ -100,21 +96,14 @@ def roi_cosine_similarity(a: np.ndarray, b: np.ndarray, atlas: Atlas, kind: Kind
                                            kind, **options))[0, 1])
 
 
-def rank_correlation(a: np.ndarray, b: np.ndarray, brain: np.ndarray | Atlas | None = None) -> float:
+def rank_correlation(a: np.ndarray, b: np.ndarray,
+                     brain: np.ndarray | Atlas | None = None) -> float:
     """Spearman correlation of two maps over the brain voxels (all voxels when ``brain`` is None;
     an :class:`Atlas` means its labelled voxels). Ties get their average rank."""
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"maps of shapes {a.shape} and {b.shape} cannot be compared")
-    if brain is not None:
-        inside = brain.labels > 0 if isinstance(brain, Atlas) else np.asarray(brain, dtype=bool)
-        if inside.shape != a.shape:
-            raise ValueError(f"brain mask shape {inside.shape} differs from the maps' {a.shape}")
-        a, b = a[inside], b[inside]
-    ranks_a, ranks_b = rankdata(a.ravel()), rankdata(b.ravel())
-    if ranks_a.std() == 0 or ranks_b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+    return float(rank_correlation_matrix(np.stack([a, b]), brain)[0, 1])
 
 
 def rank_correlation_matrix(maps: np.ndarray,
@@ -130,12 +119,17 @@ def rank_correlation_matrix(maps: np.ndarray,
                              f"{maps.shape[1:]}")
         flat = flat[:, inside.ravel()]
     ranks = rankdata(flat, axis=1)
-    ranks -= ranks.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(ranks, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        unit = ranks / norms[:, None]
-    unit[norms == 0] = np.nan
+    unit = _unit_rows(ranks - ranks.mean(axis=1, keepdims=True))
     return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows divided by their norm; a zero row (no direction) becomes NaN."""
+    norms = np.linalg.norm(rows, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        unit = rows / norms[:, None]
+    unit[norms == 0] = np.nan
+    return unit
 
 
 def top_regions(map_: np.ndarray, atlas: Atlas, k: int = 5, kind: Kind = "mask",
