@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import norm
 from sklearn import metrics as sk
 
 from voxplain.evaluate.classification import (METRICS, _weighted_metrics, bootstrap_metrics,
@@ -120,6 +121,20 @@ def test_bootstrap_percentile_ci_covers_the_true_accuracy_about_95_percent_of_th
             covered[name] += table.loc[name, "ci_low"] <= 0.8 <= table.loc[name, "ci_high"]
     for name, count in covered.items():
         assert 0.89 <= count / datasets <= 0.99, (name, count)
+
+
+def test_bootstrap_ci_of_the_auc_covers_the_binormal_auc():
+    # scores N(1, 1) for patients, N(0, 1) for controls: AUC = Phi(1 / sqrt(2))
+    true_auc = float(norm.cdf(1 / np.sqrt(2)))
+    rng = np.random.default_rng(1)
+    y_true = np.array([1] * 60 + [0] * 60)
+    covered, datasets = 0, 200
+    for seed in range(datasets):
+        score = rng.normal(y_true.astype(float), 1.0)
+        table = bootstrap_metrics(y_true, (score > 0.5).astype(int), score, n_boot=200,
+                                  seed=seed).set_index("metric")
+        covered += table.loc["auc", "ci_low"] <= true_auc <= table.loc["auc", "ci_high"]
+    assert 0.89 <= covered / datasets <= 0.99, covered
 
 
 def test_bootstrap_reports_resamples_where_a_metric_is_undefined():

@@ -63,6 +63,21 @@ def test_curve_of_a_linear_model_matches_the_closed_form(shape, mode):
         assert curves.probabilities[:, -1].max() < curves.probabilities[:, 0].min()
 
 
+def test_contribution_order_deletes_faster_than_random_orders():
+    # For a linear model with baseline 0, removing the largest contributions w x first gives the
+    # lowest logit after every step, hence the lowest deletion area of all orderings.
+    rng = np.random.default_rng(5)
+    shape = (6, 6, 6)
+    w = rng.normal(size=shape)
+    image = rng.random((1, 1, *shape))
+    model = LinearModel(w, 0.0)
+    best = deletion_curve(model, image, image * w, 1, step=0.1).auc[0]
+    random_orders = rng.normal(size=(20, 1, *shape))
+    others = deletion_curve(model, np.repeat(image, 20, 0), random_orders, 1, step=0.1,
+                            max_batch=64).auc
+    assert np.all(best < others)
+
+
 def test_baseline_value_brain_mask_and_per_sample_targets():
     rng = np.random.default_rng(1)
     shape = (5, 6, 4)
