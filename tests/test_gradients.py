@@ -162,6 +162,23 @@ def test_memory_bounded_occlusion_equals_unbounded():
     torch.testing.assert_close(from_memory.explain(x, [0, 1, 0]), expected)
 
 
+def test_integrated_gradients_in_memory_bounded_passes_equals_one_pass(monkeypatch):
+    model, x = tiny_model(2), images(2, 2)
+    one_pass = IntegratedGradientsExplainer(model, n_steps=12, internal_batch_size=24).explain(x, 1)
+    seen = []
+    attribute = ca.IntegratedGradients.attribute
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs["internal_batch_size"])
+        return attribute(self, *args, **kwargs)
+
+    monkeypatch.setattr(ca.IntegratedGradients, "attribute", recording)
+    bounded = IntegratedGradientsExplainer(model, n_steps=12,
+                                           memory_mb=5 * activation_bytes(model, x) / 2**20)
+    torch.testing.assert_close(bounded.explain(x, 1), one_pass)
+    assert seen == [5]
+
+
 def test_activation_bytes_counts_the_input_and_every_leaf_output():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
     x = torch.zeros(4, 1, 4, 4)
@@ -178,6 +195,7 @@ def test_activation_bytes_counts_the_input_and_every_leaf_output():
     ("occlusion", {"baseline": torch.zeros(1, 7, 7, 7)}, "baseline shape"),
     ("integrated_gradients", {"method": "simpson"}, "unknown integration method"),
     ("integrated_gradients", {"n_steps": 0}, "n_steps must be positive"),
+    ("integrated_gradients", {"memory_mb": 0}, "memory_mb must be positive"),
     ("smoothgrad", {"noise": -0.1}, "noise must be non-negative"),
     ("smoothgrad", {"n_samples": 0}, "n_samples must be positive"),
     ("gradient_shap", {"baselines": torch.zeros(3, 1, 7, 7, 7)}, "baselines shape"),

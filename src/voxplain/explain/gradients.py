@@ -169,6 +169,25 @@ def _check_distribution(baselines: torch.Tensor | None, minimum: int) -> None:
                          f"got shape {tuple(baselines.shape)}")
 
 
+class MemoryBoundedExplainer(Explainer):
+    """An explainer whose Captum method batches inputs: :meth:`inputs_per_pass` is measured once
+    per input shape (:func:`inputs_per_pass`) and cached."""
+
+    def __init__(self, model: nn.Module, *, memory_mb: float = MEMORY_MB,
+                 batch_size: int = 8) -> None:
+        super().__init__(model, batch_size=batch_size)
+        _positive("memory_mb", memory_mb)
+        self.memory_mb = memory_mb
+        self._per_pass: dict[tuple[object, ...], int] = {}
+
+    def inputs_per_pass(self, x: torch.Tensor) -> int:
+        """Inputs shaped like one sample of ``x`` that fit in ``memory_mb`` of activations."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._per_pass:
+            self._per_pass[key] = inputs_per_pass(self.model, x, self.memory_mb)
+        return self._per_pass[key]
+
+
 @register
 class SaliencyExplainer(Explainer):
     """Saliency (Simonyan et al. 2014): absolute gradient of the target logit, summed over the
@@ -183,7 +202,7 @@ class SaliencyExplainer(Explainer):
 
 
 @register
-class SmoothGradExplainer(Explainer):
+class SmoothGradExplainer(MemoryBoundedExplainer):
     """SmoothGrad (Smilkov et al. 2017): mean absolute gradient over ``n_samples`` noisy copies,
     summed over channels. Unsigned.
 
@@ -199,17 +218,16 @@ class SmoothGradExplainer(Explainer):
     def __init__(self, model: nn.Module, *, n_samples: int = 50, noise: float = 0.15,
                  seed: int = 0, memory_mb: float = MEMORY_MB,
                  nt_samples_batch_size: int | None = None, batch_size: int = 8) -> None:
-        super().__init__(model, batch_size=batch_size)
+        super().__init__(model, memory_mb=memory_mb, batch_size=batch_size)
         _positive("n_samples", n_samples)
         _non_negative("noise", noise)
-        _positive("memory_mb", memory_mb)
         _positive("nt_samples_batch_size", nt_samples_batch_size, allow_none=True)
         self.n_samples, self.noise, self.seed = n_samples, noise, seed
-        self.memory_mb, self.nt_samples_batch_size = memory_mb, nt_samples_batch_size
+        self.nt_samples_batch_size = nt_samples_batch_size
 
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         tunnel = ca.NoiseTunnel(ca.Saliency(self.model))
-        per_pass = self.nt_samples_batch_size or inputs_per_pass(self.model, x, self.memory_mb)
+        per_pass = self.nt_samples_batch_size or self.inputs_per_pass(x)
         maps = []
         for sample, label in zip(x, target):
             stdev = self.noise * float(sample.max() - sample.min())
@@ -222,7 +240,7 @@ class SmoothGradExplainer(Explainer):
 
 
 @register
-class IntegratedGradientsExplainer(Explainer):
+class IntegratedGradientsExplainer(MemoryBoundedExplainer):
     """Integrated gradients (Sundararajan et al. 2017), summed over channels. Signed: positive
     voxels raise the target logit relative to the baseline; the map sums to
     ``F(x) - F(baseline)`` (completeness) up to the quadrature error.
@@ -238,19 +256,18 @@ class IntegratedGradientsExplainer(Explainer):
     def __init__(self, model: nn.Module, *, baseline: float | torch.Tensor = 0.0,
                  n_steps: int = 50, method: str = "gausslegendre", memory_mb: float = MEMORY_MB,
                  internal_batch_size: int | None = None, batch_size: int = 8) -> None:
-        super().__init__(model, batch_size=batch_size)
+        super().__init__(model, memory_mb=memory_mb, batch_size=batch_size)
         _positive("n_steps", n_steps)
-        _positive("memory_mb", memory_mb)
         _positive("internal_batch_size", internal_batch_size, allow_none=True)
         methods = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid",
                    "gausslegendre")
         if method not in methods:
             raise ValueError(f"unknown integration method {method!r}; available: {', '.join(methods)}")
         self.baseline, self.n_steps, self.method = baseline, n_steps, method
-        self.memory_mb, self.internal_batch_size = memory_mb, internal_batch_size
+        self.internal_batch_size = internal_batch_size
 
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        per_pass = self.internal_batch_size or inputs_per_pass(self.model, x, self.memory_mb)
+        per_pass = self.internal_batch_size or self.inputs_per_pass(x)
         attributions = ca.IntegratedGradients(self.model).attribute(
             x, baselines=_baseline(self.baseline, x), target=target, n_steps=self.n_steps,
             method=self.method, internal_batch_size=max(per_pass, len(x)))
@@ -258,7 +275,7 @@ class IntegratedGradientsExplainer(Explainer):
 
 
 @register
-class OcclusionExplainer(Explainer):
+class OcclusionExplainer(MemoryBoundedExplainer):
     """Occlusion (Zeiler & Fergus 2014): a window covering all channels slides over the image with
     ``stride``; each voxel gets the mean drop of the target logit over the windows covering it
     (Captum's convention), summed over channels. Signed: positive where hiding the voxel lowers the
@@ -277,18 +294,17 @@ class OcclusionExplainer(Explainer):
                  stride: int | Sequence[int] = 8, baseline: float | torch.Tensor = 0.0,
                  memory_mb: float = MEMORY_MB, perturbations_per_eval: int | None = None,
                  batch_size: int = 8) -> None:
-        super().__init__(model, batch_size=batch_size)
-        _positive("memory_mb", memory_mb)
+        super().__init__(model, memory_mb=memory_mb, batch_size=batch_size)
         _positive("perturbations_per_eval", perturbations_per_eval, allow_none=True)
         self.window, self.stride, self.baseline = window, stride, baseline
-        self.memory_mb, self.perturbations_per_eval = memory_mb, perturbations_per_eval
+        self.perturbations_per_eval = perturbations_per_eval
 
     def perturbations_per_pass(self, x: torch.Tensor) -> int:
         """Window positions evaluated per forward pass for the chunk ``x`` (Captum's
         ``perturbations_per_eval``): a pass holds ``len(x)`` inputs per position."""
         if self.perturbations_per_eval is not None:
             return self.perturbations_per_eval
-        return max(1, inputs_per_pass(self.model, x, self.memory_mb) // len(x))
+        return max(1, self.inputs_per_pass(x) // len(x))
 
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         spatial_dims = x.ndim - 2
