@@ -224,11 +224,16 @@ def test_cli_explains_several_methods_and_prints_one_localisation_row_per_method
                                         "pointing_game", "top5_hit"]
     only = evaluate_localisation(trained_run, truth_path, methods=["test_cube_oracle"])
     assert only.method.unique().tolist() == ["test_cube_oracle"]
+    rescored = CliRunner().invoke(app, ["explain", "--run", str(trained_run),
+                                        "--evaluate-against", str(truth_path)])
+    assert rescored.exit_code == 0 and "Localisation" in rescored.output
 
 
 def test_cli_reports_an_unknown_method_in_one_line(trained_run):
     result = CliRunner().invoke(app, ["explain", "--run", str(trained_run), "--method", "nope"])
     assert result.exit_code == 2 and "available:" in result.output
+    result = CliRunner().invoke(app, ["explain", "--run", str(trained_run)])
+    assert result.exit_code == 2 and "--method" in result.output
 
 
 def test_two_dimensional_run_writes_npy_maps_png_previews_and_group_maps(tmp_path):

@@ -42,17 +42,24 @@ def explain(
 ) -> None:
     """Maps of every fold/run's model for its validation sessions (or --cohort), a group map per
     diagnosis, and with --evaluate-against a localisation table of every method's group maps.
-    --method takes one name or several, comma separated (e.g. grad_cam,grad_cam_pp)."""
+    --method takes one name or several, comma separated (e.g. grad_cam,grad_cam_pp); without
+    --method, --evaluate-against scores the maps already in the run folder."""
     from voxplain.explain.explain_steps import explain_run
 
     setup_logging()
-    methods = split_list(method) or [None]
+    if method is None and evaluate_against is not None and run is not None:
+        _print_localisation(absolute(run), absolute(evaluate_against), _localisation(tolerance,
+                                                                                    top_k))
+        return
+    if method is None and config is None:
+        raise typer.BadParameter("give --method NAME[,NAME...] (or only --evaluate-against to "
+                                 "score the maps already in the run folder)")
     settings = [build_config(
         ExplainStepConfig, "explain", config, run=absolute(run), cohort=absolute(cohort),
         folds=split_list(folds, int), device=device, evaluate_against=absolute(evaluate_against),
         explain=given(method=name, target=target, layer=layer, batch_size=batch_size,
                       options=parse_options(options), group=group))
-        for name in methods]
+        for name in split_list(method) or [None]]
     for step in settings:
         with reported_errors(), progress_bar() as bar:
             index = explain_run(step, progress=bar)
@@ -60,8 +67,11 @@ def explain(
                       f"{step.run / 'explanations'}", highlight=False)
     truth = settings[-1].evaluate_against
     if truth is not None:
-        _print_localisation(settings[-1].run, truth, LocalisationConfig.model_validate(
-            {k: v for k, v in {"tolerance": tolerance, "top_k": top_k}.items() if v is not None}))
+        _print_localisation(settings[-1].run, truth, _localisation(tolerance, top_k))
+
+
+def _localisation(tolerance: float | None, top_k: int | None) -> LocalisationConfig:
+    return LocalisationConfig.model_validate(given(tolerance=tolerance, top_k=top_k) or {})
 
 
 def _print_localisation(run: Path, truth: Path, config: LocalisationConfig) -> None:
@@ -72,11 +82,14 @@ def _print_localisation(run: Path, truth: Path, config: LocalisationConfig) -> N
 
     with reported_errors():
         table = evaluate_localisation(run, truth, config=config)
-    hit = f"top{config.top_k}_hit"
-    print_table(f"Localisation against {truth.name} (mean over folds/runs)",
-                localisation_summary(table),
-                ["method", "layer", "models", "auc", "mass_inside", "chance_mass",
-                 "pointing_game", hit])
+    summary = localisation_summary(table)
+    # short headers: the table must stay readable in an 80-column log
+    headers = {"key": "explanation", "auc": "AUC", "mass_inside": "mass in",
+               "chance_mass": "chance", "pointing_game": "pointing",
+               f"top{config.top_k}_hit": f"top{config.top_k} hit"}
+    print_table(f"Localisation of the {table.diagnosis.iloc[0]} group maps against {truth.name}, "
+                f"mean over {summary.models.max()} model(s) (layer: see localisation.tsv)",
+                summary.rename(columns=headers), list(headers.values()))
     console.print(f"per fold/run: {run / 'evaluation' / 'localisation.tsv'}", highlight=False)
 
 
