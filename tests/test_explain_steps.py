@@ -254,3 +254,15 @@ def test_two_dimensional_run_writes_npy_maps_png_previews_and_group_maps(tmp_pat
     for diagnosis in index.diagnosis.unique():
         assert np.load(folder / f"group_{diagnosis}.npy").shape == (32, 32)
         assert (folder / f"group_{diagnosis}.png").is_file()
+
+
+def test_a_cohort_diagnosis_outside_the_classes_needs_another_target(trained_run):
+    cohort = pd.read_csv(trained_run.parent / "cohort" / "cohort.tsv", sep="\t")
+    cohort.loc[0, "diagnosis"] = "MCI"
+    tsv = trained_run.parent / "cohort" / "mci.tsv"
+    cohort.to_csv(tsv, sep="\t", index=False)
+    with pytest.raises(ValueError, match=r"sub-00 ses-M00: diagnosis 'MCI' is not a class of the "
+                                         r"model \['CN', 'AD'\]; explain it with --target"):
+        explain_run(step(trained_run, "test_signed_probe", cohort=tsv))
+    index = explain_run(step(trained_run, "test_signed_probe", cohort=tsv, target="predicted"))
+    assert not index.correct[index.diagnosis == "MCI"].any()
