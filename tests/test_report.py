@@ -200,6 +200,7 @@ def run_2d(tmp_path):
         for subject in range(3):
             np.save(folder / f"sub-{subject}_ses-M00.npy", rng.standard_normal((16, 16)))
         np.save(folder / "group_benign.npy", rng.standard_normal((16, 16)))
+        (folder / "group_benign.png").write_bytes(b"preview")  # the explain step's 2D preview
     masks = run / "masks" / "session" / "fold-0" / "run-0"
     masks.mkdir(parents=True)
     np.save(masks / "sub-0_ses-M00.npy", rng.uniform(size=(16, 16)))

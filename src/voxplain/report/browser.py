@@ -60,6 +60,8 @@ def check_page(page: Path, screenshot: Path | None = None, width: int = 1400,
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    if not Path(page).is_file():
+        raise FileNotFoundError(f"{page}: no such page (Chromium would show its error page)")
     found = find_chromium()
     if found is None:
         raise RuntimeError("chromium and chromedriver not found (apt-get install chromium "

@@ -382,7 +382,7 @@ def explanations_section(context: ReportContext) -> Section:
             section.blocks.append(Block("text", "; ".join(
                 f"{key}: {value}" for key, value in description.items() if value is not None)))
         found = [item for item in fold_run_files(root / method, "group_*")
-                 if map_stem(item[2]) != item[2].name]
+                 if item[2].name.endswith(MAP_SUFFIXES)]  # not the PNG previews of 2D maps
         diagnoses = sorted({map_stem(path).removeprefix("group_") for _, _, path in found})
         for diagnosis in diagnoses:
             chosen = [item for item in found
