@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from voxplain.explain.lrp import DeepTaylor, EpsilonLRP, fold_batch_norm
+from voxplain.explain.lrp import DeepTaylor, EpsilonLRP
+from voxplain.models.folding import fold_batch_norm
 from voxplain.models.networks import CNN, VGGGAP, ConvNet
 
 SHAPES = {2: (12, 12), 3: (8, 8, 8)}

@@ -12,7 +12,8 @@
 What Captum needs and this module provides, on a deep copy of the model (the model is never
 modified):
 
-1. batch-norm folded into the preceding convolution/linear layer (:func:`fold_batch_norm`);
+1. batch-norm folded into the preceding convolution/linear layer
+   (:func:`voxplain.models.folding.fold_batch_norm`);
    Captum's rules do not fit batch-norm (Alpha1_Beta0 would clamp its scale);
 2. modules that are the identity in evaluation mode (the folded-away batch-norms, dropout) removed
    from their ``nn.Sequential`` so that no rule has to pass relevance through them;
@@ -30,7 +31,6 @@ positive contribution (activated by their bias alone). The map is summed over th
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import captum.attr as ca
@@ -42,12 +42,11 @@ from captum.attr._utils.lrp_rules import (
     PropagationRule,
 )
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from voxplain.explain.api import Explainer, register
 from voxplain.explain.gradients import channel_sum
+from voxplain.models.folding import FOLDABLE, fold_batch_norm
 
-FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WEIGHTED = FOLDABLE
 POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -56,45 +55,6 @@ ELEMENTWISE = (nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.Sigmoid)
 CAPTUM_ACTIVATIONS = (nn.ReLU, nn.Tanh)
 EVAL_IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                  nn.AlphaDropout)
-
-
-def fold_batch_norm(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` in evaluation mode where every batch-norm that directly follows a
-    convolution or linear layer in an ``nn.Sequential`` is folded into it and replaced by
-    ``nn.Identity`` (module names are kept). In evaluation mode its outputs equal the model's:
-    ``w' = w gamma / sqrt(var + eps)``, ``b' = (b - mean) gamma / sqrt(var + eps) + beta``.
-
-    Batch-norms elsewhere are left as they are; one without running statistics (which normalises
-    with the batch's statistics even in evaluation mode) raises a ``ValueError``.
-    """
-    folded = copy.deepcopy(model).eval()
-    for container_name, container in folded.named_modules():
-        if not isinstance(container, nn.Sequential):
-            continue
-        names = list(container._modules)
-        for previous, name in zip(names, names[1:]):
-            layer, norm = container._modules[previous], container._modules[name]
-            if not (isinstance(norm, _BatchNorm) and isinstance(layer, FOLDABLE)):
-                continue
-            if norm.running_mean is None or norm.running_var is None:
-                raise ValueError(f"batch-norm {container_name}.{name} has no running statistics "
-                                 "(track_running_stats=False): it cannot be folded")
-            _fold(layer, norm)
-            container._modules[name] = nn.Identity()
-    return folded
-
-
-@torch.no_grad()
-def _fold(layer: nn.Module, norm: _BatchNorm) -> None:
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(shift)
-    layer.weight.mul_(scale.view(-1, *([1] * (layer.weight.ndim - 1))))
-    layer.bias = nn.Parameter(bias * scale + shift)
 
 
 def _without_eval_identities(model: nn.Module) -> nn.Module:

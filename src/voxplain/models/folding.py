@@ -14,39 +14,46 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode where each batch-norm that directly follows a convolution
-    in an ``nn.Sequential`` is folded into it and replaced by ``nn.Identity``.
+    or linear layer in an ``nn.Sequential`` is folded into it and replaced by ``nn.Identity``
+    (module names are kept).
 
     The copy's parameters keep ``requires_grad`` as in ``model``; ``model`` is not modified.
-    Batch-norm layers in any other position are left as they are.
+    Batch-norm layers in any other position are left as they are; one without running statistics
+    (it normalises with the batch's statistics even in eval mode) raises a ``ValueError``.
     """
     folded = copy.deepcopy(model).eval()
-    for module in folded.modules():
-        if not isinstance(module, nn.Sequential):
+    for container_name, container in folded.named_modules():
+        if not isinstance(container, nn.Sequential):
             continue
-        children = list(module.named_children())
-        for (_, conv), (name, norm) in zip(children, children[1:]):
-            if isinstance(conv, _CONVS) and isinstance(norm, _NORMS) and norm.track_running_stats:
-                _fold(conv, norm)
-                setattr(module, name, nn.Identity())
+        names = list(container._modules)
+        for previous, name in zip(names, names[1:]):
+            layer, norm = container._modules[previous], container._modules[name]
+            if not (isinstance(norm, _BatchNorm) and isinstance(layer, FOLDABLE)):
+                continue
+            if norm.running_mean is None or norm.running_var is None:
+                raise ValueError(f"batch-norm {container_name}.{name} has no running statistics "
+                                 "(track_running_stats=False): it cannot be folded")
+            _fold(layer, norm)
+            container._modules[name] = nn.Identity()
     return folded
 
 
 @torch.no_grad()
-def _fold(conv: nn.Module, norm: nn.Module) -> None:
+def _fold(layer: nn.Module, norm: _BatchNorm) -> None:
     scale = norm.running_var.add(norm.eps).rsqrt()
     if norm.weight is not None:
         scale = scale * norm.weight
     shift = -norm.running_mean * scale
     if norm.bias is not None:
         shift = shift + norm.bias
-    if conv.bias is None:
-        conv.bias = nn.Parameter(torch.zeros_like(shift), requires_grad=conv.weight.requires_grad)
-    conv.weight.mul_(scale.reshape(-1, *[1] * (conv.weight.ndim - 1)))
-    conv.bias.copy_(conv.bias * scale + shift)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros_like(shift), requires_grad=layer.weight.requires_grad)
+    layer.weight.mul_(scale.reshape(-1, *[1] * (layer.weight.ndim - 1)))
+    layer.bias.copy_(layer.bias * scale + shift)
