@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.voxplain-installed
 DEMO ?= demo
 
-.PHONY: venv test demo benchmark clean
+.PHONY: venv browser test demo benchmark clean
 
 venv: $(STAMP)
 
@@ -22,7 +22,18 @@ $(STAMP): pyproject.toml constraints.txt
 		echo "error: torchvision was installed; it does not import with the CPU torch" >&2; exit 1; fi
 	touch $(STAMP)
 
-test: venv
+# The report and user-study tests open pages in headless Chromium (Debian: chromium +
+# chromium-driver). Installed here when missing and apt-get is usable (root or sudo); without it
+# those tests are skipped with the reason printed.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "warning: chromium not installed (no apt-get as root): browser tests will be skipped" >&2; fi
+
+test: venv browser
 	$(BIN)/python -m pytest -q
 
 # The main job on the embedded synthetic cohort (under 10 minutes on 2 CPU cores).
@@ -31,7 +42,14 @@ demo: venv
 		--downsample 4 --qc-failures 2 --seed 0
 	$(BIN)/voxplain train --cohort $(DEMO)/cohort/cohort.tsv --out $(DEMO)/run --folds 5 --runs 1
 	$(BIN)/voxplain mask group --run $(DEMO)/run
-	$(BIN)/voxplain mask session --run $(DEMO)/run --folds 0 --max-sessions 4
+	$(BIN)/voxplain mask session --run $(DEMO)/run --folds 0 --max-sessions 12
+	$(BIN)/voxplain explain --run $(DEMO)/run --method grad_cam,grad_cam_pp,integrated_gradients \
+		--evaluate-against $(DEMO)/cohort/ground_truth.nii.gz
+	$(BIN)/voxplain evaluate classification --run $(DEMO)/run
+	$(BIN)/voxplain evaluate robustness --run $(DEMO)/run
+	$(BIN)/voxplain stats --run $(DEMO)/run --method grad_cam
+	$(BIN)/voxplain report --run $(DEMO)/run
+	$(BIN)/voxplain summary --run $(DEMO)/run
 
 benchmark: venv
 	$(BIN)/python benchmarks/train_throughput.py

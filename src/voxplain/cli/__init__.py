@@ -15,6 +15,7 @@ from voxplain.cli import explain as _explain
 from voxplain.cli import generate as _generate
 from voxplain.cli import masks as _masks
 from voxplain.cli import study as _study
+from voxplain.cli import summary as _summary
 from voxplain.cli import report as _report
 from voxplain.cli import train as _train
 from voxplain.cli.common import build_config
@@ -31,5 +32,6 @@ app.add_typer(_study.study, name="study")
 app.command()(_report.report)
 app.add_typer(_evaluate.evaluate, name="evaluate")
 app.command()(_evaluate.stats)
+app.command()(_summary.summary)
 
 __all__ = ["app", "build_config"]

@@ -104,12 +104,18 @@ def given(**values: Any) -> dict[str, Any] | None:
 
 
 def print_table(title: str, frame: Any, columns: list[str]) -> None:
+    """Print ``frame``'s ``columns`` as a table on stderr (stdout stays parseable)."""
+    console.print(make_table(title, frame, columns))
+
+
+def make_table(title: str, frame: Any, columns: list[str]) -> Table:
+    """A rich table of ``frame``'s ``columns`` (floats with 3 significant digits)."""
     table = Table(title=title)
     for column in columns:
         table.add_column(column, justify="right")
     for row in frame.to_dict("records"):
         table.add_row(*[_cell(row.get(column, "")) for column in columns])
-    console.print(table)
+    return table
 
 
 def _cell(value: Any) -> str:
