@@ -245,3 +245,35 @@ def test_cli_evaluate_classification_writes_metrics_with_cis(tmp_path):
     assert mean.value == pytest.approx(0.875) and mean.per_fold == "0.75, 1"
     assert {"ci_low", "ci_high"} <= set(metrics.columns)
     assert "balanced_accuracy" in result.output
+
+
+@pytest.mark.slow
+def test_prob_cnn_of_a_mask_on_its_own_context_is_the_mask_steps_probability_after(tmp_path):
+    from conftest import write_cohort
+    from voxplain.config import GroupMaskStepConfig, SessionMaskStepConfig, TrainConfig
+    from voxplain.explain.mask_steps import group_masks, session_masks
+    from voxplain.train.trainer import train_cohort
+
+    tsv = write_cohort(tmp_path / "cohort", subjects=24)  # the setting of test_mask_steps
+    run = tmp_path / "run"
+    train_cohort(TrainConfig(cohort=tsv, out=run, folds=3, epochs=6, batch_size=4,
+                             learning_rate=3e-3, device="cpu",
+                             model={"name": "cnn", "channels": [4, 8, 8]}))
+    groups = group_masks(GroupMaskStepConfig(run=run, folds=[0, 1], device="cpu",
+                                             mask={"max_epochs": 2, "batch_size": 4}))
+    sessions = session_masks(SessionMaskStepConfig(
+        run=run, folds=[0], device="cpu", max_sessions=4,
+        mask={"max_iterations": 10, "patience": 5, "batch_size": 4}))
+    summary = evaluate_robustness(RobustnessConfig(run=run, prob_cnn=True, device="cpu"))
+    folder = run / "evaluation/robustness/mask"
+    matrix = read_matrix(folder / "group_prob_cnn.tsv")
+    assert matrix.shape == (2, 2)
+    # entry [i, i]: model i, its validation patients, its own mask = the mask step's figure
+    np.testing.assert_allclose(np.diag(matrix.to_numpy()),
+                               groups.sort_values("fold").probability_after, rtol=1e-4)
+    assert summary_value(summary, "mask", "inter-fold", "prob_cnn") == pytest.approx(
+        (matrix.iloc[0, 1] + matrix.iloc[1, 0]) / 2)
+    per_session = read_matrix(folder / "session_fold-0_run-0_prob_cnn.tsv")
+    expected = sessions.set_index(sessions.participant_id + "_" + sessions.session_id)
+    np.testing.assert_allclose(np.diag(per_session.to_numpy()),
+                               expected.loc[per_session.index, "probability_after"], rtol=1e-4)
