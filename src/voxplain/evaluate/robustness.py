@@ -45,7 +45,7 @@ from voxplain.data.template import brain_mask
 from voxplain.evaluate.maps import (GRID_PARAMETERS, MASK, available_methods, grid_masks,
                                     group_maps, map_grid, map_kind, read_map, session_maps)
 from voxplain.evaluate.similarity import (cosine_matrix, masked_probabilities, prob_cnn,
-                                          rank_correlation, roi_vectors)
+                                          rank_correlation_matrix, roi_vectors)
 from voxplain.explain.mask_steps import MaskContext, correctly_classified, reference_for
 from voxplain.io import read_tsv, write_tsv
 from voxplain.models.serialization import load_model
@@ -54,8 +54,8 @@ from voxplain.train.trainer import resolve_device
 
 log = logging.getLogger("voxplain")
 
-SUMMARY_COLUMNS = ["method", "experiment", "diagnosis", "metric", "mean", "sd", "n_pairs", "n_subjects",
-                   "n_maps", "table"]
+SUMMARY_COLUMNS = ["method", "experiment", "diagnosis", "metric", "mean", "sd", "n_pairs",
+                   "n_subjects", "n_maps", "table"]
 #: Order of each hyperparameter's values in paper 1's tables 2-3.
 DESCENDING = {"b1": False, "b2": False, "l1": True, "l2": True}
 
@@ -100,15 +100,13 @@ def compare_maps(paths: Sequence[str], labels: Sequence[str], method: str) -> Ma
     maps = np.stack([read_map(path) for path in paths])
     grid = map_grid(paths[0])
     matrices = {}
+    kind = map_kind(method)
     if maps.ndim == 4:
-        matrices["roi_cosine"] = cosine_matrix(roi_vectors(maps, Atlas.aal2(grid), map_kind(method)))
-    if map_kind(method) == "attribution":
+        matrices["roi_cosine"] = cosine_matrix(roi_vectors(maps, Atlas.aal2(grid), kind))
+    if kind == "attribution":
         brain = brain_mask(grid) if maps.ndim == 4 else None
-        brain = brain if brain is not None and brain.any() else None
-        matrix = np.eye(len(maps))
-        for i, j in itertools.combinations(range(len(maps)), 2):
-            matrix[i, j] = matrix[j, i] = rank_correlation(maps[i], maps[j], brain)
-        matrices["rank_correlation"] = matrix
+        matrices["rank_correlation"] = rank_correlation_matrix(
+            maps, brain if brain is not None and brain.any() else None)
     return MapSet(list(labels), matrices)
 
 
