@@ -243,3 +243,13 @@ def test_cli_stats_writes_t_maps_and_clusters(tmp_path):
     assert (out / "clusters.tsv").is_file() and "two-sample_CN-AD" in result.output
     missing = runner.invoke(app, ["stats", "--run", str(tmp_path), "--method", "saliency"])
     assert missing.exit_code == 2 and "methods with session maps: grad_cam" in missing.output
+
+
+def test_cluster_table_works_on_2d_maps_without_an_atlas():
+    t = np.zeros((8, 8))
+    t[1:3, 1:4] = 2.5
+    t[2, 3] = 4.0
+    table = cluster_table(t, t > 0, np.eye(4))
+    assert table[["sign", "size", "peak_t", "peak_voxel"]].values.tolist() == [
+        ["+", 6, 4.0, "2,3"]]
+    assert (table.x[0], table.y[0], table.region[0]) == (2.0, 3.0, "")
