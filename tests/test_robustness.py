@@ -277,3 +277,20 @@ def test_prob_cnn_of_a_mask_on_its_own_context_is_the_mask_steps_probability_aft
     expected = sessions.set_index(sessions.participant_id + "_" + sessions.session_id)
     np.testing.assert_allclose(np.diag(per_session.to_numpy()),
                                expected.loc[per_session.index, "probability_after"], rtol=1e-4)
+
+
+def test_2d_attribution_maps_get_rank_correlation_and_png_previews_are_ignored(tmp_path):
+    run = tmp_path / "run"
+    ramp = np.arange(64, dtype=np.float32).reshape(8, 8)
+    for fold, values in ((0, ramp), (1, ramp**2), (2, -ramp)):
+        folder = run / "explanations" / "saliency" / f"fold-{fold}" / "run-0"
+        folder.mkdir(parents=True)
+        np.save(folder / "group_AD.npy", values)
+        (folder / "group_AD.png").write_bytes(b"not an image")
+    summary = evaluate_robustness(RobustnessConfig(run=run))
+    matrix = read_matrix(run / "evaluation/robustness/saliency/group_AD_rank_correlation.tsv")
+    # monotone transforms keep Spearman at 1; a reversal gives -1
+    np.testing.assert_allclose(matrix.to_numpy(), [[1, 1, -1], [1, 1, -1], [-1, -1, 1]])
+    assert summary_value(summary, "saliency", "inter-fold", "rank_correlation") == \
+        pytest.approx(-1 / 3)
+    assert "roi_cosine" not in set(summary.metric)  # no atlas for 2D images

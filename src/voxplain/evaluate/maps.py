@@ -98,7 +98,8 @@ def group_maps(run: RunFolder, method: str) -> pd.DataFrame:
             rows.append((fold, run_index, diagnosis, str(path)))
     else:
         root = method_root(run, method)
-        for path in sorted(root.glob("fold-*/run-*/group_*")):
+        paths = [*root.glob("fold-*/run-*/group_*.nii.gz"), *root.glob("fold-*/run-*/group_*.npy")]
+        for path in sorted(paths):  # not the .png previews of 2D maps
             fold, run_index = _fold_run(path.parent, root)
             diagnosis = path.name.removeprefix("group_").split(".")[0]
             rows.append((fold, run_index, diagnosis, str(path)))
