@@ -490,6 +490,8 @@ class CyCEConfig(Section):
     learning_rate: float = Field(2e-4, gt=0, description="Adam learning rate of all networks.")
     beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (CycleGAN's 0.5).")
     max_steps: int = Field(1500, ge=1, description="Maximum number of training steps.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Time budget: stop after this many seconds of training.")
     min_steps: int = Field(300, ge=0, description="Steps before convergence may stop training.")
     window: int = Field(50, ge=1, description="Steps in the moving average of the generator loss.")
     tolerance: float = Field(

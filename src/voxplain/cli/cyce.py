@@ -39,6 +39,7 @@ def cyce_train(
     batch_size: int = option(CyCEConfig, "batch_size", "--batch-size"),
     learning_rate: float = option(CyCEConfig, "learning_rate", "--learning-rate"),
     max_steps: int = option(CyCEConfig, "max_steps", "--max-steps"),
+    max_seconds: float = option(CyCEConfig, "max_seconds", "--max-seconds"),
     min_steps: int = option(CyCEConfig, "min_steps", "--min-steps"),
     patience: int = option(CyCEConfig, "patience", "--patience"),
     checkpoint_every: int = option(CyCEConfig, "checkpoint_every", "--checkpoint-every"),
@@ -55,7 +56,7 @@ def cyce_train(
             widths=split_list(widths, int), convs_per_stage=convs_per_stage,
             cycle_weight=cycle_weight, similarity_weight=similarity_weight,
             adversarial_weight=adversarial_weight, activation_weight=activation_weight,
-            batch_size=batch_size, learning_rate=learning_rate, max_steps=max_steps,
+            batch_size=batch_size, learning_rate=learning_rate, max_steps=max_steps, max_seconds=max_seconds,
             min_steps=min_steps, patience=patience, checkpoint_every=checkpoint_every, seed=seed))
     with reported_errors(), progress_bar() as bar:
         summary = train_cyce(settings, progress=bar)

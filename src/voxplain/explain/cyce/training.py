@@ -21,7 +21,7 @@ resumed run repeats exactly the draws of an uninterrupted one. Stopping: "until 
 function of both generators converges" is made concrete as: the moving average of the
 generator loss over ``window`` steps has not fallen by a relative ``tolerance`` below its best
 value for ``patience`` steps (and at least ``min_steps`` were made), or ``max_steps`` is
-reached. A checkpoint (weights, Adam moments, counters, history) is written every
+reached, or the time budget ``max_seconds`` (if set) is spent. A checkpoint (weights, Adam moments, counters, history) is written every
 ``checkpoint_every`` steps; training resumes from it.
 """
 
@@ -185,8 +185,8 @@ class CyCETrainer:
         finally:
             for network in discriminators:
                 network.requires_grad_(True)
-        row = {"step": step, "discriminator": float(loss_d)}
-        row |= {name: float(value) for name, value in terms.items()}
+        row = {"step": step, "discriminator": float(loss_d.detach())}
+        row |= {name: float(value.detach()) for name, value in terms.items()}
         row["seconds"] = time.perf_counter() - started
         return {column: row[column] for column in LOSS_COLUMNS}
 
@@ -208,6 +208,7 @@ class CyCETrainer:
         """
         if checkpoint is not None and self.load_checkpoint(checkpoint):
             log.info("CyCE: resuming at step %d (%s)", self.state.next_step, checkpoint)
+        started = time.perf_counter()
         while self.state.stop_reason is None:
             if self.state.next_step >= self.config.max_steps:
                 self.state.stop_reason = "max_steps"
@@ -217,6 +218,9 @@ class CyCETrainer:
             self.state.next_step += 1
             if self.converged():
                 self.state.stop_reason = "converged"
+            elif (self.config.max_seconds is not None
+                  and time.perf_counter() - started > self.config.max_seconds):
+                self.state.stop_reason = "max_seconds"
             if checkpoint is not None and (self.state.next_step % self.config.checkpoint_every == 0
                                            or self.state.stop_reason is not None):
                 self.save_checkpoint(checkpoint)
