@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -146,7 +148,7 @@ def test_cluster_table_sizes_peaks_in_mm_and_regions():
     assert joined["size"].tolist() == [8, 2] and joined.iloc[1].peak_t == -6.0
 
 
-def _write_explanations(run, grid, atlas, groups):
+def _write_explanations(run, grid, atlas, groups, sessions=("ses-M00",)):
     """Session maps under explanations/grad_cam: each group bright in its own region."""
     import pandas as pd
 
@@ -156,14 +158,14 @@ def _write_explanations(run, grid, atlas, groups):
     folder = run / "explanations" / "grad_cam" / "fold-0" / "run-0"
     rows, maps = [], {}
     for diagnosis, region in groups.items():
-        for k in range(6):
+        for k, session in itertools.product(range(6), sessions):
             participant = f"sub-{diagnosis}{k}"
             values = rng.uniform(0, 0.3, grid.shape).astype(np.float32)
             inside = atlas.region_mask([region])
             values[inside] = 1.0 + rng.uniform(0, 0.05, inside.sum())
-            save_nifti(folder / f"{participant}_ses-M00.nii.gz", values, grid.affine)
-            rows.append({"participant_id": participant, "session_id": "ses-M00",
-                         "diagnosis": diagnosis, "path": f"{participant}_ses-M00.nii.gz"})
+            save_nifti(folder / f"{participant}_{session}.nii.gz", values, grid.affine)
+            rows.append({"participant_id": participant, "session_id": session,
+                         "diagnosis": diagnosis, "path": f"{participant}_{session}.nii.gz"})
             maps.setdefault(diagnosis, []).append(values)
     write_tsv(folder / "index.tsv", pd.DataFrame(rows))
     return maps
@@ -253,3 +255,21 @@ def test_cluster_table_works_on_2d_maps_without_an_atlas():
     assert table[["sign", "size", "peak_t", "peak_voxel"]].values.tolist() == [
         ["+", 6, 4.0, "2,3"]]
     assert (table.x[0], table.y[0], table.region[0]) == (2.0, 3.0, "")
+
+
+def test_heatmap_statistics_take_one_map_per_subject_unless_asked_per_session(tmp_path):
+    import pandas as pd
+
+    from voxplain.config import StatsConfig
+    from voxplain.data.grid import downsample_affine, downsampled_shape, spm_grid
+    from voxplain.evaluate.stats import heatmap_statistics
+
+    grid = Grid(downsampled_shape(spm_grid().shape, 8), downsample_affine(spm_grid().affine, 8))
+    _write_explanations(tmp_path, grid, Atlas.aal2(grid), {"AD": "Frontal_Sup_2_L"},
+                        sessions=("ses-M00", "ses-M12"))
+    heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam"))
+    per_subject = pd.read_csv(tmp_path / "stats/grad_cam/percentiles.tsv", sep="\t")
+    assert len(per_subject) == 6 and (per_subject.sessions == 2).all()
+    heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam", unit="session"))
+    per_session = pd.read_csv(tmp_path / "stats/grad_cam/percentiles.tsv", sep="\t")
+    assert len(per_session) == 12 and set(per_session.session_id) == {"ses-M00", "ses-M12"}

@@ -588,3 +588,7 @@ class StatsConfig(Section):
     connectivity: int = Field(
         1, ge=1, le=3, description="Neighbours joining voxels into clusters (1 faces, 3 corners)."
     )
+    unit: Literal["subject", "session"] = Field(
+        "subject", description="Unit of observation: one map per subject (mean of its sessions; "
+        "sessions of a subject are not independent) or per session."
+    )

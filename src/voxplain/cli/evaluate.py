@@ -91,6 +91,7 @@ def stats(
     alpha: float = option(StatsConfig, "alpha", "--alpha"),
     equal_var: bool = option(StatsConfig, "equal_var", "--equal-var/--welch"),
     connectivity: int = option(StatsConfig, "connectivity", "--connectivity"),
+    unit: str = option(StatsConfig, "unit", "--unit"),
     config: Path = CONFIG_OPTION,
 ) -> None:
     """Heatmap statistics (paper 2, 2.4): 95th-percentile group test, voxel-wise t-tests,
@@ -101,7 +102,7 @@ def stats(
     settings = build_config(StatsConfig, "stats", config, run=absolute(run), method=method,
                             groups=split_list(groups), folds=split_list(folds, int),
                             percentile=percentile, correction=correction, alpha=alpha,
-                            equal_var=equal_var, connectivity=connectivity)
+                            equal_var=equal_var, connectivity=connectivity, unit=unit)
     with reported_errors():
         summary = heatmap_statistics(settings)
     out = settings.run / "stats" / settings.method

@@ -326,9 +326,11 @@ def _two_sided_p(t: np.ndarray, df: float | np.ndarray) -> np.ndarray:
 def heatmap_statistics(config: StatsConfig) -> pd.DataFrame:
     """Paper 2's statistics of one method's session maps in a run folder.
 
-    Each session's map (``1 - m`` for a mask) is min-max normalised inside the brain (the MNI
-    brain mask for volumes, every pixel for 2D images); a session explained by several models
-    (folds/runs) gets the normalised mean of their normalised maps. Then, per diagnosis group:
+    Each map (``1 - m`` for a mask) is min-max normalised inside the brain (the MNI brain mask
+    for volumes, every pixel for 2D images). The unit of observation is the subject by default
+    (``config.unit``): sessions of one subject are not independent samples, so a subject's map
+    is the normalised mean of its normalised maps (all sessions, all folds/runs that mapped
+    them); with ``unit="session"`` a session's maps are averaged. Then, per diagnosis group:
     the 95th percentile of each map, the group comparison of those percentiles, and the
     voxel-wise t-tests on the maps thresholded at their own percentile.
 
@@ -351,14 +353,16 @@ def heatmap_statistics(config: StatsConfig) -> pd.DataFrame:
     out = run.root / "stats" / config.method
     moments = {group: VoxelMoments.start(grid.shape, brain) for group in groups}
     records = []
-    for (participant, session), rows in sessions.groupby(["participant_id", "session_id"]):
+    unit = ["participant_id"] if config.unit == "subject" else ["participant_id", "session_id"]
+    for key, rows in sessions.groupby(unit):
         diagnosis = rows.diagnosis.iloc[0]
         if diagnosis not in moments:
             continue
         values = session_map(rows.path, config.method, brain)
         percentile = brain_percentile(values, brain, config.percentile)
-        records.append({"participant_id": participant, "session_id": session,
-                        "diagnosis": diagnosis, "n_maps": len(rows), "percentile": percentile})
+        records.append({**dict(zip(unit, key)), "diagnosis": diagnosis,
+                        "sessions": rows.session_id.nunique(), "n_maps": len(rows),
+                        "percentile": percentile})
         moments[diagnosis].add(threshold_at(values, percentile, brain))
     percentiles = pd.DataFrame(records)
     write_tsv(out / "percentiles.tsv", percentiles)
@@ -391,7 +395,8 @@ def heatmap_statistics(config: StatsConfig) -> pd.DataFrame:
 
 
 def session_map(paths: Iterable[str], method: str, brain: np.ndarray | None) -> np.ndarray:
-    """The normalised map of one session: mean of its normalised maps, normalised again."""
+    """One normalised map from several (a session's folds/runs, a subject's sessions): the mean
+    of the normalised maps, normalised again."""
     maps = [normalise_map(evidence(read_map(path), method), brain) for path in paths]
     return maps[0] if len(maps) == 1 else normalise_map(np.mean(maps, axis=0), brain)
 
