@@ -91,6 +91,8 @@ def test_intra_subject_similarity_of_identical_sessions_is_one_and_inter_subject
     inter = summary_value(summary, "mask", "inter-subject", "roi_cosine")
     assert inter == pytest.approx((0.5 / math.sqrt(1.25)) / 3)
     assert summary_value(summary, "mask", "inter-subject", "roi_cosine", "n_pairs") == 3
+    assert summary_value(summary, "mask", "inter-subject", "roi_cosine", "median") == \
+        pytest.approx(0, abs=1e-12)  # of 0.447, 0, 0
     pairs = pd.read_csv(run / "evaluation/robustness/mask/session_pairs.tsv", sep="\t")
     assert sorted(pairs.kind.value_counts().items()) == [("inter-subject", 3),
                                                           ("intra-subject", 2)]

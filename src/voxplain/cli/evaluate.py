@@ -76,8 +76,8 @@ def evaluate_robustness_command(
     with reported_errors():
         summary = evaluate_robustness(settings)
     print_table("Robustness (mean of pairs)", summary,
-                ["method", "experiment", "diagnosis", "metric", "mean", "sd", "n_pairs",
-                 "n_subjects"])
+                ["method", "experiment", "diagnosis", "metric", "mean", "sd", "median",
+                 "n_pairs", "n_subjects"])
     console.print(f"written {settings.run / 'evaluation' / 'robustness'}")
 
 

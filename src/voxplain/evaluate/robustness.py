@@ -54,8 +54,8 @@ from voxplain.train.trainer import resolve_device
 
 log = logging.getLogger("voxplain")
 
-SUMMARY_COLUMNS = ["method", "experiment", "diagnosis", "metric", "mean", "sd", "n_pairs",
-                   "n_subjects", "n_maps", "table"]
+SUMMARY_COLUMNS = ["method", "experiment", "diagnosis", "metric", "mean", "sd", "median",
+                   "n_pairs", "n_subjects", "n_maps", "table"]
 #: Order of each hyperparameter's values in paper 1's tables 2-3.
 DESCENDING = {"b1": False, "b2": False, "l1": True, "l2": True}
 
@@ -428,6 +428,7 @@ def _row(method: str, experiment: str, metric: str, values: np.ndarray, n_maps: 
     return {"method": method, "experiment": experiment, "diagnosis": diagnosis, "metric": metric,
             "mean": float(values.mean()) if len(values) else float("nan"),
             "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+            "median": float(np.median(values)) if len(values) else float("nan"),
             "n_pairs": len(values) if n_pairs is None else n_pairs,
             "n_subjects": n_subjects, "n_maps": n_maps, "table": table}
 
