@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import write_cohort
 from statsmodels.stats.weightstats import DescrStatsW
 
-from conftest import write_cohort
 from voxplain.config import CyCEConfig, CyCEStepConfig, CyCETransferConfig, TrainConfig
 from voxplain.explain.api import METHODS
 from voxplain.explain.cyce import CyCE, CyCEGenerators

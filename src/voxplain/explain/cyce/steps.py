@@ -106,7 +106,8 @@ def train_cyce(config: CyCEStepConfig, progress: Progress | None = None) -> pd.D
         task = (progress.add_task(f"CyCE fold {fold} run {run_index}",
                                   total=config.cyce.max_steps) if progress else None)
 
-        def show(step: int, losses: dict[str, float]) -> None:
+        def show(step: int, losses: dict[str, float], task=task, fold=fold,
+                 run_index=run_index) -> None:
             if progress is not None and task is not None:
                 progress.update(task, completed=step, description=_loss_line(fold, run_index,
                                                                             losses))

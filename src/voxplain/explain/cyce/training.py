@@ -39,12 +39,25 @@ import torch
 from torch import nn
 
 from voxplain.config import CyCEConfig
-from voxplain.explain.cyce.discriminator import (PairDiscriminator, adversarial_loss,
-                                                 discriminator_loss)
+from voxplain.explain.cyce.discriminator import (
+    PairDiscriminator,
+    adversarial_loss,
+    discriminator_loss,
+)
 from voxplain.explain.cyce.generator import UNetGenerator
-from voxplain.explain.cyce.losses import (SSIMSettings, activation_maximisation_loss, cycle_loss,
-                                          similarity_loss, ssim_settings)
-from voxplain.train.checkpoint import load_state, optimizer_tensors, restore_optimizer, save_state
+from voxplain.explain.cyce.losses import (
+    SSIMSettings,
+    activation_maximisation_loss,
+    cycle_loss,
+    similarity_loss,
+    ssim_settings,
+)
+from voxplain.train.checkpoint import (
+    load_state,
+    optimizer_tensors,
+    restore_optimizer,
+    save_state,
+)
 
 log = logging.getLogger("voxplain")
 
