@@ -146,6 +146,9 @@ def test_cluster_table_sizes_peaks_in_mm_and_regions():
     assert table.iloc[1].peak_t == -6.0 and table.iloc[1].region == "Right_Thing"
     joined = cluster_table(t, t != 0, affine, connectivity=3)
     assert joined["size"].tolist() == [8, 2] and joined.iloc[1].peak_t == -6.0
+    t[4:7, 1, 1] = 2.0  # 3 voxels straddling the regions: x = 4 in region 1, x = 5, 6 in 2
+    straddling = cluster_table(t, t > 0, affine, _toy_atlas(shape, affine))
+    assert straddling.regions.tolist()[:2] == ["Left_Thing (8)", "Right_Thing (2), Left_Thing (1)"]
 
 
 def _write_explanations(run, grid, atlas, groups, sessions=("ses-M00",)):

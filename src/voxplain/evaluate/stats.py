@@ -267,8 +267,9 @@ def cluster_table(t: np.ndarray, significant: np.ndarray, affine: np.ndarray,
 
     Returns:
         One row per cluster, largest first: ``sign`` (+/-), ``size`` (voxels), ``size_mm3``,
-        ``peak_t`` (largest \\|T\\|, signed), ``peak_voxel`` (indices), ``x, y, z`` (mm) and
-        ``region`` (atlas name at the peak, "outside atlas" on background).
+        ``peak_t`` (largest \\|T\\|, signed), ``peak_voxel`` (indices), ``x, y, z`` (mm),
+        ``region`` (atlas name at the peak, "outside atlas" on background) and ``regions``
+        (the cluster's three largest regions with their voxel counts, "Hippocampus_L (12), ...").
     """
     t = np.asarray(t)
     if significant.shape != t.shape:
@@ -285,18 +286,29 @@ def cluster_table(t: np.ndarray, significant: np.ndarray, affine: np.ndarray,
         index = np.arange(1, count + 1)
         sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
         peaks = ndimage.maximum_position(np.abs(np.nan_to_num(t)), labels, index)
-        for size, peak in zip(sizes, peaks):
+        for label, size, peak in zip(index, sizes, peaks):
             world = affine @ np.array([*peak, *[0] * (3 - t.ndim), 1.0])
-            region = (atlas.names.get(int(atlas.labels[peak]), "outside atlas")
-                      if atlas is not None else "")
+            region, regions = "", ""
+            if atlas is not None:
+                region = atlas.names.get(int(atlas.labels[peak]), "outside atlas")
+                regions = _cluster_regions(atlas, labels == label)
             rows.append({"sign": sign, "size": int(size), "size_mm3": size * voxel_volume,
                          "peak_t": float(t[peak]), "peak_voxel": ",".join(map(str, peak)),
-                         "x": world[0], "y": world[1], "z": world[2], "region": region})
-    columns = ["sign", "size", "size_mm3", "peak_t", "peak_voxel", "x", "y", "z", "region"]
+                         "x": world[0], "y": world[1], "z": world[2], "region": region,
+                         "regions": regions})
+    columns = ["sign", "size", "size_mm3", "peak_t", "peak_voxel", "x", "y", "z", "region",
+               "regions"]
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(["size", "peak_t"], ascending=[False, False],
                              key=lambda c: c.abs() if c.name == "peak_t" else c,
                              ignore_index=True)
+
+
+def _cluster_regions(atlas: Atlas, cluster: np.ndarray, k: int = 3) -> str:
+    counts = np.bincount(atlas.labels[cluster], minlength=1)
+    counts[0] = 0  # background
+    top = [i for i in np.argsort(-counts, kind="stable")[:k] if counts[i] and i in atlas.names]
+    return ", ".join(f"{atlas.names[i]} ({counts[i]})" for i in top)
 
 
 def _inside(values: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
