@@ -115,12 +115,15 @@ def test_report_renders_every_section_the_run_folder_holds(full_run, full_report
     page = full_report.read_text()
     assert present(page) == dict.fromkeys(SECTIONS, True)
     figures = full_run / "report" / "figures"
-    for name in ("training_curves", "group_mask_ortho", "group_mask_coronal", "group_mask_glass",
-                 "group_mask_losses", "saliency_group_AD_ortho", "grad-cam_group_CN_glass",
-                 "robustness_saliency-group_AD_roi_cosine", "robustness_saliency-session_pairs",
-                 "stats_saliency_one-sample_AD_T_ortho", "stats_saliency_percentiles"):
+    vector = ("training_curves", "group_mask_losses", "robustness_saliency-session_pairs",
+              "stats_saliency_percentiles")
+    raster = ("group_mask_ortho", "group_mask_coronal", "group_mask_glass",
+              "saliency_group_AD_ortho", "grad-cam_group_CN_glass",
+              "robustness_saliency-group_AD_roi_cosine", "stats_saliency_one-sample_AD_T_ortho")
+    for name in vector + raster:
         assert (figures / f"{name}.png").stat().st_size > 1000, name
-        assert (figures / f"{name}.svg").is_file(), name
+        # SVG copies of vector figures only: a raster's SVG just embeds the same pixels
+        assert (figures / f"{name}.svg").is_file() == (name in vector), name
     # classification with CIs from evaluation/classification.tsv, as value [low, high]
     assert "0.800 [0.700, 0.900]" in page
     # top-5 AAL2 regions of each group mask, from summary.json
@@ -285,3 +288,29 @@ def test_canonical_puts_the_right_hemisphere_at_high_x_indices():
     oriented, zooms = canonical(volume, AFFINE)
     assert oriented[SHAPE[0] - 1, 5, 5] == 1.0 and oriented[0, 5, 5] == 0.0
     assert zooms == (6.0, 6.0, 6.0)
+
+
+def test_viewers_go_round_the_methods_before_a_second_map_of_one():
+    from voxplain.report.html import viewer_order
+    from voxplain.report.sections import ViewerCandidate
+
+    style = map_style([np.ones(2)], "x")
+    candidates = [ViewerCandidate(f"{family}-{k}", "", np.zeros(1), np.eye(4), style, family)
+                  for family, k in (("mask", 0), ("a", 0), ("a", 1), ("b", 0), ("b", 1))]
+    assert [c.name for c in viewer_order(candidates)] == ["mask-0", "a-0", "b-0", "a-1", "b-1"]
+
+
+def test_the_mean_over_folds_row_of_the_ci_table_reads_all():
+    # the layout `voxplain evaluate classification` writes: per-fold rows and a mean row whose
+    # fold is blank; columns that vary per metric (n_valid, per_fold) are not row labels
+    table = pd.DataFrame({"scope": ["fold", "fold", "mean", "mean"], "fold": [0, 0, None, None],
+                          "run": [0, 0, 0, 0], "metric": ["auc", "mcc"] * 2,
+                          "value": [0.9, 0.5, 0.85, 0.4], "ci_low": [0.8, 0.3, 0.7, 0.2],
+                          "ci_high": [1.0, 0.7, 0.95, 0.6], "n_valid": [1000, 990, 1000, 980],
+                          "per_fold": ["", "", "0.9, 0.8", "0.5, 0.3"]})
+    html = confidence_interval_block(table).content
+    body = html[html.index("<tbody>"):]
+    rows = [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row)
+            for row in re.findall(r"<tr>(.*?)</tr>", body, re.DOTALL)]
+    assert rows == [["fold", "0", "0", "0.900 [0.800, 1.000]", "0.500 [0.300, 0.700]"],
+                    ["mean", "all", "0", "0.850 [0.700, 0.950]", "0.400 [0.200, 0.600]"]]

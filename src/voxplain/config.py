@@ -326,7 +326,8 @@ class ReportConfig(Section):
     )
     formats: list[Literal["png", "svg", "pdf"]] = Field(
         default_factory=lambda: ["png", "svg"],
-        description="Formats each figure is saved in under report/figures (png is always kept).",
+        description="Formats of the vector figures (curves, box plots) under report/figures; "
+        "brain maps and heatmaps are rasters, saved as PNG only.",
     )
     dpi: int = Field(110, ge=30, le=600, description="Resolution of the PNG figures.")
     max_viewers: int = Field(

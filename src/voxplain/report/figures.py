@@ -1,7 +1,9 @@
 """Figures of the report: brain maps over the MNI template, curves, heatmaps and box plots.
 
-Everything draws on :class:`matplotlib.figure.Figure` objects (the Agg canvas, no pyplot state),
-so building a report never opens a window and two reports never share a figure. Brain maps are
+Everything draws on :class:`matplotlib.figure.Figure` objects, rendered by the Agg canvas when
+saved (nilearn's glass brain included, given ``figure=``): no pyplot state, no backend switch, so
+building a report never opens a window, never changes a notebook's backend, and two reports
+never share a figure. Brain maps are
 shown like paper 1 (figs. 5-6): one column per fold or run, the same cut for every column, the
 MNI grey-matter template underneath; signed maps use a diverging colormap centred on 0.
 """

@@ -12,11 +12,11 @@ from __future__ import annotations
 import base64
 import datetime
 import importlib.metadata
+import itertools
 import logging
 import re
 from pathlib import Path
 
-import matplotlib
 import nibabel as nib
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -48,7 +48,6 @@ def build_report(config: ReportConfig) -> Path:
     if not run.root.is_dir():
         raise RunFolderError(f"{run.root}: run folder not found")
     out = Path(config.out) if config.out is not None else run.root / "report"
-    matplotlib.use("Agg")  # nilearn's glass brain goes through pyplot: never open a window
     context = ReportContext(run, config, out / "figures")
     sections = all_sections(context)
     sections.append(viewer_section(context, out / "viewers"))
@@ -84,10 +83,19 @@ def remote_references(html: str) -> list[str]:
     return REMOTE_REFERENCE.findall(html)
 
 
+def viewer_order(candidates: list[ViewerCandidate]) -> list[ViewerCandidate]:
+    """Round robin over families (mask, each method), so a few viewers cover every method."""
+    families: dict[str, list[ViewerCandidate]] = {}
+    for candidate in candidates:
+        families.setdefault(candidate.family, []).append(candidate)
+    rounds = itertools.zip_longest(*families.values())
+    return [candidate for round_ in rounds for candidate in round_ if candidate is not None]
+
+
 def viewer_section(context: ReportContext, folder: Path) -> Section:
     section = Section("viewer", "Interactive viewer")
     limit = context.config.max_viewers
-    for candidate in context.viewers[:limit]:
+    for candidate in viewer_order(context.viewers)[:limit]:
         html = viewer_html(candidate)
         remote = remote_references(html)
         if remote:

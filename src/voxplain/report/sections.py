@@ -24,6 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from voxplain.config import ReportConfig
+from voxplain.data.cohort import CONTROL_LABELS
 from voxplain.data.grid import Grid, downsample
 from voxplain.io import read_tsv
 from voxplain.report import figures
@@ -37,6 +38,8 @@ METRIC_COLUMNS = ("balanced_accuracy", "accuracy", "auc", "sensitivity", "specif
 #: Largest table rendered in full; longer ones show their first rows and say so.
 MAX_TABLE_ROWS = 60
 MAP_SUFFIXES = (".nii.gz", ".nii", ".npy")
+#: Columns of evaluation/classification.tsv that name a row (scope: a fold or the mean).
+CI_KEYS = ("scope", "subset", "fold", "run")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class ViewerCandidate:
     values: np.ndarray
     affine: np.ndarray
     style: figures.MapStyle
+    family: str = ""  # the mask, or the explanation method: viewers go round the families
 
 
 @dataclass
@@ -80,9 +84,12 @@ class ReportContext:
     figures_dir: Path
     viewers: list[ViewerCandidate] = field(default_factory=list)
 
-    def figure(self, figure: Figure, name: str, caption: str) -> Block:
-        path = figures.save_figure(figure, self.figures_dir, _slug(name), self.config.formats,
-                                   self.config.dpi)
+    def figure(self, figure: Figure, name: str, caption: str, vector: bool = False) -> Block:
+        """Save ``figure`` as PNG, plus ``config.formats`` when it is drawn with vectors only
+        (curves, box plots): brain slices and heatmaps are rasters, whose SVG/PDF copies would
+        only embed the same pixels at several times the size."""
+        path = figures.save_figure(figure, self.figures_dir, _slug(name),
+                                   self.config.formats if vector else ["png"], self.config.dpi)
         return Block("figure", path, caption)
 
     def path(self, *parts: str) -> Path:
@@ -237,10 +244,18 @@ def classification_section(context: ReportContext) -> Section:
             ("loss (solid: train, dashed: validation)", ["train_loss", "validation_loss"]),
             ("validation balanced accuracy", ["validation_balanced_accuracy"])])
         section.blocks.append(context.figure(figure, "training_curves",
-                                             "Training curves of each fold (history.tsv)."))
+                                             "Training curves of each fold (history.tsv).",
+                                             vector=True))
     if not section.blocks:
         section.note = "No trained model yet: `voxplain train` writes models/ and evaluation/."
     return section
+
+
+def _key_label(value: Any) -> Any:
+    """Row labels of the CI table: a blank fold (the mean over folds) reads "all", 0.0 reads 0."""
+    if pd.isna(value):
+        return "all"
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def confidence_interval_block(table: pd.DataFrame) -> Block:
@@ -249,12 +264,14 @@ def confidence_interval_block(table: pd.DataFrame) -> Block:
     if not needed <= set(table.columns):
         return table_block(table, "evaluation/classification.tsv (no metric/value columns: "
                            "shown as is).")
-    keys = [c for c in table.columns if c not in {"metric", "value", "ci_low", "ci_high"}]
+    keys = [c for c in CI_KEYS if c in table]
+    labelled = table.assign(**{key: [_key_label(v) for v in table[key]] for key in keys})
     has_ci = {"ci_low", "ci_high"} <= set(table.columns)
     cells = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if has_ci else f"{v:.3f}" for v, lo, hi in zip(
         table["value"], table.get("ci_low", table["value"]), table.get("ci_high", table["value"]))]
-    wide = table.assign(cell=cells).pivot_table(index=keys or None, columns="metric",
-                                                values="cell", aggfunc="first", sort=False)
+    wide = labelled.assign(cell=cells).pivot_table(index=keys or None, columns="metric",
+                                                   values="cell", aggfunc="first", sort=False)
+    wide.columns.name = None  # else pandas writes an empty leading cell in every row
     return table_block(wide.reset_index() if keys else wide, "Classification metrics with "
                        "bootstrap 95% confidence intervals (evaluation/classification.tsv).",
                        index=not keys)
@@ -264,7 +281,8 @@ def confidence_interval_block(table: pd.DataFrame) -> Block:
 
 def map_figures(context: ReportContext, name: str, title: str, maps: dict[str, np.ndarray],
                 affine: np.ndarray | None, style: figures.MapStyle, glass: bool = True,
-                viewer: bool = True, brain_only: bool = False) -> list[Block]:
+                viewer: bool = True, brain_only: bool = False,
+                family: str = "") -> list[Block]:
     """Orthogonal slices + coronal montage (+ glass brain of the mean) of 3D maps; 2D panels.
 
     ``brain_only`` hides values outside the MNI brain mask (for masks, whose values outside the
@@ -295,7 +313,7 @@ def map_figures(context: ReportContext, name: str, title: str, maps: dict[str, n
                                      "fold(s)/run(s)."))
     if viewer:
         context.viewers.append(ViewerCandidate(name, f"{title} (mean over folds/runs)", mean,
-                                               affine, style))
+                                               affine, style, family or name))
     return blocks
 
 
@@ -320,18 +338,23 @@ def masks_section(context: ReportContext) -> Section:
                  for _, _, path in fold_run_files(group_dir, "summary.json")]
     if summaries:
         table = pd.DataFrame(summaries)
-        table["top_regions"] = [", ".join(r) if isinstance(r, list) else r
-                                for r in table.get("top_regions", [""] * len(table))]
-        section.blocks.append(table_block(table, "Group masks: validation probability of the "
-                                          "masked class without/with the mask and the five AAL2 "
-                                          "regions the mask hides most (summary.json)."))
+        section.blocks.append(table_block(table.drop(columns="top_regions", errors="ignore"),
+                                          "Group masks: validation probability of the masked "
+                                          "class without/with the mask (summary.json)."))
+        regions = pd.DataFrame([r if isinstance(r, list) else [] for r in
+                                table.get("top_regions", [[]] * len(table))])
+        if not regions.empty:
+            regions.columns = [f"#{k + 1}" for k in regions.columns]
+            section.blocks.append(table_block(
+                pd.concat([table[["fold", "run"]], regions], axis=1),
+                "The AAL2 regions each group mask hides most (density of 1 - m), most first."))
     losses_found = fold_run_files(group_dir, "loss.tsv")
     if losses_found:
         losses = {label: pd.read_csv(path, sep="\t")
                   for label, (_, _, path) in zip(column_labels(losses_found), losses_found)}
         section.blocks.append(context.figure(figures.curves(losses, [
             ("mask loss (solid: train, dashed: validation)", ["train_loss", "validation_loss"])]),
-            "group_mask_losses", "Group-mask loss per epoch (loss.tsv)."))
+            "group_mask_losses", "Group-mask loss per epoch (loss.tsv).", vector=True))
     flags = [pd.read_csv(path, sep="\t").assign(fold=f, run=r)
              for f, r, path in fold_run_files(group_dir, "qc_flags.tsv")]
     if flags:
@@ -383,7 +406,8 @@ def explanations_section(context: ReportContext) -> Section:
                 f"{key}: {value}" for key, value in description.items() if value is not None)))
         found = [item for item in fold_run_files(root / method, "group_*")
                  if item[2].name.endswith(MAP_SUFFIXES)]  # not the PNG previews of 2D maps
-        diagnoses = sorted({map_stem(path).removeprefix("group_") for _, _, path in found})
+        diagnoses = sorted({map_stem(path).removeprefix("group_") for _, _, path in found},
+                           key=lambda d: (d in CONTROL_LABELS, d))  # patients first
         for diagnosis in diagnoses:
             chosen = [item for item in found
                       if map_stem(item[2]) == f"group_{diagnosis}"]
@@ -394,7 +418,7 @@ def explanations_section(context: ReportContext) -> Section:
                                       signed=description.get("signed"))
             section.blocks.extend(map_figures(context, f"{method}_group_{diagnosis}",
                                               f"{method}, group map of {diagnosis}", maps,
-                                              affine, style))
+                                              affine, style, family=method))
         indexes = fold_run_files(root / method, "index.tsv")
         sessions = sum(len(pd.read_csv(path, sep="\t")) for _, _, path in indexes)
         if not diagnoses:
@@ -497,7 +521,7 @@ def robustness_section(context: ReportContext) -> Section:
             section.blocks.append(context.figure(figures.box_plot(
                 {str(k): v[value].to_numpy() for k, v in table.groupby(label)}, value, name),
                 f"robustness_{name}", f"{name}.tsv: {value} by {label} (e.g. intra- vs "
-                "inter-subject pairs)."))
+                "inter-subject pairs).", vector=True))
         section.blocks.append(table_block(table, f"{name}.tsv"))
     if not files:
         section.note = "No evaluation/robustness/*.tsv in the run folder: the robustness step " \
@@ -536,7 +560,8 @@ def statistics_section(context: ReportContext) -> Section:
                 section.blocks.append(context.figure(figures.box_plot(
                     {str(k): v[percentile[0]].to_numpy() for k, v in table.groupby(group[0])},
                     percentile[0], f"{label}: {path.stem}"), f"stats_{label}_{path.stem}",
-                    f"{label}: {percentile[0]} of each normalised map by {group[0]}."))
+                    f"{label}: {percentile[0]} of each normalised map by {group[0]}.",
+                    vector=True))
             section.blocks.append(table_block(table, f"{label}/{path.name}"))
         for path in sorted(folder.glob("*.json")):
             record = json.loads(path.read_text())
