@@ -9,19 +9,23 @@ For the default paper-1 ``cnn`` (``build_model(ModelConfig(input_shape=grid))``)
   of every timing);
 - ``floor``: one forward + backward of the same model on the same batch, in eval mode: the summed
   target logits differentiated w.r.t. the input (``torch.autograd.grad``; no parameter
-  gradients) — what one gradient map cannot avoid; ``ratio`` = method / floor, both per batch;
+  gradients) — what one gradient map cannot avoid, timed right before each method in every
+  round; ``ratio`` = median over rounds of method / that floor;
 - methods that need global average pooling (``cam``) cannot run on the ``cnn``: they are timed on
   ``vgg_gap`` at the same grid, against that model's own floor (marked in the output);
-- peers, on the same ``cnn``, input and targets: our ``grad_cam`` / ``grad_cam_pp`` vs MONAI's
+- peers (timed in a block of their own, before the other methods, demo grid: 5 repeats), on
+  the same ``cnn``, input and targets: our ``grad_cam`` / ``grad_cam_pp`` vs MONAI's
   ``GradCAM`` / ``GradCAMpp`` (batch size 1: MONAI is only correct there, so batch 8 is a loop
   over the 8 volumes; its trilinear upsampler, no post-processing) and Captum's ``LayerGradCam``
-  (batched, with ``LayerAttribution.interpolate(..., "trilinear")``). Ours keeps its default
-  per-sample normalisation, the peers none, so the comparison does not favour us.
+  (batched, with ``LayerAttribution.interpolate(..., "trilinear")``). All three do the same
+  work: upsampled ReLU maps, no normalisation (ours with ``normalise=False``; the default
+  normalisation costs two more passes over the upsampled maps).
 
-Expensive methods run with fewer samples than their defaults (listed in the ``settings`` column
-and printed above the table; their cost grows about linearly with it), and at the full grid only
-at batch 1. Each figure is the median over repeats after one warm-up call; methods and floor take
-turns within each repeat, so a drift of the machine hits them alike.
+Expensive methods (those in :data:`REDUCED`) run with fewer samples than their defaults (listed
+in the ``settings`` column and printed above the table; their cost grows about linearly with
+it), are timed once, and at the full grid only at batch 1. The other figures are medians over
+repeats (demo grid: 3, after one warm-up round; full grid: one round, no warm-up); methods and
+floor take turns within each round, so a drift of the machine hits them alike.
 
 Run: ``.venv/bin/python benchmarks/attributions.py [--quick] [--methods a,b] [--device auto|cpu|cuda]``
 (``--quick``: demo grid only, fewer repeats).
@@ -52,7 +56,8 @@ NEEDS_GAP = {"cam"}
 #: steps; occlusion window = stride = 8, i.e. thousands of windows at the full grid).
 REDUCED = {
     "demo": {"smoothgrad": {"n_samples": 8}, "integrated_gradients": {"n_steps": 8},
-             "gradient_shap": {"n_samples": 8}, "occlusion": {"window": 8, "stride": 8}},
+             "gradient_shap": {"n_samples": 8}, "occlusion": {"window": 8, "stride": 8},
+             "deeplift_shap": {}},
     "full": {"smoothgrad": {"n_samples": 8}, "integrated_gradients": {"n_steps": 8},
              "gradient_shap": {"n_samples": 8}, "occlusion": {"window": 32, "stride": 32},
              "deeplift_shap": {}},
@@ -111,16 +116,56 @@ def captum_call(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> Cal
         cam.attribute(x, targets, relu_attributions=True).detach(), tuple(x.shape[2:]), mode)
 
 
-def medians(calls: dict[str, Callable[[], object]], repeats: int,
-            device: torch.device) -> dict[str, float]:
-    """Median seconds of each call: one warm-up round, then ``repeats`` rounds taking turns."""
-    for call in calls.values():
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
+def medians(calls: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+            once: set[str], warm_up: bool) -> dict[str, float]:
+    """Median seconds of each call over ``repeats`` rounds taking turns, after one warm-up round
+    if ``warm_up``; the calls named in ``once`` are timed in the first round only, unwarmed."""
+    if warm_up:
         for name, call in calls.items():
-            times[name].append(timed(call, device))
+            if name not in once:
+                call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(repeats):
+        for name, call in calls.items():
+            if round_ == 0 or name not in once:
+                times[name].append(timed(call, device))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def paired_medians(calls: dict[str, Callable[[], object]], floors: dict[str, Callable[[], object]],
+                   repeats: int, device: torch.device, once: set[str],
+                   warm_up: bool) -> dict[str, tuple[float, float, float]]:
+    """Per method: median seconds, median seconds of its floor, median ratio. Each method is timed
+    right after its own floor (``floors[name]``) in every round, so the ratio of a round compares
+    two calls a few seconds apart, whatever the other jobs on the machine do meanwhile."""
+    if warm_up:
+        for call in floors.values():
+            call()
+        for name, call in calls.items():
+            if name not in once:
+                call()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+    for round_ in range(repeats):
+        for name, call in calls.items():
+            if round_ == 0 or name not in once:
+                floor = timed(floors[name], device)
+                times[name].append((timed(call, device), floor))
+    return {name: (statistics.median(t for t, _ in pairs), statistics.median(f for _, f in pairs),
+                   statistics.median(t / f for t, f in pairs)) for name, pairs in times.items()}
+
+
+def peer_medians(peers: list[str], model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                 repeats: int, device: torch.device, grid: str) -> dict[str, float]:
+    """Our ``peers`` methods, MONAI's and Captum's, timed in a block of their own, before the
+    expensive methods run (their large allocations would slow whatever follows them)."""
+    calls: dict[str, Callable[[], object]] = {}
+    for name in peers:
+        method = explainer(name, model, batch_size=len(x), normalise=False)  # the peers' work
+        calls[name] = lambda method=method: method.explain(x, targets)
+        calls[f"monai {name}"] = monai_call(name, model, x, targets)
+        if name == "grad_cam":
+            calls["captum grad_cam"] = captum_call(model, x, targets)
+    return medians(calls, repeats + 2 * (grid != "full"), device, once=set(), warm_up=grid != "full")
 
 
 def settings_text(options: dict[str, object]) -> str:
@@ -138,8 +183,8 @@ def benchmark_grid(grid: str, methods: list[str], batches: list[int], repeats: i
     for batch in batches:
         x = torch.rand(batch, 1, *shape, device=device)
         targets = torch.arange(batch, device=device) % 2  # mixed targets
-        calls: dict[str, Callable[[], object]] = {
-            f"floor {net}": floor_call(model, x, targets) for net, model in models.items()}
+        floors = {net: floor_call(model, x, targets) for net, model in models.items()}
+        calls: dict[str, Callable[[], object]] = {}
         skipped = []
         for name in methods:
             options = REDUCED[grid].get(name, {})
@@ -149,33 +194,35 @@ def benchmark_grid(grid: str, methods: list[str], batches: list[int], repeats: i
             net = "vgg_gap" if name in NEEDS_GAP else "cnn"
             method = explainer(name, models[net], batch_size=batch, **options)
             calls[name] = lambda method=method: method.explain(x, targets)
-        cnn = models["cnn"]
         peers = [name for name in ("grad_cam", "grad_cam_pp") if name in calls]
-        for name in peers:
-            calls[f"monai {name}"] = monai_call(name, cnn, x, targets)
-        if "grad_cam" in calls:
-            calls["captum grad_cam"] = captum_call(cnn, x, targets)
-        seconds = medians(calls, repeats, device)
+        peer_seconds = peer_medians(peers, models["cnn"], x, targets, repeats, device, grid)
+        expensive = set(REDUCED[grid]) & set(calls)
+        seconds = paired_medians(
+            calls, {name: floors["vgg_gap" if name in NEEDS_GAP else "cnn"] for name in calls},
+            repeats, device, once=expensive, warm_up=grid != "full")
         for name in methods:
             if name in skipped:
                 rows.append(f"| {label} | {batch} | {name} | not timed (expensive; batch 1 only "
                             f"at this grid) | | | |")
                 continue
             net = "vgg_gap" if name in NEEDS_GAP else "cnn"
-            floor = seconds[f"floor {net}"]
+            method_seconds, floor, ratio = seconds[name]
             settings = settings_text(REDUCED[grid].get(name, {}))
             if net != "cnn":
                 settings += "; on vgg_gap (needs GAP), its own floor"
-            rows.append(f"| {label} | {batch} | {name} | {settings} | {seconds[name] / batch:.4f} "
-                        f"| {floor / batch:.4f} | {seconds[name] / floor:.2f} |")
+            if name in expensive:
+                settings += "; timed once"
+            rows.append(f"| {label} | {batch} | {name} | {settings} | {method_seconds / batch:.4f} "
+                        f"| {floor / batch:.4f} | {ratio:.2f} |")
         for name in peers:
-            ours, monai = seconds[name], seconds[f"monai {name}"]
-            captum = seconds.get("captum grad_cam") if name == "grad_cam" else None
+            ours, monai = peer_seconds[name], peer_seconds[f"monai {name}"]
+            captum = peer_seconds.get("captum grad_cam") if name == "grad_cam" else None
             captum_text = (f"{captum / batch:.4f} | {captum / ours:.2f}" if captum is not None
                            else "n/a (no Grad-CAM++) | ")
             peer_rows.append(f"| {label} | {batch} | {name} | {ours / batch:.4f} | "
                              f"{monai / batch:.4f} | {monai / ours:.2f} | {captum_text} |")
-        print(f"# {grid} batch {batch} done", flush=True)
+        print("\n".join(rows[len(rows) - len(methods):] + peer_rows[len(peer_rows) - len(peers):]),
+              flush=True)
     return rows, peer_rows
 
 
@@ -193,7 +240,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; available: {', '.join(available)}")
     grids = ["demo"] if arguments.quick else ["demo", "full"]
-    repeats = {"demo": 2 if arguments.quick else 5, "full": 1 if arguments.quick else 2}
+    repeats = {"demo": 2 if arguments.quick else 3, "full": 1}
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     for grid in grids:
         reduced = {name: settings_text(o) for name, o in REDUCED[grid].items() if name in methods}

@@ -55,7 +55,8 @@ def to_input_grid(maps: torch.Tensor, shape: tuple[int, ...], normalise: bool) -
 def weighted_feature_maps(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
     """``ReLU(sum_k w_k A^k)`` of weights ``(n, K)`` and feature maps ``(n, K, *spatial)``,
     shaped ``(n, 1, *spatial)``."""
-    return F.relu(torch.einsum("nk,nk...->n...", weights, activations)).unsqueeze(1)
+    weights = weights.view(*weights.shape, *[1] * (activations.ndim - 2))
+    return F.relu((weights * activations).sum(1, keepdim=True))  # einsum: ~100x slower on CPU
 
 
 def forward_with_layer(model: nn.Module, layer: nn.Module,
