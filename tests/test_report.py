@@ -85,6 +85,14 @@ def write_other_steps(run) -> None:
                                                        index=False)
     pd.DataFrame({"method": ["saliency"], "fold": [0], "auc": [0.91]}).to_csv(
         run / "evaluation" / "localisation.tsv", sep="\t", index=False)
+    cyce = run / "cyce" / "fold-0" / "run-0"
+    cyce.mkdir(parents=True)
+    pd.DataFrame({"domain": ["x", "G-(x)", "G+(x)"], "n": [4] * 3, "mean": [0.5, 0.1, 0.9],
+                  "ci_low": [0.4, 0.05, 0.8], "ci_high": [0.6, 0.2, 0.95]}).to_csv(
+        cyce / "transfer.tsv", sep="\t", index=False)
+    pd.DataFrame({"step": [0, 1, 2], "generator": [3.0, 2.0, 1.5],
+                  "discriminator": [0.7, 0.6, 0.6]}).to_csv(cyce / "loss.tsv", sep="\t",
+                                                            index=False)
     pd.DataFrame({"fold": [0, 0, 1, 1], "metric": ["balanced_accuracy", "auc"] * 2,
                   "value": [0.8, 0.9, 0.7, 0.85], "ci_low": [0.7, 0.8, 0.6, 0.75],
                   "ci_high": [0.9, 0.95, 0.8, 0.93]}).to_csv(
@@ -116,7 +124,7 @@ def test_report_renders_every_section_the_run_folder_holds(full_run, full_report
     assert present(page) == dict.fromkeys(SECTIONS, True)
     figures = full_run / "report" / "figures"
     vector = ("training_curves", "group_mask_losses", "robustness_saliency-session_pairs",
-              "stats_saliency_percentiles")
+              "stats_saliency_percentiles", "cyce_losses")
     raster = ("group_mask_ortho", "group_mask_coronal", "group_mask_glass",
               "saliency_group_AD_ortho", "grad-cam_group_CN_glass",
               "robustness_saliency-group_AD_roi_cosine", "stats_saliency_one-sample_AD_T_ortho")
@@ -131,6 +139,7 @@ def test_report_renders_every_section_the_run_folder_holds(full_run, full_report
         summary = json.loads((full_run / f"masks/group/fold-{fold}/run-0/summary.json")
                              .read_text())
         assert all(region in page for region in summary["top_regions"])
+    assert "G+(x)" in page  # the CyCE transfer table
     # the p map is listed, not drawn; the T map is drawn
     assert "one-sample_AD_p.nii.gz" in page
     assert not (figures / "stats_saliency_one-sample_AD_p_ortho.png").exists()

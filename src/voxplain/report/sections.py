@@ -430,10 +430,33 @@ def explanations_section(context: ReportContext) -> Section:
     overlays = _overlay_block(context, root, methods)
     if overlays is not None:
         section.blocks.append(overlays)
-    if not methods:
+    cyce = _cyce_blocks(context)
+    section.blocks.extend(cyce)
+    if not methods and not cyce:
         section.note = "No explanation in the run folder (explanations/METHOD/fold-K/run-R/ is " \
                        "written by the explanation step)."
     return section
+
+
+def _cyce_blocks(context: ReportContext) -> list[Block]:
+    """CyCE (paper 3): the domain transfer table and the generator/discriminator losses."""
+    blocks = []
+    transfers = [pd.read_csv(path, sep="\t")
+                 for _, _, path in fold_run_files(context.path("cyce"), "transfer.tsv")]
+    if transfers:
+        blocks.append(Block("heading", "CyCE"))
+        blocks.append(table_block(pd.concat(transfers, ignore_index=True), "CyCE domain "
+                                  "transfer (paper 3, 4.1): classifier output on x, G-(x) and "
+                                  "G+(x), with CIs and paired t-tests against x (transfer.tsv)."))
+    found = fold_run_files(context.path("cyce"), "loss.tsv")
+    if found:
+        losses = {label: pd.read_csv(path, sep="\t")
+                  for label, (_, _, path) in zip(column_labels(found), found)}
+        blocks.append(context.figure(figures.curves(losses, [
+            ("CyCE losses (solid: generator, dashed: discriminator)",
+             ["generator", "discriminator"])], x="step"), "cyce_losses",
+            "CyCE training losses per step (cyce/fold-K/run-R/loss.tsv).", vector=True))
+    return blocks
 
 
 def _overlay_block(context: ReportContext, root: Path, methods: Sequence[str]) -> Block | None:
