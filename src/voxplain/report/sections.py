@@ -280,15 +280,19 @@ def confidence_interval_block(table: pd.DataFrame) -> Block:
 # --- brain maps shared by masks, explanations and statistics ---------------------------------
 
 def map_figures(context: ReportContext, name: str, title: str, maps: dict[str, np.ndarray],
-                affine: np.ndarray | None, style: figures.MapStyle, glass: bool = True,
-                viewer: bool = True, brain_only: bool = False,
-                family: str = "") -> list[Block]:
-    """Orthogonal slices + coronal montage (+ glass brain of the mean) of 3D maps; 2D panels.
+                affine: np.ndarray | None, style: figures.MapStyle, viewer: bool = True,
+                brain_only: bool = False, family: str = "") -> list[Block]:
+    """Orthogonal slices + coronal montage + glass brain of the mean of 3D maps; 2D panels.
+
+    At most ``config.max_columns`` maps are drawn side by side (the caption says when some are
+    left out); the glass brain and the viewer show the mean of all of them.
 
     ``brain_only`` hides values outside the MNI brain mask (for masks, whose values outside the
     brain perturb nothing a reader can interpret); the caption says so.
     """
     items = dict(list(maps.items())[: context.config.max_columns])
+    if len(items) < len(maps):
+        title = f"{title} (first {len(items)} of {len(maps)} folds/runs)"
     if affine is None:
         return [context.figure(figures.panels_2d(items, style), f"{name}_panels",
                                f"{title}: one column per fold/run.")]
@@ -307,10 +311,9 @@ def map_figures(context: ReportContext, name: str, title: str, maps: dict[str, n
         context.figure(figures.coronal_montage(items, affine, template, style), f"{name}_coronal",
                        f"{title}: coronal montage (back to front), one column per fold/run.")]
     mean = np.mean(list(maps.values()), axis=0)
-    if glass:
-        blocks.append(context.figure(figures.glass_brain(mean, affine, style), f"{name}_glass",
-                                     f"{title}: glass brain of the mean over {len(maps)} "
-                                     "fold(s)/run(s)."))
+    blocks.append(context.figure(figures.glass_brain(mean, affine, style), f"{name}_glass",
+                                 f"{title}: glass brain of the mean over {len(maps)} "
+                                 "fold(s)/run(s)."))
     if viewer:
         context.viewers.append(ViewerCandidate(name, f"{title} (mean over folds/runs)", mean,
                                                affine, style, family or name))
