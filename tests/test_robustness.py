@@ -256,9 +256,9 @@ def test_prob_cnn_of_a_mask_on_its_own_context_is_the_mask_steps_probability_aft
     from voxplain.explain.mask_steps import group_masks, session_masks
     from voxplain.train.trainer import train_cohort
 
-    tsv = write_cohort(tmp_path / "cohort", subjects=24)  # the setting of test_mask_steps
+    tsv = write_cohort(tmp_path / "cohort", subjects=24, shape=(12, 14, 12))
     run = tmp_path / "run"
-    train_cohort(TrainConfig(cohort=tsv, out=run, folds=3, epochs=6, batch_size=4,
+    train_cohort(TrainConfig(cohort=tsv, out=run, folds=2, epochs=6, batch_size=4,
                              learning_rate=3e-3, device="cpu",
                              model={"name": "cnn", "channels": [4, 8, 8]}))
     groups = group_masks(GroupMaskStepConfig(run=run, folds=[0, 1], device="cpu",
