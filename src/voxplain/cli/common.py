@@ -38,6 +38,8 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 def option(model: type[BaseModel], field: str, *flags: str) -> Any:
     """A typer option documented by ``model.field``; None means "not given on the command line"."""
     info = model.model_fields[field]
+    if info.is_required():
+        return typer.Option(None, *flags, help=f"{info.description} (required)", show_default=False)
     default = info.get_default(call_default_factory=True)
     shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
     suffix = "" if default is None else f" (default: {shown})"
