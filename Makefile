@@ -51,8 +51,14 @@ demo: venv
 	$(BIN)/voxplain report --run $(DEMO)/run
 	$(BIN)/voxplain summary --run $(DEMO)/run
 
+# Ratios measured in one run (see benchmarks/README.md); the full grid takes most of the time.
+# report_load.py needs a run folder: `$(BIN)/python benchmarks/report_load.py $(DEMO)/run`.
 benchmark: venv
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/masks.py
+	$(BIN)/python benchmarks/attributions.py
+	$(BIN)/python benchmarks/evaluation.py
+	$(BIN)/python benchmarks/model_randomisation.py
 
 clean:
 	rm -rf $(VENV) $(DEMO)
