@@ -24,10 +24,21 @@ from voxplain.models.networks import ConvNet
 TINY = {"widths": [4, 8, 8, 8], "convs_per_stage": 1, "batch_size": 4}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny networks run hundreds of small ops per step; on the shared, oversubscribed 2-core
+    # machine every multi-threaded op waits for a descheduled thread (~14 ms each), which made
+    # a 16x16 step take 15 s instead of 0.1 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def noisy(shape, sigma, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(shape, generator=generator, dtype=torch.float64) * 0.5 + 0.25
-    return x, (x + sigma * torch.randn(shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    x = torch.rand(shape, generator=generator) * 0.5 + 0.25
+    return x, (x + sigma * torch.randn(shape, generator=generator)).clamp(0, 1)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 64, 64), (2, 1, 20, 24, 20)])
@@ -103,16 +114,15 @@ def test_shuffled_pairs_label_the_position_of_the_real_patch():
 
 def tiny_classifier(spatial=(16, 16), seed=0):
     torch.manual_seed(seed)
-    return ConvNet(spatial, channels=[4, 8, 8, 8], dropout=0.0).double().eval()
+    return ConvNet(spatial, channels=[4, 8, 8, 8], dropout=0.0).eval()
 
 
 def test_one_training_step_decreases_the_activation_maximisation_loss():
-    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)).double()
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     # Generators start as the identity, where the cycle and similarity terms are at their
     # minimum; without the adversarial term the first step follows the AM gradient.
     trainer = CyCETrainer(tiny_classifier(), images,
-                          CyCEConfig(**TINY, learning_rate=1e-3, adversarial_weight=0.0, seed=0),
-                          dtype=torch.float64)
+                          CyCEConfig(**TINY, learning_rate=1e-3, adversarial_weight=0.0, seed=0))
 
     def activation_losses():
         with torch.no_grad():
@@ -126,33 +136,33 @@ def test_one_training_step_decreases_the_activation_maximisation_loss():
 
 
 def test_resume_after_an_interruption_continues_from_the_checkpoint_identically(tmp_path):
-    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)).double()
-    config = CyCEConfig(**TINY, max_steps=6, min_steps=6, checkpoint_every=2, seed=3)
-    whole = CyCETrainer(tiny_classifier(), images, config, dtype=torch.float64)
+    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    config = CyCEConfig(**TINY, max_steps=4, min_steps=4, checkpoint_every=2, seed=3)
+    whole = CyCETrainer(tiny_classifier(), images, config)
     whole.fit(tmp_path / "whole")
 
     def interrupt(step, losses):
         if step == 3:
             raise KeyboardInterrupt
 
-    first = CyCETrainer(tiny_classifier(), images, config, dtype=torch.float64)
+    first = CyCETrainer(tiny_classifier(), images, config)
     with pytest.raises(KeyboardInterrupt):
         first.fit(tmp_path / "resumed", interrupt)
-    resumed = CyCETrainer(tiny_classifier(), images, config, dtype=torch.float64)
+    resumed = CyCETrainer(tiny_classifier(), images, config)
     state = resumed.fit(tmp_path / "resumed")
-    assert [row["step"] for row in state.history] == list(range(6))
+    assert [row["step"] for row in state.history] == list(range(4))
     for name, network in whole.networks.items():
         for key, value in network.state_dict().items():
             torch.testing.assert_close(resumed.networks[name].state_dict()[key], value,
-                                       rtol=1e-10, atol=1e-12)
+                                       rtol=1e-5, atol=1e-7)
     for a, b in zip(whole.state.history, state.history):
-        assert a["generator"] == pytest.approx(b["generator"], rel=1e-10)
+        assert a["generator"] == pytest.approx(b["generator"], rel=1e-5)
 
 
 def test_training_stops_when_the_moving_average_of_the_generator_loss_converges():
-    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)).double()
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     config = CyCEConfig(**TINY, max_steps=20, min_steps=0, window=2, tolerance=0.5, patience=2)
-    state = CyCETrainer(tiny_classifier(), images, config, dtype=torch.float64).fit()
+    state = CyCETrainer(tiny_classifier(), images, config).fit()
     # a relative fall of 50 % of the moving average every 2 steps cannot last
     assert state.stop_reason == "converged" and state.next_step < 20
 
