@@ -226,3 +226,15 @@ def test_cyce_steps_train_resume_and_evaluate_the_transfer_on_a_run_folder(tmp_p
     assert table.domain.tolist() == ["x", "G-(x)", "G+(x)"] and (folder / "transfer.tsv").is_file()
     with pytest.raises(ValueError, match="other \\[cyce\\] settings"):
         train_cyce(step.model_copy(update={"cyce": CyCEConfig(**TINY, max_steps=3)}))
+    # the explain step finds each fold's generators in RUN/cyce/fold-K/run-R by itself
+    from voxplain.config import ExplainStepConfig
+    from voxplain.explain.explain_steps import explain_run
+
+    index = explain_run(ExplainStepConfig(run=tmp_path / "run", explain={"method": "cyce"}, folds=[0],
+                                          device="cpu"))
+    assert len(index) > 0 and set(index.method) == {"cyce"}
+    maps = sorted((tmp_path / "run" / "explanations" / "cyce" / "fold-0" / "run-0").glob("sub-*"))
+    assert len(maps) == len(index)
+    with pytest.raises(FileNotFoundError, match="no trained CyCE generators"):
+        explain_run(ExplainStepConfig(run=tmp_path / "run", explain={"method": "cyce"}, folds=[1],
+                                      device="cpu"))

@@ -14,8 +14,10 @@
                                 summary.json}
       masks/session/fold-K/run-R/{sub-X_ses-Y.nii.gz, index.tsv}
       masks/grid/l1-A_l2-B_b1-C_b2-D/fold-K/run-R/...   (same files as masks/group)
-      evaluation/cross_validation.tsv
-      predictions/NAME.tsv
+      explanations/KEY/fold-K/run-R/{sub-X_ses-Y.nii.gz, group_<DIAGNOSIS>.nii.gz, index.tsv}
+      cyce/fold-K/run-R/{generators.safetensors, generators.json, loss.tsv, transfer.tsv}
+      evaluation/{cross_validation.tsv, classification.tsv, localisation.tsv, robustness/}
+      stats/METHOD/   report/index.html   predictions/NAME.tsv
 
 Every step reads what earlier steps wrote, skips work already done and writes atomically.
 """
@@ -70,6 +72,10 @@ class RunFolder:
     def mask_dir(self, level: str, fold: int, run: int) -> Path:
         """``masks/LEVEL/fold-K/run-R`` (LEVEL: group, session, or grid/SETTING)."""
         return self.root / "masks" / level / f"fold-{fold}" / f"run-{run}"
+
+    def cyce_dir(self, fold: int, run: int) -> Path:
+        """``cyce/fold-K/run-R``: the CyCE generators trained against that model."""
+        return self.root / "cyce" / f"fold-{fold}" / f"run-{run}"
 
     def split_file(self, fold: int, subset: str) -> Path:
         """``splits/fold-K/SUBSET.tsv`` with SUBSET in train, validation."""

@@ -29,7 +29,6 @@ Shared conventions, for 2D and 3D alike (``spatial_dims = x.ndim - 2``):
 
 from __future__ import annotations
 
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F

@@ -84,9 +84,16 @@ def explanation_dir(run: RunFolder, key: str, fold: int | None = None,
     return folder if fold is None else folder / f"fold-{fold}" / f"run-{run_index}"
 
 
-def build_explainer(config: ExplainConfig, model: nn.Module) -> Explainer:
-    """The configured method on ``model``; options the method does not take are an error."""
+def build_explainer(config: ExplainConfig, model: nn.Module,
+                    cyce_folder: Path | None = None) -> Explainer:
+    """The configured method on ``model``; options the method does not take are an error.
+
+    ``cyce`` takes its generators from ``cyce_folder`` (the fold's ``RUN/cyce/fold-K/run-R``,
+    trained by ``voxplain cyce train``) unless the ``generators`` option names a folder.
+    """
     options: dict[str, Any] = {**config.options, "batch_size": config.batch_size}
+    if config.method == "cyce" and cyce_folder is not None:
+        options.setdefault("generators", cyce_folder)
     if config.layer is not None:
         options["layer"] = config.layer
     try:
@@ -111,7 +118,9 @@ def explain_run(config: ExplainStepConfig, progress: Progress | None = None) -> 
     if not models:
         raise RunFolderError(f"{run.root}: no trained model for folds {config.folds}")
     # fail before any loading or writing: unknown method, layer, option or target class
-    method = build_explainer(config.explain, load_model(models[0][2], "cpu")[0])
+    first_fold, first_run, first_model = models[0]
+    method = build_explainer(config.explain, load_model(first_model, "cpu")[0],
+                             run.cyce_dir(first_fold, first_run))
     if config.explain.target not in ("true", "predicted"):
         for _, _, folder in models:
             class_index(config.explain.target, read_model_json(folder)["classes"])
@@ -206,7 +215,7 @@ def explain_model(context: MaskContext, config: ExplainStepConfig, key: str, fol
     index = _predictions(context, config.explain, model, rows, classes)
     index.insert(3, "fold", fold)
     index.insert(4, "run", run_index)
-    method = build_explainer(config.explain, model)
+    method = build_explainer(config.explain, model, context.run.cyce_dir(fold, run_index))
     index["method"] = config.explain.method
     index["layer"] = getattr(method, "layer_name", None) or config.explain.layer or ""
     spatial_dims = context.images.ndim - 2

@@ -3,3 +3,4 @@
 from voxplain.explain import cam as cam  # noqa: F401
 from voxplain.explain import gradients as gradients  # noqa: F401
 from voxplain.explain import lrp as lrp  # noqa: F401
+from voxplain.explain import cyce as cyce  # noqa: F401

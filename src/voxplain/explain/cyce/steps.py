@@ -47,7 +47,7 @@ class CyCEContext:
 
 def cyce_dir(run: RunFolder, fold: int, run_index: int) -> Path:
     """``RUN/cyce/fold-K/run-R``."""
-    return run.root / "cyce" / f"fold-{fold}" / f"run-{run_index}"
+    return run.cyce_dir(fold, run_index)
 
 
 def read_context(run_path: Path, device: str, progress: Progress | None) -> CyCEContext:
