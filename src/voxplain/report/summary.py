@@ -63,7 +63,8 @@ def _robustness(run: Path) -> pd.DataFrame | None:
     table = _read(run / "evaluation" / "robustness" / "summary.tsv")
     if table is None:
         return None
-    return table[["method", "experiment", "metric", "mean", "sd", "n_pairs"]]
+    columns = ["method", "experiment", "diagnosis", "metric", "mean", "sd", "median", "n_pairs"]
+    return table[[column for column in columns if column in table.columns]]
 
 
 def _localisation(run: Path) -> pd.DataFrame | None:
