@@ -99,7 +99,17 @@ def smoothness_term(mask: torch.Tensor, b2: float, epsilon: float) -> torch.Tens
 # (exact: it is ``s^(b/2)`` above ``eps^2`` and ``eps^(b-2) s`` below) whose derivative is
 # ``max(s, eps^2)^(b/2 - 1)`` times ``b/2`` above ``eps^2`` and times 1 below.
 
-class _Sparsity(torch.autograd.Function):
+class _ClosedForm(torch.autograd.Function):
+    """A per-mask term ``(N,)`` whose forward pass saves its gradient ``(N, 1, *spatial)``."""
+
+    @staticmethod
+    def backward(ctx, output_gradient: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        shape = (-1,) + (1,) * (gradient.ndim - 1)
+        return gradient * output_gradient.reshape(shape), None, None
+
+
+class _Sparsity(_ClosedForm):
     @staticmethod
     def forward(ctx, mask: torch.Tensor, exponent: float, epsilon: float) -> torch.Tensor:
         residual = 1 - mask                                          # r = 1 - m, s = r^2
@@ -114,14 +124,8 @@ class _Sparsity(torch.autograd.Function):
             ctx.save_for_backward(torch.where(above, gradient * (exponent / 2), gradient))
         return value
 
-    @staticmethod
-    def backward(ctx, output_gradient: torch.Tensor):
-        (gradient,) = ctx.saved_tensors
-        shape = (-1,) + (1,) * (gradient.ndim - 1)
-        return gradient * output_gradient.reshape(shape), None, None
 
-
-class _Smoothness(torch.autograd.Function):
+class _Smoothness(_ClosedForm):
     @staticmethod
     def forward(ctx, mask: torch.Tensor, exponent: float, epsilon: float) -> torch.Tensor:
         differences = _forward_differences(mask)
@@ -136,12 +140,6 @@ class _Smoothness(torch.autograd.Function):
             slope = torch.where(squared >= epsilon**2, scale * (exponent / 2), scale)
             ctx.save_for_backward(_difference_adjoint(mask, differences, slope.mul_(2 / count)))
         return value
-
-    @staticmethod
-    def backward(ctx, output_gradient: torch.Tensor):
-        (gradient,) = ctx.saved_tensors
-        shape = (-1,) + (1,) * (gradient.ndim - 1)
-        return gradient * output_gradient.reshape(shape), None, None
 
 
 def _difference_adjoint(mask: torch.Tensor, differences: list[torch.Tensor],
