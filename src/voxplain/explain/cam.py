@@ -29,6 +29,7 @@ Shared conventions, for 2D and 3D alike (``spatial_dims = x.ndim - 2``):
 
 from __future__ import annotations
 
+from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -179,9 +180,9 @@ class _LayerGradients(Explainer):
         maps = weighted_feature_maps(self.weights(activations.detach(), gradients), activations.detach())
         return to_input_grid(maps, tuple(x.shape[2:]), self.normalise)
 
+    @abstractmethod
     def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         """Channel weights ``(n, K)`` from feature maps and gradients ``(n, K, *spatial)``."""
-        raise NotImplementedError
 
 
 @register

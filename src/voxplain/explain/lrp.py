@@ -31,6 +31,7 @@ positive contribution (activated by their bias alone). The map is summed over th
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 
 import captum.attr as ca
@@ -108,8 +109,9 @@ class LRPExplainer(Explainer):
             if hasattr(module, "rule"):
                 del module.rule
 
+    @abstractmethod
     def assign_rules(self) -> None:
-        raise NotImplementedError
+        """Set ``module.rule`` on every module of ``self.lrp_model`` (the method's rules)."""
 
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self.assign_rules()
