@@ -43,6 +43,8 @@ demo: venv
 	$(BIN)/voxplain train --cohort $(DEMO)/cohort/cohort.tsv --out $(DEMO)/run --folds 5 --runs 1
 	$(BIN)/voxplain mask group --run $(DEMO)/run
 	$(BIN)/voxplain mask session --run $(DEMO)/run --folds 0 --max-sessions 12
+	$(BIN)/voxplain mask grid --run $(DEMO)/run --folds 0 --design one-at-a-time \
+		--b1 0.1,0.5,1,2 --b2 1,2,3 --l1 0.1,0.01,0.001,0.0001 --l2 0.1,0.01,0.001,0.0001
 	$(BIN)/voxplain explain --run $(DEMO)/run --method grad_cam,grad_cam_pp,integrated_gradients \
 		--evaluate-against $(DEMO)/cohort/ground_truth.nii.gz
 	$(BIN)/voxplain evaluate classification --run $(DEMO)/run

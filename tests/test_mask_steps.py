@@ -12,7 +12,7 @@ import pytest
 from conftest import write_cohort
 from voxplain.config import (GroupMaskStepConfig, MaskGridConfig, SessionMaskStepConfig,
                              TrainConfig)
-from voxplain.explain.mask_steps import group_masks, mask_grid, session_masks
+from voxplain.explain.mask_steps import grid_settings, group_masks, mask_grid, session_masks
 from voxplain.train.trainer import train_cohort
 
 pytestmark = pytest.mark.slow
@@ -60,9 +60,21 @@ def test_session_masks_cover_validation_subjects_only(trained_run):
     assert 0 < len(index) <= 3
     assert set(index.participant_id) <= set(validation.participant_id)
     assert (index.diagnosis == "AD").all()
+    assert {"robust_z", "flagged"} <= set(index.columns)
     folder = trained_run / "masks/session/fold-1/run-0"
     for name in index.path:
         assert nib.load(folder / name).shape == (20, 24, 20)
+
+
+def test_one_at_a_time_grid_varies_each_hyperparameter_around_the_mask_settings(tmp_path):
+    config = MaskGridConfig(run=tmp_path, l1=[1e-3, 1e-4], l2=[1e-3, 1e-2], b1=[0.1, 2.0],
+                            b2=[1.0, 3.0], design="one-at-a-time", mask={"l2": 1e-3})
+    # centre (1e-4, 1e-3, 0.1, 1) once, then one hyperparameter away from it at a time
+    assert grid_settings(config) == [(1e-3, 1e-3, 0.1, 1.0), (1e-4, 1e-3, 0.1, 1.0),
+                                     (1e-4, 1e-2, 0.1, 1.0), (1e-4, 1e-3, 2.0, 1.0),
+                                     (1e-4, 1e-3, 0.1, 3.0)]
+    full = grid_settings(config.model_copy(update={"design": "full"}))
+    assert len(full) == 2**4 and (1e-3, 1e-2, 2.0, 3.0) in full
 
 
 def test_grid_keys_masks_by_their_hyperparameters(trained_run):

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from voxplain.config import GroupMaskConfig, ModelConfig, SessionMaskConfig
 from voxplain.explain.masks import (make_reference, optimise_group_mask, optimise_session_masks,
-                                    qc_flags)
+                                    qc_flags, robust_z)
 from voxplain.explain.perturbation import (MaskWeights, RelativeEarlyStopping, gaussian_blur,
                                            mask_loss, perturb, power_of_root, smoothness_term,
                                            sparsity_term, spatial_gradient, target_probability,
@@ -218,6 +218,13 @@ def test_qc_flags_the_image_that_makes_the_loss_jump():
     rows += [{"image": 20, "epoch": e, "loss": 0.95} for e in range(5)]
     flags = qc_flags(pd.DataFrame(rows))
     assert flags.loc[flags.flagged, "image"].tolist() == [20]
+
+
+def test_robust_z_is_the_distance_to_the_median_in_scaled_mads():
+    # median 3, |x - 3| = 2, 1, 0, 1, 97 -> MAD 1, scaled by 1.4826 (normal consistency)
+    z = robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
+    np.testing.assert_allclose(z, np.array([-2, -1, 0, 1, 97]) / 1.482602218505602)
+    np.testing.assert_array_equal(robust_z(np.full(4, 0.3)), np.zeros(4))  # MAD 0: no outlier
 
 
 def _away_from_the_kink(shape, epsilon, seed):

@@ -50,7 +50,8 @@ def write_group_mask(run: Path, fold: int, run_index: int, mask: np.ndarray,
 
 
 def write_sessions(root: Path, fold: int, maps: dict[tuple[str, str], np.ndarray],
-                   diagnosis: str | dict[str, str] = "AD") -> None:
+                   diagnosis: str | dict[str, str] = "AD",
+                   flagged: tuple[tuple[str, str], ...] | None = None) -> None:
     folder = root / f"fold-{fold}" / "run-0"
     rows = []
     for (participant, session), values in maps.items():
@@ -58,6 +59,8 @@ def write_sessions(root: Path, fold: int, maps: dict[tuple[str, str], np.ndarray
         label = diagnosis if isinstance(diagnosis, str) else diagnosis[participant]
         rows.append({"participant_id": participant, "session_id": session, "diagnosis": label,
                      "path": f"{participant}_{session}.nii.gz"})
+        if flagged is not None:
+            rows[-1]["flagged"] = (participant, session) in flagged
     write_tsv(folder / "index.tsv", pd.DataFrame(rows))
 
 
@@ -99,6 +102,26 @@ def test_intra_subject_similarity_of_identical_sessions_is_one_and_inter_subject
     matrix = read_matrix(run / "evaluation/robustness/mask/session_fold-0_run-0_roi_cosine.tsv")
     assert matrix.shape == (5, 5)
     np.testing.assert_allclose(np.diag(matrix.to_numpy()), 1.0)
+
+
+def test_session_masks_flagged_as_not_converged_are_left_out_unless_asked(tmp_path, caplog):
+    run = tmp_path / "run"
+    write_sessions(run / "masks" / "session", 0, {
+        ("sub-01", "ses-M00"): hiding(Hippocampus_L=1.0),
+        ("sub-01", "ses-M12"): hiding(Precentral_L=1.0),  # the stuck mask: disjoint from M00
+        ("sub-02", "ses-M00"): hiding(Hippocampus_L=1.0),
+        ("sub-02", "ses-M12"): hiding(Hippocampus_L=1.0),
+    }, flagged=(("sub-01", "ses-M12"),))
+    with caplog.at_level(logging.WARNING, logger="voxplain"):
+        summary = evaluate_robustness(RobustnessConfig(run=run))
+    assert "sub-01_ses-M12" in caplog.text and "--include-flagged" in caplog.text
+    # left out: sub-01 has one session (no intra pair); sub-02's pair is identical
+    assert summary_value(summary, "mask", "intra-subject", "roi_cosine") == pytest.approx(1.0)
+    assert summary_value(summary, "mask", "intra-subject", "roi_cosine", "n_subjects") == 1
+    kept = evaluate_robustness(RobustnessConfig(run=run, include_flagged=True))
+    # kept: sub-01's sessions are disjoint (cosine 0), sub-02's identical (1): mean 0.5
+    assert summary_value(kept, "mask", "intra-subject", "roi_cosine") == pytest.approx(0.5)
+    assert summary_value(kept, "mask", "intra-subject", "roi_cosine", "n_subjects") == 2
 
 
 def test_inter_fold_and_inter_run_similarity_are_means_of_the_pairs(tmp_path):

@@ -199,6 +199,10 @@ class SessionMaskConfig(MaskConfig):
     patience: int = Field(200, ge=1, description="Iterations without improvement before stopping.")
     max_iterations: int = Field(5000, ge=1, description="Maximum number of iterations.")
     batch_size: int = Field(16, ge=1, description="Session masks optimised together.")
+    qc_z: float = Field(
+        3.5, gt=0, description="Robust z-score of a mask's lowest loss, among the session masks "
+        "of one model, above which the mask is flagged as not converged."
+    )
 
 
 class GroupMaskConfig(MaskConfig):
@@ -245,6 +249,11 @@ class MaskGridConfig(MaskStepConfig):
     l2: list[float] = Field(default_factory=lambda: [1e-2], description="Values of l2.")
     b1: list[float] = Field(default_factory=lambda: [0.1], description="Values of b1.")
     b2: list[float] = Field(default_factory=lambda: [1.0], description="Values of b2.")
+    design: Literal["full", "one-at-a-time"] = Field(
+        "full", description="'full': every combination of the values; 'one-at-a-time': each "
+        "hyperparameter over its values with the others at the [mask] settings (paper 1, "
+        "tables 2-3)."
+    )
     mask: GroupMaskConfig = Field(default_factory=GroupMaskConfig)
 
 
@@ -564,6 +573,10 @@ class RobustnessConfig(Section):
     )
     batch_size: int = Field(16, ge=1, description="Images per forward pass for prob_CNN.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run prob_CNN.")
+    include_flagged: bool = Field(
+        False, description="Keep session masks flagged as not converged (column 'flagged' of "
+        "masks/session/*/index.tsv); by default they are left out, with a message."
+    )
 
 
 class StatsConfig(Section):
@@ -588,6 +601,9 @@ class StatsConfig(Section):
     )
     connectivity: int = Field(
         1, ge=1, le=3, description="Neighbours joining voxels into clusters (1 faces, 3 corners)."
+    )
+    include_flagged: bool = Field(
+        False, description="Keep session masks flagged as not converged (left out by default)."
     )
     unit: Literal["subject", "session"] = Field(
         "subject", description="Unit of observation: one map per subject (mean of its sessions; "

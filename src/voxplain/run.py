@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from voxplain.config import TrainConfig, config_values, read_toml, to_toml
 from voxplain.io import write_json, write_text
@@ -115,7 +115,7 @@ class RunFolder:
         sections = self.read_config()
         new = config_values(config)
         if section in sections:
-            old = sections[section]
+            old = _with_defaults(type(config), sections[section])
             changed = sorted(key for key in set(old) | set(new)
                              if key not in RESUMABLE_FIELDS and old.get(key) != new.get(key))
             if changed:
@@ -132,6 +132,16 @@ class RunFolder:
         record = json.loads(path.read_text()) if path.is_file() else {}
         record[section] = environment()
         write_json(path, record)
+
+
+def _with_defaults(schema: type[BaseModel], recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded section with the settings it lacks (added by a later version) at their
+    defaults, so that a folder made before a setting existed resumes; as recorded when it no
+    longer validates (the comparison then names the difference)."""
+    try:
+        return config_values(schema.model_validate(recorded))
+    except ValidationError:
+        return recorded
 
 
 def environment() -> dict[str, Any]:

@@ -63,6 +63,7 @@ def evaluate_robustness_command(
     prob_cnn: bool = option(RobustnessConfig, "prob_cnn", "--prob-cnn"),
     batch_size: int = option(RobustnessConfig, "batch_size", "--batch-size"),
     device: str = option(RobustnessConfig, "device", "--device"),
+    include_flagged: bool = option(RobustnessConfig, "include_flagged", "--include-flagged"),
     config: Path = CONFIG_OPTION,
 ) -> None:
     """Similarity of maps across folds, runs, sessions, hyperparameters and datasets
@@ -72,7 +73,8 @@ def evaluate_robustness_command(
     setup_logging()
     settings = build_config(RobustnessConfig, "evaluate_robustness", config, run=absolute(run),
                             methods=split_list(methods), other_run=absolute(other_run),
-                            prob_cnn=prob_cnn, batch_size=batch_size, device=device)
+                            prob_cnn=prob_cnn, batch_size=batch_size, device=device,
+                            include_flagged=include_flagged)
     with reported_errors():
         summary = evaluate_robustness(settings)
     print_table("Robustness (mean of pairs)", summary,
@@ -92,6 +94,7 @@ def stats(
     equal_var: bool = option(StatsConfig, "equal_var", "--equal-var/--welch"),
     connectivity: int = option(StatsConfig, "connectivity", "--connectivity"),
     unit: str = option(StatsConfig, "unit", "--unit"),
+    include_flagged: bool = option(StatsConfig, "include_flagged", "--include-flagged"),
     config: Path = CONFIG_OPTION,
 ) -> None:
     """Heatmap statistics (paper 2, 2.4): 95th-percentile group test, voxel-wise t-tests,
@@ -102,7 +105,8 @@ def stats(
     settings = build_config(StatsConfig, "stats", config, run=absolute(run), method=method,
                             groups=split_list(groups), folds=split_list(folds, int),
                             percentile=percentile, correction=correction, alpha=alpha,
-                            equal_var=equal_var, connectivity=connectivity, unit=unit)
+                            equal_var=equal_var, connectivity=connectivity, unit=unit,
+                            include_flagged=include_flagged)
     with reported_errors():
         summary = heatmap_statistics(settings)
     out = settings.run / "stats" / settings.method

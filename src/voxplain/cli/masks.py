@@ -92,7 +92,7 @@ def mask_session(
     with reported_errors(), progress_bar() as bar:
         index = session_masks(settings, progress=bar)
     print_table("Session masks", index, ["fold", "participant_id", "session_id", "iterations",
-                                          "probability_before", "probability_after"])
+                                          "loss", "probability_after", "flagged"])
 
 
 @mask.command("grid")
@@ -105,17 +105,20 @@ def mask_grid_command(
     l2: str = option(MaskGridConfig, "l2", "--l2"),
     b1: str = option(MaskGridConfig, "b1", "--b1"),
     b2: str = option(MaskGridConfig, "b2", "--b2"),
+    design: str = option(MaskGridConfig, "design", "--design"),
     max_epochs: int = option(GroupMaskConfig, "max_epochs", "--max-epochs"),
     config: Path = CONFIG_OPTION,
 ) -> None:
-    """Group masks for every combination of l1, l2, b1, b2 (paper 1, 2.3.2), keyed by setting."""
+    """Group masks over a grid of l1, l2, b1, b2 (paper 1, 2.3.2; every combination or one
+    hyperparameter at a time), keyed by setting."""
     from voxplain.explain.mask_steps import mask_grid
 
     setup_logging()
     settings = build_config(
         MaskGridConfig, "mask_grid", config, run=absolute(run), folds=split_list(folds, int),
         diagnosis=diagnosis, device=device, l1=split_list(l1, float), l2=split_list(l2, float),
-        b1=split_list(b1, float), b2=split_list(b2, float), mask=given(max_epochs=max_epochs))
+        b1=split_list(b1, float), b2=split_list(b2, float), design=design,
+        mask=given(max_epochs=max_epochs))
     with reported_errors(), progress_bar() as bar:
         summary = mask_grid(settings, progress=bar)
     print_table("Mask grid", summary, ["l1", "l2", "b1", "b2", "fold", "run",

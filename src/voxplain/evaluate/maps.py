@@ -16,6 +16,7 @@ For a mask ``m`` the quantity compared and tested is what it hides, ``1 - m``
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from voxplain.data.images import read_image
 from voxplain.io import read_tsv
 from voxplain.run import RunFolder
 
+log = logging.getLogger("voxplain")
+
 MASK = "mask"
-SESSION_COLUMNS = ["participant_id", "session_id", "diagnosis", "fold", "run", "path"]
+SESSION_COLUMNS = ["participant_id", "session_id", "diagnosis", "fold", "run", "path", "flagged"]
 GROUP_COLUMNS = ["fold", "run", "diagnosis", "path"]
 GRID_PARAMETERS = ("l1", "l2", "b1", "b2")
 _GRID_SETTING = re.compile(r"^l1-(?P<l1>[^_]+)_l2-(?P<l2>[^_]+)_b1-(?P<b1>[^_]+)_b2-(?P<b2>[^_]+)$")
@@ -59,7 +62,9 @@ def available_methods(run: RunFolder) -> list[str]:
 
 def session_maps(run: RunFolder, method: str) -> pd.DataFrame:
     """Every session map of ``method``: ``participant_id, session_id, diagnosis, fold, run,
-    path`` (absolute), in fold, run, subject, session order; empty when there is none.
+    path`` (absolute), ``flagged`` (session masks flagged as not converged by
+    :func:`~voxplain.explain.mask_steps.session_masks`; False where the index has no flag), in
+    fold, run, subject, session order; empty when there is none.
 
     A diagnosis missing from an index is taken from the run's ``cohort.tsv``.
     """
@@ -75,7 +80,8 @@ def session_maps(run: RunFolder, method: str) -> pd.DataFrame:
         if "path" not in table.columns:
             table["path"] = table.participant_id + "_" + table.session_id + ".nii.gz"
         table["path"] = [str(index.parent / path) for path in table.path]
-        tables.append(table.assign(fold=fold, run=run_index))
+        flagged = table["flagged"] if "flagged" in table.columns else False
+        tables.append(table.assign(fold=fold, run=run_index, flagged=flagged))
     if not tables:
         return pd.DataFrame(columns=SESSION_COLUMNS)
     table = pd.concat(tables, ignore_index=True)
@@ -83,6 +89,20 @@ def session_maps(run: RunFolder, method: str) -> pd.DataFrame:
         table = _with_cohort_diagnosis(run, table.drop(columns="diagnosis", errors="ignore"))
     return table[SESSION_COLUMNS].sort_values(["fold", "run", "participant_id", "session_id"],
                                                ignore_index=True)
+
+
+def converged_session_maps(run: RunFolder, method: str, include_flagged: bool = False) -> pd.DataFrame:
+    """:func:`session_maps` without the masks flagged as not converged (unless
+    ``include_flagged``), with a logged message naming what is left out."""
+    table = session_maps(run, method)
+    flagged = table.flagged.astype(bool)
+    if include_flagged or not flagged.any():
+        return table
+    log.warning("%s: %d session map(s) flagged as not converged left out (%s; keep them with "
+                "--include-flagged)", method, int(flagged.sum()), ", ".join(
+                    f"fold-{f} {p}_{s}" for f, p, s in
+                    table.loc[flagged, ["fold", "participant_id", "session_id"]].itertuples(index=False)))
+    return table[~flagged].reset_index(drop=True)
 
 
 def group_maps(run: RunFolder, method: str) -> pd.DataFrame:

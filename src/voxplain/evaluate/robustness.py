@@ -42,8 +42,9 @@ from voxplain.data.atlas import Atlas
 from voxplain.data.cohort import Cohort, load_images
 from voxplain.data.grid import Grid
 from voxplain.data.template import brain_mask
-from voxplain.evaluate.maps import (GRID_PARAMETERS, MASK, available_methods, grid_masks,
-                                    group_maps, map_grid, map_kind, read_map, session_maps)
+from voxplain.evaluate.maps import (GRID_PARAMETERS, MASK, available_methods,
+                                    converged_session_maps, grid_masks, group_maps, map_grid,
+                                    map_kind, read_map)
 from voxplain.evaluate.similarity import (cosine_matrix, masked_probabilities, prob_cnn,
                                           rank_correlation_matrix, roi_vectors)
 from voxplain.explain.mask_steps import MaskContext, correctly_classified, reference_for
@@ -71,7 +72,7 @@ def evaluate_robustness(config: RobustnessConfig) -> pd.DataFrame:
     rows: list[dict] = []
     for method in methods:
         rows += group_experiments(run, method, out)
-        rows += session_experiments(run, method, out)
+        rows += session_experiments(run, method, out, config.include_flagged)
         if config.other_run is not None:
             rows += dataset_experiment(run, RunFolder(config.other_run), method, out)
     if config.methods is None or MASK in config.methods:
@@ -145,9 +146,11 @@ def fold_run_pairs(maps: pd.DataFrame) -> dict[str, np.ndarray]:
             "inter-run": (folds[:, None] == folds) & (runs[:, None] != runs)}
 
 
-def session_experiments(run: RunFolder, method: str, out: Path) -> list[dict]:
-    """Intra-subject vs inter-subject similarity of session maps (paper 1, 3.2.2)."""
-    table = session_maps(run, method)
+def session_experiments(run: RunFolder, method: str, out: Path,
+                        include_flagged: bool = False) -> list[dict]:
+    """Intra-subject vs inter-subject similarity of session maps (paper 1, 3.2.2); session masks
+    flagged as not converged are left out unless ``include_flagged``."""
+    table = converged_session_maps(run, method, include_flagged)
     if table.empty:
         log.info("robustness %s: no session map: intra/inter-subject skipped", method)
         return []
@@ -293,7 +296,8 @@ def prob_cnn_experiments(run: RunFolder, config: RobustnessConfig, out: Path) ->
     session: session i's image, model of the fold). A pair's value is the mean of its two cross
     entries, as :func:`~voxplain.evaluate.similarity.symmetric_prob_cnn`.
     """
-    groups, sessions = group_maps(run, MASK), session_maps(run, MASK)
+    groups = group_maps(run, MASK)
+    sessions = converged_session_maps(run, MASK, config.include_flagged)
     if groups.empty and sessions.empty:
         log.info("robustness mask: no mask: prob_CNN skipped")
         return []

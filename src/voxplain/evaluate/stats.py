@@ -30,8 +30,8 @@ from voxplain.config import StatsConfig
 from voxplain.data.atlas import Atlas
 from voxplain.data.grid import Grid
 from voxplain.data.template import brain_mask
-from voxplain.evaluate.maps import (available_methods, evidence, map_grid, read_map,
-                                    session_maps)
+from voxplain.evaluate.maps import (available_methods, converged_session_maps, evidence,
+                                    map_grid, read_map, session_maps)
 from voxplain.io import save_map, write_tsv
 from voxplain.run import RunFolder, RunFolderError
 
@@ -352,7 +352,7 @@ def heatmap_statistics(config: StatsConfig) -> pd.DataFrame:
     ``summary.tsv`` (returned).
     """
     run = RunFolder(config.run)
-    sessions = session_maps(run, config.method)
+    sessions = converged_session_maps(run, config.method, config.include_flagged)
     if config.folds is not None:
         sessions = sessions[sessions.fold.isin(config.folds)]
     if sessions.empty:

@@ -278,9 +278,13 @@ def qc_flags(image_losses: pd.DataFrame, z_threshold: float = 3.5) -> pd.DataFra
     """
     per_image = image_losses.groupby("image", as_index=False)["loss"].mean()
     per_image = per_image.rename(columns={"loss": "mean_loss"})
-    values = per_image["mean_loss"].to_numpy()
-    spread = median_abs_deviation(values, scale="normal")
-    z = (values - np.median(values)) / spread if spread > 0 else np.zeros_like(values)
-    per_image["robust_z"] = z
-    per_image["flagged"] = z > z_threshold
+    per_image["robust_z"] = robust_z(per_image["mean_loss"].to_numpy())
+    per_image["flagged"] = per_image["robust_z"] > z_threshold
     return per_image
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """``(x - median) / MAD``, the MAD scaled to a normal standard deviation; 0 when MAD = 0."""
+    values = np.asarray(values, dtype=float)
+    spread = median_abs_deviation(values, scale="normal")
+    return (values - np.median(values)) / spread if spread > 0 else np.zeros_like(values)
