@@ -8,7 +8,7 @@ from torch import nn
 
 from voxplain.config import ModelConfig
 from voxplain.models.folding import fold_batch_norm
-from voxplain.models.layout import FORMATS, ChannelsLast, for_batches
+from voxplain.models.layout import FORMATS, for_batches
 from voxplain.models.registry import build_model
 
 CPU = torch.device("cpu")
@@ -24,7 +24,7 @@ def _frozen(shape: list[int]) -> nn.Module:
 def test_channels_last_model_computes_the_same_outputs_and_input_gradients(shape):
     model = _frozen(shape)
     x = torch.rand(3, 1, *shape)
-    fast = ChannelsLast(fold_batch_norm(model), len(shape))
+    fast = for_batches(fold_batch_norm(model), len(shape), len(x), CPU)
     inputs = [x.clone().requires_grad_(True) for _ in range(2)]
     outputs = [model(inputs[0]), fast(inputs[1])]
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
@@ -51,4 +51,7 @@ def test_single_images_and_other_devices_keep_the_model_as_it_is():
     assert for_batches(model, 3, batch_size=1, device=CPU) is model
     assert for_batches(model, 3, batch_size=8, device=torch.device("cuda")) is model
     assert for_batches(model, 1, batch_size=8, device=CPU) is model
-    assert isinstance(for_batches(model, 3, batch_size=2, device=CPU), ChannelsLast)
+    weight = [m for m in model.modules() if isinstance(m, nn.Conv3d)][-1].weight  # 4 -> 8
+    assert not weight.is_contiguous(memory_format=FORMATS[3])
+    assert for_batches(model, 3, batch_size=2, device=CPU) is model  # converted in place
+    assert weight.is_contiguous(memory_format=FORMATS[3])

@@ -16,7 +16,9 @@ mask iteration):
 
 So batches of two or more images gain about 2x and single images nothing (or lose a little):
 :func:`for_batches` switches the layout on only for batches, on the CPU. Values are the same up
-to floating-point summation order.
+to floating-point summation order. Training gains less: a step of the paper-1 CNN (31x37x31,
+batch 8, batch-norm in training mode, one thread) takes 0.042 s instead of 0.068 s, but a whole
+demo epoch (with data loading and validation) only 0.82 s instead of 0.92 s.
 """
 
 from __future__ import annotations
@@ -27,26 +29,16 @@ from torch import nn
 FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
-class ChannelsLast(nn.Module):
-    """``model`` with its convolution weights and every input in the channels-last layout.
-
-    ``model`` itself is converted (``Module.to(memory_format=...)`` works in place): pass a copy
-    that nothing else uses, e.g. the output of :func:`~voxplain.models.folding.fold_batch_norm`.
-    """
-
-    def __init__(self, model: nn.Module, spatial_dims: int) -> None:
-        super().__init__()
-        self.memory_format = FORMATS[spatial_dims]
-        self.model = model.to(memory_format=self.memory_format)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=self.memory_format))
-
-
 def for_batches(model: nn.Module, spatial_dims: int, batch_size: int,
                 device: torch.device) -> nn.Module:
-    """``model`` in the channels-last layout when that is faster (CPU, 2D or 3D, batches of at
-    least two images), else ``model`` unchanged. Converts ``model`` in place when it switches."""
+    """``model`` with its 4D/5D weights in the channels-last layout when that is faster (CPU,
+    2D or 3D, batches of at least two images), converted in place; returned unchanged otherwise.
+
+    A convolution with channels-last weights runs the channels-last kernels and writes a
+    channels-last output whatever its input's layout, so the layout then flows through the
+    whole network and inputs need no conversion. Saving is unaffected
+    (:func:`~voxplain.models.serialization.save_model` writes contiguous copies).
+    """
     if device.type != "cpu" or batch_size < 2 or spatial_dims not in FORMATS:
         return model
-    return ChannelsLast(model, spatial_dims)
+    return model.to(memory_format=FORMATS[spatial_dims])

@@ -26,6 +26,7 @@ from voxplain.data.cohort import (Cohort, CohortError, ImageStack, class_names, 
                                   load_images, quality_check)
 from voxplain.evaluate.classification import classification_metrics
 from voxplain.io import write_tsv
+from voxplain.models.layout import for_batches
 from voxplain.models.registry import build_model
 from voxplain.models.serialization import save_model
 from voxplain.run import RunFolder
@@ -165,7 +166,8 @@ def train_fold(config: TrainConfig, model_config: ModelConfig, classes: list[str
     """Train one model of one fold, resuming from ``folder``'s checkpoint if there is one."""
     seed = config.seed + run_index
     torch.manual_seed(seed)
-    model = build_model(model_config).to(device)
+    model = for_batches(build_model(model_config).to(device), images.ndim - 2,
+                        config.batch_size, device)  # channels-last on the CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
                                  weight_decay=config.weight_decay)
     train = Dataset(fold.train, images, encode_labels(fold.train, classes, config.cohort))
