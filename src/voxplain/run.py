@@ -115,7 +115,7 @@ class RunFolder:
         sections = self.read_config()
         new = config_values(config)
         if section in sections:
-            old = _with_defaults(type(config), sections[section])
+            old = _with_defaults(type(config), sections[section], new)
             changed = sorted(key for key in set(old) | set(new)
                              if key not in RESUMABLE_FIELDS and old.get(key) != new.get(key))
             if changed:
@@ -134,14 +134,28 @@ class RunFolder:
         write_json(path, record)
 
 
-def _with_defaults(schema: type[BaseModel], recorded: dict[str, Any]) -> dict[str, Any]:
-    """A recorded section with the settings it lacks (added by a later version) at their
-    defaults, so that a folder made before a setting existed resumes; as recorded when it no
-    longer validates (the comparison then names the difference)."""
+def _with_defaults(schema: type[BaseModel], recorded: dict[str, Any],
+                   new: dict[str, Any]) -> dict[str, Any]:
+    """A recorded section completed with the settings it lacks but ``new`` has (added by a later
+    version of voxplain) at their defaults, so that a folder made before a setting existed
+    resumes; as recorded when it no longer validates (the comparison then names the
+    difference)."""
     try:
-        return config_values(schema.model_validate(recorded))
+        defaults = config_values(schema.model_validate(recorded))
     except ValidationError:
         return recorded
+    return _completed(recorded, defaults, new)
+
+
+def _completed(recorded: dict[str, Any], defaults: dict[str, Any],
+               new: dict[str, Any]) -> dict[str, Any]:
+    completed = dict(recorded)
+    for key, value in new.items():
+        if key not in recorded and key in defaults:
+            completed[key] = defaults[key]
+        elif isinstance(value, dict) and isinstance(recorded.get(key), dict):
+            completed[key] = _completed(recorded[key], defaults.get(key, {}), value)
+    return completed
 
 
 def environment() -> dict[str, Any]:

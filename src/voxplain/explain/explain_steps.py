@@ -50,6 +50,7 @@ from voxplain.data.grid import Grid
 from voxplain.explain.api import Explainer, explainer
 from voxplain.explain.mask_steps import IDS, MaskContext, fold_models
 from voxplain.io import atomic_path, save_map, write_json, write_tsv
+from voxplain.models.layout import for_batches
 from voxplain.models.serialization import load_model, read_model_json
 from voxplain.run import RunFolder, RunFolderError
 from voxplain.train.trainer import Dataset, predict_proba, resolve_device
@@ -215,10 +216,11 @@ def explain_model(context: MaskContext, config: ExplainStepConfig, key: str, fol
     index = _predictions(context, config.explain, model, rows, classes)
     index.insert(3, "fold", fold)
     index.insert(4, "run", run_index)
+    spatial_dims = context.images.ndim - 2
+    model = for_batches(model, spatial_dims, config.explain.batch_size, context.device)
     method = build_explainer(config.explain, model, context.run.cyce_dir(fold, run_index))
     index["method"] = config.explain.method
     index["layer"] = getattr(method, "layer_name", None) or config.explain.layer or ""
-    spatial_dims = context.images.ndim - 2
     index["path"] = [f"{p}_{s}{'.nii.gz' if spatial_dims == 3 else '.npy'}"
                      for p, s in zip(rows.participant_id, rows.session_id)]
     missing = np.flatnonzero([not (folder / path).is_file() for path in index.path])
