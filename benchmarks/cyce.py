@@ -6,6 +6,14 @@ share of each map's relevance mass inside the lesion mask (|map| for signed maps
 :mod:`voxplain.evaluate.localisation` scores them) for CyCE's R, Grad-CAM and integrated
 gradients (targets: the classifier's predicted class), with the chance level (mask area share).
 
+``python benchmarks/cyce.py background --run RUN [--fold K]``: where R's mass outside the lesions
+comes from, on the same validation images: |R| inside the masks and over the background (masks
+dilated by 3 px excluded), the share of the background's R energy that is a per-image offset /
+smooth (Gaussian sigma 3) / fine detail, the correlation of background R with x, the classifier's
+malignancy probability when only the lesion part (dilated mask) or only the background part of
+Delta+ and Delta- is applied, the classifier's response to background-only edits (texture gain,
+white noise, offset), and the share a map R = x (a pure global gain) would score.
+
 ``python benchmarks/cyce.py steps --shape 64,64 [--widths 4,8,16,32] [--batch-size 4]``: seconds
 per training step (discriminators + generators) of a CyCE trainer against a paper-3 ConvNet on
 random images, and the floor: one forward+backward of one generator on the same batch.
@@ -20,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy import ndimage
 
 from voxplain.config import CyCEConfig
 from voxplain.evaluate.localisation import chance_mass, relevance, relevance_mass_inside
@@ -34,9 +43,8 @@ from voxplain.run import RunFolder
 METHODS = {"cyce": {}, "grad_cam": {}, "integrated_gradients": {"n_steps": 32}}
 
 
-def localisation(run_path: Path, fold: int, run_index: int) -> pd.DataFrame:
-    import voxplain.explain.cyce  # noqa: F401  (registers "cyce")
-
+def validation_images(run_path: Path, fold: int, run_index: int):
+    """Classifier, its description, the fold's validation rows, images and lesion masks."""
     run = RunFolder(run_path)
     model, description = load_model(run.model_dir(fold, run_index))
     cohort = read_tsv(run.cohort_file)
@@ -44,6 +52,65 @@ def localisation(run_path: Path, fold: int, run_index: int) -> pd.DataFrame:
     rows = cohort.merge(split[["participant_id", "session_id"]])
     images = torch.from_numpy(np.stack([np.load(p) for p in rows.path]).astype(np.float32))
     masks = np.stack([np.load(Path(p).parent.parent / m) for p, m in zip(rows.path, rows.mask_path)])
+    return run, model.eval(), description, rows, images, masks.astype(bool)
+
+
+def background(run_path: Path, fold: int, run_index: int) -> dict[str, float]:
+    from voxplain.explain.cyce.relevance import CyCEGenerators
+
+    run, model, _, _, x, masks = validation_images(run_path, fold, run_index)
+    generators = CyCEGenerators.load(cyce_dir(run, fold, run_index))
+    near = np.stack([ndimage.binary_dilation(m, iterations=3) for m in masks])
+    far = ~near
+    lesion_part = torch.from_numpy(near[:, None].astype(np.float32))
+
+    def malignancy(images: torch.Tensor) -> float:
+        return float(torch.softmax(model(images), 1)[:, 1].mean())
+
+    def share(maps: np.ndarray) -> float:
+        return float(np.mean([a[m].sum() / a.sum() for a, m in zip(np.abs(maps), masks)]))
+
+    with torch.no_grad():
+        plus, minus = generators.transfer(x)
+        r = (plus - minus)[:, 0].numpy().astype(np.float64)
+        images = x[:, 0].numpy().astype(np.float64)
+        offsets = np.array([ri[f].mean() for ri, f in zip(r, far)])
+        smooth = np.stack([ndimage.gaussian_filter(ri, 3) for ri in r])
+        energy = np.array([(ri[f] ** 2).mean() for ri, f in zip(r, far)])
+        detail = np.stack([xi - ndimage.gaussian_filter(xi, 3) for xi in images])
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        blurred = torch.from_numpy(np.stack([ndimage.gaussian_filter(xi, 3) for xi in images])
+                                   [:, None].astype(np.float32))
+        out = {
+            "share_inside": share(r), "share_if_R_is_x": share(images),
+            "abs_R_lesion": float(np.mean([np.abs(ri[m]).mean() for ri, m in zip(r, masks)])),
+            "abs_R_background": float(np.mean([np.abs(ri[f]).mean() for ri, f in zip(r, far)])),
+            "background_energy_offset": float(np.mean(offsets ** 2) / energy.mean()),
+            "background_energy_smooth": float(np.mean(
+                [((si - o)[f] ** 2).mean() for si, o, f in zip(smooth, offsets, far)]) / energy.mean()),
+            "background_energy_detail": float(np.mean(
+                [((ri - si)[f] ** 2).mean() for ri, si, f in zip(r, smooth, far)]) / energy.mean()),
+            "corr_background_R_x": float(np.mean([np.corrcoef(ri[f], xi[f])[0, 1]
+                                                  for ri, xi, f in zip(r, images, far)])),
+            "corr_background_R_detail": float(np.mean([np.corrcoef(ri[f], di[f])[0, 1]
+                                                       for ri, di, f in zip(r, detail, far)])),
+            "p_x": malignancy(x), "p_G+": malignancy(plus), "p_G-": malignancy(minus),
+            "p_lesion_part_of_G+": malignancy(x + (plus - x) * lesion_part),
+            "p_background_part_of_G+": malignancy(x + (plus - x) * (1 - lesion_part)),
+            "p_lesion_part_of_G-": malignancy(x + (minus - x) * lesion_part),
+            "p_background_part_of_G-": malignancy(x + (minus - x) * (1 - lesion_part)),
+            "p_background_detail_x1.5": malignancy(x + 0.5 * (x - blurred) * (1 - lesion_part)),
+            "p_background_detail_x0.5": malignancy(x - 0.5 * (x - blurred) * (1 - lesion_part)),
+            "p_background_noise_sd0.05": malignancy(x + 0.05 * noise * (1 - lesion_part)),
+            "p_background_offset+0.05": malignancy(x + 0.05 * (1 - lesion_part)),
+        }
+    return out
+
+
+def localisation(run_path: Path, fold: int, run_index: int) -> pd.DataFrame:
+    import voxplain.explain.cyce  # noqa: F401  (registers "cyce")
+
+    run, model, description, rows, images, masks = validation_images(run_path, fold, run_index)
     with torch.no_grad():
         predicted = model(images).argmax(1)
     table = []
@@ -90,6 +157,10 @@ def main() -> None:
     loc.add_argument("--run", type=Path, required=True)
     loc.add_argument("--fold", type=int, default=0)
     loc.add_argument("--run-index", type=int, default=0)
+    back = sub.add_parser("background")
+    back.add_argument("--run", type=Path, required=True)
+    back.add_argument("--fold", type=int, default=0)
+    back.add_argument("--run-index", type=int, default=0)
     step = sub.add_parser("steps")
     step.add_argument("--shape", default="64,64")
     step.add_argument("--widths", default="4,8,16,32")
@@ -98,6 +169,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "localisation":
         print(localisation(args.run, args.fold, args.run_index).to_string(index=False))
+    elif args.command == "background":
+        for name, value in background(args.run, args.fold, args.run_index).items():
+            print(f"{name:28s} {value:.3f}")
     else:
         shape = tuple(int(v) for v in args.shape.split(","))
         print(steps(shape, [int(v) for v in args.widths.split(",")], args.batch_size, args.repeats))

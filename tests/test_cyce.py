@@ -16,7 +16,7 @@ from voxplain.explain.api import METHODS
 from voxplain.explain.cyce import CyCE, CyCEGenerators
 from voxplain.explain.cyce.discriminator import PairDiscriminator, shuffled_pair
 from voxplain.explain.cyce.generator import UNetGenerator
-from voxplain.explain.cyce.losses import dssim, ssim_settings
+from voxplain.explain.cyce.losses import dssim, similarity_loss, ssim_settings
 from voxplain.explain.cyce.training import CyCETrainer
 from voxplain.explain.cyce.transfer import transfer_table
 from voxplain.models.networks import ConvNet
@@ -110,6 +110,55 @@ def test_shuffled_pairs_label_the_position_of_the_real_patch():
     assert torch.equal(first[0][:, 0], position[0].float())
     assert torch.equal(second[0][:, 0], 1 - position[0].float())
     assert 0.35 < position[0].float().mean() < 0.65  # no fixed "real" neuron
+
+
+def test_similarity_l1_term_charges_a_global_offset_linearly_where_dssim_hardly_does():
+    # G(x) = x + c: mean |x - G(x)| = c exactly (hand-computed), and the option adds
+    # l1_weight * c to the paper's DSSIM-only similarity (default weight 0 = the paper).
+    settings = ssim_settings((64, 64))
+    x, _ = noisy((2, 1, 64, 64), 0.0)
+    offset = 0.02
+    paper = float(similarity_loss(x, x + offset, settings))
+    assert paper == pytest.approx(float(dssim(x, x + offset, settings)), abs=1e-7)
+    assert float(similarity_loss(x, x + offset, settings, l1_weight=3.0)) == pytest.approx(
+        paper + 3.0 * offset, rel=1e-5)
+    # MS-SSIM sees luminance only at its coarsest scale, quadratically near G(x) = x: the
+    # offset is almost free for DSSIM (the background mass of R, benchmarks/README.md CyCE)
+    assert paper < offset / 20
+    assert CyCEConfig().similarity_l1_weight == 0.0
+
+
+def test_group_normalised_discriminator_cannot_see_a_global_gain():
+    # Stage 0 has 4 channels, so group norm normalises each channel alone:
+    # conv(a x) = a (W * x) + bias, whose per-channel standardisation is that of W * x, so the
+    # features of a x (a > 0) are those of x up to group norm's epsilon. Without normalisation
+    # they differ, so the discriminator can tell a contrast-stretched image.
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 32)
+    for normalisation, blind in (("group", True), ("none", False)):
+        discriminator = PairDiscriminator(2, 1, (4, 8, 8, 8), normalisation=normalisation)
+        stage0 = discriminator.encoder.stages[0]
+        assert any(isinstance(m, torch.nn.GroupNorm) for m in stage0) == blind
+        with torch.no_grad():
+            same = torch.allclose(stage0(1.5 * x), stage0(x), atol=1e-3)
+        assert same == blind
+    with pytest.raises(ValueError, match="normalisation"):
+        PairDiscriminator(2, 1, (4, 8, 8, 8), normalisation="batch")
+
+
+def test_trainer_builds_the_configured_discriminator_and_similarity():
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    config = CyCEConfig(**TINY, discriminator_normalisation="none", similarity_l1_weight=2.0)
+    trainer = CyCETrainer(tiny_classifier(), images, config)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in trainer.networks["d_plus"].modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in trainer.networks["g_plus"].modules())
+    torch.nn.init.normal_(trainer.networks["g_plus"].output.weight, std=0.1)
+    with torch.no_grad():
+        plus = trainer.networks["g_plus"](images)
+        terms = trainer.generator_losses(images, images)
+    expected = dssim(images, plus, trainer.ssim) + 2.0 * (images - plus).abs().mean()
+    assert float(terms["similarity_plus"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(terms["similarity_minus"]) == pytest.approx(0.0, abs=1e-7)  # G- = identity
 
 
 def tiny_classifier(spatial=(16, 16), seed=0):

@@ -482,8 +482,14 @@ class CyCEConfig(Section):
     convs_per_stage: int = Field(3, ge=1, description="Convolutions per U-Net stage (paper: 3).")
     symmetric_discriminator: bool = Field(
         True, description="Tie the two output neurons so swapping a pair swaps the logits.")
+    discriminator_normalisation: Literal["group", "none"] = Field(
+        "group", description="Discriminator encoder normalisation (paper: not stated): 'group' "
+                             "as in the generator, or 'none' (sees global brightness/contrast).")
     cycle_weight: float = Field(1.0, ge=0, description="Weight of the cycle-consistency loss.")
     similarity_weight: float = Field(1.0, ge=0, description="Weight of the similarity loss.")
+    similarity_l1_weight: float = Field(
+        0.0, ge=0, description="Weight of mean |x - G(x)| added to the similarity loss's DSSIM "
+                               "(paper: DSSIM only, 0).")
     adversarial_weight: float = Field(1.0, ge=0, description="Weight of the adversarial loss.")
     activation_weight: float = Field(
         1.0, ge=0, description="Weight of the activation-maximisation loss.")

@@ -34,6 +34,10 @@ def cyce_train(
     convs_per_stage: int = option(CyCEConfig, "convs_per_stage", "--convs-per-stage"),
     cycle_weight: float = option(CyCEConfig, "cycle_weight", "--cycle-weight"),
     similarity_weight: float = option(CyCEConfig, "similarity_weight", "--similarity-weight"),
+    similarity_l1_weight: float = option(CyCEConfig, "similarity_l1_weight",
+                                         "--similarity-l1-weight"),
+    discriminator_normalisation: str = option(CyCEConfig, "discriminator_normalisation",
+                                              "--discriminator-normalisation"),
     adversarial_weight: float = option(CyCEConfig, "adversarial_weight", "--adversarial-weight"),
     activation_weight: float = option(CyCEConfig, "activation_weight", "--activation-weight"),
     batch_size: int = option(CyCEConfig, "batch_size", "--batch-size"),
@@ -55,6 +59,8 @@ def cyce_train(
         device=device, cyce=given(
             widths=split_list(widths, int), convs_per_stage=convs_per_stage,
             cycle_weight=cycle_weight, similarity_weight=similarity_weight,
+            similarity_l1_weight=similarity_l1_weight,
+            discriminator_normalisation=discriminator_normalisation,
             adversarial_weight=adversarial_weight, activation_weight=activation_weight,
             batch_size=batch_size, learning_rate=learning_rate, max_steps=max_steps, max_seconds=max_seconds,
             min_steps=min_steps, patience=patience, checkpoint_every=checkpoint_every, seed=seed))

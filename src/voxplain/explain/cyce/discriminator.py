@@ -18,6 +18,17 @@ By default the two neurons also share their weights (``symmetric=True``): neuron
 cannot depend on the order -- the paper's intent made exact rather than learnt from shuffled
 data (a choice the paper leaves open). With ``symmetric=False`` the two neurons are free and only
 the shuffle keeps them honest.
+
+Normalisation (left open by the paper). By default the encoder is the generator's, with a group
+norm after every convolution (``normalisation="group"``). Group norm standardises each image's
+features on its own, so the discriminator cannot see a global change of brightness or contrast:
+with 8 or fewer channels in stage 0 each channel is normalised alone, so the stage-0 features of
+``a x`` (``a > 0``) are those of ``x``, and an offset ``b`` reaches them only through the
+zero-padded borders. On the 2D lesion cohort the generators used exactly
+this blind spot: they learnt a global intensity gain ``G+/-(x) ~ (1 +/- a) x`` (R correlated with
+x at r ~ 0.6 over the background), which amplifies the background texture the classifier reads as
+malignancy. ``normalisation="none"`` (no norm, He initialisation) lets the discriminator see
+intensities and removes that mode (r ~ 0.03), see benchmarks/README.md, CyCE.
 """
 
 from __future__ import annotations
@@ -43,17 +54,22 @@ class PairDiscriminator(nn.Module):
         widths: kernels of stages 0-3 (the generator's widths; only the first four are used).
         convs_per_stage: convolutions per stage (paper: 3).
         symmetric: share the two output neurons' weights so swapping the pair swaps the logits.
+        normalisation: ``"group"`` (group norm after every convolution, as in the generator) or
+            ``"none"`` (see the module docstring).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int = 1,
                  widths: Sequence[int] = (48, 96, 192, 384), convs_per_stage: int = 3,
-                 symmetric: bool = True) -> None:
+                 symmetric: bool = True, normalisation: str = "group") -> None:
         super().__init__()
         if len(widths) <= max(PATCH_STAGES):
             raise ValueError(f"the discriminator needs widths for stages 0-{max(PATCH_STAGES)}, "
                              f"got {list(widths)}")
+        if normalisation not in ("group", "none"):
+            raise ValueError(f"normalisation must be 'group' or 'none', got {normalisation!r}")
         widths = list(widths)[:max(PATCH_STAGES) + 1]
-        self.encoder = Encoder(spatial_dims, in_channels, widths, convs_per_stage)
+        self.encoder = Encoder(spatial_dims, in_channels, widths, convs_per_stage,
+                               normalise=normalisation == "group")
         self.symmetric = symmetric
         self.heads = nn.ModuleList(
             CONV[spatial_dims](2 * widths[s], 1 if symmetric else 2, 1) for s in PATCH_STAGES)

@@ -32,14 +32,27 @@ def groups_for(channels: int, groups: int = 8) -> int:
     return next(g for g in range(min(groups, channels), 0, -1) if channels % g == 0)
 
 
-def stage(spatial_dims: int, in_channels: int, out_channels: int, convs: int) -> nn.Sequential:
-    """``convs`` x [conv 3 + group norm + leaky ReLU 0.2]: one U-Net stage."""
+def stage(spatial_dims: int, in_channels: int, out_channels: int, convs: int,
+          normalise: bool = True) -> nn.Sequential:
+    """``convs`` x [conv 3 + group norm + leaky ReLU 0.2]: one U-Net stage.
+
+    With ``normalise=False`` the group norms are left out and the convolutions get He
+    initialisation for the leaky ReLU (normal, fan-in, zero bias), which keeps the activations'
+    scale through the 12 unnormalised convolutions of an encoder (PyTorch's default
+    initialisation shrinks it at every layer, and an unnormalised discriminator then hardly
+    learns).
+    """
     layers: list[nn.Module] = []
     for i in range(convs):
-        layers += [CONV[spatial_dims](in_channels if i == 0 else out_channels, out_channels, 3,
-                                      padding=1),
-                   nn.GroupNorm(groups_for(out_channels), out_channels),
-                   nn.LeakyReLU(0.2)]
+        conv = CONV[spatial_dims](in_channels if i == 0 else out_channels, out_channels, 3,
+                                  padding=1)
+        layers.append(conv)
+        if normalise:
+            layers.append(nn.GroupNorm(groups_for(out_channels), out_channels))
+        else:
+            nn.init.kaiming_normal_(conv.weight, a=0.2, nonlinearity="leaky_relu")
+            nn.init.zeros_(conv.bias)
+        layers.append(nn.LeakyReLU(0.2))
     return nn.Sequential(*layers)
 
 
@@ -47,11 +60,13 @@ class Encoder(nn.Module):
     """U-Net contracting path: stage 0 at full size, stage s after s max-pools of 2.
 
     Shared by the generator and the discriminator (which is this encoder cut after stages 2
-    and 3, paper 3 fig. 5). ``forward`` returns the output of every stage.
+    and 3, paper 3 fig. 5). ``forward`` returns the output of every stage. ``normalise=False``
+    leaves out the group norms (an option of the discriminator, see
+    :mod:`voxplain.explain.cyce.discriminator`).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, widths: Sequence[int],
-                 convs_per_stage: int = 3) -> None:
+                 convs_per_stage: int = 3, normalise: bool = True) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -63,7 +78,7 @@ class Encoder(nn.Module):
         self.stages = nn.ModuleList()
         previous = in_channels
         for width in widths:
-            self.stages.append(stage(spatial_dims, previous, width, convs_per_stage))
+            self.stages.append(stage(spatial_dims, previous, width, convs_per_stage, normalise))
             previous = width
         self.pool = MAXPOOL[spatial_dims](2, ceil_mode=True)
 

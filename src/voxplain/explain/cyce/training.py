@@ -7,10 +7,11 @@ are never used), then
    ``(x_b, G-(x_a))`` (generators fixed);
 2. freezes the discriminators and trains G+ and G- together on the sum of their eq. 4 losses::
 
-       L(G+) = w_c cycle(x_a, G-(G+(x_a))) + w_s dssim(x_a, G+(x_a))
+       L(G+) = w_c cycle(x_a, G-(G+(x_a))) + w_s [dssim(x_a, G+(x_a)) + w_1 mean|x_a - G+(x_a)|]
              + w_a CE(D+(G+(x_a), x_b), inverted) + w_m CE(C(G+(x_a)), 1)
 
-   and ``L(G-)`` with + and - exchanged and class 0. The cycle term of each generator also
+   and ``L(G-)`` with + and - exchanged and class 0 (``w_1 = similarity_l1_weight``, 0 in the
+   paper, see :mod:`voxplain.explain.cyce.losses`). The cycle term of each generator also
    trains the other one, as in CycleGAN.
 
 Choices the paper leaves open: Adam with CycleGAN's settings (learning rate 2e-4, beta1 0.5) for
@@ -89,7 +90,8 @@ def build_networks(config: CyCEConfig, spatial_dims: int, in_channels: int) -> n
 
     def discriminator() -> PairDiscriminator:
         return PairDiscriminator(spatial_dims, in_channels, config.widths,
-                                 config.convs_per_stage, config.symmetric_discriminator)
+                                 config.convs_per_stage, config.symmetric_discriminator,
+                                 config.discriminator_normalisation)
 
     return nn.ModuleDict({"g_plus": generator(), "g_minus": generator(),
                           "d_plus": discriminator(), "d_minus": discriminator()})
@@ -157,8 +159,10 @@ class CyCETrainer:
         terms = {
             "cycle_plus": cycle_loss(x_a, g_minus(plus), self.ssim),
             "cycle_minus": cycle_loss(x_a, g_plus(minus), self.ssim),
-            "similarity_plus": similarity_loss(x_a, plus, self.ssim),
-            "similarity_minus": similarity_loss(x_a, minus, self.ssim),
+            "similarity_plus": similarity_loss(x_a, plus, self.ssim,
+                                               self.config.similarity_l1_weight),
+            "similarity_minus": similarity_loss(x_a, minus, self.ssim,
+                                                self.config.similarity_l1_weight),
             "adversarial_plus": adversarial_loss(self.networks["d_plus"], x_b, plus, shuffles),
             "adversarial_minus": adversarial_loss(self.networks["d_minus"], x_b, minus, shuffles),
             "activation_plus": activation_maximisation_loss(self.classifier, plus, class_plus),
