@@ -39,7 +39,7 @@ test: venv browser
 # The main job on the embedded synthetic cohort (under 10 minutes on 2 CPU cores).
 demo: venv
 	$(BIN)/voxplain generate atrophy --out $(DEMO)/cohort --subjects 80 --sessions 2 \
-		--downsample 4 --qc-failures 2 --seed 0
+		--downsample 4 --qc-failures 2 --heterogeneity 0.7 --seed 0
 	$(BIN)/voxplain train --cohort $(DEMO)/cohort/cohort.tsv --out $(DEMO)/run --folds 5 --runs 1
 	$(BIN)/voxplain mask group --run $(DEMO)/run
 	$(BIN)/voxplain mask session --run $(DEMO)/run --folds 0 --max-sessions 12

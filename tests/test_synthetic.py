@@ -276,6 +276,52 @@ def test_a_folder_generated_with_other_settings_is_refused(tmp_path):
                                              noise=0.1))
 
 
+def test_a_folder_generated_before_a_setting_existed_is_taken_at_its_default(tmp_path):
+    config = small_config(tmp_path, subjects=4, sessions=1, downsample=5)
+    generate_atrophy_cohort(config)
+    record = json.loads((tmp_path / "generator.json").read_text())
+    del record["config"]["heterogeneity"]  # as written before the setting existed
+    (tmp_path / "generator.json").write_text(json.dumps(record))
+    generate_atrophy_cohort(config)  # the same cohort: accepted
+    with pytest.raises(ValueError, match=r"other settings \(heterogeneity: 0.0 -> 0.5\)"):
+        generate_atrophy_cohort(small_config(tmp_path, subjects=4, sessions=1, downsample=5,
+                                             heterogeneity=0.5))
+
+
+def test_heterogeneous_patients_weigh_the_regions_differently_and_keep_it_across_sessions(
+        tmp_path):
+    regions = ["Hippocampus_L", "Precuneus_R"]  # far apart: each region's share is readable
+    config = small_config(tmp_path, subjects=8, sessions=2, qc_failures=0, downsample=5,
+                          regions=regions, heterogeneity=0.8)
+    table = read_tsv(generate_atrophy_cohort(config))
+    grid = grid_of(tmp_path / "ground_truth.nii.gz")
+    atlas = Atlas.aal2(grid)
+    homogeneous = small_config(tmp_path / "h0", subjects=8, sessions=2, qc_failures=0,
+                               downsample=5, regions=regions)
+    generate_atrophy_cohort(homogeneous)
+    np.testing.assert_allclose(load(tmp_path / "ground_truth.nii.gz"),
+                               load(tmp_path / "h0" / "ground_truth.nii.gz"), atol=1e-6)
+    ratios = {}
+    for row in table[table.diagnosis == "AD"].itertuples():
+        name = os.path.basename(row.path)
+        shares = []
+        for folder in (tmp_path, tmp_path / "h0"):
+            atrophy = load(folder / "atrophy" / name)
+            shares.append(atrophy[atlas.region_mask([regions[0]])].sum()
+                          / atrophy[atlas.region_mask([regions[1]])].sum())
+        # share of the two regions relative to the homogeneous patient (same anatomy and warp):
+        # the ratio of the subject's two weights, in [1 - h, 1 / (1 - h)]
+        ratios[row.participant_id, row.session_id] = shares[0] / shares[1]
+    by_subject = {}
+    for (participant, _), ratio in ratios.items():
+        by_subject.setdefault(participant, []).append(ratio)
+    for values in by_subject.values():
+        assert values[0] == pytest.approx(values[1], rel=1e-3)  # one pattern per patient
+        assert 0.2 - 1e-3 <= values[0] <= 5 + 1e-3
+    spread = [values[0] for values in by_subject.values()]
+    assert max(spread) / min(spread) > 1.5  # patients differ
+
+
 def test_generator_json_records_config_regions_and_grid(cohort):
     config, _, _ = cohort
     record = json.loads((config.out / "generator.json").read_text())

@@ -54,6 +54,10 @@ class AtrophyCohortConfig(Section):
     progression: float = Field(
         0.05, ge=0, description="Extra fraction of GM lost per follow-up session."
     )
+    heterogeneity: float = Field(
+        0.0, ge=0, le=1, description="Spread of the atrophy between patients: each AD subject "
+        "weighs each region by its own draw from U(1 - h, 1) (0: one pattern for all)."
+    )
     noise: float = Field(0.03, ge=0, description="Standard deviation of the voxel noise.")
     deformation_mm: float = Field(
         2.0, ge=0, description="Amplitude (mm) of the smooth per-subject deformation."

@@ -40,6 +40,7 @@ def generate_atrophy(
     voxel_size: float = option(AtrophyCohortConfig, "voxel_size", "--voxel-size"),
     regions: str = option(AtrophyCohortConfig, "regions", "--regions"),
     noise: float = option(AtrophyCohortConfig, "noise", "--noise"),
+    heterogeneity: float = option(AtrophyCohortConfig, "heterogeneity", "--heterogeneity"),
     qc_failures: int = option(AtrophyCohortConfig, "qc_failures", "--qc-failures"),
     seed: int = option(AtrophyCohortConfig, "seed", "--seed"),
     config: Path = CONFIG_OPTION,
@@ -51,7 +52,7 @@ def generate_atrophy(
     settings = build_config(AtrophyCohortConfig, "generate_atrophy", config, out=out,
                             subjects=subjects, sessions=sessions, downsample=downsample,
                             voxel_size=voxel_size, regions=split_list(regions), noise=noise,
-                            qc_failures=qc_failures, seed=seed)
+                            heterogeneity=heterogeneity, qc_failures=qc_failures, seed=seed)
     _generate(generate_atrophy_cohort, settings, "generating sessions")
 
 

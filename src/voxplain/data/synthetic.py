@@ -13,7 +13,11 @@ point at the medial temporal lobe. This generator builds such a cohort with the 
   maximum of 1 and warped with the subject's own displacement, so atrophy follows anatomy.
   Session k (ses-M00, ses-M12, ... every 12 months) multiplies GM by ``1 - s_k A`` with
   ``s_k = s + k * progression`` (capped at :data:`MAX_SEVERITY`), ``s ~ U(severity)`` per subject.
-  CN subjects have no atrophy;
+  With ``heterogeneity`` h > 0 each AD subject has its own pattern ``sum_r w_r A_r`` (``A_r``: the
+  smoothed indicator of region r, scaled like A, so that the weights 1 give A) with
+  ``w_r ~ U(1 - h, 1)`` drawn once per subject: patients differ in where they atrophy most, the
+  sessions of one patient do not (paper 1, 3.2.2 compares exactly that). CN subjects have no
+  atrophy;
 - acquisition: Gaussian voxel noise (``noise`` SD) on the tissue, then clipping to [0, 1].
 
 Probability maps from SPM saturate at 1 where grey matter is certain, and paper 1 (section
@@ -89,7 +93,7 @@ AGE_RANGE = (60.0, 90.0)
 MONTHS_BETWEEN_SESSIONS = 12
 
 #: Purposes of the random streams of a subject (the last element of its seed key).
-_DEMOGRAPHICS, _ANATOMY, _NOISE = 0, 1, 2
+_DEMOGRAPHICS, _ANATOMY, _NOISE, _HETEROGENEITY = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,8 @@ def generate_atrophy_cohort(
     grid = cohort_grid(config)
     atlas = Atlas.aal2(grid)
     regions = list(dict.fromkeys(config.regions))
-    pattern = atrophy_pattern(atlas, regions)
+    patterns = region_patterns(atlas, regions)
+    pattern = patterns.sum(0)
     plan = plan_sessions(config)
     _write_once(out / "generator.json", _generator_record(config, regions, grid, plan))
     _save_if_absent(out / "ground_truth.nii.gz", pattern, grid)
@@ -142,7 +147,7 @@ def generate_atrophy_cohort(
     done = 0
     for _, group in itertools.groupby(plan, key=lambda p: p.subject):
         sessions = list(group)
-        _generate_subject(config, sessions, anatomy, pattern, grid, out)
+        _generate_subject(config, sessions, anatomy, patterns, grid, out)
         for _ in sessions:
             done += 1
             if progress is not None:
@@ -206,6 +211,25 @@ def atrophy_pattern(atlas: Atlas, regions: Sequence[str]) -> np.ndarray:
     smoothed = ndimage.gaussian_filter(mask.astype(np.float64),
                                        _sigma_voxels(atlas.grid, ATROPHY_SMOOTHING_MM))
     return (smoothed / smoothed.max()).astype(np.float32)
+
+
+def region_patterns(atlas: Atlas, regions: Sequence[str]) -> np.ndarray:
+    """``(R, *grid.shape)`` float32: per region, its smoothed indicator (as in
+    :func:`atrophy_pattern`) divided by the maximum of their sum, which is the ground truth A."""
+    atrophy_pattern(atlas, regions)  # the same checks: unknown names, regions without voxels
+    sigma = _sigma_voxels(atlas.grid, ATROPHY_SMOOTHING_MM)
+    smoothed = np.stack([ndimage.gaussian_filter(atlas.region_mask([name]).astype(np.float64),
+                                                 sigma) for name in regions])
+    return (smoothed / smoothed.sum(0).max()).astype(np.float32)
+
+
+def region_weights(config: AtrophyCohortConfig, subject: int, regions: int) -> np.ndarray:
+    """``(regions,)`` weights of the subject's atrophy pattern: ``U(1 - h, 1)`` each, all 1
+    when ``config.heterogeneity`` is 0 (no draw then)."""
+    if config.heterogeneity == 0:
+        return np.ones(regions, dtype=np.float32)
+    rng = _rng(config.seed, subject, _HETEROGENEITY)
+    return rng.uniform(1 - config.heterogeneity, 1, regions).astype(np.float32)
 
 
 def plan_sessions(config: AtrophyCohortConfig) -> list[SessionPlan]:
@@ -276,15 +300,16 @@ def deform(volume: np.ndarray, displacement: np.ndarray) -> np.ndarray:
 
 
 def _generate_subject(config: AtrophyCohortConfig, sessions: Sequence[SessionPlan],
-                      anatomy: np.ndarray, pattern: np.ndarray, grid: Grid, out: Path) -> None:
+                      anatomy: np.ndarray, patterns: np.ndarray, grid: Grid, out: Path) -> None:
     """Write the image and atrophy map of each session of one subject not yet on disk."""
     missing = [p for p in sessions
                if not (_exists_with_shape(out / "images" / p.filename, grid.shape)
                        and _exists_with_shape(out / "atrophy" / p.filename, grid.shape))]
     if not missing:
         return
-    subject_gm, subject_pattern = _subject_anatomy(config, missing[0].subject, anatomy, pattern,
-                                                   grid)
+    subject = missing[0].subject
+    pattern = np.tensordot(region_weights(config, subject, len(patterns)), patterns, axes=1)
+    subject_gm, subject_pattern = _subject_anatomy(config, subject, anatomy, pattern, grid)
     for plan in missing:
         atrophy = (plan.severity * subject_pattern).astype(np.float32)
         noise_rng = _rng(config.seed, plan.subject, _NOISE, plan.session)
@@ -377,6 +402,11 @@ def _write_once(path: Path, content: dict | pd.DataFrame) -> None:
 
 
 def _check_same_config(path: Path, existing: dict, requested: dict) -> None:
+    """Settings a later version added count as their default in an older generator.json."""
+    fields = AtrophyCohortConfig.model_fields
+    defaults = {key: json.loads(json.dumps(fields[key].get_default(call_default_factory=True)))
+                for key in requested if key in fields and not fields[key].is_required()}
+    existing = {**defaults, **existing}
     changed = [f"{key}: {existing.get(key)!r} -> {requested[key]!r}" for key in requested
                if key != "out" and existing.get(key) != requested[key]]
     if changed:
