@@ -235,6 +235,18 @@ def test_2d_explanations_are_shown_as_overlays_and_open_in_chromium(run_2d, tmp_
     assert check.images and check.broken_images == []
 
 
+def test_session_masks_flagged_as_not_converged_are_listed(run_2d):
+    masks = run_2d / "masks" / "session" / "fold-0" / "run-0"
+    np.save(masks / "sub-1_ses-M00.npy", np.ones((16, 16)))
+    pd.DataFrame({"participant_id": ["sub-0", "sub-1"], "session_id": ["ses-M00"] * 2,
+                  "loss": [0.005, 0.026], "iterations": [400, 270], "robust_z": [0.0, 35.0],
+                  "flagged": [False, True]}).to_csv(masks / "index.tsv", sep="\t", index=False)
+    text = build_report(ReportConfig(run=run_2d)).read_text()
+    start = text.index("flagged as not converged")  # the caption, then its table
+    listed = text[start:text.index("</table>", start)]
+    assert "sub-1" in listed and "sub-0" not in listed
+
+
 def test_a_second_rendering_removes_figures_the_first_left(run_2d):
     build_report(ReportConfig(run=run_2d))
     stale = run_2d / "report" / "figures" / "old.png"

@@ -390,8 +390,16 @@ def _session_mask_blocks(context: ReportContext) -> list[Block]:
                if c in index]
     summary = index.groupby(keys)[numeric].mean() if keys else index[numeric].mean().to_frame().T
     summary.insert(0, "sessions", index.groupby(keys).size() if keys else len(index))
-    return [table_block(summary.reset_index() if keys else summary,
-                        "Session masks: number of sessions and means per fold/run (index.tsv).")]
+    blocks = [table_block(summary.reset_index() if keys else summary,
+                          "Session masks: number of sessions and means per fold/run (index.tsv).")]
+    if "flagged" in index and index["flagged"].astype(bool).any():
+        flagged = index[index["flagged"].astype(bool)]
+        columns = [c for c in (*keys, "participant_id", "session_id", "loss", "robust_z",
+                               "iterations") if c in flagged]
+        blocks.append(table_block(flagged[columns], "Session masks flagged as not converged "
+                                  "(lowest loss an outlier among the masks of their model); "
+                                  "robustness and statistics leave them out."))
+    return blocks
 
 
 # --- explanations --------------------------------------------------------------------------
