@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -55,3 +57,15 @@ def test_single_images_and_other_devices_keep_the_model_as_it_is():
     assert not weight.is_contiguous(memory_format=FORMATS[3])
     assert for_batches(model, 3, batch_size=2, device=CPU) is model  # converted in place
     assert weight.is_contiguous(memory_format=FORMATS[3])
+
+
+@pytest.mark.parametrize("method", ["grad_cam", "grad_cam_pp", "saliency", "lrp"])
+def test_explanations_of_a_channels_last_model_equal_those_of_the_model(method):
+    from voxplain.explain.api import explainer
+
+    model = _frozen([20, 24, 20])
+    fast = for_batches(copy.deepcopy(model), 3, batch_size=4, device=CPU)
+    x, targets = torch.rand(4, 1, 20, 24, 20), torch.tensor([0, 1, 1, 0])
+    expected = explainer(method, model).explain(x, targets)
+    torch.testing.assert_close(explainer(method, fast).explain(x, targets), expected,
+                               atol=1e-5 * float(expected.abs().max()), rtol=1e-3)
