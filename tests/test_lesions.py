@@ -11,7 +11,7 @@ import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from voxplain.config import LesionCohortConfig
 from voxplain.data import lesions
@@ -241,3 +241,68 @@ def test_a_failed_ct_lookup_leaves_the_folder_unclaimed(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         make_cohort(tmp_path, background="ct", subjects=4)
     assert not (tmp_path / "generator.json").exists()
+
+
+def far_background_detail_sd(image: np.ndarray, mask: np.ndarray) -> float:
+    """SD of the fine detail (image minus its Gaussian blur, sigma 3 px) away from the lesion."""
+    detail = image - ndimage.gaussian_filter(image, 3.0)
+    far = ~ndimage.binary_dilation(mask.astype(bool), iterations=6)
+    return float(detail[far].std())
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("varied"), subjects=40, background_variation=2.0)
+
+
+def test_background_variation_draws_gains_in_range_and_the_pixels_follow_them(varied):
+    out, table = varied
+    gains = table[["texture_fine_gain", "texture_coarse_gain"]].to_numpy()
+    noise_gain = table["noise_sd"].to_numpy() / 0.05
+    for values in (gains[:, 0], gains[:, 1], noise_gain):
+        assert values.min() >= 0.5 - 1e-4 and values.max() <= 2.0 + 1e-4
+        assert values.min() < 0.65 and values.max() > 1.6  # wide, not collapsed near 1
+    images, masks = load_images(out, table)[:, 0], load_masks(out, table)
+    measured = np.array([far_background_detail_sd(i, m) for i, m in zip(images, masks)])
+    # The measured background detail follows the recorded noise SD (pixel noise dominates the
+    # fine detail) and spans a wide range, unlike the default cohort.
+    assert stats.spearmanr(measured, table["noise_sd"]).statistic > 0.8
+    assert measured.max() / measured.min() > 2.5
+
+
+def test_background_variation_is_independent_of_the_class(varied, synthetic):
+    out, table = varied
+    images, masks = load_images(out, table)[:, 0], load_masks(out, table)
+    measured = np.array([far_background_detail_sd(i, m) for i, m in zip(images, masks)])
+    malignant = (table["diagnosis"] == "malignant").to_numpy()
+    assert stats.mannwhitneyu(measured[malignant], measured[~malignant]).pvalue > 0.05
+    # Without variation the background detail is nearly constant across patches.
+    base_out, base = synthetic
+    baseline = np.array([far_background_detail_sd(i, m) for i, m in
+                         zip(load_images(base_out, base)[:, 0], load_masks(base_out, base))])
+    assert baseline.std() < 0.25 * measured.std()
+
+
+def test_background_variation_leaves_every_other_draw_unchanged(tmp_path):
+    plain_out, plain = make_cohort(tmp_path / "plain", subjects=6, seed=5)
+    varied_out, varied = make_cohort(tmp_path / "varied", subjects=6, seed=5,
+                                     background_variation=3.0)
+    again_out, again = make_cohort(tmp_path / "again", subjects=6, seed=5,
+                                   background_variation=3.0)
+    assert list(plain.columns) == list(varied.columns[: len(plain.columns)])
+    assert plain.equals(varied[plain.columns])
+    np.testing.assert_array_equal(load_masks(plain_out, plain), load_masks(varied_out, varied))
+    assert not np.array_equal(load_images(plain_out, plain), load_images(varied_out, varied))
+    assert varied.equals(again)
+    np.testing.assert_array_equal(load_images(varied_out, varied), load_images(again_out, again))
+
+
+def test_a_generator_json_without_background_variation_reads_it_as_the_default(tmp_path):
+    make_cohort(tmp_path, subjects=4)
+    path = tmp_path / "generator.json"
+    settings = json.loads(path.read_text())
+    del settings["background_variation"]
+    path.write_text(json.dumps(settings))
+    make_cohort(tmp_path, subjects=4)
+    with pytest.raises(ValueError, match="background_variation: 1.0 -> 2.0"):
+        make_cohort(tmp_path, subjects=4, background_variation=2.0)

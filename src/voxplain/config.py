@@ -88,6 +88,13 @@ class LesionCohortConfig(Section):
     )
     file_format: Literal["npy", "png"] = Field("npy", description="Image file format.")
     noise: float = Field(0.05, ge=0, description="Standard deviation of the pixel noise.")
+    background_variation: float = Field(
+        1.0,
+        ge=1,
+        description="Each patch scales its synthetic texture (each scale) and its pixel noise SD "
+        "by its own factors, log-uniform in [1/v, v], drawn independently of the class "
+        "(1 = no variation).",
+    )
     seed: int = Field(0, ge=0, description="Seed of every random draw of the generator.")
 
 

@@ -63,6 +63,8 @@ def generate_lesions(
     size: int = option(LesionCohortConfig, "size", "--size"),
     background: str = option(LesionCohortConfig, "background", "--background"),
     file_format: str = option(LesionCohortConfig, "file_format", "--format"),
+    background_variation: float = option(LesionCohortConfig, "background_variation",
+                                         "--background-variation"),
     seed: int = option(LesionCohortConfig, "seed", "--seed"),
     config: Path = CONFIG_OPTION,
 ) -> None:
@@ -72,5 +74,6 @@ def generate_lesions(
     setup_logging()
     settings = build_config(LesionCohortConfig, "generate_lesions", config, out=out,
                             subjects=subjects, size=size, background=background,
-                            file_format=file_format, seed=seed)
+                            file_format=file_format, background_variation=background_variation,
+                            seed=seed)
     _generate(generate_lesion_cohort, settings, "generating patches")

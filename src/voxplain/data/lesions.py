@@ -31,6 +31,19 @@ Backgrounds.
 In both cases pixel noise of standard deviation ``config.noise`` is added after the lesion is
 pasted, and intensities are clipped to [0, 1].
 
+Background variation. With ``config.background_variation = v > 1`` every patch multiplies the
+amplitude of each synthetic texture scale (1 px and 6 px) and the pixel-noise standard deviation
+by its own factor, three independent draws, log-uniform in ``[1/v, v]`` (``v ** u``, ``u`` uniform
+in [-1, 1]). The factors are drawn independently of the class, so background detail carries no
+class information however much of it a patch has: with ``v = 1`` (the default) the background
+is nearly the same in every patch (far-background detail SD 0.048 +/- 0.0014 at 64 px), and a
+classifier may learn that any fine detail means "malignant" (the spicules are fine detail). The
+factors come from a stream of their own, seeded ``(seed, i, 2)``, so every other draw is the
+same as without variation; ``v = 1`` gives factors of exactly 1, i.e. the same patches as before
+the option existed. With a CT background only the noise factor applies (the CT texture is
+anatomy and is left as it is). ``cohort.tsv`` records the factors (``texture_fine_gain``,
+``texture_coarse_gain``, ``noise_sd``) when ``v > 1``.
+
 Output folder: ``images/sub-0001_ses-M00.{npy,png}`` (NPY: float32 ``(1, H, W)``; PNG: 8-bit
 grey), ``masks/sub-0001_ses-M00.npy`` (uint8 ``(H, W)``), ``cohort.tsv`` and ``generator.json``.
 Sample ``i`` is drawn from generators seeded with ``(seed, i)`` only, so it does not depend on the
@@ -116,6 +129,17 @@ class CTPlacement:
     step: tuple[float, float]
 
 
+@dataclass(frozen=True)
+class BackgroundVariation:
+    """Per-patch gains of the synthetic texture (1 px, 6 px scales) and of the noise SD."""
+
+    texture_gains: tuple[float, float]
+    noise_gain: float
+
+
+NO_VARIATION = BackgroundVariation((1.0, 1.0), 1.0)
+
+
 def generate_lesion_cohort(
     config: LesionCohortConfig, progress: Callable[[int, int], None] | None = None
 ) -> Path:
@@ -152,14 +176,19 @@ def generate_lesion_cohort(
 def _claim_folder(out: Path, config: LesionCohortConfig) -> None:
     """Write ``generator.json``, or check that the one already in ``out`` has the same settings.
 
-    The output folder itself may move, so ``out`` is left out of the comparison.
+    The output folder itself may move, so ``out`` is left out of the comparison. A setting added
+    after a folder was generated counts as its default in that folder's older ``generator.json``
+    (a new setting's default renders what older versions did).
     """
     settings = config.model_dump(mode="json")
     path = out / "generator.json"
     if not path.exists():
         write_json(path, settings)
         return
-    previous = json.loads(path.read_text())
+    fields = LesionCohortConfig.model_fields
+    defaults = {key: json.loads(json.dumps(fields[key].get_default(call_default_factory=True)))
+                for key in settings if not fields[key].is_required()}
+    previous = {**defaults, **json.loads(path.read_text())}
     changed = sorted(key for key in settings if key != "out" and previous.get(key) != settings[key])
     if changed:
         details = ", ".join(f"{key}: {previous.get(key)!r} -> {settings[key]!r}" for key in changed)
@@ -181,10 +210,13 @@ def _write_sample(
     design = np.random.default_rng([config.seed, index, 0])
     shape = draw_lesion_shape(design, diagnosis == "malignant", config.size)
     placement = draw_ct_placement(design, slices, shape.center, config.size) if slices else None
+    variation = draw_background_variation(
+        np.random.default_rng([config.seed, index, 2]), config.background_variation)
     out = Path(config.out)
     if not ((out / image_path).exists() and (out / mask_path).exists()):
         texture = np.random.default_rng([config.seed, index, 1])
-        image, mask = render_patch(shape, placement, config.size, config.noise, texture)
+        image, mask = render_patch(shape, placement, config.size, config.noise, texture,
+                                   variation)
         _save_image(out / image_path, image)
         with atomic_path(out / mask_path) as temporary, open(temporary, "wb") as stream:
             np.save(stream, mask)
@@ -202,6 +234,12 @@ def _write_sample(
         "center_row": round(shape.center[0], 3),
         "center_col": round(shape.center[1], 3),
     }
+    if config.background_variation > 1:
+        row |= {
+            "texture_fine_gain": round(variation.texture_gains[0], 4),
+            "texture_coarse_gain": round(variation.texture_gains[1], 4),
+            "noise_sd": round(config.noise * variation.noise_gain, 5),
+        }
     if placement is not None:
         row |= {
             "background_file": placement.ct.name,
@@ -281,18 +319,26 @@ def lesion_coverage(shape: LesionShape, size: int) -> np.ndarray:
     return inside.reshape(size, SUPERSAMPLING, size, SUPERSAMPLING).mean(axis=(1, 3))
 
 
-def synthetic_background_hu(rng: np.random.Generator, size: int) -> np.ndarray:
+def draw_background_variation(rng: np.random.Generator, variation: float) -> BackgroundVariation:
+    """Gains of the two texture scales and of the noise SD, each ``variation ** U(-1, 1)``."""
+    fine, coarse, noise = (float(variation ** u) for u in rng.uniform(-1.0, 1.0, 3))
+    return BackgroundVariation((fine, coarse), noise)
+
+
+def synthetic_background_hu(
+    rng: np.random.Generator, size: int, texture_gains: tuple[float, float] = (1.0, 1.0)
+) -> np.ndarray:
     """Lung parenchyma in HU, ``(size, size)``: a level in [-900, -820] plus smooth texture.
 
     The texture sums unit-variance Gaussian-filtered white noise at 1 and 6 px (at 64 px,
-    scaled with the patch side) with amplitudes 25 and 40 HU.
+    scaled with the patch side) with amplitudes 25 and 40 HU, times ``texture_gains``.
     """
     scale = size / 64
     level = rng.uniform(-900.0, -820.0)
     texture = np.zeros((size, size))
-    for sigma, amplitude in ((1.0, 25.0), (6.0, 40.0)):
+    for sigma, amplitude, gain in zip((1.0, 6.0), (25.0, 40.0), texture_gains):
         smooth = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma * scale)
-        texture += amplitude * smooth / smooth.std()
+        texture += amplitude * gain * smooth / smooth.std()
     return level + texture
 
 
@@ -397,6 +443,7 @@ def render_patch(
     size: int,
     noise: float,
     rng: np.random.Generator,
+    variation: BackgroundVariation = NO_VARIATION,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paste a lesion into its background.
 
@@ -407,6 +454,7 @@ def render_patch(
 
     Args:
         placement: where the CT background comes from; ``None`` draws a synthetic one.
+        variation: gains of the synthetic texture scales and of ``noise`` for this patch.
 
     Returns:
         ``(image, mask)``: float32 ``(1, size, size)`` in [0, 1], uint8 ``(size, size)`` that is
@@ -414,14 +462,14 @@ def render_patch(
     """
     coverage = lesion_coverage(shape, size)
     if placement is None:
-        background = synthetic_background_hu(rng, size)
+        background = synthetic_background_hu(rng, size, variation.texture_gains)
     else:
         background = ct_background_hu(placement, size)
     opacity = ndimage.gaussian_filter(coverage, 0.5)
     inner = ndimage.gaussian_filter(rng.standard_normal((size, size)), 1.5)
     lesion = shape.lesion_hu + 20.0 * inner / inner.std()
     image = lung_window((1 - opacity) * background + opacity * lesion)
-    image = np.clip(image + rng.normal(0.0, noise, image.shape), 0.0, 1.0)
+    image = np.clip(image + rng.normal(0.0, noise * variation.noise_gain, image.shape), 0.0, 1.0)
     return image[None].astype(np.float32), (coverage >= 0.5).astype(np.uint8)
 
 
