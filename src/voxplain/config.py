@@ -8,6 +8,7 @@ resolved model in ``config.toml`` so the run can be redone.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -299,6 +300,14 @@ def to_toml(sections: dict[str, BaseModel | dict[str, Any]]) -> str:
     tables = {name: config_values(config) if isinstance(config, BaseModel) else config
               for name, config in sections.items()}
     return _toml_table(tables, prefix="")
+
+
+def with_defaults(schema: type[BaseModel], recorded: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` settings (JSON values) completed with the defaults of the ``schema`` fields
+    it lacks: a setting added after a file was written counts as its default there."""
+    defaults = {key: json.loads(json.dumps(field.get_default(call_default_factory=True)))
+                for key, field in schema.model_fields.items() if not field.is_required()}
+    return {**defaults, **recorded}
 
 
 def config_values(config: BaseModel) -> dict[str, Any]:

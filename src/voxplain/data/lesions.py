@@ -65,7 +65,7 @@ import pydicom
 from PIL import Image
 from scipy import ndimage
 
-from voxplain.config import LesionCohortConfig
+from voxplain.config import LesionCohortConfig, with_defaults
 from voxplain.io import atomic_path, write_json, write_text
 
 #: Side of the square field of view of a patch in mm (paper 3: 45x45 mm at 64x64 pixels).
@@ -185,10 +185,7 @@ def _claim_folder(out: Path, config: LesionCohortConfig) -> None:
     if not path.exists():
         write_json(path, settings)
         return
-    fields = LesionCohortConfig.model_fields
-    defaults = {key: json.loads(json.dumps(fields[key].get_default(call_default_factory=True)))
-                for key in settings if not fields[key].is_required()}
-    previous = {**defaults, **json.loads(path.read_text())}
+    previous = with_defaults(LesionCohortConfig, json.loads(path.read_text()))
     changed = sorted(key for key in settings if key != "out" and previous.get(key) != settings[key])
     if changed:
         details = ", ".join(f"{key}: {previous.get(key)!r} -> {settings[key]!r}" for key in changed)

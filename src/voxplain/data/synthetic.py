@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from voxplain.config import AtrophyCohortConfig
+from voxplain.config import AtrophyCohortConfig, with_defaults
 from voxplain.data.atlas import Atlas
 from voxplain.data.grid import (
     SPM_AFFINE,
@@ -403,10 +403,7 @@ def _write_once(path: Path, content: dict | pd.DataFrame) -> None:
 
 def _check_same_config(path: Path, existing: dict, requested: dict) -> None:
     """Settings a later version added count as their default in an older generator.json."""
-    fields = AtrophyCohortConfig.model_fields
-    defaults = {key: json.loads(json.dumps(fields[key].get_default(call_default_factory=True)))
-                for key in requested if key in fields and not fields[key].is_required()}
-    existing = {**defaults, **existing}
+    existing = with_defaults(AtrophyCohortConfig, existing)
     changed = [f"{key}: {existing.get(key)!r} -> {requested[key]!r}" for key in requested
                if key != "out" and existing.get(key) != requested[key]]
     if changed:
