@@ -27,6 +27,10 @@ DEFAULT_ATROPHY_REGIONS: tuple[str, ...] = (
 )
 
 
+#: Data augmentations of training (see :mod:`voxplain.train.augment`).
+Augmentation = Literal["none", "flip", "dihedral"]
+
+
 class Section(BaseModel):
     """Base of every configuration section: unknown keys are errors, not silently ignored."""
 
@@ -144,6 +148,11 @@ class TrainConfig(Section):
     batch_size: int = Field(8, ge=1, description="Images per optimisation step.")
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay.")
+    augmentation: Augmentation = Field(
+        "none", description="Random symmetries of the training images: none, flip (each axis "
+        "mirrored with probability 1/2) or dihedral (flips and permutations of equal-sized axes: "
+        "rotations by 90 degrees, for lesion patches)."
+    )
     downsample: int = Field(1, ge=1, description="Average-pool the images by this factor.")
     qc_threshold: float | None = Field(
         0.95, description="Reject GM maps (3D volumes) whose maximum is below this (paper 1, "

@@ -36,6 +36,8 @@ def train(
     patience: int = option(TrainConfig, "patience", "--patience"),
     batch_size: int = option(TrainConfig, "batch_size", "--batch-size"),
     learning_rate: float = option(TrainConfig, "learning_rate", "--learning-rate"),
+    weight_decay: float = option(TrainConfig, "weight_decay", "--weight-decay"),
+    augmentation: str = option(TrainConfig, "augmentation", "--augmentation"),
     downsample: int = option(TrainConfig, "downsample", "--downsample"),
     qc_threshold: str = option(TrainConfig, "qc_threshold", "--qc-threshold"),
     cache: str = option(TrainConfig, "cache", "--cache"),
@@ -56,6 +58,7 @@ def train(
         caps=absolute(caps), test=absolute(test), diagnosis_column=diagnosis_column,
         classes=split_list(classes), folds=folds, runs=runs, seed=seed, epochs=epochs,
         patience=patience, batch_size=batch_size, learning_rate=learning_rate,
+        weight_decay=weight_decay, augmentation=augmentation,
         downsample=downsample, qc_threshold=qc_threshold, cache=cache, device=device, model=model_flags or None)
     with reported_errors(), progress_bar() as bar:
         summary = train_cohort(settings, progress=bar)

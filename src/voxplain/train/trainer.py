@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from voxplain.models.layout import for_batches
 from voxplain.models.registry import build_model
 from voxplain.models.serialization import save_model
 from voxplain.run import RunFolder
+from voxplain.train.augment import augment
 from voxplain.train.checkpoint import (TrainingState, load_checkpoint, remove_checkpoint,
                                        save_checkpoint)
 from voxplain.train.splits import Fold, baseline_sessions, subject_folds
@@ -181,9 +183,11 @@ def train_fold(config: TrainConfig, model_config: ModelConfig, classes: list[str
     while state.next_epoch < config.epochs and state.epochs_above_lowest < config.patience:
         epoch = state.next_epoch
         started = time.perf_counter()
-        order = np.random.default_rng([seed, fold.index, epoch]).permutation(len(train.table))
-        train_loss, train_accuracy = _train_epoch(model, optimizer, train, order, config.batch_size,
-                                                  device)
+        rng = np.random.default_rng([seed, fold.index, epoch])  # order, then augmentation draws
+        order = rng.permutation(len(train.table))
+        train_loss, train_accuracy = _train_epoch(
+            model, optimizer, train, order, config.batch_size, device,
+            partial(augment, kind=config.augmentation, rng=rng))
         probabilities, validation_loss = predict_proba(model, validation, config.batch_size,
                                                        device)
         scores = classification_metrics(validation.labels, probabilities)
@@ -222,8 +226,10 @@ def _update_state(state: TrainingState, model: nn.Module, best: dict[str, torch.
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dataset,
-                 order: np.ndarray, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """One pass over ``data`` in ``order``; returns the mean loss and accuracy seen in training.
+                 order: np.ndarray, batch_size: int, device: torch.device,
+                 transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+    """One pass over ``data`` in ``order``, each batch passed through ``transform`` (the
+    augmentation); returns the mean loss and accuracy seen in training.
 
     A trailing batch of a single image is skipped: batch-norm cannot normalise one sample whose
     feature maps have shrunk to one voxel.
@@ -233,7 +239,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Datas
     for x, y in data.batches(batch_size, order):
         if len(y) == 1 and seen:
             break
-        x, y = x.to(device), y.to(device)
+        x, y = transform(x).to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y)
