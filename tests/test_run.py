@@ -37,3 +37,14 @@ def test_another_value_of_a_recorded_setting_is_refused(tmp_path):
     with pytest.raises(RunFolderError, match=r"'patience': 200.*'patience': 7"):
         run.record_config("mask_session", SessionMaskStepConfig(run=tmp_path,
                                                                 mask={"patience": 7}))
+
+
+def test_a_moved_run_folder_resumes_but_other_settings_are_still_refused(tmp_path):
+    old, new = RunFolder(tmp_path / "old"), RunFolder(tmp_path / "new")
+    old.record_config("mask_session", SessionMaskStepConfig(run=old.root))
+    new.root.mkdir()
+    new.config_file.write_text(old.config_file.read_text())  # the folder copied elsewhere
+    new.record_config("mask_session", SessionMaskStepConfig(run=new.root))
+    with pytest.raises(RunFolderError, match=r"qc_z"):
+        new.record_config("mask_session", SessionMaskStepConfig(
+            run=new.root, mask={"qc_z": 2.0}))

@@ -39,8 +39,9 @@ from voxplain.io import write_json, write_text
 
 RECORDED_PACKAGES = ("voxplain", "torch", "numpy", "scipy", "pandas", "scikit-learn", "nibabel",
                      "nilearn", "captum", "torchmetrics", "safetensors", "pydantic")
-#: Settings that may change between a run and its resumption without changing its results.
-RESUMABLE_FIELDS = frozenset({"device", "folds", "max_sessions"})
+#: Settings that may change between a run and its resumption without changing its results
+#: (``run`` is the run folder's own path, which changes when the folder is moved or copied).
+RESUMABLE_FIELDS = frozenset({"device", "folds", "max_sessions", "run"})
 
 
 class RunFolderError(ValueError):
