@@ -35,19 +35,19 @@ def augment(images: torch.Tensor, kind: Augmentation, rng: np.random.Generator) 
         raise ValueError(f"unknown augmentation {kind!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if kind == "none":
         return images
-    spatial = list(range(2, images.ndim))
-    orders = _axis_orders(images.shape[2:]) if kind == "dihedral" else [tuple(spatial)]
+    spatial = tuple(range(1, images.ndim - 1))  # axes of one image (C, *spatial)
+    orders = _axis_orders(images.shape[2:]) if kind == "dihedral" else [spatial]
     out = torch.empty_like(images)
     for index, image in enumerate(images):
-        flipped = [axis - 1 for axis in spatial if rng.random() < 0.5]  # axes of one image
+        flipped = [axis for axis in spatial if rng.random() < 0.5]
         image = image.flip(flipped) if flipped else image
-        order = orders[rng.integers(len(orders))]
-        out[index] = image.permute(0, *(axis - 1 for axis in order))
+        out[index] = image.permute(0, *orders[rng.integers(len(orders))])
     return out
 
 
 def _axis_orders(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Every order of the spatial axes (numbered from 2) that moves axes only among equal sizes."""
-    axes = range(2, 2 + len(shape))
+    """Every order of an image's spatial axes (numbered from 1, after the channel axis) that
+    moves axes only among axes of equal size."""
+    axes = range(1, 1 + len(shape))
     return [order for order in permutations(axes)
-            if all(shape[a - 2] == shape[b - 2] for a, b in zip(order, axes))]
+            if all(shape[a - 1] == shape[b - 1] for a, b in zip(order, axes))]
