@@ -1,12 +1,18 @@
 """CyCE acceptance figures on a run folder with trained generators (paper 3).
 
-``python benchmarks/cyce.py localisation --run RUN [--fold K]``: on the fold's validation images
+``python benchmarks/cyce.py localisation --run RUN [--fold K] [--methods cyce,...]``: on the fold's validation images
 of a 2D lesion cohort (``voxplain generate lesions``; masks from its ``mask_path`` column), the
 share of each map's relevance mass inside the lesion mask (|map| for signed maps, as
 :mod:`voxplain.evaluate.localisation` scores them) for CyCE's R, Grad-CAM and integrated
 gradients (targets: the classifier's predicted class), with the chance level (mask area share);
 ``--margins 0,1,3`` adds the shares within 1 and 3 pixels of the mask (the mask dilated by a
 3x3 cross, once per pixel): edits that grow or remove spicules lie on the border, half outside.
+The first row, ``ideal_counterfactual``, scores the true class-defining change |x - x'|, where x'
+is the same patch rendered with its lesion in the other class (spicules and lobes removed from a
+malignant lesion, drawn for a benign one; :func:`voxplain.data.lesions.counterfactual_patches`):
+what a perfect counterfactual explanation would score. ``r_true_change`` is the mean correlation
+of |map| with |x - x'| over the malignant images (a benign patch's counterfactual draws random
+new spicules, so it has no single true change).
 
 ``python benchmarks/cyce.py background --run RUN [--fold K]``: where R's mass outside the lesions
 comes from, on the same validation images: |R| inside the masks and over the background (masks
@@ -33,6 +39,7 @@ import torch
 from scipy import ndimage
 
 from voxplain.config import CyCEConfig
+from voxplain.data.lesions import counterfactual_patches
 from voxplain.evaluate.localisation import chance_mass, relevance, relevance_mass_inside
 from voxplain.explain.api import explainer
 from voxplain.explain.cyce.steps import cyce_dir
@@ -109,26 +116,40 @@ def background(run_path: Path, fold: int, run_index: int) -> dict[str, float]:
     return out
 
 
-def localisation(run_path: Path, fold: int, run_index: int,
-                 margins: tuple[int, ...] = (0,)) -> pd.DataFrame:
+def localisation(run_path: Path, fold: int, run_index: int, margins: tuple[int, ...] = (0,),
+                 methods: tuple[str, ...] = tuple(METHODS)) -> pd.DataFrame:
     import voxplain.explain.cyce  # noqa: F401  (registers "cyce")
 
     run, model, description, rows, images, masks = validation_images(run_path, fold, run_index)
     with torch.no_grad():
         predicted = model(images).argmax(1)
-    table = []
-    for name, options in METHODS.items():
+    # The true class-defining change of every patch: the same patch rendered in the other class.
+    twins = counterfactual_patches(Path(rows.path.iloc[0]).parent.parent,
+                                   list(rows.participant_id))
+    ideal = images[:, 0].numpy() - twins[:, 0]
+    positive = (rows.diagnosis == description["classes"][-1]).to_numpy()
+    maps_of = {"ideal_counterfactual": (ideal, True, float("nan"))}
+    for name in methods:
+        options = METHODS[name]
         if name == "cyce":
             options = {"generators": cyce_dir(run, fold, run_index)}
         method = explainer(name, model, **options)
         started = time.perf_counter()
         maps = method.explain(images, predicted)[:, 0].cpu().numpy()
-        seconds = time.perf_counter() - started
+        maps_of[name] = (maps, method.signed, time.perf_counter() - started)
+    table = []
+    for name, (maps, signed, seconds) in maps_of.items():
+        magnitude = [relevance(m, signed) for m in maps]
+        # Agreement with the true change where it is determined: a positive-class patch's
+        # counterfactual removes the features it has (a negative one's draws new, random ones).
+        # A constant map (Grad-CAM can be all zero) has no correlation: NaN, left out.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            agreement = np.array([np.corrcoef(m.ravel(), np.abs(i).ravel())[0, 1] if p
+                                  else np.nan for m, i, p in zip(magnitude, ideal, positive)])
         for margin in margins:
             near = np.stack([ndimage.binary_dilation(m, iterations=margin) if margin else m
                              for m in masks])
-            shares = np.array([relevance_mass_inside(relevance(m, method.signed), mask)
-                               for m, mask in zip(maps, near)])
+            shares = np.array([relevance_mass_inside(m, mask) for m, mask in zip(magnitude, near)])
             for diagnosis in ("all", *description["classes"]):
                 keep = (np.ones(len(rows), bool) if diagnosis == "all"
                         else (rows.diagnosis == diagnosis).to_numpy())
@@ -136,6 +157,8 @@ def localisation(run_path: Path, fold: int, run_index: int,
                               "n": int(keep.sum()), "mass_inside": float(np.nanmean(shares[keep])),
                               "sd": float(np.nanstd(shares[keep], ddof=1)),
                               "chance": float(np.mean([chance_mass(m) for m in near[keep]])),
+                              "r_true_change": (float(np.nanmean(agreement[keep]))
+                                                if positive[keep].any() else np.nan),
                               "seconds": seconds})
     return pd.DataFrame(table)
 
@@ -165,6 +188,8 @@ def main() -> None:
     loc.add_argument("--fold", type=int, default=0)
     loc.add_argument("--run-index", type=int, default=0)
     loc.add_argument("--margins", default="0", help="comma-separated pixel margins around the masks")
+    loc.add_argument("--methods", default=",".join(METHODS),
+                     help=f"comma-separated maps to score, of {', '.join(METHODS)}")
     back = sub.add_parser("background")
     back.add_argument("--run", type=Path, required=True)
     back.add_argument("--fold", type=int, default=0)
@@ -177,7 +202,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "localisation":
         margins = tuple(int(v) for v in args.margins.split(","))
-        print(localisation(args.run, args.fold, args.run_index, margins).to_string(index=False))
+        methods = tuple(args.methods.split(","))
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            parser.error(f"unknown --methods {unknown}; choose from {sorted(METHODS)}")
+        print(localisation(args.run, args.fold, args.run_index, margins, methods)
+              .to_string(index=False))
     elif args.command == "background":
         for name, value in background(args.run, args.fold, args.run_index).items():
             print(f"{name:28s} {value:.3f}")

@@ -306,3 +306,51 @@ def test_a_generator_json_without_background_variation_reads_it_as_the_default(t
     make_cohort(tmp_path, subjects=4)
     with pytest.raises(ValueError, match="background_variation: 1.0 -> 2.0"):
         make_cohort(tmp_path, subjects=4, background_variation=2.0)
+
+
+@pytest.mark.parametrize("cohort", ["synthetic", "ct"])
+def test_a_counterfactual_patch_differs_only_where_the_class_features_are(cohort, request):
+    """Same background, texture and noise; the pixels change only within the Gaussian opacity
+    blur (0.5 px, truncated at 2 px) of pixels the two lesions do not cover alike."""
+    out, table = request.getfixturevalue(cohort)
+    config = LesionCohortConfig.model_validate(json.loads((out / "generator.json").read_text()))
+    slices = lesions.background_slices(config)
+    real = load_images(out, table)
+    twins = lesions.counterfactual_patches(out, list(table["participant_id"]))
+    assert twins.shape == real.shape and twins.dtype == np.float32
+    for index, (image, twin) in enumerate(zip(real[:, 0], twins[:, 0])):
+        _, shape, _, _ = lesions.design_sample(config, index, slices)
+        other = lesions.counterfactual_shape(shape, np.random.default_rng([config.seed, index, 3]),
+                                             config.size)
+        differ = lesions.lesion_coverage(shape, config.size) != lesions.lesion_coverage(
+            other, config.size)
+        assert differ.any()
+        near = ndimage.binary_dilation(differ, np.ones((3, 3), bool), iterations=2)
+        np.testing.assert_array_equal(image[~near], twin[~near])
+        assert np.abs(image - twin)[near].max() > 0.05
+
+
+def test_a_counterfactual_lesion_swaps_exactly_the_class_features(synthetic):
+    out, table = synthetic
+    config = LesionCohortConfig.model_validate(json.loads((out / "generator.json").read_text()))
+    for index, diagnosis in enumerate(table["diagnosis"]):
+        _, shape, _, _ = lesions.design_sample(config, index, [])
+        other = lesions.counterfactual_shape(shape, np.random.default_rng(index), config.size)
+        kept = ("center", "radius_px", "elongation", "orientation", "lesion_hu")
+        assert all(getattr(other, name) == getattr(shape, name) for name in kept)
+        if diagnosis == "malignant":
+            assert len(other.harmonics) == len(other.spicules) == 0
+        else:
+            assert 2 <= len(other.harmonics) <= 3 and 3 <= len(other.spicules) <= 10
+            assert 0.08 <= other.lobulation <= 0.2
+            lengths = other.spicules[:, 1] / shape.radius_px
+            assert np.all((lengths >= 0.4) & (lengths <= 0.9))
+
+
+def test_counterfactual_patches_name_a_folder_without_settings_and_a_bad_participant(
+        tmp_path, synthetic):
+    with pytest.raises(FileNotFoundError, match="generator.json"):
+        lesions.counterfactual_patches(tmp_path, ["sub-0001"])
+    out, _ = synthetic
+    with pytest.raises(ValueError, match="'patient-1'"):
+        lesions.counterfactual_patches(out, ["patient-1"])

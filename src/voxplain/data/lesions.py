@@ -44,6 +44,12 @@ the option existed. With a CT background only the noise factor applies (the CT t
 anatomy and is left as it is). ``cohort.tsv`` records the factors (``texture_fine_gain``,
 ``texture_coarse_gain``, ``noise_sd``) when ``v > 1``.
 
+Counterfactual ground truth. :func:`counterfactual_patches` renders a cohort's patches again
+with each lesion in the other class (:func:`counterfactual_shape`: a malignant lesion loses its
+lobulation and spicules, a benign one gets new ones from the seed ``(seed, i, 3)``) over the same
+background, lesion texture and noise. The difference from the real patch is the true
+class-defining change, what a perfect counterfactual explanation (CyCE, paper 3) would show.
+
 Output folder: ``images/sub-0001_ses-M00.{npy,png}`` (NPY: float32 ``(1, H, W)``; PNG: 8-bit
 grey), ``masks/sub-0001_ses-M00.npy`` (uint8 ``(H, W)``), ``cohort.tsv`` and ``generator.json``.
 Sample ``i`` is drawn from generators seeded with ``(seed, i)`` only, so it does not depend on the
@@ -55,7 +61,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -138,6 +144,8 @@ class BackgroundVariation:
 
 
 NO_VARIATION = BackgroundVariation((1.0, 1.0), 1.0)
+#: Harmonics and spicules of a benign lesion: none.
+NO_FEATURES = (np.zeros((0, 3)), np.zeros((0, 3)))
 
 
 def generate_lesion_cohort(
@@ -156,9 +164,7 @@ def generate_lesion_cohort(
         ValueError: ``config.out`` holds a cohort made with other settings.
         FileNotFoundError: ``background="ct"`` and no CT slice of :data:`CT_SLICES` is installed.
     """
-    slices = []
-    if config.background == "ct":
-        slices = [load_ct_slice(name, path) for name, path in find_ct_slices().items()]
+    slices = background_slices(config)
     out = Path(config.out)
     _claim_folder(out, config)
     rows = []
@@ -171,6 +177,13 @@ def generate_lesion_cohort(
     if not cohort.exists() or cohort.read_text() != table:
         write_text(cohort, table)
     return cohort
+
+
+def background_slices(config: LesionCohortConfig) -> list[CTSlice]:
+    """The CT slices a cohort's backgrounds come from (none for synthetic backgrounds)."""
+    if config.background != "ct":
+        return []
+    return [load_ct_slice(name, path) for name, path in find_ct_slices().items()]
 
 
 def _claim_folder(out: Path, config: LesionCohortConfig) -> None:
@@ -203,17 +216,10 @@ def _write_sample(
     participant = f"sub-{index + 1:0{width}d}"
     image_path = Path("images") / f"{participant}_{SESSION_ID}.{config.file_format}"
     mask_path = Path("masks") / f"{participant}_{SESSION_ID}.npy"
-    diagnosis = DIAGNOSES[index % 2]
-    design = np.random.default_rng([config.seed, index, 0])
-    shape = draw_lesion_shape(design, diagnosis == "malignant", config.size)
-    placement = draw_ct_placement(design, slices, shape.center, config.size) if slices else None
-    variation = draw_background_variation(
-        np.random.default_rng([config.seed, index, 2]), config.background_variation)
+    diagnosis, shape, placement, variation = design_sample(config, index, slices)
     out = Path(config.out)
     if not ((out / image_path).exists() and (out / mask_path).exists()):
-        texture = np.random.default_rng([config.seed, index, 1])
-        image, mask = render_patch(shape, placement, config.size, config.noise, texture,
-                                   variation)
+        image, mask = render_sample(config, index, slices)
         _save_image(out / image_path, image)
         with atomic_path(out / mask_path) as temporary, open(temporary, "wb") as stream:
             np.save(stream, mask)
@@ -248,6 +254,66 @@ def _write_sample(
     return row
 
 
+def design_sample(
+    config: LesionCohortConfig, index: int, slices: list[CTSlice]
+) -> tuple[str, LesionShape, CTPlacement | None, BackgroundVariation]:
+    """Diagnosis, lesion, CT placement (``None`` for a synthetic background) and background
+    variation of sample ``index``, from its own seeds ``(seed, index, 0)`` and ``(seed, index, 2)``."""
+    diagnosis = DIAGNOSES[index % 2]
+    design = np.random.default_rng([config.seed, index, 0])
+    shape = draw_lesion_shape(design, diagnosis == "malignant", config.size)
+    placement = draw_ct_placement(design, slices, shape.center, config.size) if slices else None
+    variation = draw_background_variation(
+        np.random.default_rng([config.seed, index, 2]), config.background_variation)
+    return diagnosis, shape, placement, variation
+
+
+def render_sample(config: LesionCohortConfig, index: int, slices: list[CTSlice],
+                  counterfactual: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(image, mask)`` of sample ``index``, as :func:`generate_lesion_cohort` writes them.
+
+    With ``counterfactual=True``: the same patch with its lesion drawn in the other class
+    (:func:`counterfactual_shape`, new features from the seed ``(seed, index, 3)``). Background,
+    lesion texture and pixel noise are the same draws, so the image differs from the real one only
+    where the lesion's class features are (and where clipping to [0, 1] differs).
+    """
+    _, shape, placement, variation = design_sample(config, index, slices)
+    if counterfactual:
+        shape = counterfactual_shape(shape, np.random.default_rng([config.seed, index, 3]),
+                                     config.size)
+    texture = np.random.default_rng([config.seed, index, 1])
+    return render_patch(shape, placement, config.size, config.noise, texture, variation)
+
+
+def counterfactual_patches(cohort: Path, participants: list[str]) -> np.ndarray:
+    """The counterfactual images ``(N, 1, H, W)`` of the named participants of a lesion cohort.
+
+    Args:
+        cohort: folder written by :func:`generate_lesion_cohort` (its ``generator.json`` holds
+            the settings that rendered it).
+        participants: participant ids (``sub-0001``: sample 0).
+
+    Raises:
+        FileNotFoundError: ``cohort`` has no ``generator.json``.
+        ValueError: a participant id is not ``sub-<number>``.
+    """
+    settings = Path(cohort) / "generator.json"
+    if not settings.is_file():
+        raise FileNotFoundError(f"{settings}: not found; is {cohort} a lesion cohort folder "
+                                "written by `voxplain generate lesions`?")
+    config = LesionCohortConfig.model_validate(
+        with_defaults(LesionCohortConfig, json.loads(settings.read_text())))
+    slices = background_slices(config)
+    images = []
+    for participant in participants:
+        number = participant.removeprefix("sub-")
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"{settings.parent}: participant id {participant!r} is not "
+                             "sub-<number> (sample <number> - 1)")
+        images.append(render_sample(config, int(number) - 1, slices, counterfactual=True)[0])
+    return np.stack(images)
+
+
 def draw_lesion_shape(rng: np.random.Generator, malignant: bool, size: int) -> LesionShape:
     """Draw a lesion for a ``size`` x ``size`` patch.
 
@@ -257,27 +323,47 @@ def draw_lesion_shape(rng: np.random.Generator, malignant: bool, size: int) -> L
     malignant lesion gets lobulation (2-3 harmonics of order 3-7, total amplitude 0.08-0.2 of
     the radius) and 3-10 spicules (length 0.4-0.9 radius, half-width 0.7-1.1 px at 64 px).
     """
-    scale = size / 64
     middle = (size - 1) / 2
     center = (middle + rng.uniform(-0.08, 0.08) * size, middle + rng.uniform(-0.08, 0.08) * size)
     radius = rng.uniform(0.08, 0.18) * size
     elongation = rng.uniform(1.0, 1.5)
     orientation = rng.uniform(0, np.pi)
     lesion_hu = rng.uniform(-200.0, 100.0)
-    harmonics = np.zeros((0, 3))
-    spicules = np.zeros((0, 3))
+    harmonics, spicules = NO_FEATURES
     if malignant:
-        count = int(rng.integers(2, 4))
-        orders = rng.choice(np.arange(3, 8), size=count, replace=False)
-        amplitudes = rng.uniform(0.08, 0.2) * rng.dirichlet(np.ones(count))
-        harmonics = np.column_stack([orders, amplitudes, rng.uniform(0, 2 * np.pi, count)])
-        n_spicules = int(rng.integers(3, 11))
-        spicules = np.column_stack([
-            rng.uniform(0, 2 * np.pi, n_spicules),
-            rng.uniform(0.4, 0.9, n_spicules) * radius,
-            np.maximum(rng.uniform(0.7, 1.1, n_spicules) * scale, 0.5),
-        ])
+        harmonics, spicules = draw_malignant_features(rng, radius, size)
     return LesionShape(center, radius, elongation, orientation, harmonics, spicules, lesion_hu)
+
+
+def draw_malignant_features(rng: np.random.Generator, radius: float,
+                            size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lobulation harmonics ``(K, 3)`` and spicules ``(S, 3)`` of a malignant lesion of mean
+    radius ``radius`` px in a ``size`` x ``size`` patch (ranges: see :func:`draw_lesion_shape`)."""
+    count = int(rng.integers(2, 4))
+    orders = rng.choice(np.arange(3, 8), size=count, replace=False)
+    amplitudes = rng.uniform(0.08, 0.2) * rng.dirichlet(np.ones(count))
+    harmonics = np.column_stack([orders, amplitudes, rng.uniform(0, 2 * np.pi, count)])
+    n_spicules = int(rng.integers(3, 11))
+    spicules = np.column_stack([
+        rng.uniform(0, 2 * np.pi, n_spicules),
+        rng.uniform(0.4, 0.9, n_spicules) * radius,
+        np.maximum(rng.uniform(0.7, 1.1, n_spicules) * size / 64, 0.5),
+    ])
+    return harmonics, spicules
+
+
+def counterfactual_shape(shape: LesionShape, rng: np.random.Generator, size: int) -> LesionShape:
+    """The same lesion drawn in the other class: the ground truth of a counterfactual explanation.
+
+    A malignant lesion loses its lobulation and spicules (its smooth ellipse stays); a benign one
+    gets lobulation and spicules drawn from ``rng`` as :func:`draw_lesion_shape` draws them.
+    Centre, radius, elongation, orientation and density are kept, so the two lesions differ by
+    exactly the features that define the class.
+    """
+    if len(shape.harmonics) or len(shape.spicules):
+        return replace(shape, harmonics=NO_FEATURES[0], spicules=NO_FEATURES[1])
+    harmonics, spicules = draw_malignant_features(rng, shape.radius_px, size)
+    return replace(shape, harmonics=harmonics, spicules=spicules)
 
 
 def border_radius(shape: LesionShape, theta: np.ndarray) -> np.ndarray:
