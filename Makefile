@@ -46,7 +46,7 @@ demo: venv
 	$(BIN)/voxplain mask grid --run $(DEMO)/run --folds 0 --design one-at-a-time \
 		--b1 0.1,0.5,1,2 --b2 1,2,3 --l1 0.1,0.01,0.001,0.0001 --l2 0.1,0.01,0.001,0.0001
 	$(BIN)/voxplain explain --run $(DEMO)/run --method grad_cam,grad_cam_pp,integrated_gradients \
-		--evaluate-against $(DEMO)/cohort/ground_truth.nii.gz
+		--evaluate-against $(DEMO)/cohort/ground_truth.nii.gz --session-truth atrophy_path
 	$(BIN)/voxplain evaluate classification --run $(DEMO)/run
 	$(BIN)/voxplain evaluate robustness --run $(DEMO)/run
 	$(BIN)/voxplain stats --run $(DEMO)/run --method grad_cam

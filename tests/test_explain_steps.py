@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import AFFINE, SHAPE, write_cohort
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from voxplain.cli import app
 from voxplain.config import ExplainStepConfig, LesionCohortConfig, TrainConfig
 from voxplain.data.lesions import generate_lesion_cohort
-from voxplain.evaluate.localisation import evaluate_localisation
+from voxplain.evaluate.localisation import evaluate_localisation, evaluate_session_localisation
 from voxplain.explain.api import Explainer, register
 from voxplain.explain.explain_steps import explain_run
 from voxplain.run import RunFolderError
@@ -266,3 +267,93 @@ def test_a_cohort_diagnosis_outside_the_classes_needs_another_target(trained_run
         explain_run(step(trained_run, "test_signed_probe", cohort=tsv))
     index = explain_run(step(trained_run, "test_signed_probe", cohort=tsv, target="predicted"))
     assert not index.correct[index.diagnosis == "MCI"].any()
+
+
+@pytest.fixture(scope="module")
+def lesion_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lesion_run")
+    tsv = generate_lesion_cohort(LesionCohortConfig(out=folder / "lesions", subjects=24, size=32))
+    train_cohort(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=1, batch_size=8,
+                             device="cpu", model={"name": "cnn", "channels": [4, 8, 8]}))
+    explain_run(step(folder / "run", "test_signed_probe"))
+    return folder / "run", tsv
+
+
+def test_every_session_map_is_scored_against_its_own_lesion_mask(lesion_run):
+    run, tsv = lesion_run
+    table = evaluate_session_localisation(run, "mask_path")
+    assert len(table) == 8 and table.method.unique().tolist() == ["test_signed_probe"]
+    for row in table.itertuples():
+        name = f"{row.participant_id}_{row.session_id}.npy"
+        relevance = np.abs(np.load(tsv.parent / "images" / name)[0] - 0.5)  # the probe's |map|
+        mask = np.load(tsv.parent / "masks" / name).astype(bool)
+        assert row.mass_inside == pytest.approx(relevance[mask].sum() / relevance.sum())
+        assert row.auc == pytest.approx(roc_auc_score(mask.ravel(), relevance.ravel()))
+        assert row.chance_mass == pytest.approx(mask.mean())
+        assert row.pointing_game == float(mask[relevance == relevance.max()].all())
+    written = pd.read_csv(run / "evaluation/localisation_sessions.tsv", sep="\t")
+    assert len(written) == len(table)
+
+
+def test_session_truths_of_another_cohort_resolve_from_its_folder_and_errors_name_the_file(
+        lesion_run):
+    run, tsv = lesion_run
+    cohort = pd.read_csv(tsv, sep="\t").iloc[:4]
+    other = tsv.parent / "other.tsv"
+    cohort.assign(mask_path=["masks/missing.npy", *cohort.mask_path[1:]]).to_csv(
+        other, sep="\t", index=False)
+    explain_run(step(run, "test_unsigned_probe", cohort=other))
+    with pytest.raises(FileNotFoundError, match="masks/missing.npy"):
+        evaluate_session_localisation(run, "mask_path", methods=["test_unsigned_probe"])
+    with pytest.raises(ValueError, match=r"no column 'lesion_mask'.*columns are"):
+        evaluate_session_localisation(run, "lesion_mask")
+    (run / "explanations/test_unsigned_probe_cohort-other").rename(run.parent / "other_maps")
+
+
+def test_cli_scores_session_maps_with_session_truth(lesion_run):
+    run, _ = lesion_run
+    result = CliRunner().invoke(app, ["explain", "--run", str(run), "--session-truth",
+                                      "mask_path"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Localisation of every session map" in result.output
+    assert "test_signed_probe" in result.output and "benign" in result.output
+    result = CliRunner().invoke(app, ["explain", "--run", str(run), "--session-truth", "nope"])
+    assert result.exit_code != 0 and "no column 'nope'" in result.output
+
+
+def test_session_localisation_reaches_the_summary_and_the_report(lesion_run, tmp_path):
+    from voxplain.config import ReportConfig
+    from voxplain.report.sections import ReportContext, localisation_section
+    from voxplain.report.summary import run_summary
+    from voxplain.run import RunFolder
+
+    run, _ = lesion_run
+    table = evaluate_session_localisation(run, "mask_path", methods=["test_signed_probe"])
+    expected = table.groupby("diagnosis").mass_inside.mean()
+    title = "Localisation of session maps against their own truth (mean per diagnosis)"
+    summary = run_summary(run)[title].set_index("diagnosis")
+    assert summary.maps.to_dict() == table.diagnosis.value_counts().to_dict()
+    np.testing.assert_allclose(summary.mass_inside[expected.index], expected)
+    section = localisation_section(ReportContext(RunFolder(run), ReportConfig(run=run), tmp_path))
+    assert any("own ground truth" in block.caption for block in section.blocks)
+
+
+def test_3d_session_maps_are_scored_against_each_session_s_own_truth(trained_run):
+    folder = trained_run.parent / "cohort"
+    cohort = pd.read_csv(folder / "cohort.tsv", sep="\t")
+    (folder / "truths").mkdir(exist_ok=True)
+    paths = []
+    for row in cohort.itertuples():
+        truth = np.zeros(SHAPE, np.float32)
+        truth[CUBE if row.diagnosis == "AD" else (slice(0, 3),) * 3] = 1.0  # CN: not the cube
+        paths.append(f"truths/{row.participant_id}_{row.session_id}.nii.gz")
+        nib.save(nib.Nifti1Image(truth, AFFINE), folder / paths[-1])
+    cohort.assign(truth_path=paths).to_csv(folder / "with_truth.tsv", sep="\t", index=False)
+    explain_run(step(trained_run, "test_cube_oracle", cohort=folder / "with_truth.tsv"))
+    table = evaluate_session_localisation(trained_run, "truth_path", methods=["test_cube_oracle"])
+    # explanations of the run's own cohort (no truth_path column) are skipped
+    assert set(table.key) == {"test_cube_oracle_cohort-with_truth"}
+    assert len(table) == len(cohort)
+    ad, cn = table[table.diagnosis == "AD"], table[table.diagnosis == "CN"]
+    assert (ad.mass_inside == 1).all() and (ad.pointing_game == 1).all() and (ad.auc == 1).all()
+    assert (cn.mass_inside == 0).all() and (cn.pointing_game == 0).all()

@@ -66,15 +66,15 @@ def grid_of(path) -> Grid:
 
 def test_cohort_tsv_has_the_clinica_columns_and_relative_paths(cohort):
     config, tsv, table = cohort
-    assert list(table.columns) == ["participant_id", "session_id", "diagnosis", "path", "age",
-                                   "sex", "severity"]
+    assert list(table.columns) == ["participant_id", "session_id", "diagnosis", "path",
+                                   "atrophy_path", "age", "sex", "severity"]
     assert len(table) == 12 * 3 + 2
     assert table.participant_id.iloc[0] == "sub-001" and table.participant_id.iloc[-1] == "sub-014"
     assert sorted(table.session_id.unique()) == ["ses-M00", "ses-M12", "ses-M24"]
     baseline = table[table.session_id == "ses-M00"].iloc[:12]
     assert (baseline.diagnosis == "CN").sum() == 6 and (baseline.diagnosis == "AD").sum() == 6
     assert set(table.sex) <= {"F", "M"} and table.age.between(60, 93).all()
-    for path in table.path:
+    for path in (*table.path, *table.atrophy_path):
         assert not os.path.isabs(path) and (tsv.parent / path).is_file()
 
 

@@ -419,6 +419,10 @@ class ExplainStepConfig(Section):
         None, description="Ground-truth map (e.g. ground_truth.nii.gz): score the group maps "
         "of the patient class against it."
     )
+    session_truth: str | None = Field(
+        None, description="Cohort column naming each session's own ground truth (e.g. "
+        "mask_path of a lesion cohort): score every session map against it."
+    )
     explain: ExplainConfig
 
 

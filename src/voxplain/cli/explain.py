@@ -36,27 +36,34 @@ def explain(
     folds: str = option(ExplainStepConfig, "folds", "--folds"),
     device: str = option(ExplainStepConfig, "device", "--device"),
     evaluate_against: Path = option(ExplainStepConfig, "evaluate_against", "--evaluate-against"),
+    session_truth: str = option(ExplainStepConfig, "session_truth", "--session-truth"),
     tolerance: float = option(LocalisationConfig, "tolerance", "--tolerance"),
     top_k: int = option(LocalisationConfig, "top_k", "--top-k"),
     config: Path = CONFIG_OPTION,
 ) -> None:
     """Maps of every fold/run's model for its validation sessions (or --cohort), a group map per
-    diagnosis, and with --evaluate-against a localisation table of every method's group maps.
-    --method takes one name or several, comma separated (e.g. grad_cam,grad_cam_pp); without
-    --method, --evaluate-against scores the maps already in the run folder."""
+    diagnosis, and with --evaluate-against a localisation table of every method's group maps
+    (with --session-truth COLUMN: of every session map against its own truth, e.g. the lesion
+    masks of mask_path). --method takes one name or several, comma separated (e.g.
+    grad_cam,grad_cam_pp); without --method, --evaluate-against and --session-truth score the
+    maps already in the run folder."""
     from voxplain.explain.explain_steps import explain_run
 
     setup_logging()
-    if method is None and evaluate_against is not None and run is not None:
-        _print_localisation(absolute(run), absolute(evaluate_against), _localisation(tolerance,
-                                                                                    top_k))
+    scoring = _localisation(tolerance, top_k)
+    if method is None and (evaluate_against or session_truth) and run is not None:
+        if evaluate_against is not None:
+            _print_localisation(absolute(run), absolute(evaluate_against), scoring)
+        if session_truth is not None:
+            _print_session_localisation(absolute(run), session_truth, scoring)
         return
     if method is None and config is None:
-        raise typer.BadParameter("give --method NAME[,NAME...] (or only --evaluate-against to "
-                                 "score the maps already in the run folder)")
+        raise typer.BadParameter("give --method NAME[,NAME...] (or only --evaluate-against or "
+                                 "--session-truth to score the maps already in the run folder)")
     settings = [build_config(
         ExplainStepConfig, "explain", config, run=absolute(run), cohort=absolute(cohort),
         folds=split_list(folds, int), device=device, evaluate_against=absolute(evaluate_against),
+        session_truth=session_truth,
         explain=given(method=name, target=target, layer=layer, batch_size=batch_size,
                       options=parse_options(options), group=group))
         for name in split_list(method) or [None]]
@@ -67,7 +74,9 @@ def explain(
                       f"{step.run / 'explanations'}", highlight=False)
     truth = settings[-1].evaluate_against
     if truth is not None:
-        _print_localisation(settings[-1].run, truth, _localisation(tolerance, top_k))
+        _print_localisation(settings[-1].run, truth, scoring)
+    if settings[-1].session_truth is not None:
+        _print_session_localisation(settings[-1].run, settings[-1].session_truth, scoring)
 
 
 def _localisation(tolerance: float | None, top_k: int | None) -> LocalisationConfig:
@@ -91,6 +100,22 @@ def _print_localisation(run: Path, truth: Path, config: LocalisationConfig) -> N
                 f"mean over {summary.models.max()} model(s) (layer: see localisation.tsv)",
                 summary.rename(columns=headers), list(headers.values()))
     console.print(f"per fold/run: {run / 'evaluation' / 'localisation.tsv'}", highlight=False)
+
+
+def _print_session_localisation(run: Path, column: str, config: LocalisationConfig) -> None:
+    from voxplain.evaluate.localisation import (
+        evaluate_session_localisation,
+        session_localisation_summary,
+    )
+
+    with reported_errors():
+        table = evaluate_session_localisation(run, column, config=config)
+    summary = session_localisation_summary(table)
+    headers = {"key": "explanation", "diagnosis": "diagnosis", "maps": "maps", "auc": "AUC",
+               "mass_inside": "mass in", "chance_mass": "chance", "pointing_game": "pointing"}
+    print_table(f"Localisation of every session map against its own truth ({column}), mean "
+                "per diagnosis", summary.rename(columns=headers), list(headers.values()))
+    console.print(f"per map: {run / 'evaluation' / 'localisation_sessions.tsv'}", highlight=False)
 
 
 def parse_options(text: str | None) -> dict[str, Any] | None:

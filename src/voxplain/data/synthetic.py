@@ -36,7 +36,8 @@ already exist (the generator is deterministic, so they would be identical).
 
 Output folder::
 
-    cohort.tsv                  participant_id, session_id, diagnosis, path, age, sex, severity
+    cohort.tsv                  participant_id, session_id, diagnosis, path, atrophy_path, age,
+                                sex, severity
     images/sub-XXX_ses-MYY.nii.gz     GM maps (float32, the cohort grid's affine)
     atrophy/sub-XXX_ses-MYY.nii.gz    s_k * A warped to the subject (zeros for CN)
     ground_truth.nii.gz         A on the template (undeformed) grid, in [0, 1]
@@ -252,13 +253,15 @@ def plan_sessions(config: AtrophyCohortConfig) -> list[SessionPlan]:
 
 
 def cohort_table(plan: Sequence[SessionPlan]) -> pd.DataFrame:
-    """The cohort TSV: participant_id, session_id, diagnosis, path (relative), age, sex,
-    severity (fraction of GM lost at the atrophy peak; 0 for CN)."""
+    """The cohort TSV: participant_id, session_id, diagnosis, path (relative), atrophy_path
+    (the session's own ground truth, relative), age, sex, severity (fraction of GM lost at the
+    atrophy peak; 0 for CN)."""
     return pd.DataFrame({
         "participant_id": [p.participant_id for p in plan],
         "session_id": [p.session_id for p in plan],
         "diagnosis": [p.diagnosis for p in plan],
         "path": [f"images/{p.filename}" for p in plan],
+        "atrophy_path": [f"atrophy/{p.filename}" for p in plan],
         "age": [p.age for p in plan],
         "sex": [p.sex for p in plan],
         "severity": [p.severity for p in plan],

@@ -36,12 +36,20 @@ and writes ``evaluation/localisation.tsv``. The ground truth must lie on the coh
 the run was trained on downsampled images, it is downsampled the same way
 (:func:`voxplain.data.grid.downsample`, block average) before it is binarised. Brain voxels are
 those of the MNI GM template's brain mask on that grid (:func:`voxplain.data.template.brain_mask`).
+
+When every session has a ground truth of its own (the lesion masks of
+:mod:`voxplain.data.lesions`, column ``mask_path`` of its cohort.tsv: lesions lie at different
+places, so a group map means nothing), :func:`evaluate_session_localisation` scores every session
+map against its session's truth instead (``voxplain explain --session-truth mask_path``) and
+writes ``evaluation/localisation_sessions.tsv``: one row per map, same scores and conventions
+(2D maps are scored over the whole image).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -59,6 +67,8 @@ from voxplain.explain.explain_steps import explanation_dir, read_map
 from voxplain.io import read_tsv, write_tsv
 from voxplain.models.serialization import read_model_json
 from voxplain.run import RunFolder
+
+log = logging.getLogger("voxplain")
 
 
 def relevance(attribution: np.ndarray, signed: bool) -> np.ndarray:
@@ -275,11 +285,7 @@ def evaluate_localisation(run: Path, truth_path: Path, methods: Sequence[str] | 
     folder = RunFolder(Path(run))
     train = folder.train_config()
     rows = []
-    for record_file in sorted((folder.root / "explanations").glob("*/explanation.json")):
-        record = json.loads(record_file.read_text())
-        if methods is not None and record["method"] not in methods:
-            continue
-        key = record_file.parent.name
+    for key, record in _explanations(folder, methods):
         for fold, run_index, model_dir in folder.model_dirs():
             patient = patient_class(read_model_json(model_dir)["classes"], diagnosis)
             row = _score_group_map(explanation_dir(folder, key, fold, run_index), patient,
@@ -297,6 +303,14 @@ def evaluate_localisation(run: Path, truth_path: Path, methods: Sequence[str] | 
     return table
 
 
+def _explanations(folder: RunFolder, methods: Sequence[str] | None) -> Iterator[tuple[str, dict]]:
+    """``(key, explanation.json)`` of every explanation in the run (of ``methods`` only)."""
+    for record_file in sorted((folder.root / "explanations").glob("*/explanation.json")):
+        record = json.loads(record_file.read_text())
+        if methods is None or record["method"] in methods:
+            yield record_file.parent.name, record
+
+
 def _score_group_map(folder: Path, patient: str, record: dict, truth_path: Path, factor: int,
                      config: LocalisationConfig) -> dict | None:
     """Scores of ``folder``'s ``group_<patient>`` map (None when the fold/run has none)."""
@@ -304,9 +318,7 @@ def _score_group_map(folder: Path, patient: str, record: dict, truth_path: Path,
              if path.is_file()]
     if not found or not (folder / "index.tsv").is_file():
         return None
-    values = read_map(found[0])
-    affine = nib.load(found[0]).affine if found[0].suffix == ".gz" else np.eye(4)
-    grid = Grid(values.shape, affine)
+    values, grid = _map_on_grid(found[0])
     truth = truth_on_grid(truth_path, grid, factor)
     three_d = values.ndim == 3
     atlas = Atlas.aal2(grid) if three_d else None
@@ -322,6 +334,108 @@ def _score_group_map(folder: Path, patient: str, record: dict, truth_path: Path,
     layer = str(index.layer.iloc[0]) if "layer" in index and index.layer.notna().any() else ""
     return {"method": record["method"], "layer": layer, "diagnosis": patient,
             "n_sessions": len(kept), **scores}
+
+
+def _map_on_grid(path: Path) -> tuple[np.ndarray, Grid]:
+    """A saved map and its grid (NPY maps: the identity affine)."""
+    values = read_map(path)
+    affine = nib.load(path).affine if path.name.endswith(".nii.gz") else np.eye(4)
+    return values, Grid(values.shape, affine)
+
+
+def evaluate_session_localisation(run: Path, column: str, methods: Sequence[str] | None = None,
+                                  config: LocalisationConfig | None = None) -> pd.DataFrame:
+    """Score every session map in ``run`` against that session's own ground truth.
+
+    Args:
+        run: run folder with ``explanations/KEY/...`` written by ``voxplain explain``.
+        column: the column of the explained cohort's TSV that names each session's truth file
+            (NPY or NIfTI on the image grid, e.g. ``mask_path`` of a lesion cohort); a relative
+            path is relative to the folder of the cohort TSV given to ``voxplain train`` (or to
+            ``voxplain explain --cohort``).
+        methods: only these method names (default: every explanation found).
+        config: truth threshold and pointing-game tolerance.
+
+    Returns:
+        One row per map (key, method, layer, fold, run, participant_id, session_id, diagnosis,
+        target, correct, auc, mass_inside, chance_mass, pointing_game); also written to
+        ``RUN/evaluation/localisation_sessions.tsv``.
+
+    Raises:
+        ValueError: no explained cohort has the column (explanations of a cohort without it
+            are skipped, with a log message), a session has no truth file named, or no session
+            map was found.
+        FileNotFoundError: a named truth file is missing.
+    """
+    config = config or LocalisationConfig()
+    folder = RunFolder(Path(run))
+    train = folder.train_config()
+    rows, without = [], {}
+    for key, record in _explanations(folder, methods):
+        source = Path(record["cohort"]) if record.get("cohort") else folder.cohort_file
+        table = read_tsv(source)
+        if column not in table.columns:
+            without[source] = list(table.columns)
+            log.info("%s: not scored, its cohort %s has no column %r", key, source, column)
+            continue
+        base = Path(record.get("cohort") or train.cohort).parent
+        truths = _session_truths(source, table, column, base)
+        for fold, run_index, _ in folder.model_dirs():
+            maps = explanation_dir(folder, key, fold, run_index)
+            if not (maps / "index.tsv").is_file():
+                continue
+            index = read_tsv(maps / "index.tsv")
+            layer = (str(index.layer.iloc[0]) if "layer" in index and index.layer.notna().any()
+                     else "")
+            for session in index.itertuples():
+                values, grid = _map_on_grid(maps / session.path)
+                truth = truth_on_grid(truths[(session.participant_id, session.session_id)], grid,
+                                      train.downsample)
+                scores = localisation_scores(
+                    values, truth, signed=record["signed"],
+                    brain=brain_mask(grid) if values.ndim == 3 else None,
+                    threshold=config.truth_threshold, tolerance=config.tolerance)
+                scores.pop(f"top{config.top_k}_hit")
+                rows.append({"key": key, "method": record["method"], "layer": layer,
+                             "fold": fold, "run": run_index,
+                             "participant_id": session.participant_id,
+                             "session_id": session.session_id, "diagnosis": session.diagnosis,
+                             "target": session.target, "correct": bool(session.correct),
+                             **scores})
+    if not rows and without:
+        raise ValueError("; ".join(f"{source}: no column {column!r} naming each session's ground "
+                                   f"truth; columns are {columns}"
+                                   for source, columns in without.items()))
+    if not rows:
+        raise ValueError(f"{folder.root}: no session map to score"
+                         f"{' for ' + ', '.join(methods) if methods else ''}; "
+                         "run `voxplain explain` first")
+    scored = pd.DataFrame(rows)
+    write_tsv(folder.root / "evaluation" / "localisation_sessions.tsv", scored)
+    return scored
+
+
+def _session_truths(source: Path, table: pd.DataFrame, column: str,
+                    base: Path) -> dict[tuple[str, str], Path]:
+    """``(participant, session) -> truth file`` from ``column`` of the cohort ``table`` read from
+    ``source``; relative paths are relative to ``base``."""
+    truths = {}
+    for participant, session, value in zip(table.participant_id, table.session_id, table[column]):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{source}: {participant} {session}: no ground truth in {column!r}")
+        path = Path(value)
+        truths[(participant, session)] = path if path.is_absolute() else base / path
+    return truths
+
+
+def session_localisation_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean of each score over the session maps of every explanation and diagnosis."""
+    scores = ["auc", "mass_inside", "chance_mass", "pointing_game"]
+    table = table.assign(layer=table.layer.astype(object).fillna(""))  # TSV: "" reads as NaN
+    grouped = table.groupby(["key", "method", "layer", "diagnosis"], sort=False)
+    summary = grouped[scores].mean().reset_index()
+    summary.insert(4, "maps", grouped.size().to_numpy())
+    return summary
 
 
 def localisation_summary(table: pd.DataFrame) -> pd.DataFrame:

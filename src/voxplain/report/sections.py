@@ -613,15 +613,24 @@ def statistics_section(context: ReportContext) -> Section:
 # --- ground truth --------------------------------------------------------------------------
 
 def localisation_section(context: ReportContext) -> Section:
+    from voxplain.evaluate.localisation import session_localisation_summary
+
     section = Section("localisation", "Ground-truth localisation")
     path = context.path("evaluation", "localisation.tsv")
     if path.is_file():
         section.blocks.append(table_block(pd.read_csv(path, sep="\t"), "How well each "
                                           "explanation points at the known atrophy "
                                           "(evaluation/localisation.tsv)."))
-    else:
-        section.note = "No evaluation/localisation.tsv: it is written for synthetic cohorts, " \
-                       "whose atrophy map is the ground truth."
+    sessions = context.path("evaluation", "localisation_sessions.tsv")
+    if sessions.is_file():
+        section.blocks.append(table_block(
+            session_localisation_summary(read_tsv(sessions)), "How well each explanation points at every "
+            "session's own ground truth, mean per diagnosis (per map: "
+            "evaluation/localisation_sessions.tsv)."))
+    if not section.blocks:
+        section.note = "No evaluation/localisation.tsv or localisation_sessions.tsv: they are " \
+                       "written for cohorts with a ground truth (voxplain explain " \
+                       "--evaluate-against / --session-truth)."
     return section
 
 

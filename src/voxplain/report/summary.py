@@ -9,7 +9,9 @@ Each table is read from what the steps wrote; a step that has not run gives no t
 - ``robustness``: similarity of maps across folds and intra- vs inter-subject
   (``evaluation/robustness/summary.tsv``, ``voxplain evaluate robustness``);
 - ``localisation``: per explanation, the mean over folds of the scores against the ground
-  truth (``evaluation/localisation.tsv``, ``voxplain explain --evaluate-against``).
+  truth (``evaluation/localisation.tsv``, ``voxplain explain --evaluate-against``), and per
+  explanation and diagnosis the mean over session maps of the scores against each session's
+  own truth (``evaluation/localisation_sessions.tsv``, ``voxplain explain --session-truth``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def run_summary(run: Path) -> dict[str, pd.DataFrame]:
         "Group masks": _group_masks(run),
         "Robustness of maps": _robustness(run),
         "Localisation against the ground truth (mean over folds)": _localisation(run),
+        "Localisation of session maps against their own truth (mean per diagnosis)":
+            _session_localisation(run),
     }
     return {title: table for title, table in tables.items() if table is not None and len(table)}
 
@@ -75,3 +79,10 @@ def _localisation(run: Path) -> pd.DataFrame | None:
               if column in ("auc", "mass_inside", "chance_mass", "pointing_game")
               or column.startswith("top")]
     return table.groupby(["key", "diagnosis"], as_index=False)[scores].mean()
+
+
+def _session_localisation(run: Path) -> pd.DataFrame | None:
+    from voxplain.evaluate.localisation import session_localisation_summary
+
+    table = _read(run / "evaluation" / "localisation_sessions.tsv")
+    return None if table is None else session_localisation_summary(table)
