@@ -14,8 +14,14 @@ from typer.testing import CliRunner
 
 from voxplain.cli import app
 from voxplain.config import ExplainStepConfig, LesionCohortConfig, TrainConfig
+from voxplain.data.grid import Grid
 from voxplain.data.lesions import generate_lesion_cohort
-from voxplain.evaluate.localisation import evaluate_localisation, evaluate_session_localisation
+from voxplain.data.template import brain_mask
+from voxplain.evaluate.localisation import (
+    evaluate_localisation,
+    evaluate_session_localisation,
+    session_localisation_summary,
+)
 from voxplain.explain.api import Explainer, register
 from voxplain.explain.explain_steps import explain_run
 from voxplain.run import RunFolderError
@@ -344,8 +350,9 @@ def test_3d_session_maps_are_scored_against_each_session_s_own_truth(trained_run
     (folder / "truths").mkdir(exist_ok=True)
     paths = []
     for row in cohort.itertuples():
-        truth = np.zeros(SHAPE, np.float32)
-        truth[CUBE if row.diagnosis == "AD" else (slice(0, 3),) * 3] = 1.0  # CN: not the cube
+        truth = np.zeros(SHAPE, np.float32)  # CN: no atrophy, nothing to point at
+        if row.diagnosis == "AD":
+            truth[CUBE] = 1.0
         paths.append(f"truths/{row.participant_id}_{row.session_id}.nii.gz")
         nib.save(nib.Nifti1Image(truth, AFFINE), folder / paths[-1])
     cohort.assign(truth_path=paths).to_csv(folder / "with_truth.tsv", sep="\t", index=False)
@@ -356,4 +363,10 @@ def test_3d_session_maps_are_scored_against_each_session_s_own_truth(trained_run
     assert len(table) == len(cohort)
     ad, cn = table[table.diagnosis == "AD"], table[table.diagnosis == "CN"]
     assert (ad.mass_inside == 1).all() and (ad.pointing_game == 1).all() and (ad.auc == 1).all()
-    assert (cn.mass_inside == 0).all() and (cn.pointing_game == 0).all()
+    in_brain = brain_mask(Grid(SHAPE, AFFINE))[CUBE].sum()  # scores count brain voxels only
+    assert 0 < in_brain and (ad.truth_voxels == in_brain).all()
+    assert (cn.truth_voxels == 0).all() and cn[["auc", "mass_inside", "pointing_game"]].isna().all(
+        axis=None)
+    summary = session_localisation_summary(table).set_index("diagnosis")
+    assert summary.scored.to_dict() == {"AD": len(ad), "CN": 0}
+    assert summary.maps.to_dict() == {"AD": len(ad), "CN": len(cn)}

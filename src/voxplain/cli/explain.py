@@ -111,8 +111,9 @@ def _print_session_localisation(run: Path, column: str, config: LocalisationConf
     with reported_errors():
         table = evaluate_session_localisation(run, column, config=config)
     summary = session_localisation_summary(table)
-    headers = {"key": "explanation", "diagnosis": "diagnosis", "maps": "maps", "auc": "AUC",
-               "mass_inside": "mass in", "chance_mass": "chance", "pointing_game": "pointing"}
+    headers = {"key": "explanation", "diagnosis": "diagnosis", "maps": "maps",
+               "scored": "with truth", "auc": "AUC", "mass_inside": "mass in",
+               "chance_mass": "chance", "pointing_game": "pointing"}
     print_table(f"Localisation of every session map against its own truth ({column}), mean "
                 "per diagnosis", summary.rename(columns=headers), list(headers.values()))
     console.print(f"per map: {run / 'evaluation' / 'localisation_sessions.tsv'}", highlight=False)

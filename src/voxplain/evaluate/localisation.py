@@ -336,6 +336,10 @@ def _score_group_map(folder: Path, patient: str, record: dict, truth_path: Path,
             "n_sessions": len(kept), **scores}
 
 
+#: The scores of a session map (the region hit rate needs a group truth's list of regions).
+SESSION_SCORES = ("auc", "mass_inside", "chance_mass", "pointing_game")
+
+
 def _map_on_grid(path: Path) -> tuple[np.ndarray, Grid]:
     """A saved map and its grid (NPY maps: the identity affine)."""
     values = read_map(path)
@@ -358,7 +362,8 @@ def evaluate_session_localisation(run: Path, column: str, methods: Sequence[str]
 
     Returns:
         One row per map (key, method, layer, fold, run, participant_id, session_id, diagnosis,
-        target, correct, auc, mass_inside, chance_mass, pointing_game); also written to
+        target, correct, truth_voxels, auc, mass_inside, chance_mass, pointing_game; the scores
+        are NaN where the truth is empty, e.g. a control's zero atrophy); also written to
         ``RUN/evaluation/localisation_sessions.tsv``.
 
     Raises:
@@ -391,17 +396,21 @@ def evaluate_session_localisation(run: Path, column: str, methods: Sequence[str]
                 values, grid = _map_on_grid(maps / session.path)
                 truth = truth_on_grid(truths[(session.participant_id, session.session_id)], grid,
                                       train.downsample)
-                scores = localisation_scores(
-                    values, truth, signed=record["signed"],
-                    brain=brain_mask(grid) if values.ndim == 3 else None,
-                    threshold=config.truth_threshold, tolerance=config.tolerance)
-                scores.pop(f"top{config.top_k}_hit")
+                brain = brain_mask(grid) if values.ndim == 3 else None
+                voxels = int(true_region(truth, config.truth_threshold)[_within(truth, brain)]
+                             .sum())
+                scores = dict.fromkeys(SESSION_SCORES, float("nan"))
+                if voxels:  # a session without truth (a control's zero atrophy) has no score
+                    scores = localisation_scores(
+                        values, truth, signed=record["signed"], brain=brain,
+                        threshold=config.truth_threshold, tolerance=config.tolerance)
+                    scores.pop(f"top{config.top_k}_hit")
                 rows.append({"key": key, "method": record["method"], "layer": layer,
                              "fold": fold, "run": run_index,
                              "participant_id": session.participant_id,
                              "session_id": session.session_id, "diagnosis": session.diagnosis,
                              "target": session.target, "correct": bool(session.correct),
-                             **scores})
+                             "truth_voxels": voxels, **scores})
     if not rows and without:
         raise ValueError("; ".join(f"{source}: no column {column!r} naming each session's ground "
                                    f"truth; columns are {columns}"
@@ -429,12 +438,14 @@ def _session_truths(source: Path, table: pd.DataFrame, column: str,
 
 
 def session_localisation_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean of each score over the session maps of every explanation and diagnosis."""
-    scores = ["auc", "mass_inside", "chance_mass", "pointing_game"]
-    table = table.assign(layer=table.layer.astype(object).fillna(""))  # TSV: "" reads as NaN
+    """Mean of each score over the session maps of every explanation and diagnosis; ``maps``
+    counts them, ``scored`` those whose truth is not empty (the others have no scores)."""
+    table = table.assign(layer=table.layer.astype(object).fillna(""),  # TSV: "" reads as NaN
+                         scored=table.truth_voxels > 0)
     grouped = table.groupby(["key", "method", "layer", "diagnosis"], sort=False)
-    summary = grouped[scores].mean().reset_index()
+    summary = grouped[list(SESSION_SCORES)].mean().reset_index()
     summary.insert(4, "maps", grouped.size().to_numpy())
+    summary.insert(5, "scored", grouped.scored.sum().to_numpy())
     return summary
 
 
