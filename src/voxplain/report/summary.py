@@ -85,4 +85,6 @@ def _session_localisation(run: Path) -> pd.DataFrame | None:
     from voxplain.evaluate.localisation import session_localisation_summary
 
     table = _read(run / "evaluation" / "localisation_sessions.tsv")
-    return None if table is None else session_localisation_summary(table)
+    if table is None:
+        return None
+    return session_localisation_summary(table).drop(columns=["method", "layer"])
