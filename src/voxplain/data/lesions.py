@@ -216,10 +216,11 @@ def _write_sample(
     participant = f"sub-{index + 1:0{width}d}"
     image_path = Path("images") / f"{participant}_{SESSION_ID}.{config.file_format}"
     mask_path = Path("masks") / f"{participant}_{SESSION_ID}.npy"
-    diagnosis, shape, placement, variation = design_sample(config, index, slices)
+    design = design_sample(config, index, slices)
+    diagnosis, shape, placement, variation = design
     out = Path(config.out)
     if not ((out / image_path).exists() and (out / mask_path).exists()):
-        image, mask = render_sample(config, index, slices)
+        image, mask = render_sample(config, index, design)
         _save_image(out / image_path, image)
         with atomic_path(out / mask_path) as temporary, open(temporary, "wb") as stream:
             np.save(stream, mask)
@@ -268,16 +269,18 @@ def design_sample(
     return diagnosis, shape, placement, variation
 
 
-def render_sample(config: LesionCohortConfig, index: int, slices: list[CTSlice],
+def render_sample(config: LesionCohortConfig, index: int,
+                  design: tuple[str, LesionShape, CTPlacement | None, BackgroundVariation],
                   counterfactual: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """``(image, mask)`` of sample ``index``, as :func:`generate_lesion_cohort` writes them.
+    """``(image, mask)`` of sample ``index`` drawn as ``design`` (:func:`design_sample`), as
+    :func:`generate_lesion_cohort` writes them.
 
     With ``counterfactual=True``: the same patch with its lesion drawn in the other class
     (:func:`counterfactual_shape`, new features from the seed ``(seed, index, 3)``). Background,
     lesion texture and pixel noise are the same draws, so the image differs from the real one only
     where the lesion's class features are (and where clipping to [0, 1] differs).
     """
-    _, shape, placement, variation = design_sample(config, index, slices)
+    _, shape, placement, variation = design
     if counterfactual:
         shape = counterfactual_shape(shape, np.random.default_rng([config.seed, index, 3]),
                                      config.size)
@@ -310,7 +313,9 @@ def counterfactual_patches(cohort: Path, participants: list[str]) -> np.ndarray:
         if not number.isdigit() or int(number) < 1:
             raise ValueError(f"{settings.parent}: participant id {participant!r} is not "
                              "sub-<number> (sample <number> - 1)")
-        images.append(render_sample(config, int(number) - 1, slices, counterfactual=True)[0])
+        index = int(number) - 1
+        images.append(render_sample(config, index, design_sample(config, index, slices),
+                                    counterfactual=True)[0])
     return np.stack(images)
 
 
