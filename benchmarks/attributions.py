@@ -14,7 +14,8 @@ For the default paper-1 ``cnn`` (``build_model(ModelConfig(input_shape=grid))``)
 - methods that need global average pooling (``cam``) cannot run on the ``cnn``: they are timed on
   ``vgg_gap`` at the same grid, against that model's own floor (marked in the output);
 - peers (timed in a block of their own, before the other methods, demo grid: 5 repeats), on
-  the same ``cnn``, input and targets: our ``grad_cam`` / ``grad_cam_pp`` vs MONAI's
+  the same ``cnn``, input, targets and layer (our default,
+  :func:`~voxplain.explain.layers.choose_cam_layer`): our ``grad_cam`` / ``grad_cam_pp`` vs MONAI's
   ``GradCAM`` / ``GradCAMpp`` (batch size 1: MONAI is only correct there, so batch 8 is a loop
   over the 8 volumes; its trilinear upsampler, no post-processing) and Captum's ``LayerGradCam``
   (batched, with ``LayerAttribution.interpolate(..., "trilinear")``). All three do the same
@@ -45,7 +46,8 @@ from torch import nn
 
 from voxplain.config import ModelConfig
 from voxplain.data.grid import SPM_SHAPE, downsampled_shape
-from voxplain.explain.api import METHODS, explainer, last_conv_name
+from voxplain.explain.api import METHODS, explainer
+from voxplain.explain.layers import choose_cam_layer
 from voxplain.models.registry import build_model
 from voxplain.train.trainer import resolve_device
 
@@ -96,21 +98,26 @@ def floor_call(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> Call
     return call
 
 
+def default_cam_layer(model: nn.Module, x: torch.Tensor) -> str:
+    """The layer our ``grad_cam`` reads by default for ``x``, so the peers do the same work."""
+    return choose_cam_layer(model, tuple(x.shape[2:]), x.shape[1]).name
+
+
 def monai_call(kind: str, model: nn.Module, x: torch.Tensor,
                targets: torch.Tensor) -> Callable[[], object]:
     from monai.visualize import GradCAM, GradCAMpp
 
     # MONAI leaves its hooks on the model: give it a copy
     cam = {"grad_cam": GradCAM, "grad_cam_pp": GradCAMpp}[kind](
-        copy.deepcopy(model), target_layers=last_conv_name(model), postprocessing=lambda m: m)
+        copy.deepcopy(model), target_layers=default_cam_layer(model, x),
+        postprocessing=lambda m: m)
     return lambda: [cam(x[i:i + 1], class_idx=int(targets[i])) for i in range(len(x))]
 
 
 def captum_call(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> Callable[[], object]:
     from captum.attr import LayerAttribution, LayerGradCam
 
-    layer = dict(model.named_modules())[last_conv_name(model)]
-    cam = LayerGradCam(model, layer)
+    cam = LayerGradCam(model, model.get_submodule(default_cam_layer(model, x)))
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.ndim - 2]
     return lambda: LayerAttribution.interpolate(
         cam.attribute(x, targets, relu_attributions=True).detach(), tuple(x.shape[2:]), mode)

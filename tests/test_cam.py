@@ -1,11 +1,14 @@
-"""CAM, Grad-CAM and Grad-CAM++ (paper 2, 2.3) against independent implementations and identities.
+"""CAM, Grad-CAM and Grad-CAM++ (paper 2, 2.3), HiResCAM and LayerCAM against independent
+implementations and identities, at the default layer (:mod:`voxplain.explain.layers`) unless a
+test names one.
 
-Oracles: Captum's ``LayerGradCam`` (+ ``LayerAttribution.interpolate``) and MONAI's ``GradCAM`` /
-``GradCAMpp``, one sample at a time (MONAI scores ``logits[:, class_idx].squeeze()`` and mixes the
-samples of a batch in Grad-CAM++). MONAI registers hooks it never removes, so every oracle gets its
-own deep copy of the model. MONAI's default post-processing maps (min, max) to (1, 0), i.e. it
-*inverts* the map (Pearson -1 with any correct map): we pass the identity and normalise both maps
-with the same function (division by the maximum) before comparing.
+Oracles: Captum's ``LayerGradCam`` and ``LayerGradientXActivation`` (+
+``LayerAttribution.interpolate``), MONAI's ``GradCAM`` / ``GradCAMpp``, one sample at a time
+(MONAI scores ``logits[:, class_idx].squeeze()`` and mixes the samples of a batch in Grad-CAM++).
+MONAI registers hooks it never removes, so every oracle gets its own deep copy of the model.
+MONAI's default post-processing maps (min, max) to (1, 0), i.e. it *inverts* the map (Pearson -1
+with any correct map): we pass the identity and normalise both maps with the same function
+(division by the maximum) before comparing.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from captum.attr import LayerAttribution, LayerGradCam
+from captum.attr import LayerAttribution, LayerGradCam, LayerGradientXActivation
 from monai.visualize import GradCAM as MonaiGradCAM
 from monai.visualize import GradCAMpp as MonaiGradCAMpp
 from torch import nn
 
-from voxplain.explain.api import Explainer, last_conv_name
-from voxplain.explain.cam import CAM, GradCAM, GradCAMPlusPlus
+from voxplain.explain.api import METHODS, Explainer
+from voxplain.explain.api import explainer as build_explainer
+from voxplain.explain.cam import CAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
+from voxplain.explain.layers import ACTIVATION_TYPES
 from voxplain.models.networks import CNN, VGGGAP, ConvNet
 
 MODES = {2: "bilinear", 3: "trilinear"}
@@ -61,14 +66,23 @@ def nonzero_targets(explainer: Explainer, x: torch.Tensor, classes: int = 2) -> 
     return [int((row > 0).nonzero()[0]) for row in peaks]
 
 
+def default_layer(explainer, x: torch.Tensor) -> str:
+    """The layer ``explainer`` reads for ``x`` by default, checked to be an activation (the rule's
+    choice on every test network), so the oracles are compared at the new default."""
+    name = explainer.resolve_layer(tuple(x.shape[2:]), x.shape[1]).name
+    assert isinstance(explainer.model.get_submodule(name), ACTIVATION_TYPES), name
+    return name
+
+
 KINDS = ["vgg_gap_3d", "cnn_3d", "vgg_gap_2d", "convnet_2d"]
+GAP_INPUT = "features.2.1.2"  # model_and_inputs' VGGGAP: the last ReLU, feeding GAP directly
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_grad_cam_agrees_with_captum_layer_grad_cam_and_monai(kind: str) -> None:
     model, x = model_and_inputs(kind, samples=2)
-    layer = last_conv_name(model)
     ours = GradCAM(model, normalise=False)
+    layer = default_layer(ours, x)
     targets = nonzero_targets(ours, x)
     captum_model = copy.deepcopy(model)
     captum = LayerGradCam(captum_model, dict(captum_model.named_modules())[layer])
@@ -105,13 +119,13 @@ class MonaiGradCAMppPaperDenominator(MonaiGradCAMpp):
 @pytest.mark.parametrize("kind", KINDS)
 def test_grad_cam_pp_agrees_with_monai_grad_cam_pp(kind: str) -> None:
     """Against MONAI with the paper's denominator on every net. Against MONAI as shipped only on
-    the GAP nets: after the last conv of VGGGAP come batch-norm, ReLU and GAP, so the gradient is
-    one constant per channel wherever the ReLU is open (zero elsewhere), and the two denominators
-    nearly coincide; behind max-pool + flatten + linear (CNN, ConvNet) the gradient varies over
-    space and MONAI's convention gives a different map (Pearson about 0.7 on cnn_3d)."""
+    the GAP nets: the default layer of VGGGAP is its last ReLU, which feeds GAP directly, so the
+    gradient is one constant per channel and the two denominators coincide; behind max-pool +
+    flatten + linear (CNN, ConvNet) the gradient varies over space and MONAI's convention gives a
+    different map."""
     model, x = model_and_inputs(kind, samples=2)
-    layer = last_conv_name(model)
     ours = GradCAMPlusPlus(model, normalise=False)
+    layer = default_layer(ours, x)
     targets = nonzero_targets(ours, x)
     paper = MonaiGradCAMppPaperDenominator(copy.deepcopy(model), target_layers=layer,
                                            postprocessing=lambda m: m)
@@ -120,17 +134,19 @@ def test_grad_cam_pp_agrees_with_monai_grad_cam_pp(kind: str) -> None:
         mine = by_max(ours.explain(x[i:i + 1], target))
         assert pearson(mine, by_max(paper(x[i:i + 1], class_idx=target))) >= 0.999
         if kind.startswith("vgg_gap"):
-            assert pearson(mine, by_max(shipped(x[i:i + 1], class_idx=target))) >= 0.99
+            assert pearson(mine, by_max(shipped(x[i:i + 1], class_idx=target))) >= 0.999
 
 
-def test_grad_cam_pp_is_eq_2_with_derivatives_from_autograd() -> None:
+@pytest.mark.parametrize("layer_name", ["features.1.0.0", "features.1.0.2"])  # last conv, its ReLU
+def test_grad_cam_pp_is_eq_2_with_derivatives_from_autograd(layer_name: str) -> None:
     """Eq. 2 computed literally, in float64: d2Y/dA^2 and d3Y/dA^3 of Y = exp(y^c) element by
-    element by repeated autograd, at the last conv of a small 3D CNN, with the paper's denominator
-    (sum_ab A_ab) * d3Y/dA_ij^3. No closed form, so this checks ours and the exp(y) cancellation."""
+    element by repeated autograd, at the last conv (and its activation) of a small 3D CNN, with
+    the paper's denominator (sum_ab A_ab) * d3Y/dA_ij^3. No closed form, so this checks ours and
+    the exp(y) cancellation."""
     torch.manual_seed(1)
     model = CNN((6, 6, 6), channels=[2, 2]).double().eval()
     x = torch.rand(1, 1, 6, 6, 6, dtype=torch.float64)
-    layer = dict(model.named_modules())[last_conv_name(model)]
+    layer = model.get_submodule(layer_name)
     target = 1
     captured = []
     handle = layer.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
@@ -155,11 +171,11 @@ def test_grad_cam_pp_is_eq_2_with_derivatives_from_autograd() -> None:
     expected = F.relu((weights[:, :, None, None, None] * a).sum(1, keepdim=True)).detach()
     expected = by_max(F.interpolate(expected, size=(6, 6, 6), mode="trilinear", align_corners=False))
     assert float(expected.max()) > 0
-    mine = GradCAMPlusPlus(model).explain(x, target)
+    mine = GradCAMPlusPlus(model, layer=layer_name).explain(x, target)
     assert torch.allclose(mine, expected, atol=1e-10)
 
 
-@pytest.mark.parametrize("method", [CAM, GradCAM, GradCAMPlusPlus])
+@pytest.mark.parametrize("method", [CAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM])
 @pytest.mark.parametrize("kind", ["vgg_gap_3d", "vgg_gap_2d"])
 def test_batch_with_mixed_targets_equals_samples_one_at_a_time(method, kind: str) -> None:
     model, x = model_and_inputs(kind)
@@ -190,10 +206,30 @@ def test_cam_equals_grad_cam_at_the_gap_layer_up_to_scale() -> None:
         voxels = model.features(x).shape[2:].numel()
     targets = [0, 1, 0, 1]
     cam = CAM(model, normalise=False).explain(x, targets)
-    grad_cam = GradCAM(model, normalise=False).explain(x, targets)
+    grad_cam = GradCAM(model, layer="features.2.1.0", normalise=False).explain(x, targets)
     assert float(cam.amin(dim=(1, 2, 3, 4)).min()) >= 0 and float(cam.flatten(1).amax(1).min()) > 0
     assert torch.allclose(grad_cam * voxels, cam, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(CAM(model).explain(x, targets), GradCAM(model).explain(x, targets), atol=1e-5)
+    assert torch.allclose(CAM(model).explain(x, targets),
+                          GradCAM(model, layer="features.2.1.0").explain(x, targets), atol=1e-5)
+
+
+def test_grad_cam_at_the_activated_gap_input_of_the_unmodified_vgg_gap_is_cam_over_z() -> None:
+    """The unmodified VGGGAP: its last ReLU's output A feeds GAP and the linear layer directly,
+    so dy^c/dA_ij^k = W[c, k] / Z at *every* position (the ReLU lies before A, not after it) and
+    Grad-CAM = ReLU(sum_k W[c, k] / Z A^k) = CAM / Z exactly, the same factor for every sample.
+    That layer is also the default one on this grid."""
+    model, x = model_and_inputs("vgg_gap_3d")
+    targets = [0, 1, 0, 1]
+    grad_cam = GradCAM(model, normalise=False)
+    assert default_layer(grad_cam, x) == GAP_INPUT
+    with torch.no_grad():
+        voxels = model.features(x).shape[2:].numel()
+    cam = CAM(model, normalise=False).explain(x, targets)
+    assert float(cam.flatten(1).amax(1).min()) > 0
+    assert torch.allclose(grad_cam.explain(x, targets) * voxels, cam, rtol=1e-4, atol=1e-6)
+    # at the last conv, before batch-norm and ReLU, the identity does not hold
+    at_conv = GradCAM(model, layer="features.2.1.0", normalise=False).explain(x, targets)
+    assert not torch.allclose(at_conv * voxels, cam, rtol=1e-2, atol=1e-3)
 
 
 def test_cam_refuses_a_network_without_global_average_pooling() -> None:
@@ -202,10 +238,42 @@ def test_cam_refuses_a_network_without_global_average_pooling() -> None:
         CAM(model)
 
 
-def test_unknown_layer_lists_the_valid_layers() -> None:
+@pytest.mark.parametrize("method", [GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM])
+def test_unknown_layer_lists_the_valid_layers(method) -> None:
     model, _ = model_and_inputs("vgg_gap_3d")
-    with pytest.raises(ValueError, match=r"valid layers: features\.0\.0\.0, features\.0\.1\.0"):
-        GradCAM(model, layer="classifier.1")
+    listed = (r"valid layers: features\.0\.0\.0, features\.0\.1\.0, .*\(convolutions\); "
+              r"features\.0\.0\.2, .*\(activations\)")
+    with pytest.raises(ValueError, match=listed):
+        method(model, layer="features.9")
+
+
+def test_a_layer_that_is_not_a_feature_map_is_refused_with_the_candidates() -> None:
+    model, x = model_and_inputs("vgg_gap_3d")
+    explainer = GradCAM(model, layer="classifier.1")
+    with pytest.raises(ValueError, match=r"outputs shape \(1, 2\), not a feature map.*"
+                                         r"candidates: features\.0\.0\.2, features\.0\.1\.2"):
+        explainer.explain(x, 0)
+    assert all(not module._forward_hooks for module in model.modules())
+
+
+def test_the_layer_read_is_recorded_and_can_be_resolved_before_explaining() -> None:
+    model, x = model_and_inputs("cnn_3d")
+    explainer = GradCAM(model)
+    assert explainer.layer_name is None
+    choice = explainer.resolve_layer(x.shape[2:], x.shape[1])
+    assert (choice.name, choice.shape, choice.coarse) == ("features.2.0.2", (4, 5, 4), False)
+    assert (explainer.layer_name, explainer.layer_shape, explainer.layer_coarse) == \
+        ("features.2.0.2", (4, 5, 4), False)
+    finer = GradCAM(model, min_layer_size=5)
+    finer.explain(x, 0)
+    assert (finer.layer_name, finer.layer_shape, finer.layer_coarse) == \
+        ("features.1.0.2", (8, 10, 8), False)
+    given = GradCAM(model, layer="features.2.0.0")
+    given.explain(x, 0)
+    assert (given.layer_name, given.layer_shape, given.layer_coarse) == \
+        ("features.2.0.0", (4, 5, 4), False)
+    with pytest.raises(ValueError, match="at least 1 voxel"):
+        GradCAM(model, min_layer_size=0)
 
 
 @pytest.mark.parametrize("kind", ["cnn_3d", "vgg_gap_2d"])
@@ -248,7 +316,7 @@ def test_grad_cam_pp_is_unchanged_by_a_logit_offset() -> None:
     assert torch.allclose(shifted, reference, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", [CAM, GradCAM, GradCAMPlusPlus])
+@pytest.mark.parametrize("method", [CAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM])
 def test_no_hooks_left_no_parameter_gradients_and_requires_grad_untouched(method) -> None:
     model, x = model_and_inputs("vgg_gap_3d")
     model.features[0].requires_grad_(False)  # a partly frozen model must stay partly frozen
@@ -271,10 +339,89 @@ def test_grad_cam_works_on_a_fully_frozen_model() -> None:
     assert torch.equal(GradCAM(model).explain(x, 1), reference)
 
 
+def test_hires_cam_and_layer_cam_are_registered_as_unsigned_methods() -> None:
+    model, _ = model_and_inputs("cnn_3d")
+    for name, method in (("hires_cam", HiResCAM), ("layer_cam", LayerCAM)):
+        built = build_explainer(name, model, layer="features.1.0.2", min_layer_size=2)
+        assert type(built) is method and METHODS[name] is method and not method.signed
+        assert (built.layer, built.min_layer_size) == ("features.1.0.2", 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hires_cam_agrees_with_captum_gradient_times_activation_summed_over_channels(kind: str):
+    model, x = model_and_inputs(kind)
+    ours = HiResCAM(model, normalise=False)
+    layer = default_layer(ours, x)
+    targets = nonzero_targets(ours, x)
+    captum_model = copy.deepcopy(model)
+    captum = LayerGradientXActivation(captum_model, captum_model.get_submodule(layer))
+    theirs = F.relu(captum.attribute(x, target=targets).detach().sum(1, keepdim=True))
+    theirs = by_max(LayerAttribution.interpolate(theirs, x.shape[2:], MODES[x.ndim - 2]))
+    assert torch.allclose(by_max(ours.explain(x, targets)), theirs, atol=1e-4)
+
+
+def test_hires_cam_equals_grad_cam_where_the_layer_feeds_global_average_pooling() -> None:
+    """At VGGGAP's GAP input dy^c/dA^k = W[c, k] / Z everywhere, so weighting each position by its
+    gradient or by the channel's mean gradient is the same; one block earlier it is not."""
+    model, x = model_and_inputs("vgg_gap_3d")
+    targets = [0, 1, 0, 1]
+    hires = HiResCAM(model, layer=GAP_INPUT).explain(x, targets)
+    assert float(hires.flatten(1).amax(1).min()) > 0
+    assert torch.allclose(hires, GradCAM(model, layer=GAP_INPUT).explain(x, targets), atol=1e-5)
+    earlier = "features.1.1.2"
+    assert not torch.allclose(HiResCAM(model, layer=earlier).explain(x, targets),
+                              GradCAM(model, layer=earlier).explain(x, targets), atol=1e-2)
+
+
+def linear_head_network(spatial_dims: int,
+                        positive_head: bool = False) -> tuple[nn.Module, torch.Tensor]:
+    """conv 3 -> ReLU -> flatten -> linear, in float64, with three 4^d inputs. At the ReLU's output
+    A, ``y = W flatten(A) + b``, so dy^c/dA = W[c] reshaped to (K, *spatial), whatever A; with
+    ``positive_head`` every such gradient is non-negative."""
+    torch.manual_seed(2)
+    conv = {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims](1, 3, 3, padding=1)
+    head = nn.Linear(3 * 4 ** spatial_dims, 2)
+    if positive_head:
+        head.weight.data.abs_()
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), head).double().eval()
+    return model, torch.rand(3, 1, *(4,) * spatial_dims, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_hires_cam_and_layer_cam_by_hand_on_a_conv_relu_linear_network(spatial_dims: int) -> None:
+    """HiResCAM = ReLU(sum_k g^k A^k) and LayerCAM = ReLU(sum_k ReLU(g^k) A^k) with A and g written
+    out from the parameters (no hooks, no autograd); the layer is the default one, the ReLU, on
+    the input grid, so no upsampling is involved."""
+    model, x = linear_head_network(spatial_dims)
+    conv, head = model[0], model[3]
+    convolve = {2: F.conv2d, 3: F.conv3d}[spatial_dims]
+    activations = F.relu(convolve(x, conv.weight, conv.bias, padding=1))
+    targets = [0, 1, 1]
+    gradients = head.weight[targets].view(len(targets), 3, *x.shape[2:])
+    hires = F.relu((gradients * activations).sum(1, keepdim=True)).detach()
+    layer_cam = F.relu((F.relu(gradients) * activations).sum(1, keepdim=True)).detach()
+    assert float(hires.flatten(1).amax(1).min()) > 0 and not torch.allclose(hires, layer_cam)
+    for method, expected in ((HiResCAM, hires), (LayerCAM, layer_cam)):
+        explainer = method(model, normalise=False)
+        assert torch.allclose(explainer.explain(x, targets), expected, rtol=0, atol=1e-12)
+        assert explainer.layer_name == "1"
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_layer_cam_equals_hires_cam_when_no_gradient_at_the_layer_is_negative(spatial_dims: int):
+    targets = [0, 1, 1]
+    positive, x = linear_head_network(spatial_dims, positive_head=True)
+    assert torch.equal(LayerCAM(positive).explain(x, targets),
+                       HiResCAM(positive).explain(x, targets))
+    mixed, _ = linear_head_network(spatial_dims)
+    assert not torch.allclose(LayerCAM(mixed).explain(x, targets),
+                              HiResCAM(mixed).explain(x, targets), atol=1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_maps_equal_cpu_maps() -> None:
     model, x = model_and_inputs("vgg_gap_3d")
-    for method in (CAM, GradCAM, GradCAMPlusPlus):
+    for method in (CAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM):
         cpu = method(model).explain(x, [0, 1, 1, 0])
         gpu = method(copy.deepcopy(model).cuda()).explain(x, [0, 1, 1, 0])
         assert gpu.device.type == "cuda"

@@ -210,3 +210,26 @@ def test_cross_validation_reports_each_fold_and_their_mean(tmp_path: Path):
     assert mean["ci_high"] - mean["ci_low"] < (per_fold.ci_high - per_fold.ci_low).mean()
     with pytest.raises(ValueError, match="predictions-test.tsv"):
         cross_validation_metrics(tmp_path, subset="test")
+
+
+def test_chance_p_value_is_the_exact_permutation_tail_of_the_balanced_accuracy():
+    """Reference: every one of the C(8, 3) = 56 ways to place the 3 positives among 8 sessions
+    (each equally likely under H0), scored with scikit-learn's balanced accuracy."""
+    import itertools
+
+    from voxplain.evaluate.classification import chance_p_value
+
+    y_true = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    y_pred = np.array([1, 1, 0, 1, 0, 0, 0, 0])
+    observed = sk.balanced_accuracy_score(y_true, y_pred)
+    null = []
+    for positives in itertools.combinations(range(8), 3):
+        labels = np.zeros(8, dtype=int)
+        labels[list(positives)] = 1
+        null.append(sk.balanced_accuracy_score(labels, y_pred))
+    expected = np.mean(np.array(null) >= observed - 1e-12)
+    assert chance_p_value(y_true, y_pred, n_resamples=100_000) == pytest.approx(expected)
+    # perfect predictions of 16 sessions: p is the Monte Carlo floor 1 / (n + 1), far below 0.05
+    perfect = np.repeat([0, 1], 8)
+    assert chance_p_value(perfect, perfect, n_resamples=999) == pytest.approx(1e-3)
+    assert chance_p_value(perfect, np.ones(16, dtype=int)) == 1.0  # one class predicted

@@ -181,6 +181,25 @@ def test_a_layer_keys_the_folder_so_two_layers_do_not_overwrite_each_other(train
         assert len(list(folder.glob("sub-*.nii.gz"))) == 6
 
 
+def test_the_layer_read_its_grid_and_coarseness_are_recorded_with_the_maps(trained_run, caplog):
+    """The tiny CNN on 20x24x20: block outputs 20x24x20, 10x12x10, 5x6x5. The default rule
+    reads the deepest activation keeping 4 voxels per axis; 6 moves it up one block; a layer
+    given explicitly below the minimum is recorded as coarse, with a warning."""
+    index = explain_run(step(trained_run, "grad_cam"))
+    assert set(zip(index.layer, index.layer_shape, index.layer_coarse)) == {
+        ("features.2.0.2", "5x6x5", False)}
+    written = pd.read_csv(trained_run / "explanations/grad_cam/fold-0/run-0/index.tsv", sep="\t")
+    assert set(written.layer_shape) == {"5x6x5"}
+    finer = explain_run(step(trained_run, "grad_cam", min_layer_size=6))
+    assert set(zip(finer.layer, finer.layer_shape)) == {("features.1.0.2", "10x12x10")}
+    assert (trained_run / "explanations/grad_cam_min_layer_size-6/fold-0/run-0").is_dir()
+    coarse = explain_run(step(trained_run, "hires_cam", layer="features.2.0.0", min_layer_size=6))
+    assert coarse.layer_coarse.all() and set(coarse.layer_shape) == {"5x6x5"}
+    assert "coarser than 6 along an axis" in caplog.text
+    saliency = explain_run(step(trained_run, "saliency"))  # reads no layer
+    assert (saliency.layer.fillna("") == "").all() and not saliency.layer_coarse.any()
+
+
 def test_unknown_method_lists_the_available_ones(trained_run):
     with pytest.raises(ValueError, match=r"unknown explanation method 'nope'; available: .*"
                                          r"grad_cam.*test_signed_probe"):

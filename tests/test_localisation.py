@@ -180,3 +180,16 @@ def test_patient_class_is_the_non_control_class_or_the_named_one():
     with pytest.raises(ValueError, match="cannot tell the patient class"):
         patient_class(["CN", "AD", "MCI"])
     assert patient_class(["CN", "AD", "MCI"], "MCI") == "MCI"
+
+
+def test_the_true_region_is_where_the_truth_reaches_half_its_maximum():
+    from voxplain.evaluate.localisation import true_region
+
+    truth = np.array([0.0, 1e-4, 0.1, 0.49, 0.5, 1.0])
+    assert true_region(truth).tolist() == [False] * 4 + [True] * 2
+    # a session's own atrophy peaks at its severity: the same region at any scale
+    assert true_region(0.3 * truth).tolist() == true_region(truth).tolist()
+    assert true_region(truth, fraction=0).tolist() == [False] + [True] * 5  # every touched voxel
+    assert not true_region(np.zeros(4)).any()  # a control: no true region
+    mask = np.array([0, 1, 1, 0])  # a binary lesion mask is its own true region
+    assert true_region(mask).tolist() == [False, True, True, False]

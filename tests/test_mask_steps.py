@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from conftest import write_cohort
-from voxplain.config import (GroupMaskStepConfig, MaskGridConfig, SessionMaskStepConfig,
-                             TrainConfig)
+from voxplain.config import (GroupMaskConfig, GroupMaskStepConfig, MaskGridConfig,
+                             SessionMaskStepConfig, TrainConfig)
 from voxplain.explain.mask_steps import grid_settings, group_masks, mask_grid, session_masks
 from voxplain.train.trainer import train_cohort
 
@@ -116,3 +116,58 @@ def test_group_masks_find_the_atrophied_regions_of_a_synthetic_cohort(tmp_path):
         assert row.probability_after < 0.1, row
         hits = set(row.top_regions) & set(DEFAULT_ATROPHY_REGIONS)
         assert len(hits) >= 2, row.top_regions
+
+
+def _summary(run, level, fold, fraction, before=0.9, after=0.01):
+    folder = run / "masks" / level / f"fold-{fold}" / "run-0"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "fold": fold, "run": 0, "diagnosis": "AD", "masked_fraction": fraction,
+        "probability_before": before, "probability_after": after, "top_regions": []}))
+    return folder / "summary.json"
+
+
+def test_a_dense_mask_and_one_that_does_not_hide_the_class_are_flagged_in_their_summary(
+        tmp_path):
+    """Fractions 0.010, 0.012, 0.009, 0.015 and 0.20 (median 0.012, robust z in the hundreds,
+    0.19 above it): fold 4 is flagged as far denser than the others; fold 1's probability
+    0.9 -> 0.6 is not halved."""
+    from voxplain.explain.mask_steps import flag_group_masks
+    from voxplain.run import RunFolder
+
+    run = tmp_path / "run"
+    for fold, fraction in enumerate([0.010, 0.012, 0.009, 0.015, 0.20]):
+        _summary(run, "group", fold, fraction, after=0.6 if fold == 1 else 0.01)
+    flags = flag_group_masks(RunFolder(run), GroupMaskConfig()).set_index("fold")
+    assert flags.flagged.tolist() == [False, True, False, False, True]
+    assert "not halved" in flags.flag_reasons[1][0]
+    assert "masks 0.20 of the image" in flags.flag_reasons[4][0]
+    written = json.loads((run / "masks/group/fold-4/run-0/summary.json").read_text())
+    assert written["flagged"] and written["flag_reasons"] == flags.flag_reasons[4]
+    assert json.loads((run / "masks/group/fold-0/run-0/summary.json").read_text())["flagged"] \
+        is False
+    # a spread of ordinary masks (all within 0.05 of the median) flags none
+    for fold, fraction in enumerate([0.010, 0.012, 0.009, 0.015, 0.04]):
+        _summary(run, "group", fold, fraction)
+    assert not flag_group_masks(RunFolder(run), GroupMaskConfig()).flagged.any()
+    # when most masks are dense the relative rule cannot see them; the absolute one does
+    for fold, fraction in enumerate([0.50, 0.51, 0.49, 0.015, 0.01]):
+        _summary(run, "group", fold, fraction)
+    flags = flag_group_masks(RunFolder(run), GroupMaskConfig()).set_index("fold")
+    assert flags.flagged.tolist() == [True, True, True, False, False]
+    assert "hides 0.50 of the image (more than 0.25)" in flags.flag_reasons[0][0]
+
+
+def test_flagged_group_masks_are_left_out_of_robustness_unless_asked(tmp_path, caplog):
+    from voxplain.evaluate.maps import group_maps
+    from voxplain.explain.mask_steps import flag_group_masks
+    from voxplain.run import RunFolder
+
+    run = tmp_path / "run"
+    for fold, fraction in enumerate([0.010, 0.012, 0.009, 0.015, 0.50]):
+        path = _summary(run, "group", fold, fraction)
+        (path.parent / "mask.nii.gz").write_bytes(b"")  # listed, not read
+    flag_group_masks(RunFolder(run), GroupMaskConfig())
+    assert group_maps(RunFolder(run), "mask", include_flagged=False).fold.tolist() == [0, 1, 2, 3]
+    assert "1 flagged mask(s) left out" in caplog.text
+    assert len(group_maps(RunFolder(run), "mask", include_flagged=True)) == 5

@@ -23,8 +23,9 @@ from voxplain.report.html import remote_references
 from voxplain.report.sections import confidence_interval_block, matrix_of
 from voxplain.train.trainer import train_cohort
 
-SECTIONS = ("cohort", "configuration", "classification", "masks", "explanations", "robustness",
-            "statistics", "localisation", "viewer")
+#: In page order: findings and results first, how the run was made last (issue 15).
+SECTIONS = ("findings", "classification", "localisation", "explanations", "masks", "robustness",
+            "statistics", "viewer", "cohort", "configuration")
 
 needs_chromium = pytest.mark.skipif(
     find_chromium() is None, reason="chromium/chromedriver not installed (the Makefile's test "
@@ -122,6 +123,7 @@ def full_report(full_run):
 def test_report_renders_every_section_the_run_folder_holds(full_run, full_report):
     page = full_report.read_text()
     assert present(page) == dict.fromkeys(SECTIONS, True)
+    assert list(present(page)) == list(SECTIONS)
     figures = full_run / "report" / "figures"
     vector = ("training_curves", "group_mask_losses", "robustness_saliency-session_pairs",
               "stats_saliency_percentiles", "cyce_losses")

@@ -384,3 +384,30 @@ def test_brain_mask_fills_the_white_matter_enclosed_by_grey_matter():
     assert np.all(mask[template > 0.1])
     assert 1.0e6 < mask.sum() * np.prod(grid.voxel_size) < 2.0e6  # brain volume, mm^3
 
+
+
+def test_ageing_lowers_grey_matter_by_the_stated_rate_in_the_regions_and_half_elsewhere(
+        tmp_path):
+    """With noise 0, an aged image divided by the same subject without ageing is
+    ``1 - a (t - 60) / 10 (1 + A) / 2``: ``1 - loss`` where the warped pattern A is 1, ``1 -
+    loss / 2`` far from the regions, never outside that range; CN and AD alike; the atrophy
+    maps (the ground truth) do not change."""
+    rate = 0.05
+    outs = {}
+    for ageing in (0.0, rate):
+        config = small_config(tmp_path / f"ageing-{ageing}", subjects=4, sessions=1,
+                              qc_failures=0, downsample=5, noise=0.0, ageing=ageing)
+        outs[ageing] = generate_atrophy_cohort(config).parent
+    table = read_tsv(outs[rate] / "cohort.tsv")
+    assert set(table.diagnosis) == {"AD", "CN"}
+    for row in table.itertuples():
+        young, aged = (load(outs[a] / row.path) for a in (0.0, rate))
+        loss = rate * (row.age - 60) / 10
+        tissue = (young > 0.05) & (young < 0.9)  # away from the clipping at 0 and 1
+        ratio = aged[tissue] / young[tissue]
+        assert ratio.min() >= 1 - loss - 1e-5 and ratio.max() <= 1 - loss / 2 + 1e-5
+        assert ratio.min() == pytest.approx(1 - loss, abs=0.05 * loss)  # warped A peaks < 1
+        assert np.median(ratio) == pytest.approx(1 - loss / 2, abs=0.05 * loss)
+        name = os.path.basename(row.path)
+        np.testing.assert_array_equal(load(outs[rate] / "atrophy" / name),
+                                      load(outs[0.0] / "atrophy" / name))

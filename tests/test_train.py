@@ -84,6 +84,22 @@ def test_early_stopping_counts_epochs_above_the_lowest_validation_loss():
     assert state.lowest_loss == 0.7
 
 
+def test_patience_counts_only_epochs_that_end_after_the_minimum_steps():
+    state = TrainingState()
+
+    class Model:
+        def state_dict(self):
+            return {}
+
+    above = []
+    for loss, counts in [(0.69, False), (0.70, False), (0.72, False), (0.71, True), (0.73, True),
+                         (0.5, True), (0.6, True)]:
+        _update_state(state, Model(), {}, loss, balanced_accuracy=0.5, counts=counts)
+        above.append(state.epochs_above_lowest)
+    # the wobble above 0.69 before min_steps does not count; after it, paper 1's rule applies
+    assert above == [0, 0, 0, 1, 2, 0, 1]
+
+
 def test_best_model_is_chosen_by_balanced_accuracy_then_loss():
     state = TrainingState()
 
@@ -216,3 +232,69 @@ def test_predict_writes_probabilities_of_every_model(cohort_tsv, tmp_path):
     assert set(predictions.fold) == {0, 1}
     assert (tmp_path / "run" / "predictions" / "cohort.tsv").is_file()
     np.testing.assert_allclose(predictions.proba_CN + predictions.proba_AD, 1, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reproduction(tmp_path_factory):
+    """The issue's reproduction: 60 subjects, one session each, 3 folds, the defaults."""
+    from voxplain.config import AtrophyCohortConfig
+    from voxplain.data.synthetic import generate_atrophy_cohort
+
+    folder = tmp_path_factory.mktemp("reproduction")
+    return generate_atrophy_cohort(AtrophyCohortConfig(out=folder / "cohort", subjects=60,
+                                                       sessions=1, downsample=4, seed=3))
+
+
+@pytest.fixture(scope="module")
+def stopped_early(reproduction, tmp_path_factory):
+    """The reproduction trained with paper 1's patience alone (no minimum number of steps)."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    return run, train_cohort(TrainConfig(cohort=reproduction, out=run, folds=3, min_steps=0,
+                                         device="cpu"))
+
+
+def _validation_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    return summary[summary.subset == "validation"].sort_values("fold")
+
+
+@pytest.mark.slow
+def test_training_learns_before_early_stopping_may_end_a_fold(reproduction, stopped_early,
+                                                             tmp_path):
+    """Without the minimum number of steps (paper 1's patience alone) every fold stops at
+    chance on this cohort; with the default, every fold learns."""
+    stopped = _validation_rows(stopped_early[1])
+    assert stopped.at_chance.all() and (stopped.balanced_accuracy == 0.5).all()
+    assert (stopped.epochs < 30).all()
+    learned = _validation_rows(train_cohort(TrainConfig(cohort=reproduction,
+                                                        out=tmp_path / "default", folds=3,
+                                                        device="cpu")))
+    assert not learned.at_chance.any() and (learned.balanced_accuracy >= 0.9).all()
+    assert (learned.chance_p < 0.05).all() and (learned.steps >= 100).all()
+
+
+@pytest.mark.slow
+def test_later_steps_skip_a_fold_that_cannot_serve_them_and_fail_only_if_none_can(
+        stopped_early, caplog):
+    """Folds at chance that predict CN for everyone have no correctly classified AD patient:
+    `mask group` names them in a warning and masks the fold that predicts AD for everyone;
+    asked for those folds only, it fails with every reason."""
+    from voxplain.config import GroupMaskStepConfig
+    from voxplain.explain.mask_steps import group_masks
+    from voxplain.run import RunFolderError
+
+    run = stopped_early[0]
+    predicted = {fold: set(pd.read_csv(run / f"models/fold-{fold}/run-0/predictions-validation.tsv",
+                                       sep="\t").predicted) for fold in range(3)}
+    serving = [fold for fold, classes in predicted.items() if classes == {"AD"}]
+    idle = [fold for fold, classes in predicted.items() if classes == {"CN"}]
+    assert serving and idle
+    summary = group_masks(GroupMaskStepConfig(run=run, device="cpu",
+                                              mask={"max_epochs": 2}))
+    assert sorted(summary.fold) == serving
+    for fold in idle:
+        assert f"fold {fold} run 0 skipped: no correctly classified AD training session" in \
+            caplog.text
+    with pytest.raises(RunFolderError, match="no fold could be processed.*no correctly "
+                                             "classified AD"):
+        group_masks(GroupMaskStepConfig(run=run, folds=idle, device="cpu",
+                                        mask={"max_epochs": 2}))

@@ -27,6 +27,10 @@ DEFAULT_ATROPHY_REGIONS: tuple[str, ...] = (
 )
 
 
+#: Fewest voxels along every spatial axis of the default layer of a class activation map (see
+#: :func:`voxplain.explain.layers.choose_cam_layer`).
+DEFAULT_MIN_LAYER_SIZE = 4
+
 #: Data augmentations of training (see :mod:`voxplain.train.augment`).
 Augmentation = Literal["none", "flip", "dihedral"]
 
@@ -62,6 +66,11 @@ class AtrophyCohortConfig(Section):
     heterogeneity: float = Field(
         0.0, ge=0, le=1, description="Spread of the atrophy between patients: each AD subject "
         "weighs each region by its own draw from U(1 - h, 1) (0: one pattern for all)."
+    )
+    ageing: float = Field(
+        0.0, ge=0, lt=0.3, description="Normal ageing, in CN and AD alike: fraction of GM lost "
+        "per decade of age above 60 in the atrophy regions (half of it elsewhere), so that old "
+        "controls overlap mildly atrophied patients (0: no ageing)."
     )
     noise: float = Field(0.03, ge=0, description="Standard deviation of the voxel noise.")
     deformation_mm: float = Field(
@@ -145,6 +154,15 @@ class TrainConfig(Section):
     seed: int = Field(0, description="Seed of run 0 (run r uses seed + r).")
     epochs: int = Field(30, ge=1, description="Maximum number of epochs.")
     patience: int = Field(5, ge=1, description="Early stopping patience on the validation loss.")
+    min_steps: int = Field(
+        100, ge=0, description="Optimisation steps before early stopping may end a fold: the "
+        "patience counts only epochs that end after them (a model still at chance is not "
+        "stopped by its first noisy epochs)."
+    )
+    chance_alpha: float = Field(
+        0.05, gt=0, lt=1, description="A fold whose validation balanced accuracy has a "
+        "permutation p-value above this is flagged as at chance."
+    )
     batch_size: int = Field(8, ge=1, description="Images per optimisation step.")
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay.")
@@ -216,8 +234,10 @@ class SessionMaskConfig(MaskConfig):
     """One mask per image (paper 1, 2.3.4): stronger regularisation, no validation set."""
 
     regularisation_factor: float = Field(100.0, gt=0, description="l1 and l2 are multiplied by it.")
-    tolerance: float = Field(0.01, ge=0, description="Relative improvement that resets patience.")
-    patience: int = Field(200, ge=1, description="Iterations without improvement before stopping.")
+    tolerance: float = Field(0.01, ge=0, description="Relative distance above the lowest loss "
+                             "that counts towards patience (paper 1, 2.3.5).")
+    patience: int = Field(200, ge=1, description="Iterations in a row with the loss more than "
+                          "the tolerance above its lowest before stopping.")
     max_iterations: int = Field(5000, ge=1, description="Maximum number of iterations.")
     batch_size: int = Field(16, ge=1, description="Session masks optimised together.")
     qc_z: float = Field(
@@ -229,11 +249,30 @@ class SessionMaskConfig(MaskConfig):
 class GroupMaskConfig(MaskConfig):
     """One mask for the correctly classified patients of a fold (paper 1, 2.3.3)."""
 
-    tolerance: float = Field(0.05, ge=0, description="Relative improvement that resets patience.")
-    patience: int = Field(5, ge=1, description="Epochs without improvement before stopping.")
+    tolerance: float = Field(0.05, ge=0, description="Relative distance above the lowest "
+                             "validation loss that counts towards patience (paper 1, 2.3.5).")
+    patience: int = Field(5, ge=1, description="Epochs in a row with the validation loss more "
+                          "than the tolerance above its lowest before stopping.")
     max_epochs: int = Field(150, ge=1, description="Maximum number of epochs.")
     batch_size: int = Field(1, ge=1, description="Images per mask update (paper: 1).")
-    qc_z: float = Field(3.5, gt=0, description="Robust z-score above which an image is flagged.")
+    qc_z: float = Field(
+        3.5, gt=0, description="Quality check step 2: robust z-score of an image's mean loss "
+        "above which it is flagged (with qc_min_excess); a group mask whose masked fraction has "
+        "a robust z-score above it among the run's group masks is flagged too (with "
+        "outlier_fraction).")
+    qc_min_excess: float = Field(
+        0.1, ge=0, description="Quality check step 2: an image is flagged only if its loss "
+        "also exceeds the median loss of its epoch by this much (median over the epochs after "
+        "the first; loss units: about the masked class's probability).")
+    dense_fraction: float = Field(
+        0.25, gt=0, le=1, description="A group mask that hides more than this fraction of the "
+        "image is flagged: it is no localised explanation (e.g. the dense plateau Adam can "
+        "stop on).")
+    outlier_fraction: float = Field(
+        0.05, ge=0, le=1, description="A group mask is flagged when it masks at least this "
+        "fraction of the image more than the median group mask of the run (and its robust "
+        "z-score exceeds qc_z), or when it does not halve the validation probability of the "
+        "masked class.")
 
 
 class MaskStepConfig(Section):
@@ -384,7 +423,13 @@ class ExplainConfig(Section):
 
     method: str = Field(description="Explanation method, e.g. grad_cam, integrated_gradients.")
     layer: str | None = Field(
-        None, description="Layer the method reads (e.g. for grad_cam); default: the method's own."
+        None, description="Layer a class activation map reads (grad_cam, grad_cam_pp, hires_cam, "
+        "layer_cam): any module of the model that outputs a feature map; default: the deepest "
+        "activated feature map keeping --min-layer-size voxels along every axis."
+    )
+    min_layer_size: int = Field(
+        DEFAULT_MIN_LAYER_SIZE, ge=1, description="Fewest voxels along every axis of the default "
+        "layer of a class activation map (a coarser layer is recorded and flagged)."
     )
     target: Literal["true", "predicted"] | int | str = Field(
         "true", description="Class explained: the true diagnosis, the predicted class, or a class "
@@ -429,8 +474,9 @@ class ExplainStepConfig(Section):
 class LocalisationConfig(Section):
     """Scores of group maps against a ground-truth map (synthetic cohorts)."""
 
-    truth_threshold: float = Field(
-        0.0, ge=0, description="Ground-truth voxels above this value are the true region."
+    truth_fraction: float = Field(
+        0.5, ge=0, le=1, description="The true region: voxels where the ground truth reaches "
+        "at least this fraction of its maximum (0.5: half maximum; 0: every voxel it touches)."
     )
     tolerance: float = Field(
         0.0, ge=0, description="Pointing game: distance (voxels) allowed between the map's "
@@ -613,8 +659,10 @@ class RobustnessConfig(Section):
     batch_size: int = Field(16, ge=1, description="Images per forward pass for prob_CNN.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run prob_CNN.")
     include_flagged: bool = Field(
-        False, description="Keep session masks flagged as not converged (column 'flagged' of "
-        "masks/session/*/index.tsv); by default they are left out, with a message."
+        False, description="Keep flagged masks: session masks flagged as not converged (column "
+        "'flagged' of masks/session/*/index.tsv) and group masks flagged in their summary.json "
+        "(far denser than the run's others, or not halving the masked class's probability); "
+        "by default they are left out, with a message."
     )
 
 

@@ -26,16 +26,22 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import platform
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from voxplain.config import TrainConfig, config_values, read_toml, to_toml
 from voxplain.io import write_json, write_text
+
+log = logging.getLogger("voxplain")
+T = TypeVar("T")
+R = TypeVar("R")
 
 RECORDED_PACKAGES = ("voxplain", "torch", "numpy", "scipy", "pandas", "scikit-learn", "nibabel",
                      "nilearn", "captum", "torchmetrics", "safetensors", "pydantic")
@@ -46,6 +52,11 @@ RESUMABLE_FIELDS = frozenset({"device", "folds", "max_sessions", "run"})
 
 class RunFolderError(ValueError):
     """A run folder that does not match the step asked of it."""
+
+
+class FoldSkipped(RunFolderError):
+    """One fold/run cannot serve a step (no trained model, no correctly classified patient):
+    the step names it in a warning and goes on with the other folds."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,22 @@ class RunFolder:
                 found.append((fold, int(folder.name.removeprefix("run-")), folder))
         return sorted(found)
 
+    def selected_models(self, folds: list[int] | None) -> list[tuple[int, int, Path]]:
+        """``(fold, run, folder)`` of the trained models of ``folds`` (default: every fold of
+        ``splits/``). A selected fold/run without a finished model (its training failed or was
+        killed) is named in a warning and left out; none at all is an error."""
+        found = [(f, r, d) for f, r, d in self.model_dirs() if folds is None or f in folds]
+        known = sorted({int(p.name.removeprefix("fold-")) for p in self.root.glob("splits/fold-*")
+                        if p.name.removeprefix("fold-").isdigit()})
+        wanted = known if folds is None else list(folds)
+        missing = [fold for fold in wanted if fold not in {f for f, _, _ in found}]
+        if not found:
+            raise RunFolderError(f"{self.root}: no trained model for folds "
+                                 f"{wanted if folds is not None else 'any'}")
+        for fold in missing:
+            log.warning("fold %d: no trained model in %s: skipped", fold, self.root / "models")
+        return found
+
     def train_config(self) -> TrainConfig:
         """The ``[train]`` settings; an error when the folder holds no trained run."""
         section = self.read_config().get("train")
@@ -133,6 +160,23 @@ class RunFolder:
         record = json.loads(path.read_text()) if path.is_file() else {}
         record[section] = environment()
         write_json(path, record)
+
+
+def each_fold(units: Iterable[tuple[int, int, T]], work: Callable[[int, int, T], R],
+              step: str) -> list[R]:
+    """``work(fold, run, unit)`` for every unit; a unit that raises :class:`FoldSkipped` is named
+    in a warning and the others go on. Raises :class:`RunFolderError` when no unit could be
+    processed (the message gives every reason)."""
+    results, reasons = [], []
+    for fold, run, unit in units:
+        try:
+            results.append(work(fold, run, unit))
+        except FoldSkipped as reason:
+            log.warning("%s: fold %d run %d skipped: %s", step, fold, run, reason)
+            reasons.append(f"fold {fold} run {run}: {reason}")
+    if reasons and not results:
+        raise RunFolderError(f"{step}: no fold could be processed ({'; '.join(reasons)})")
+    return results
 
 
 def _with_defaults(schema: type[BaseModel], recorded: dict[str, Any],

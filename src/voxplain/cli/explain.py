@@ -30,6 +30,7 @@ def explain(
     cohort: Path = option(ExplainStepConfig, "cohort", "--cohort"),
     target: str = option(ExplainConfig, "target", "--target"),
     layer: str = option(ExplainConfig, "layer", "--layer"),
+    min_layer_size: int = option(ExplainConfig, "min_layer_size", "--min-layer-size"),
     batch_size: int = option(ExplainConfig, "batch_size", "--batch-size"),
     options: str = option(ExplainConfig, "options", "--options"),
     group: str = option(ExplainConfig, "group", "--group"),
@@ -64,7 +65,8 @@ def explain(
         ExplainStepConfig, "explain", config, run=absolute(run), cohort=absolute(cohort),
         folds=split_list(folds, int), device=device, evaluate_against=absolute(evaluate_against),
         session_truth=session_truth,
-        explain=given(method=name, target=target, layer=layer, batch_size=batch_size,
+        explain=given(method=name, target=target, layer=layer, min_layer_size=min_layer_size,
+                      batch_size=batch_size,
                       options=parse_options(options), group=group))
         for name in split_list(method) or [None]]
     for step in settings:

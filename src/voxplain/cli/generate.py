@@ -41,6 +41,9 @@ def generate_atrophy(
     regions: str = option(AtrophyCohortConfig, "regions", "--regions"),
     noise: float = option(AtrophyCohortConfig, "noise", "--noise"),
     heterogeneity: float = option(AtrophyCohortConfig, "heterogeneity", "--heterogeneity"),
+    severity: str = option(AtrophyCohortConfig, "severity", "--severity"),
+    progression: float = option(AtrophyCohortConfig, "progression", "--progression"),
+    ageing: float = option(AtrophyCohortConfig, "ageing", "--ageing"),
     qc_failures: int = option(AtrophyCohortConfig, "qc_failures", "--qc-failures"),
     seed: int = option(AtrophyCohortConfig, "seed", "--seed"),
     config: Path = CONFIG_OPTION,
@@ -52,7 +55,9 @@ def generate_atrophy(
     settings = build_config(AtrophyCohortConfig, "generate_atrophy", config, out=out,
                             subjects=subjects, sessions=sessions, downsample=downsample,
                             voxel_size=voxel_size, regions=split_list(regions), noise=noise,
-                            heterogeneity=heterogeneity, qc_failures=qc_failures, seed=seed)
+                            heterogeneity=heterogeneity, severity=split_list(severity, float),
+                            progression=progression, ageing=ageing, qc_failures=qc_failures,
+                            seed=seed)
     _generate(generate_atrophy_cohort, settings, "generating sessions")
 
 

@@ -34,6 +34,7 @@ def train(
     seed: int = option(TrainConfig, "seed", "--seed"),
     epochs: int = option(TrainConfig, "epochs", "--epochs"),
     patience: int = option(TrainConfig, "patience", "--patience"),
+    min_steps: int = option(TrainConfig, "min_steps", "--min-steps"),
     batch_size: int = option(TrainConfig, "batch_size", "--batch-size"),
     learning_rate: float = option(TrainConfig, "learning_rate", "--learning-rate"),
     weight_decay: float = option(TrainConfig, "weight_decay", "--weight-decay"),
@@ -57,7 +58,7 @@ def train(
         TrainConfig, "train", config, cohort=absolute(cohort), out=absolute(out),
         caps=absolute(caps), test=absolute(test), diagnosis_column=diagnosis_column,
         classes=split_list(classes), folds=folds, runs=runs, seed=seed, epochs=epochs,
-        patience=patience, batch_size=batch_size, learning_rate=learning_rate,
+        patience=patience, min_steps=min_steps, batch_size=batch_size, learning_rate=learning_rate,
         weight_decay=weight_decay, augmentation=augmentation,
         downsample=downsample, qc_threshold=qc_threshold, cache=cache, device=device, model=model_flags or None)
     with reported_errors(), progress_bar() as bar:
@@ -88,7 +89,8 @@ def predict(
 
 def _print_summary(summary: Any) -> None:
     print_table("Cross-validation (best model of each fold and run)", summary,
-                 ["fold", "run", "subset", "best_epoch", "balanced_accuracy", "auc", "loss"])
+                 ["fold", "run", "subset", "best_epoch", "epochs", "balanced_accuracy", "auc",
+                  "loss", "at_chance"])
     for subset, group in summary.groupby("subset"):
         console.print(f"mean {subset} balanced accuracy: {group.balanced_accuracy.mean():.3f} "
                       f"(per fold: {', '.join(f'{v:.2f}' for v in group.balanced_accuracy)})")

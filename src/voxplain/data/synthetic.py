@@ -17,7 +17,14 @@ point at the medial temporal lobe. This generator builds such a cohort with the 
   smoothed indicator of region r, scaled like A, so that the weights 1 give A) with
   ``w_r ~ U(1 - h, 1)`` drawn once per subject: patients differ in where they atrophy most, the
   sessions of one patient do not (paper 1, 3.2.2 compares exactly that). CN subjects have no
-  atrophy;
+  disease atrophy;
+- normal ageing (``ageing`` a > 0), in CN and AD alike: a session at age t multiplies GM by
+  ``1 - a (t - 60) / 10 (1 + A) / 2`` with A the subject's warped (unweighted) pattern: GM
+  falls by a per decade in the atrophy regions and by half of it elsewhere (medial temporal
+  structures shrink fastest in normal ageing). Ages are drawn alike in both groups, so ageing is
+  no class signal, but an old control's medial temporal lobe looks like a mildly atrophied
+  patient's and the classes overlap as in a real cohort. The ground truth is unchanged: the
+  disease atrophy, which is what separates the classes;
 - acquisition: Gaussian voxel noise (``noise`` SD) on the tissue, then clipping to [0, 1].
 
 Probability maps from SPM saturate at 1 where grey matter is certain, and paper 1 (section
@@ -39,7 +46,8 @@ Output folder::
     cohort.tsv                  participant_id, session_id, diagnosis, path, atrophy_path, age,
                                 sex, severity
     images/sub-XXX_ses-MYY.nii.gz     GM maps (float32, the cohort grid's affine)
-    atrophy/sub-XXX_ses-MYY.nii.gz    s_k * A warped to the subject (zeros for CN)
+    atrophy/sub-XXX_ses-MYY.nii.gz    s_k * A warped to the subject (zeros for CN; ageing
+                                      is not in it)
     ground_truth.nii.gz         A on the template (undeformed) grid, in [0, 1]
     generator.json              the configuration, regions, grid and generator constants
 """
@@ -312,26 +320,41 @@ def _generate_subject(config: AtrophyCohortConfig, sessions: Sequence[SessionPla
         return
     subject = missing[0].subject
     pattern = np.tensordot(region_weights(config, subject, len(patterns)), patterns, axes=1)
-    subject_gm, subject_pattern = _subject_anatomy(config, subject, anatomy, pattern, grid)
+    ageing_pattern = patterns.sum(0) if config.ageing else None
+    subject_gm, subject_pattern, subject_ageing = _subject_anatomy(
+        config, subject, anatomy, pattern, ageing_pattern, grid)
     for plan in missing:
         atrophy = (plan.severity * subject_pattern).astype(np.float32)
+        gm = subject_gm * (1 - atrophy)
+        if subject_ageing is not None:
+            gm *= 1 - ageing_loss(config.ageing, plan.age) * (1 + subject_ageing) / 2
         noise_rng = _rng(config.seed, plan.subject, _NOISE, plan.session)
-        image = _acquire(subject_gm * (1 - atrophy), subject_gm > 0, config.noise, noise_rng)
+        image = _acquire(gm, subject_gm > 0, config.noise, noise_rng)
         if plan.qc_failure:
             image *= QC_FAILURE_MAXIMUM / image.max()
         save_nifti(out / "atrophy" / plan.filename, atrophy, grid.affine)
         save_nifti(out / "images" / plan.filename, image, grid.affine)
 
 
+def ageing_loss(rate: float, age: float) -> float:
+    """Fraction of GM lost by normal ageing at ``age`` in the atrophy regions: ``rate`` per
+    decade above :data:`AGE_RANGE`'s lower end (60 years), 0 below it."""
+    return rate * max(age - AGE_RANGE[0], 0.0) / 10
+
+
 def _subject_anatomy(config: AtrophyCohortConfig, subject: int, anatomy: np.ndarray,
-                     pattern: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """The subject's noiseless GM (before atrophy) and its warped atrophy pattern."""
+                     pattern: np.ndarray, ageing_pattern: np.ndarray | None,
+                     grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The subject's noiseless GM (before atrophy), its warped atrophy pattern and its warped
+    ageing pattern (None without ageing)."""
     rng = _rng(config.seed, subject, _ANATOMY)
     displacement = smooth_displacement(rng, grid, config.deformation_mm)
     field = smooth_intensity_field(rng, grid)
     scale = np.clip(rng.normal(1.0, GM_SCALE_SD), 1 - GM_SCALE_LIMIT, 1 + GM_SCALE_LIMIT)
     gm = deform(anatomy, displacement) * field * np.float32(scale)
-    return gm, np.clip(deform(pattern, displacement), 0.0, 1.0)
+    ageing = (None if ageing_pattern is None
+              else np.clip(deform(ageing_pattern, displacement), 0.0, 1.0))
+    return gm, np.clip(deform(pattern, displacement), 0.0, 1.0), ageing
 
 
 def _acquire(gm: np.ndarray, tissue: np.ndarray, noise: float,

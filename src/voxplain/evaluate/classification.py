@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from voxplain.io import read_tsv
 
@@ -72,6 +73,38 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
     weights = np.ones((1, len(y_true)))
     values = _weighted_metrics(y_true, y_pred, y_score, k, weights)
     return {"n": float(len(y_true)), **{name: float(values[name][0]) for name in METRICS}}
+
+
+def chance_p_value(y_true: np.ndarray, y_pred: np.ndarray, n_resamples: int = 9999,
+                   seed: int = 0) -> float:
+    """One-sided permutation p-value of the balanced accuracy against chance.
+
+    H0: the predictions carry no information on the true classes. The true labels are permuted
+    against the fixed predictions (:func:`scipy.stats.permutation_test`, ``pairings``; exact when
+    ``n_resamples`` covers every permutation) and the p-value is the share of permutations whose
+    balanced accuracy is at least the observed one. A model whose validation balanced accuracy
+    has ``p > 0.05`` cannot be told from one that learned nothing.
+
+    Args:
+        y_true, y_pred: ``(N,)`` true and predicted class indices.
+        n_resamples: permutations drawn (seeded by ``seed``).
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    classes = np.unique(y_true)
+    if len(classes) < 2:
+        return float("nan")
+    hits = [y_pred == c for c in classes]
+    sizes = [(y_true == c).sum() for c in classes]
+
+    def balanced_accuracy(labels: np.ndarray, axis: int = -1) -> np.ndarray:
+        recalls = [((labels == c) & hit).sum(axis) / size
+                   for c, hit, size in zip(classes, hits, sizes)]
+        return np.mean(recalls, axis=0)
+
+    result = stats.permutation_test((y_true,), balanced_accuracy, permutation_type="pairings",
+                                    vectorized=True, n_resamples=n_resamples,
+                                    alternative="greater", rng=np.random.default_rng(seed))
+    return float(result.pvalue)
 
 
 def bootstrap_metrics(y_true: np.ndarray, y_pred: np.ndarray, y_score: np.ndarray | None = None,

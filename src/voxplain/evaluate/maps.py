@@ -32,7 +32,7 @@ log = logging.getLogger("voxplain")
 
 MASK = "mask"
 SESSION_COLUMNS = ["participant_id", "session_id", "diagnosis", "fold", "run", "path", "flagged"]
-GROUP_COLUMNS = ["fold", "run", "diagnosis", "path"]
+GROUP_COLUMNS = ["fold", "run", "diagnosis", "path", "flagged"]
 GRID_PARAMETERS = ("l1", "l2", "b1", "b2")
 _GRID_SETTING = re.compile(r"^l1-(?P<l1>[^_]+)_l2-(?P<l2>[^_]+)_b1-(?P<b1>[^_]+)_b2-(?P<b2>[^_]+)$")
 _FOLD_RUN = re.compile(r"^fold-(\d+)/run-(\d+)$")
@@ -105,29 +105,49 @@ def converged_session_maps(run: RunFolder, method: str, include_flagged: bool = 
     return table[~flagged].reset_index(drop=True)
 
 
-def group_maps(run: RunFolder, method: str) -> pd.DataFrame:
-    """Every group map of ``method``: ``fold, run, diagnosis, path`` (empty when none)."""
+def group_maps(run: RunFolder, method: str, include_flagged: bool = True) -> pd.DataFrame:
+    """Every group map of ``method``: ``fold, run, diagnosis, path, flagged`` (empty when none).
+
+    ``flagged``: a group mask whose ``summary.json`` flags it (see
+    :func:`voxplain.explain.mask_steps.flag_group_masks`); left out, with a message naming it,
+    unless ``include_flagged``. Explanation group maps are never flagged here."""
     rows = []
     if method == MASK:
         root = run.root / "masks" / "group"
         for path in sorted(root.glob("fold-*/run-*/mask.nii.gz")):
             fold, run_index = _fold_run(path.parent, root)
-            summary = path.parent / "summary.json"
-            diagnosis = (json.loads(summary.read_text()).get("diagnosis", "")
-                         if summary.is_file() else "")
-            rows.append((fold, run_index, diagnosis, str(path)))
+            summary = _summary(path.parent)
+            rows.append((fold, run_index, summary.get("diagnosis", ""), str(path),
+                         bool(summary.get("flagged", False))))
     else:
         root = method_root(run, method)
         paths = [*root.glob("fold-*/run-*/group_*.nii.gz"), *root.glob("fold-*/run-*/group_*.npy")]
         for path in sorted(paths):  # not the .png previews of 2D maps
             fold, run_index = _fold_run(path.parent, root)
             diagnosis = path.name.removeprefix("group_").split(".")[0]
-            rows.append((fold, run_index, diagnosis, str(path)))
-    return pd.DataFrame(rows, columns=GROUP_COLUMNS)
+            rows.append((fold, run_index, diagnosis, str(path), False))
+    return _without_flagged(pd.DataFrame(rows, columns=GROUP_COLUMNS), include_flagged,
+                            f"{method} group maps")
 
 
-def grid_masks(run: RunFolder) -> pd.DataFrame:
-    """Group masks of the hyperparameter grid: ``l1, l2, b1, b2, fold, run, path``."""
+def _summary(folder: Path) -> dict:
+    """A group mask's ``summary.json`` (empty when it has none)."""
+    path = folder / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _without_flagged(table: pd.DataFrame, include_flagged: bool, what: str) -> pd.DataFrame:
+    flagged = table.flagged.astype(bool)
+    if include_flagged or not flagged.any():
+        return table
+    log.warning("%s: %d flagged mask(s) left out (%s; keep them with --include-flagged)", what,
+                int(flagged.sum()), ", ".join(table.path[flagged]))
+    return table[~flagged].reset_index(drop=True)
+
+
+def grid_masks(run: RunFolder, include_flagged: bool = True) -> pd.DataFrame:
+    """Group masks of the hyperparameter grid: ``l1, l2, b1, b2, fold, run, path, flagged``
+    (flagged masks left out unless ``include_flagged``, as in :func:`group_maps`)."""
     root = run.root / "masks" / "grid"
     rows = []
     for path in sorted(root.glob("*/fold-*/run-*/mask.nii.gz")):
@@ -137,8 +157,11 @@ def grid_masks(run: RunFolder) -> pd.DataFrame:
             raise ValueError(f"{path}: grid setting {setting!r} is not l1-A_l2-B_b1-C_b2-D")
         fold, run_index = _fold_run(path.parent, root / setting)
         rows.append({**{k: float(v) for k, v in match.groupdict().items()}, "fold": fold,
-                     "run": run_index, "path": str(path)})
-    return pd.DataFrame(rows, columns=[*GRID_PARAMETERS, "fold", "run", "path"])
+                     "run": run_index, "path": str(path),
+                     "flagged": bool(_summary(path.parent).get("flagged", False))})
+    return _without_flagged(pd.DataFrame(rows, columns=[*GRID_PARAMETERS, "fold", "run", "path",
+                                                        "flagged"]),
+                            include_flagged, "grid masks")
 
 
 def read_map(path: str | Path) -> np.ndarray:

@@ -71,12 +71,12 @@ def evaluate_robustness(config: RobustnessConfig) -> pd.DataFrame:
                     run.root)
     rows: list[dict] = []
     for method in methods:
-        rows += group_experiments(run, method, out)
+        rows += group_experiments(run, method, out, config.include_flagged)
         rows += session_experiments(run, method, out, config.include_flagged)
         if config.other_run is not None:
             rows += dataset_experiment(run, RunFolder(config.other_run), method, out)
     if config.methods is None or MASK in config.methods:
-        rows += grid_experiments(run, out)
+        rows += grid_experiments(run, out, config.include_flagged)
         if config.prob_cnn:
             rows += prob_cnn_experiments(run, config, out)
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -111,9 +111,11 @@ def compare_maps(paths: Sequence[str], labels: Sequence[str], method: str) -> Ma
     return MapSet(list(labels), matrices)
 
 
-def group_experiments(run: RunFolder, method: str, out: Path) -> list[dict]:
-    """Inter-fold and inter-run similarity of group maps (paper 1, 3.3), per diagnosis."""
-    table = group_maps(run, method)
+def group_experiments(run: RunFolder, method: str, out: Path,
+                      include_flagged: bool = False) -> list[dict]:
+    """Inter-fold and inter-run similarity of group maps (paper 1, 3.3), per diagnosis; flagged
+    group masks are left out unless ``include_flagged``."""
+    table = group_maps(run, method, include_flagged)
     if table.empty:
         log.info("robustness %s: no group map: inter-fold and inter-run skipped", method)
         return []
@@ -220,9 +222,10 @@ def intra_inter_rows(pairs: pd.DataFrame, method: str, metric: str, n_maps: int,
     return rows
 
 
-def grid_experiments(run: RunFolder, out: Path) -> list[dict]:
-    """Tables 2-3 of paper 1: ROI similarity of masks across one hyperparameter's values."""
-    table = grid_masks(run)
+def grid_experiments(run: RunFolder, out: Path, include_flagged: bool = False) -> list[dict]:
+    """Tables 2-3 of paper 1: ROI similarity of masks across one hyperparameter's values
+    (flagged masks left out unless ``include_flagged``)."""
+    table = grid_masks(run, include_flagged)
     if table.empty:
         log.info("robustness mask: no mask grid (masks/grid): hyperparameter tables skipped")
         return []
@@ -296,7 +299,7 @@ def prob_cnn_experiments(run: RunFolder, config: RobustnessConfig, out: Path) ->
     session: session i's image, model of the fold). A pair's value is the mean of its two cross
     entries, as :func:`~voxplain.evaluate.similarity.symmetric_prob_cnn`.
     """
-    groups = group_maps(run, MASK)
+    groups = group_maps(run, MASK, config.include_flagged)
     sessions = converged_session_maps(run, MASK, config.include_flagged)
     if groups.empty and sessions.empty:
         log.info("robustness mask: no mask: prob_CNN skipped")

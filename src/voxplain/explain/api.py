@@ -19,8 +19,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 class Explainer(ABC):
     """Base class of explanation methods.
@@ -69,26 +67,6 @@ def as_targets(target: torch.Tensor | Sequence[int] | int, n: int,
     if targets.shape != (n,):
         raise ValueError(f"expected one target per sample ({n}), got shape {tuple(targets.shape)}")
     return targets
-
-
-def named_layer(model: nn.Module, name: str, kinds: tuple[type[nn.Module], ...] = CONV_TYPES) -> nn.Module:
-    """The submodule called ``name`` (as in ``model.named_modules()``), which must be one of
-    ``kinds``; the error lists the valid names."""
-    modules = dict(model.named_modules())
-    valid = [key for key, module in modules.items() if isinstance(module, kinds)]
-    if name not in modules or not isinstance(modules[name], kinds):
-        kind_names = "/".join(kind.__name__ for kind in kinds)
-        raise ValueError(f"layer {name!r} is not a {kind_names} layer of {type(model).__name__}; "
-                         f"valid layers: {', '.join(valid) or 'none'}")
-    return modules[name]
-
-
-def last_conv_name(model: nn.Module) -> str:
-    """The name of the model's last convolution (the default Grad-CAM layer)."""
-    names = [key for key, module in model.named_modules() if isinstance(module, CONV_TYPES)]
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no convolutional layer")
-    return names[-1]
 
 
 METHODS: dict[str, type[Explainer]] = {}

@@ -1,7 +1,9 @@
-"""Class activation maps of paper 2, section 2.3: CAM, Grad-CAM and Grad-CAM++ (our own code).
+"""Class activation maps: CAM, Grad-CAM and Grad-CAM++ of paper 2, section 2.3, and the
+element-wise HiResCAM and LayerCAM (our own code).
 
-All three weight the feature maps ``A^k`` of one layer and keep the positive part,
-``L^c = ReLU(sum_k w_k^c A^k)``; they differ in the weights ``w_k^c``:
+All weight the feature maps ``A^k`` ``(n, K, *spatial)`` of one layer by the class logit ``y^c``
+and keep the positive part. CAM, Grad-CAM and Grad-CAM++ weight each *channel*,
+``L^c = ReLU(sum_k w_k^c A^k)``:
 
 - :class:`CAM` (Zhou et al. 2016): the weights of the linear layer that follows global average
   pooling (GAP), ``w_k^c = W[c, k]``, at the GAP input.
@@ -10,8 +12,18 @@ All three weight the feature maps ``A^k`` of one layer and keep the positive par
 - :class:`GradCAMPlusPlus` (Chattopadhyay et al. 2018, paper 2 eq. 2): the closed form for the
   exponential score ``Y^c = exp(y^c)``.
 
+HiResCAM and LayerCAM weight each *position* by the gradient there, so the map stays faithful
+to the model at earlier, finer layers where averaging the gradient over space would not:
+
+- :class:`HiResCAM` (Draelos & Carin 2020): ``L^c = ReLU(sum_k dy^c/dA^k ⊙ A^k)``.
+- :class:`LayerCAM` (Jiang et al. 2021): ``L^c = ReLU(sum_k ReLU(dy^c/dA^k) ⊙ A^k)``.
+
 Shared conventions, for 2D and 3D alike (``spatial_dims = x.ndim - 2``):
 
+- the layer (gradient methods): any submodule that outputs a feature map once per forward pass,
+  named as in ``model.named_modules()``; by default the rule of
+  :func:`~voxplain.explain.layers.choose_cam_layer` (the deepest activated feature map that keeps
+  at least ``min_layer_size`` voxels along every axis), resolved for each input shape.
 - batched, one target class per sample: the score back-propagated is ``sum_n y^{c_n}_n``; in eval
   mode samples do not interact, so each sample's gradient is that of its own target and a batch
   with mixed targets gives exactly the per-sample maps.
@@ -30,12 +42,21 @@ Shared conventions, for 2D and 3D alike (``spatial_dims = x.ndim - 2``):
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxplain.explain.api import Explainer, last_conv_name, named_layer, register
+from voxplain.explain.api import Explainer, register
+from voxplain.explain.layers import (
+    DEFAULT_MIN_LAYER_SIZE,
+    LayerChoice,
+    check_layer_name,
+    check_min_size,
+    choose_cam_layer,
+    named_cam_layer,
+)
 
 _LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 _GAP_TYPES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -159,26 +180,71 @@ class CAM(Explainer):
 
 
 class _LayerGradients(Explainer):
-    """Common part of Grad-CAM and Grad-CAM++: the feature maps of ``layer`` (a convolution's
-    name as in ``model.named_modules()``; default: the last convolution) and the gradient of each
-    sample's target logit w.r.t. them."""
+    """Common part of the gradient-based maps: the feature maps ``A`` of one layer and the gradient
+    ``g = dy^c/dA`` of each sample's target logit w.r.t. them, both ``(n, K, *spatial)``.
+
+    ``layer``: the name (as in ``model.named_modules()``) of any submodule that outputs a feature
+    map ``(N, C, *spatial)`` once per forward pass: a convolution, an activation, a block. Default
+    ``None``: the rule of :func:`~voxplain.explain.layers.choose_cam_layer` with
+    ``min_layer_size``, resolved from the input's shape at the first call for that shape (see
+    :meth:`resolve_layer`). After a call, ``layer_name``, ``layer_shape`` (the layer's spatial
+    shape) and ``layer_coarse`` (an axis has fewer than ``min_layer_size`` voxels) describe the
+    layer read for the last input shape.
+    """
 
     signed = False
 
-    def __init__(self, model: nn.Module, *, layer: str | None = None, normalise: bool = True,
+    def __init__(self, model: nn.Module, *, layer: str | None = None,
+                 min_layer_size: int = DEFAULT_MIN_LAYER_SIZE, normalise: bool = True,
                  batch_size: int = 8) -> None:
         super().__init__(model, batch_size=batch_size)
-        self.layer_name = last_conv_name(model) if layer is None else layer
-        self.layer = named_layer(model, self.layer_name)
+        if layer is not None:
+            check_layer_name(model, layer)
+        check_min_size(min_layer_size)
+        self.layer = layer
+        self.min_layer_size = min_layer_size
         self.normalise = normalise
+        self.layer_name: str | None = layer
+        self.layer_shape: tuple[int, ...] | None = None
+        self.layer_coarse: bool | None = None
+        self._choices: dict[tuple[int, ...], LayerChoice] = {}
+
+    def resolve_layer(self, input_shape: Sequence[int], in_channels: int) -> LayerChoice:
+        """The layer read for inputs ``(N, in_channels, *input_shape)``: ``layer`` if given, else
+        the default rule's choice; sets ``layer_name``, ``layer_shape`` and ``layer_coarse``.
+        One dry forward pass per input shape, then cached."""
+        key = (in_channels, *input_shape)
+        if key not in self._choices:
+            size = self.min_layer_size
+            self._choices[key] = (
+                choose_cam_layer(self.model, input_shape, in_channels, size) if self.layer is None
+                else named_cam_layer(self.model, self.layer, input_shape, in_channels, size))
+        choice = self._choices[key]
+        self.layer_name, self.layer_shape = choice.name, choice.shape
+        self.layer_coarse = choice.coarse
+        return choice
 
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        choice = self.resolve_layer(tuple(x.shape[2:]), x.shape[1])
+        layer = self.model.get_submodule(choice.name)
         with torch.enable_grad():
-            logits, activations = forward_with_layer(self.model, self.layer, x)
+            logits, activations = forward_with_layer(self.model, layer, x)
             scores = target_scores(logits, target)
             (gradients,) = torch.autograd.grad(scores.sum(), activations)
-        maps = weighted_feature_maps(self.weights(activations.detach(), gradients), activations.detach())
+        maps = self.layer_map(activations.detach(), gradients)
         return to_input_grid(maps, tuple(x.shape[2:]), self.normalise)
+
+    @abstractmethod
+    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """Map ``(n, 1, *spatial)`` of the layer from feature maps ``A`` and gradients ``g``
+        ``(n, K, *spatial)``."""
+
+
+class _ChannelWeights(_LayerGradients):
+    """Grad-CAM and Grad-CAM++: ``ReLU(sum_k w_k^c A^k)`` with one weight per channel."""
+
+    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        return weighted_feature_maps(self.weights(activations, gradients), activations)
 
     @abstractmethod
     def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
@@ -186,7 +252,7 @@ class _LayerGradients(Explainer):
 
 
 @register
-class GradCAM(_LayerGradients):
+class GradCAM(_ChannelWeights):
     """Grad-CAM (paper 2, eq. 1): ``w_k^c = 1/Z sum_ij dy^c/dA_ij^k``, the gradient of the target
     logit averaged over all spatial axes of ``layer``; map ``ReLU(sum_k w_k^c A^k)``."""
 
@@ -197,7 +263,7 @@ class GradCAM(_LayerGradients):
 
 
 @register
-class GradCAMPlusPlus(_LayerGradients):
+class GradCAMPlusPlus(_ChannelWeights):
     """Grad-CAM++ (paper 2, eq. 2) in closed form for the exponential score ``Y^c = exp(y^c)``.
 
     With ``g = dy^c/dA`` and a piecewise-linear network (ReLU, max-pool, linear layers: second
@@ -236,6 +302,49 @@ class GradCAMPlusPlus(_LayerGradients):
         usable = (gradients > 0) & (denominator != 0)
         terms = torch.where(usable, gradients / torch.where(usable, denominator, 1), 0)
         return terms.flatten(2).sum(2)
+
+
+@register
+class HiResCAM(_LayerGradients):
+    """HiResCAM (Draelos & Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful explanations
+    of convolutional neural networks", arXiv:2011.08891): gradient and feature map multiplied
+    position by position before the sum over channels, ``L^c = ReLU(sum_k g^k ⊙ A^k)`` with
+    ``g^k = dy^c/dA^k``.
+
+    Grad-CAM first averages ``g^k`` over space, so a position can light up where the model gives
+    it a negative weight, as long as the channel's average weight is positive. HiResCAM keeps each
+    position's own weight. Behind a flatten + linear head (``y^c = sum_kij W^c_kij A^k_ij + b_c``)
+    ``g = W^c`` and, before the ReLU, each position's value is exactly its contribution to
+    ``y^c - b_c``; more generally, when the layer reaches ``y^c - b_c`` through max-pool, ReLU
+    and bias-free linear steps only (a positively homogeneous function of ``A``), the values sum
+    to ``y^c - b_c`` (Euler's theorem). At a layer that feeds global average pooling and a linear
+    layer directly, ``g^k`` is constant over space and HiResCAM equals Grad-CAM.
+    """
+
+    name = "hires_cam"
+
+    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        return F.relu((gradients * activations).sum(1, keepdim=True))
+
+
+@register
+class LayerCAM(_LayerGradients):
+    """LayerCAM (Jiang, Zhang, Hou, Cheng & Wei 2021, "LayerCAM: exploring hierarchical class
+    activation maps for localization", IEEE TIP 30, 5875-5888): each position weighted by the
+    positive part of its own gradient, ``w_ij^k = ReLU(g_ij^k)``,
+    ``L^c = ReLU(sum_k w^k ⊙ A^k)``, with ``g^k = dy^c/dA^k``.
+
+    Like HiResCAM it weights positions, not channels, but drops negative gradients, so it equals
+    HiResCAM wherever every gradient at the layer is non-negative. After an activation with
+    non-negative outputs (ReLU) every term is non-negative and the outer ReLU changes nothing.
+    Jiang et al. also fuse the maps of several layers (scaled by ``tanh``); we return one layer's
+    map, like the other methods here, and leave fusion to the caller.
+    """
+
+    name = "layer_cam"
+
+    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        return F.relu((F.relu(gradients) * activations).sum(1, keepdim=True))
 
 
 def _as_tuple(size: int | tuple[int | None, ...] | None) -> tuple[int | None, ...]:

@@ -16,7 +16,14 @@ when they differ from the default — ``_layer-LAYER``, ``_OPTION-VALUE``, ``_ta
     explanations/KEY/fold-K/run-R/group_<DIAGNOSIS>.nii.gz
     explanations/KEY/fold-K/run-R/index.tsv    participant_id, session_id, diagnosis, fold,
                                                run, target, predicted, predicted_probability,
-                                               target_probability, correct, method, layer, path
+                                               target_probability, correct, method, layer,
+                                               layer_shape, layer_coarse, path
+
+``layer`` is the layer a class activation map read (the default rule's choice, see
+:func:`voxplain.explain.layers.choose_cam_layer`, or ``--layer``), ``layer_shape`` its output
+grid (e.g. ``4x5x4``) and ``layer_coarse`` whether an axis of it has fewer than
+``min_layer_size`` voxels (the map is then a few blobs stretched over the image); empty for
+methods that read no layer.
 
 Group maps (one per diagnosis) average the session maps of that diagnosis — by default only
 the sessions the model classifies correctly (``group = "correct"``; ``"all"`` keeps every
@@ -31,6 +38,7 @@ a fold/run as finished.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from pathlib import Path
@@ -44,15 +52,15 @@ from PIL import Image
 from rich.progress import Progress
 from torch import nn
 
-from voxplain.config import ExplainConfig, ExplainStepConfig
+from voxplain.config import DEFAULT_MIN_LAYER_SIZE, ExplainConfig, ExplainStepConfig
 from voxplain.data.cohort import Cohort, CohortError, load_images
 from voxplain.data.grid import Grid
-from voxplain.explain.api import Explainer, explainer
+from voxplain.explain.api import METHODS, Explainer, explainer
 from voxplain.explain.mask_steps import IDS, MaskContext, fold_models
 from voxplain.io import atomic_path, save_map, write_json, write_tsv
 from voxplain.models.layout import for_batches
 from voxplain.models.serialization import load_model, read_model_json
-from voxplain.run import RunFolder, RunFolderError
+from voxplain.run import FoldSkipped, RunFolder, each_fold
 from voxplain.train.trainer import Dataset, predict_proba, resolve_device
 
 log = logging.getLogger("voxplain")
@@ -68,6 +76,8 @@ def explanation_key(config: ExplainStepConfig) -> str:
     key = explain.method
     if explain.layer is not None:
         key += f"_layer-{explain.layer}"
+    elif explain.min_layer_size != DEFAULT_MIN_LAYER_SIZE and reads_layer(explain.method):
+        key += f"_min_layer_size-{explain.min_layer_size}"
     key += "".join(f"_{name}-{value}" for name, value in sorted(explain.options.items()))
     if explain.target != "true":
         key += f"_target-{explain.target}"
@@ -97,11 +107,21 @@ def build_explainer(config: ExplainConfig, model: nn.Module,
         options.setdefault("generators", cyce_folder)
     if config.layer is not None:
         options["layer"] = config.layer
+    if reads_layer(config.method):
+        options["min_layer_size"] = config.min_layer_size
     try:
         return explainer(config.method, model, **options)
     except TypeError as error:
         raise ValueError(f"method {config.method!r} does not take the options "
                          f"{sorted(options)} ({error})") from None
+
+
+def reads_layer(method: str) -> bool:
+    """Whether the method reads one layer's feature maps (the class activation maps)."""
+    import voxplain.explain.methods  # noqa: F401  (fills METHODS)
+
+    factory = METHODS.get(method)
+    return factory is not None and "min_layer_size" in inspect.signature(factory).parameters
 
 
 def explain_run(config: ExplainStepConfig, progress: Progress | None = None) -> pd.DataFrame:
@@ -114,10 +134,7 @@ def explain_run(config: ExplainStepConfig, progress: Progress | None = None) -> 
     """
     run = RunFolder(config.run)
     train = run.train_config()
-    models = [(f, r, d) for f, r, d in run.model_dirs()
-              if config.folds is None or f in config.folds]
-    if not models:
-        raise RunFolderError(f"{run.root}: no trained model for folds {config.folds}")
+    models = run.selected_models(config.folds)
     # fail before any loading or writing: unknown method, layer, option or target class
     first_fold, first_run, first_model = models[0]
     method = build_explainer(config.explain, load_model(first_model, "cpu")[0],
@@ -138,10 +155,9 @@ def explain_run(config: ExplainStepConfig, progress: Progress | None = None) -> 
         "group": config.explain.group,
         "cohort": None if config.cohort is None else str(config.cohort)})
     context = _context(run, train, config, progress)
-    indexes = []
-    for fold, run_index, model, classes in fold_models(context, config.folds):
-        indexes.append(explain_model(context, config, key, fold, run_index, model, classes,
-                                     progress))
+    indexes = each_fold(fold_models(context, config.folds), lambda fold, run_index, fitted:
+                        explain_model(context, config, key, fold, run_index, fitted.model,
+                                      fitted.classes, progress), f"explain {key}")
     return pd.concat(indexes, ignore_index=True)
 
 
@@ -212,7 +228,7 @@ def explain_model(context: MaskContext, config: ExplainStepConfig, key: str, fol
                                                              "session_id": str})
     rows = sessions_to_explain(context, config, fold)
     if rows.empty:
-        raise RunFolderError(f"fold {fold} run {run_index}: no session to explain")
+        raise FoldSkipped("no session to explain")
     index = _predictions(context, config.explain, model, rows, classes)
     index.insert(3, "fold", fold)
     index.insert(4, "run", run_index)
@@ -220,7 +236,8 @@ def explain_model(context: MaskContext, config: ExplainStepConfig, key: str, fol
     model = for_batches(model, spatial_dims, config.explain.batch_size, context.device)
     method = build_explainer(config.explain, model, context.run.cyce_dir(fold, run_index))
     index["method"] = config.explain.method
-    index["layer"] = getattr(method, "layer_name", None) or config.explain.layer or ""
+    index["layer"], index["layer_shape"], index["layer_coarse"] = _layer(
+        method, context.images.shape[1:], f"{key} fold {fold} run {run_index}")
     index["path"] = [f"{p}_{s}{'.nii.gz' if spatial_dims == 3 else '.npy'}"
                      for p, s in zip(rows.participant_id, rows.session_id)]
     missing = np.flatnonzero([not (folder / path).is_file() for path in index.path])
@@ -239,6 +256,20 @@ def explain_model(context: MaskContext, config: ExplainStepConfig, key: str, fol
     _group_maps(folder, index, bool(method.signed), config.explain.group, context.grid.affine)
     write_tsv(folder / INDEX, index.drop(columns="target_index"))
     return index.drop(columns="target_index")
+
+
+def _layer(method: Explainer, image_shape: tuple[int, ...], where: str) -> tuple[str, str, bool]:
+    """Name, output grid (``4x5x4``) and coarseness of the layer ``method`` reads for images
+    ``(C, *spatial)``; empty for a method that reads no layer. A coarse layer is a warning."""
+    if not hasattr(method, "resolve_layer"):
+        return "", "", False
+    choice = method.resolve_layer(tuple(image_shape[1:]), image_shape[0])
+    shape = "x".join(map(str, choice.shape))
+    if choice.coarse:
+        log.warning("%s: layer %s is %s voxels, coarser than %d along an axis: its maps are a "
+                    "few blobs stretched over the image", where, choice.name, shape,
+                    method.min_layer_size)
+    return choice.name, shape, bool(choice.coarse)
 
 
 def _predictions(context: MaskContext, config: ExplainConfig, model: nn.Module,

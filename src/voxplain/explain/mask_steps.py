@@ -34,11 +34,11 @@ from voxplain.data.cohort import Cohort, encode_labels, load_images
 from voxplain.data.grid import Grid
 from voxplain.evaluate.regions import top_regions
 from voxplain.explain.masks import (Reference, make_reference, optimise_group_mask,
-                                    optimise_session_masks, qc_flags, robust_z)
+                                    optimise_session_masks, outliers, qc_flags, robust_z)
 from voxplain.explain.perturbation import perturb, target_probability
-from voxplain.io import save_map, write_json, write_tsv
+from voxplain.io import read_tsv, save_map, write_json, write_tsv
 from voxplain.models.serialization import load_model, read_model_json
-from voxplain.run import RunFolder, RunFolderError
+from voxplain.run import FoldSkipped, RunFolder, each_fold
 from voxplain.train.trainer import Dataset, predict_proba, resolve_device
 
 log = logging.getLogger("voxplain")
@@ -78,14 +78,21 @@ def read_context(config: MaskStepConfig, section: str,
                        resolve_device(config.device))
 
 
-def fold_models(context: MaskContext, folds: list[int] | None) -> Iterator[tuple[int, int, nn.Module, list[str]]]:
-    """``(fold, run, model, classes)`` of the selected folds; models frozen, in eval mode."""
-    found = [(f, r, d) for f, r, d in context.run.model_dirs() if folds is None or f in folds]
-    if not found:
-        raise RunFolderError(f"{context.run.root}: no trained model for folds {folds}")
-    for fold, run_index, folder in found:
+def fold_models(context: MaskContext, folds: list[int] | None) -> Iterator[tuple[int, int, FoldModel]]:
+    """``(fold, run, (model, classes))`` of the selected folds, loaded one at a time; models
+    frozen, in eval mode. Folds without a trained model are named and left out
+    (:meth:`RunFolder.selected_models`)."""
+    for fold, run_index, folder in context.run.selected_models(folds):
         model, description = load_model(folder, context.device)
-        yield fold, run_index, model.requires_grad_(False), description["classes"]
+        yield fold, run_index, FoldModel(model.requires_grad_(False), description["classes"])
+
+
+@dataclass(frozen=True)
+class FoldModel:
+    """A fold/run's classifier and its class names (in class-index order)."""
+
+    model: nn.Module
+    classes: list[str]
 
 
 def masked_class(config: MaskStepConfig, classes: list[str]) -> str:
@@ -148,21 +155,75 @@ def group_masks(config: GroupMaskStepConfig, progress: Progress | None = None) -
     (validation probability of the masked class without/with the mask, top-5 AAL2 regions).
     """
     context = read_context(config, "mask_group", progress)
-    return _group_masks(context, config, config.mask, "group", progress)
+    summaries = _group_masks(context, config, config.mask, "group", progress)
+    flags = flag_group_masks(context.run, config.mask)
+    return summaries.drop(columns=["flagged", "flag_reasons"], errors="ignore").merge(
+        flags.loc[flags.level == "group", ["fold", "run", "flagged", "flag_reasons"]],
+        how="left")
+
+
+def flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
+    """Flag the group masks of the run folder (``masks/group`` and ``masks/grid``) that cannot
+    be trusted, and record the verdict in each ``summary.json`` (``flagged``, ``flag_reasons``).
+
+    A mask is flagged when
+    - it hides more than ``dense_fraction`` of the image (no localised explanation), or
+    - it masks far more of the image than the run's other group masks: its masked fraction has
+      a robust z-score above ``qc_z`` among them and exceeds their median by at least
+      ``outlier_fraction`` (the dense plateau Adam can stop on: salt-and-pepper over the whole
+      brain instead of a few regions), or
+    - it does not halve the mean validation probability of the masked class (it does not hide
+      what the model uses).
+
+    Returns one row per mask: ``level``, ``fold``, ``run``, ``masked_fraction``,
+    ``robust_z``, ``flagged``, ``flag_reasons``. Flagged masks are left out of the robustness
+    comparisons unless asked for and marked in the report.
+    """
+    paths = sorted(run.root.glob("masks/group/fold-*/run-*/summary.json"))
+    paths += sorted(run.root.glob("masks/grid/*/fold-*/run-*/summary.json"))
+    records = [json.loads(path.read_text()) for path in paths]
+    if not records:
+        return pd.DataFrame(columns=["level", "fold", "run", "masked_fraction", "robust_z",
+                                     "flagged", "flag_reasons"])
+    fractions = np.array([record["masked_fraction"] for record in records])
+    z, dense = outliers(fractions, config.qc_z, config.outlier_fraction)
+    median = float(np.median(fractions))
+    rows = []
+    for path, record, score, is_dense in zip(paths, records, z, dense):
+        flags = []
+        if record["masked_fraction"] > config.dense_fraction:
+            flags.append(f"hides {record['masked_fraction']:.2f} of the image (more than "
+                         f"{config.dense_fraction:g}): not a localised explanation")
+        elif is_dense and len(records) >= 3:
+            flags.append(f"masks {record['masked_fraction']:.2f} of the image, the run's group "
+                         f"masks a median of {median:.3f} (robust z {score:.0f})")
+        before, after = record["probability_before"], record["probability_after"]
+        if np.isfinite(before) and np.isfinite(after) and after > before / 2:
+            flags.append(f"validation probability of {record['diagnosis']} {before:.2f} -> "
+                         f"{after:.2f}: not halved")
+        level = path.parent.parent.parent.relative_to(run.root / "masks").as_posix()
+        if record.get("flag_reasons") != flags or record.get("flagged") != bool(flags):
+            write_json(path, {**record, "flagged": bool(flags), "flag_reasons": flags})
+            if flags:
+                log.warning("%s mask fold %d run %d flagged: %s", level, record["fold"],
+                            record["run"], "; ".join(flags))
+        rows.append({"level": level, "fold": record["fold"], "run": record["run"],
+                     "masked_fraction": record["masked_fraction"], "robust_z": float(score),
+                     "flagged": bool(flags), "flag_reasons": flags})
+    return pd.DataFrame(rows)
 
 
 def _group_masks(context: MaskContext, config: MaskStepConfig, mask: GroupMaskConfig, level: str,
                  progress: Progress | None) -> pd.DataFrame:
-    summaries = []
-    for fold, run_index, model, classes in fold_models(context, config.folds):
+    def one(fold: int, run_index: int, fitted: FoldModel) -> pd.Series:
         folder = context.run.mask_dir(level, fold, run_index)
         if (folder / "summary.json").is_file():
             log.info("%s mask fold %d run %d already computed: skipped", level, fold, run_index)
-            summaries.append(pd.Series(json.loads((folder / "summary.json").read_text())))
-            continue
-        summaries.append(_group_mask(context, config, mask, fold, run_index, model, classes,
-                                     folder, progress))
-    return pd.DataFrame(summaries)
+            return pd.Series(json.loads((folder / "summary.json").read_text()))
+        return _group_mask(context, config, mask, fold, run_index, fitted.model, fitted.classes,
+                           folder, progress)
+
+    return pd.DataFrame(each_fold(fold_models(context, config.folds), one, f"{level} masks"))
 
 
 def _group_mask(context: MaskContext, config: MaskStepConfig, mask: GroupMaskConfig, fold: int,
@@ -174,8 +235,8 @@ def _group_mask(context: MaskContext, config: MaskStepConfig, mask: GroupMaskCon
     train = correctly_classified(context, model, splits["train"], classes, diagnosis)
     validation = correctly_classified(context, model, splits["validation"], classes, diagnosis)
     if train.empty:
-        raise ValueError(f"fold {fold} run {run_index}: no correctly classified {diagnosis} "
-                         "training session to optimise a group mask on")
+        raise FoldSkipped(f"no correctly classified {diagnosis} training session to optimise a "
+                          "group mask on")
     target = target_class(mask, classes, diagnosis)
     reference = reference_for(context, mask, classes, splits["train"])
     task = (progress.add_task(f"group mask fold {fold} run {run_index}", total=mask.max_epochs)
@@ -190,7 +251,8 @@ def _group_mask(context: MaskContext, config: MaskStepConfig, mask: GroupMaskCon
     write_tsv(folder / "loss.tsv", result.history)
     losses = result.image_losses.merge(train[IDS].reset_index(names="image"), on="image")
     write_tsv(folder / "image_losses.tsv", losses)
-    flags = qc_flags(result.image_losses, mask.qc_z).merge(train[IDS].reset_index(names="image"))
+    flags = qc_flags(result.image_losses, mask.qc_z, mask.qc_min_excess).merge(
+        train[IDS].reset_index(names="image"))
     write_tsv(folder / "qc_flags.tsv", flags.drop(columns="image"))
     if flags.flagged.any():
         log.warning("fold %d run %d: %d image(s) flagged by the group-mask quality check (%s)",
@@ -245,50 +307,57 @@ def session_masks(config: SessionMaskStepConfig, progress: Progress | None = Non
     about 450 iterations at loss 0.0055.
     """
     context = read_context(config, "mask_session", progress)
-    indexes = []
-    for fold, run_index, model, classes in fold_models(context, config.folds):
+
+    def one(fold: int, run_index: int, fitted: FoldModel) -> pd.DataFrame:
         folder = context.run.mask_dir("session", fold, run_index)
         if (folder / "index.tsv").is_file():
             log.info("session masks fold %d run %d already computed: skipped", fold, run_index)
-            indexes.append(pd.read_csv(folder / "index.tsv", sep="\t"))
-            continue
-        diagnosis = masked_class(config, classes)
-        subjects = pd.read_csv(context.run.split_file(fold, "validation"), sep="\t", dtype=str)
-        sessions = context.table[context.table.participant_id.isin(subjects.participant_id)]
-        rows = correctly_classified(context, model, sessions, classes, diagnosis)
-        rows = rows.iloc[:config.max_sessions]
-        if rows.empty:
-            log.warning("fold %d run %d: no correctly classified %s session to mask", fold,
-                        run_index, diagnosis)
-            continue
-        splits_train = pd.read_csv(context.run.split_file(fold, "train"), sep="\t", dtype=str)
-        reference = reference_for(context, config.mask, classes, splits_train)
-        images = torch.from_numpy(_images(context, rows)).to(context.device)
-        targets = torch.full((len(rows),), target_class(config.mask, classes, diagnosis),
-                             device=context.device)
-        task = (progress.add_task(f"session masks fold {fold} run {run_index}", total=len(rows))
-                if progress else None)
-        result = optimise_session_masks(model, images, targets, reference, config.mask, (
-            lambda done, total: progress.update(task, completed=done)) if progress else None)
-        paths = []
-        for row, mask in zip(rows.itertuples(), result.masks):
-            stem = folder / f"{row.participant_id}_{row.session_id}"
-            paths.append(save_map(stem, mask[0].cpu().numpy(), context.grid.affine).name)
-        z = robust_z(result.loss)
-        index = rows[IDS].assign(fold=fold, run=run_index, path=paths, loss=result.loss,
-                                 iterations=result.iterations,
-                                 probability_before=result.probability_before,
-                                 probability_after=result.probability_after,
-                                 robust_z=z, flagged=z > config.mask.qc_z)
-        write_tsv(folder / "index.tsv", index)
-        if index.flagged.any():
-            log.warning("fold %d run %d: %d session mask(s) flagged as not converged (lowest "
-                        "loss an outlier among this model's masks: %s); see %s", fold, run_index,
-                        int(index.flagged.sum()), ", ".join(
-                            index.participant_id[index.flagged] + "_"
-                            + index.session_id[index.flagged]), folder / "index.tsv")
-        indexes.append(index)
-    return pd.concat(indexes, ignore_index=True) if indexes else pd.DataFrame()
+            return read_tsv(folder / "index.tsv")
+        return _session_masks(context, config, fold, run_index, fitted, folder, progress)
+
+    return pd.concat(each_fold(fold_models(context, config.folds), one, "session masks"),
+                     ignore_index=True)
+
+
+def _session_masks(context: MaskContext, config: SessionMaskStepConfig, fold: int,
+                   run_index: int, fitted: FoldModel, folder: Path,
+                   progress: Progress | None) -> pd.DataFrame:
+    """The session masks of one fold/run and their index."""
+    model, classes = fitted.model, fitted.classes
+    diagnosis = masked_class(config, classes)
+    subjects = read_tsv(context.run.split_file(fold, "validation"))
+    sessions = context.table[context.table.participant_id.isin(subjects.participant_id)]
+    rows = correctly_classified(context, model, sessions, classes, diagnosis)
+    rows = rows.iloc[:config.max_sessions]
+    if rows.empty:
+        raise FoldSkipped(f"no correctly classified {diagnosis} validation session to mask")
+    splits_train = read_tsv(context.run.split_file(fold, "train"))
+    reference = reference_for(context, config.mask, classes, splits_train)
+    images = torch.from_numpy(_images(context, rows)).to(context.device)
+    targets = torch.full((len(rows),), target_class(config.mask, classes, diagnosis),
+                         device=context.device)
+    task = (progress.add_task(f"session masks fold {fold} run {run_index}", total=len(rows))
+            if progress else None)
+    result = optimise_session_masks(model, images, targets, reference, config.mask, (
+        lambda done, total: progress.update(task, completed=done)) if progress else None)
+    paths = []
+    for row, mask in zip(rows.itertuples(), result.masks):
+        stem = folder / f"{row.participant_id}_{row.session_id}"
+        paths.append(save_map(stem, mask[0].cpu().numpy(), context.grid.affine).name)
+    z = robust_z(result.loss)
+    index = rows[IDS].assign(fold=fold, run=run_index, path=paths, loss=result.loss,
+                             iterations=result.iterations,
+                             probability_before=result.probability_before,
+                             probability_after=result.probability_after,
+                             robust_z=z, flagged=z > config.mask.qc_z)
+    write_tsv(folder / "index.tsv", index)
+    if index.flagged.any():
+        log.warning("fold %d run %d: %d session mask(s) flagged as not converged (lowest "
+                    "loss an outlier among this model's masks: %s); see %s", fold, run_index,
+                    int(index.flagged.sum()), ", ".join(
+                        index.participant_id[index.flagged] + "_"
+                        + index.session_id[index.flagged]), folder / "index.tsv")
+    return index
 
 
 def grid_setting(l1: float, l2: float, b1: float, b2: float) -> str:
@@ -318,6 +387,12 @@ def mask_grid(config: MaskGridConfig, progress: Progress | None = None) -> pd.Da
         summary = _group_masks(context, config, mask, f"grid/{grid_setting(l1, l2, b1, b2)}",
                                progress)
         summaries.append(summary.assign(l1=l1, l2=l2, b1=b1, b2=b2))
-    table = pd.concat(summaries, ignore_index=True)
+    table = pd.concat(summaries, ignore_index=True).drop(columns=["flagged", "flag_reasons"],
+                                                          errors="ignore")
+    flags = flag_group_masks(context.run, config.mask)
+    flags = flags[flags.level.str.startswith("grid/")].assign(
+        setting=lambda frame: frame.level.str.removeprefix("grid/"))
+    table["setting"] = [grid_setting(*row) for row in table[["l1", "l2", "b1", "b2"]].to_numpy()]
+    table = table.merge(flags[["setting", "fold", "run", "flagged", "flag_reasons"]], how="left")
     write_tsv(context.run.root / "masks" / "grid" / "summary.tsv", table)
     return table

@@ -24,7 +24,7 @@ from torch import nn
 from voxplain.config import GroupMaskConfig, MaskConfig, SessionMaskConfig
 from voxplain.models.folding import fold_batch_norm
 from voxplain.models.layout import for_batches
-from voxplain.explain.perturbation import (MaskWeights, RelativeEarlyStopping, gaussian_blur,
+from voxplain.explain.perturbation import (MaskWeights, EarlyStopping, gaussian_blur,
                                            mask_loss, perturb, target_probability,
                                            threshold_mask)
 from voxplain.train.checkpoint import (load_state, optimizer_tensors, remove_state,
@@ -122,7 +122,7 @@ def _optimise_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
     best = mask.detach().clone()
     best_loss = np.full(size, np.inf)
     iterations = np.zeros(size, dtype=np.int64)
-    stopping = RelativeEarlyStopping(size, config.tolerance, config.patience)
+    stopping = EarlyStopping(size, config.tolerance, config.patience)
     active = np.arange(size)
     for _ in range(config.max_iterations):
         # while every mask is active the batch is used as it is: no per-iteration copies
@@ -193,7 +193,7 @@ def optimise_group_mask(model: nn.Module, images: np.ndarray, targets: np.ndarra
                       device=device, requires_grad=True)
     optimizer = torch.optim.Adam([mask], lr=config.learning_rate, fused=True)
     state = {"epoch": 0, "best_epoch": -1, "history": [], "image_losses": [],
-             "lowest": float("inf"), "without_improvement": 0}
+             "lowest": float("inf"), "above_lowest": 0}
     best = mask.detach().clone()
     restored = load_state(checkpoint) if checkpoint else None
     if restored:
@@ -202,9 +202,9 @@ def optimise_group_mask(model: nn.Module, images: np.ndarray, targets: np.ndarra
             mask.copy_(tensors["mask"].to(device))
         best = tensors["best"].to(device)
         restore_optimizer(optimizer, tensors, state.pop("param_groups"))
-    stopping = RelativeEarlyStopping(1, config.tolerance, config.patience)
-    stopping.lowest[0], stopping.without_improvement[0] = state["lowest"], state["without_improvement"]
-    while state["epoch"] < config.max_epochs and state["without_improvement"] < config.patience:
+    stopping = EarlyStopping(1, config.tolerance, config.patience)
+    stopping.lowest[0], stopping.above_lowest[0] = state["lowest"], state["above_lowest"]
+    while state["epoch"] < config.max_epochs and state["above_lowest"] < config.patience:
         epoch = state["epoch"]
         order = np.random.default_rng([config.seed, epoch]).permutation(len(images))
         train_losses = []
@@ -229,7 +229,7 @@ def optimise_group_mask(model: nn.Module, images: np.ndarray, targets: np.ndarra
             best, state["best_epoch"] = mask.detach().clone(), epoch
         stopping.step(np.array([terms["loss"]]))
         state["lowest"] = float(stopping.lowest[0])
-        state["without_improvement"] = int(stopping.without_improvement[0])
+        state["above_lowest"] = int(stopping.above_lowest[0])
         state["history"].append({"epoch": epoch, "train_loss": train_loss,
                                  "validation_loss": terms["loss"],
                                  "sparsity": terms["sparsity"], "smoothness": terms["smoothness"],
@@ -272,24 +272,56 @@ def _evaluate(model: nn.Module, mask: torch.Tensor, images: np.ndarray, targets:
             "smoothness": smoothness}
 
 
-def qc_flags(image_losses: pd.DataFrame, z_threshold: float = 3.5) -> pd.DataFrame:
+def qc_flags(image_losses: pd.DataFrame, z_threshold: float = 3.5,
+             min_excess: float = 0.1) -> pd.DataFrame:
     """Quality check step 2 (paper 1, 2.3.1): images that make the group-mask loss jump.
 
-    Each image's mean loss over the times it was used is compared to the others with a robust
-    z-score, ``(x - median) / MAD`` with the MAD scaled to the standard deviation of a normal
-    distribution (Iglewicz & Hoaglin); images above ``z_threshold`` are flagged.
+    Paper 1 removed one image among hundreds after training a group mask: "this session led to
+    a significant increase of the loss" (its eyes had been segmented as grey matter). Each time
+    an image is used, its loss is compared with the median loss of the images of that epoch
+    (the mask is shared, so images met in the same epoch saw nearly the same mask); an image's
+    *excess* is the median of these differences over the epochs after the first (during the
+    first epoch the mask is still near 1 and the images met first keep their whole class
+    probability, whatever they look like). The image is flagged when its excess is an outlier
+    *relative* to the other images', a robust z-score ``(x - median) / MAD`` above
+    ``z_threshold`` (MAD scaled to a normal standard deviation, Iglewicz & Hoaglin), *and* an
+    *absolute* jump, ``x - median > min_excess``. The loss is dominated by the masked class's
+    probability (the regularisers are shared by every image), so ``min_excess = 0.1`` asks that
+    the mask leaves the image about 10 percentage points more of it than the typical image. The
+    relative test alone flags clean images: once the mask works, most losses are nearly equal
+    and their MAD is tiny, so any spread looks extreme (robust z of 222 to 3140 on the clean
+    demo cohort).
 
-    Returns one row per image: ``image``, ``mean_loss``, ``robust_z``, ``flagged``.
+    Returns one row per image: ``image``, ``mean_loss``, ``excess``, ``robust_z``, ``flagged``.
     """
-    per_image = image_losses.groupby("image", as_index=False)["loss"].mean()
-    per_image = per_image.rename(columns={"loss": "mean_loss"})
-    per_image["robust_z"] = robust_z(per_image["mean_loss"].to_numpy())
-    per_image["flagged"] = per_image["robust_z"] > z_threshold
+    losses = image_losses[["image", "epoch", "loss"]]
+    later = losses[losses.epoch > losses.epoch.min()]
+    later = later if len(later) else losses  # one epoch only: use it
+    excess = later.loss - later.groupby("epoch").loss.transform("median")
+    per_image = (later.assign(excess=excess).groupby("image", as_index=False)
+                 .agg(mean_loss=("loss", "mean"), excess=("excess", "median")))
+    per_image["robust_z"], per_image["flagged"] = outliers(
+        per_image["excess"].to_numpy(), z_threshold, min_excess)
     return per_image
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """``(x - median) / MAD``, the MAD scaled to a normal standard deviation; 0 when MAD = 0."""
+def outliers(values: np.ndarray, z_threshold: float,
+             min_excess: float) -> tuple[np.ndarray, np.ndarray]:
+    """Robust z-scores of ``values`` and which are high outliers: ``robust_z > z_threshold``
+    and ``value - median > min_excess`` (a jump relative to the others and in absolute terms)."""
     values = np.asarray(values, dtype=float)
+    z = robust_z(values)
+    return z, (z > z_threshold) & (values - np.median(values) > min_excess)
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """``(x - median) / MAD``, the MAD scaled to a normal standard deviation. When more than half
+    of the values are equal the MAD is 0, and the mean absolute deviation from the median
+    (scaled by sqrt(pi/2), IBM's fallback for the modified z-score) is used instead; all values
+    equal give 0."""
+    values = np.asarray(values, dtype=float)
+    deviations = values - np.median(values)
     spread = median_abs_deviation(values, scale="normal")
-    return (values - np.median(values)) / spread if spread > 0 else np.zeros_like(values)
+    if spread == 0:
+        spread = np.abs(deviations).mean() * np.sqrt(np.pi / 2)
+    return deviations / spread if spread > 0 else np.zeros_like(values)

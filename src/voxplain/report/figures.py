@@ -269,7 +269,7 @@ def heatmap(matrix: pd.DataFrame, title: str = "") -> Figure:
     ax.set_xticks(range(values.shape[1]), [str(c) for c in matrix.columns], rotation=45,
                   ha="right", fontsize=7)
     ax.set_yticks(range(values.shape[0]), [str(i) for i in matrix.index], fontsize=7)
-    if values.size <= 400:
+    if values.size <= 144:  # 12 x 12: beyond, the numbers are unreadable and slow to lay out
         finite = values[np.isfinite(values)]
         middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
         for (i, j), value in np.ndenumerate(values):

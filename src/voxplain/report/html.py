@@ -23,8 +23,8 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from voxplain.config import ReportConfig
 from voxplain.io import write_text
-from voxplain.report.sections import (Block, ReportContext, Section, ViewerCandidate,
-                                      all_sections, template_for)
+from voxplain.report.sections import (TRAILING_SECTIONS, Block, ReportContext, Section,
+                                      ViewerCandidate, all_sections, template_for)
 from voxplain.run import RunFolder, RunFolderError
 
 log = logging.getLogger("voxplain")
@@ -51,6 +51,7 @@ def build_report(config: ReportConfig) -> Path:
     context = ReportContext(run, config, out / "figures")
     sections = all_sections(context)
     sections.append(viewer_section(context, out / "viewers"))
+    sections += all_sections(context, TRAILING_SECTIONS)
     _remove_stale(out / "figures", {p.name for s in sections for b in s.blocks
                                     if b.kind == "figure"
                                     for p in b.content.parent.glob(f"{b.content.stem}.*")})

@@ -28,6 +28,7 @@ from voxplain.data.cohort import CONTROL_LABELS
 from voxplain.data.grid import Grid, downsample
 from voxplain.io import read_tsv
 from voxplain.report import figures
+from voxplain.report.trust import findings_table, method_findings, run_findings
 from voxplain.run import RunFolder
 
 log = logging.getLogger("voxplain")
@@ -44,7 +45,7 @@ CI_KEYS = ("scope", "subset", "fold", "run")
 
 @dataclass(frozen=True)
 class Block:
-    """One element of a section: ``kind`` is table, figure, text, code or viewer.
+    """One element of a section: ``kind`` is table, figure, text, warning, code or viewer.
 
     ``content`` is HTML for tables, text for text/code, the PNG path for figures and the
     viewer's HTML file for viewers.
@@ -327,18 +328,25 @@ def masks_section(context: ReportContext) -> Section:
     group_dir = context.path("masks", "group")
     found = [item for suffix in (".nii.gz", ".npy")
              for item in fold_run_files(group_dir, f"mask{suffix}")]
+    summaries = [json.loads(path.read_text())
+                 for _, _, path in fold_run_files(group_dir, "summary.json")]
+    flagged = {(s["fold"], s["run"]) for s in summaries if s.get("flagged")}
     if found:
         labels = column_labels(found)
         maps, affine = {}, None
-        for label, (_, _, path) in zip(labels, found):
+        for label, (fold, run, path) in zip(labels, found):
             values, affine = read_map(path)
-            maps[label] = 1.0 - values  # what the mask hides: 1 - m (paper 1, fig. 5)
+            # what the mask hides: 1 - m (paper 1, fig. 5); flagged masks marked in their label
+            maps[f"{label} (flagged)" if (fold, run) in flagged else label] = 1.0 - values
         style = figures.map_style(list(maps.values()), "1 - mask", signed=False,
                                   threshold_fraction=0.0)
         section.blocks.extend(map_figures(context, "group_mask", "Group mask (1 - m)", maps,
                                           affine, style, brain_only=True))
-    summaries = [json.loads(path.read_text())
-                 for _, _, path in fold_run_files(group_dir, "summary.json")]
+    for summary in summaries:
+        if summary.get("flagged"):
+            section.blocks.append(Block("warning", f"Group mask fold {summary['fold']} run "
+                                        f"{summary['run']} is flagged: "
+                                        f"{'; '.join(summary.get('flag_reasons', []))}."))
     if summaries:
         table = pd.DataFrame(summaries)
         section.blocks.append(table_block(table.drop(columns="top_regions", errors="ignore"),
@@ -410,6 +418,9 @@ def explanations_section(context: ReportContext) -> Section:
     methods = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     for method in methods:
         section.blocks.append(Block("heading", method))
+        section.blocks.extend(Block("warning" if finding.verdict == "warning" else "text",
+                                    finding.text) for finding in method_findings(context.run,
+                                                                                 method))
         described = root / method / "explanation.json"
         description = json.loads(described.read_text()) if described.is_file() else {}
         if description:
@@ -634,9 +645,32 @@ def localisation_section(context: ReportContext) -> Section:
     return section
 
 
+# --- findings ------------------------------------------------------------------------------
+
+def findings_section(context: ReportContext) -> Section:
+    """What the reader must know before any figure: which classifiers, maps and masks cannot be
+    trusted, and why (:mod:`voxplain.report.trust`)."""
+    section = Section("findings", "Can these results be trusted?")
+    findings = run_findings(context.run)
+    warnings = [f for f in findings if f.verdict == "warning"]
+    if not findings:
+        section.note = "Nothing to check yet: no trained model in the run folder."
+        return section
+    section.blocks.append(Block("warning" if warnings else "text", (
+        f"{len(warnings)} warning(s): the results marked 'warning' below cannot be taken at "
+        "face value." if warnings else "No warning: every check below passed.")))
+    section.blocks.append(table_block(findings_table(findings), "Checks of the classifiers, "
+                                      "explanations and masks (rules: voxplain.report.trust)."))
+    return section
+
+
+#: Section order: findings and results first, how the run was made (cohort, configuration,
+#: software versions) last; the interactive viewers go between them (see ``build_report``).
 SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
-    cohort_section, configuration_section, classification_section, masks_section,
-    explanations_section, robustness_section, statistics_section, localisation_section)
+    findings_section, classification_section, localisation_section, explanations_section,
+    masks_section, robustness_section, statistics_section)
+TRAILING_SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
+    cohort_section, configuration_section)
 
 
 def all_sections(context: ReportContext, sections: Iterable[Callable[[ReportContext], Section]]

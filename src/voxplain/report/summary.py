@@ -2,6 +2,9 @@
 
 Each table is read from what the steps wrote; a step that has not run gives no table:
 
+- ``warnings``: the checks of :mod:`voxplain.report.trust` that failed (a classifier at chance,
+  an explanation near chance or read from a coarse layer, maps identical across subjects, a
+  flagged mask), the same as the report opens with;
 - ``classification``: the mean over folds of each metric with its bootstrap 95% CI and the
   per-fold values (``evaluation/classification.tsv``, ``voxplain evaluate classification``);
 - ``group masks``: per fold and run, the probability of the masked class before and after the
@@ -22,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from voxplain.io import read_tsv
+from voxplain.run import RunFolder
 
 CLASSIFICATION_METRICS = ["balanced_accuracy", "accuracy", "sensitivity", "specificity", "auc",
                           "mcc"]
@@ -31,6 +35,7 @@ def run_summary(run: Path) -> dict[str, pd.DataFrame]:
     """The tables described in the module docstring, by title, in reading order."""
     run = Path(run)
     tables = {
+        "Warnings: results that cannot be taken at face value": _warnings(run),
         "Classification (mean over folds, bootstrap 95% CI)": _classification(run),
         "Group masks": _group_masks(run),
         "Robustness of maps": _robustness(run),
@@ -59,8 +64,16 @@ def _group_masks(run: Path) -> pd.DataFrame | None:
     if not records:
         return None
     table = pd.DataFrame(records)
-    return table[["fold", "run", "diagnosis", "probability_before", "probability_after",
-                  "top_regions"]]
+    columns = ["fold", "run", "diagnosis", "probability_before", "probability_after",
+               "masked_fraction", "flagged", "top_regions"]
+    return table[[column for column in columns if column in table.columns]]
+
+
+def _warnings(run: Path) -> pd.DataFrame | None:
+    from voxplain.report.trust import findings_table, run_findings
+
+    findings = [f for f in run_findings(RunFolder(run)) if f.verdict == "warning"]
+    return findings_table(findings).drop(columns="verdict") if findings else None
 
 
 def _robustness(run: Path) -> pd.DataFrame | None:

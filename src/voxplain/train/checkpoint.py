@@ -77,6 +77,7 @@ class TrainingState:
     best_loss: float = float("inf")
     lowest_loss: float = float("inf")
     epochs_above_lowest: int = 0
+    steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
 

@@ -1,10 +1,17 @@
 """Cross-validated training of a classifier on a cohort (paper 1, sections 2.2.1 and 2.2.3).
 
 Adam + cross-entropy; after each epoch the model is evaluated on the fold's validation sessions.
-Early stopping: training stops once the validation loss has stayed above its lowest value for
-``patience`` consecutive epochs, or after ``epochs`` epochs. The kept model is the one with the
-highest validation balanced accuracy (ties: lower validation loss). Every fold/run is resumable:
-finished ones are skipped, an interrupted one continues from its last epoch checkpoint.
+Early stopping (paper 1, 2.2.3): training stops once the validation loss has stayed above its
+lowest value for ``patience`` consecutive epochs, or after ``epochs`` epochs. Patience counts
+only epochs that end after ``min_steps`` optimisation steps: a model still at chance has a
+validation loss near log(K) that wobbles for a few epochs before it falls, and paper 1's rule
+alone stopped such folds at chance (3 folds of 60 subjects, 5 steps per epoch: two of them
+stopped at epoch 6 with balanced accuracy 0.50). The kept model is the one with the highest
+validation balanced accuracy (ties: lower validation loss). A fold whose kept model cannot be
+told from chance (permutation p-value of its validation balanced accuracy above
+``chance_alpha``) is flagged (``at_chance`` in metrics.tsv) and named in a warning. Every
+fold/run is resumable: finished ones are skipped, an interrupted one continues from its last
+epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from torch import nn
 from voxplain.config import ModelConfig, TrainConfig
 from voxplain.data.cohort import (Cohort, CohortError, ImageStack, class_names, encode_labels,
                                   load_images, quality_check)
-from voxplain.evaluate.classification import classification_metrics
+from voxplain.evaluate.classification import chance_p_value, classification_metrics
 from voxplain.io import write_tsv
 from voxplain.models.layout import for_batches
 from voxplain.models.registry import build_model
@@ -185,13 +192,15 @@ def train_fold(config: TrainConfig, model_config: ModelConfig, classes: list[str
         started = time.perf_counter()
         rng = np.random.default_rng([seed, fold.index, epoch])  # order, then augmentation draws
         order = rng.permutation(len(train.table))
-        train_loss, train_accuracy = _train_epoch(
+        train_loss, train_accuracy, steps = _train_epoch(
             model, optimizer, train, order, config.batch_size, device,
             partial(augment, kind=config.augmentation, rng=rng))
+        state.steps += steps
         probabilities, validation_loss = predict_proba(model, validation, config.batch_size,
                                                        device)
         scores = classification_metrics(validation.labels, probabilities)
-        _update_state(state, model, best, validation_loss, scores["balanced_accuracy"])
+        _update_state(state, model, best, validation_loss, scores["balanced_accuracy"],
+                      counts=state.steps >= config.min_steps)
         state.history.append({
             "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
             "validation_loss": validation_loss,
@@ -213,10 +222,12 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _update_state(state: TrainingState, model: nn.Module, best: dict[str, torch.Tensor],
-                  loss: float, balanced_accuracy: float) -> None:
+                  loss: float, balanced_accuracy: float, counts: bool = True) -> None:
+    """Record one epoch: the lowest validation loss, the patience counter (only an epoch that
+    ``counts``, i.e. ends after ``min_steps``, adds to it) and the best model so far."""
     if loss < state.lowest_loss:
         state.lowest_loss, state.epochs_above_lowest = loss, 0
-    else:
+    elif counts:
         state.epochs_above_lowest += 1
     accuracy = -1.0 if np.isnan(balanced_accuracy) else balanced_accuracy
     if (accuracy, -loss) > (state.best_balanced_accuracy, -state.best_loss):
@@ -227,15 +238,16 @@ def _update_state(state: TrainingState, model: nn.Module, best: dict[str, torch.
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dataset,
                  order: np.ndarray, batch_size: int, device: torch.device,
-                 transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+                 transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float, int]:
     """One pass over ``data`` in ``order``, each batch passed through ``transform`` (the
-    augmentation); returns the mean loss and accuracy seen in training.
+    augmentation); returns the mean loss and accuracy seen in training and the number of
+    optimisation steps.
 
     A trailing batch of a single image is skipped: batch-norm cannot normalise one sample whose
     feature maps have shrunk to one voxel.
     """
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
     for x, y in data.batches(batch_size, order):
         if len(y) == 1 and seen:
             break
@@ -248,7 +260,8 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Datas
         total_loss += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+        steps += 1
+    return total_loss / max(seen, 1), correct / max(seen, 1), steps
 
 
 @torch.no_grad()
@@ -288,10 +301,21 @@ def _finish(folder: Path, model: nn.Module, model_config: ModelConfig, classes: 
         probabilities, loss = predict_proba(model, data, config.batch_size, device)
         write_tsv(folder / f"predictions-{subset}.tsv", prediction_table(data, probabilities,
                                                                          classes))
+        p_value = chance_p_value(data.labels, probabilities.argmax(1), seed=config.seed)
         rows.append({"fold": fold.index, "run": run_index, "subset": subset,
-                     "best_epoch": state.best_epoch, "loss": loss,
-                     **classification_metrics(data.labels, probabilities)})
+                     "best_epoch": state.best_epoch, "epochs": len(state.history),
+                     "steps": state.steps, "loss": loss,
+                     **classification_metrics(data.labels, probabilities),
+                     "chance_p": p_value, "at_chance": not p_value <= config.chance_alpha})
     write_tsv(folder / "metrics.tsv", pd.DataFrame(rows))
     remove_checkpoint(folder)
-    log.info("fold %d run %d: validation balanced accuracy %.3f (epoch %d)", fold.index,
-             run_index, rows[0]["balanced_accuracy"], state.best_epoch)
+    validation_row = rows[0]
+    log.info("fold %d run %d: validation balanced accuracy %.3f (epoch %d of %d, %d steps)",
+             fold.index, run_index, validation_row["balanced_accuracy"], state.best_epoch,
+             len(state.history), state.steps)
+    if validation_row["at_chance"]:
+        log.warning("fold %d run %d ended at chance: validation balanced accuracy %.3f, "
+                    "permutation p = %.3g > %g; its maps explain a model that did not learn "
+                    "the task (more epochs, --min-steps or another learning rate may help)",
+                    fold.index, run_index, validation_row["balanced_accuracy"],
+                    validation_row["chance_p"], config.chance_alpha)

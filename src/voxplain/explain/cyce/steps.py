@@ -73,13 +73,6 @@ def split_images(context: CyCEContext, fold: int, subset: str) -> np.ndarray:
     return np.ascontiguousarray(context.images[rows.image_index.to_numpy()])
 
 
-def selected_models(run: RunFolder, folds: list[int] | None) -> list[tuple[int, int, Path]]:
-    found = [(f, r, d) for f, r, d in run.model_dirs() if folds is None or f in folds]
-    if not found:
-        raise RunFolderError(f"{run.root}: no trained model for folds {folds}")
-    return found
-
-
 def _check_binary(classes: list[str], folder: Path) -> None:
     if len(classes) != 2:
         raise ValueError(f"{folder}: CyCE explains two-class classifiers (paper 3); this model "
@@ -93,7 +86,7 @@ def train_cyce(config: CyCEStepConfig, progress: Progress | None = None) -> pd.D
     run.record_config("cyce", config)
     context = read_context(config.run, config.device, progress)
     rows = []
-    for fold, run_index, model_folder in selected_models(run, config.folds):
+    for fold, run_index, model_folder in run.selected_models(config.folds):
         folder = cyce_dir(run, fold, run_index)
         if (folder / DESCRIPTION).is_file():
             log.info("CyCE fold %d run %d already trained: skipped", fold, run_index)
@@ -152,7 +145,7 @@ def transfer_cyce(config: CyCETransferConfig, progress: Progress | None = None) 
     run = RunFolder(config.run)
     context = read_context(config.run, config.device, progress)
     tables = []
-    for fold, run_index, model_folder in selected_models(run, config.folds):
+    for fold, run_index, model_folder in run.selected_models(config.folds):
         folder = cyce_dir(run, fold, run_index)
         if not (folder / DESCRIPTION).is_file():
             log.warning("CyCE fold %d run %d: no generators (%s): skipped", fold, run_index, folder)

@@ -1,0 +1,207 @@
+"""Can these results be trusted? The checks the report opens with, read from a run folder.
+
+Every finding names what it is about, a verdict (``ok`` or ``warning``) and the evidence, so a
+reader learns before any figure which maps cannot be trusted and why. The rules, stated once:
+
+- a **classifier** is at chance when its validation balanced accuracy has a permutation
+  p-value above the training step's ``chance_alpha`` (``at_chance`` in ``metrics.tsv``): its
+  maps and masks explain a model that did not learn the task;
+- an **explanation** is *near chance* against a ground truth when its mean group-map AUC is
+  below :data:`NEAR_CHANCE_AUC` or the share of its mass inside the true region does not exceed
+  that region's share of the brain (``chance_mass``);
+- its **layer** is *coarse* when an axis of the feature maps it reads has fewer voxels than the
+  explanation step's ``min_layer_size`` (``layer_coarse`` in ``index.tsv``): the map is then a
+  few blobs stretched over the image;
+- its maps are *nearly identical across subjects* when their mean inter-subject rank
+  correlation (``evaluate robustness``) is at least :data:`IDENTICAL_RANK_CORRELATION`: a map
+  that does not change with the subject explains the model or the layer, not the subject;
+- a **mask** is flagged by the mask steps (group masks: far denser than the run's others, or
+  not halving the masked class's probability; session masks: not converged; images: quality
+  check step 2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from voxplain.io import read_tsv
+from voxplain.run import RunFolder
+
+#: A group map whose mean AUC against the ground truth is below this is near chance (0.5).
+NEAR_CHANCE_AUC = 0.6
+#: Session maps whose mean inter-subject rank correlation reaches this are nearly identical.
+IDENTICAL_RANK_CORRELATION = 0.95
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check: what it is about, ``ok`` or ``warning``, and the evidence."""
+
+    about: str
+    verdict: str
+    text: str
+
+
+def run_findings(run: RunFolder) -> list[Finding]:
+    """Every finding of the run folder: classifiers, explanation methods, masks; warnings
+    first."""
+    findings = classifier_findings(run)
+    for key in explanation_keys(run):
+        findings += method_findings(run, key)
+    findings += mask_findings(run)
+    return sorted(findings, key=lambda f: f.verdict != "warning")
+
+
+def explanation_keys(run: RunFolder) -> list[str]:
+    root = run.root / "explanations"
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def classifier_findings(run: RunFolder) -> list[Finding]:
+    """One warning per fold/run whose classifier ended at chance, else one ``ok`` line."""
+    rows = [read_tsv(folder / "metrics.tsv") for _, _, folder in run.model_dirs()]
+    if not rows:
+        return []
+    table = pd.concat(rows, ignore_index=True)
+    table = table[table.subset == "validation"]
+    if "at_chance" not in table:
+        return []
+    at_chance = table[table.at_chance.astype(bool)]
+    findings = [Finding(f"classifier fold {row.fold} run {row.run}", "warning",
+                        f"validation balanced accuracy {row.balanced_accuracy:.2f} is at chance "
+                        f"(permutation p = {row.chance_p:.2g}): its maps and masks explain a "
+                        "model that did not learn the task")
+                for row in at_chance.itertuples()]
+    if not findings:
+        accuracy = table.balanced_accuracy
+        findings.append(Finding("classifiers", "ok", f"validation balanced accuracy "
+                                f"{accuracy.min():.2f}-{accuracy.max():.2f} (mean "
+                                f"{accuracy.mean():.2f}), every fold above chance"))
+    return findings
+
+
+def method_findings(run: RunFolder, key: str) -> list[Finding]:
+    """Localisation against the ground truth (group and session maps), the layer read, and the
+    similarity of the maps across subjects, for the explanations under ``explanations/KEY``."""
+    return [*_localisation(run, key), *_session_localisation(run, key), *_layer(run, key),
+            *_identical(run, key)]
+
+
+def _localisation(run: RunFolder, key: str) -> list[Finding]:
+    table = _table(run.root / "evaluation" / "localisation.tsv")
+    if table is None or "key" not in table:
+        return []
+    rows = table[table.key == key]
+    if rows.empty:
+        return []
+    auc, mass, chance = rows.auc.mean(), rows.mass_inside.mean(), rows.chance_mass.mean()
+    near_chance = auc < NEAR_CHANCE_AUC or mass <= chance
+    text = (f"group maps of {', '.join(sorted(rows.diagnosis.astype(str).unique()))} against the "
+            f"ground truth: AUC {auc:.2f} (chance 0.50), mass inside {mass:.2f} (chance "
+            f"{chance:.2f}), pointing game {rows.pointing_game.mean():.2f}")
+    if near_chance:
+        text += ": near chance, the maps do not point at the true region"
+    return [Finding(key, "warning" if near_chance else "ok", text)]
+
+
+def _session_localisation(run: RunFolder, key: str) -> list[Finding]:
+    table = _table(run.root / "evaluation" / "localisation_sessions.tsv")
+    if table is None or "key" not in table:
+        return []
+    rows = table[(table.key == key) & table.auc.notna()]
+    if rows.empty:
+        return []
+    auc, mass, chance = rows.auc.mean(), rows.mass_inside.mean(), rows.chance_mass.mean()
+    near_chance = auc < NEAR_CHANCE_AUC or mass <= chance
+    text = (f"{len(rows)} session maps against each session's own truth: AUC {auc:.2f} (chance "
+            f"0.50), mass inside {mass:.2f} (chance {chance:.2f})")
+    if near_chance:
+        text += ": near chance"
+    return [Finding(key, "warning" if near_chance else "ok", text)]
+
+
+def _layer(run: RunFolder, key: str) -> list[Finding]:
+    indexes = [_table(path) for path in
+               sorted((run.root / "explanations" / key).glob("fold-*/run-*/index.tsv"))]
+    indexes = [index for index in indexes if index is not None and "layer_shape" in index]
+    if not indexes:
+        return []
+    index = pd.concat(indexes, ignore_index=True)
+    index = index[index.layer.notna() & (index.layer.astype(str) != "")]
+    if index.empty:
+        return []
+    layers = index.drop_duplicates(["layer", "layer_shape"])
+    described = ", ".join(f"{row.layer} ({row.layer_shape})" for row in layers.itertuples())
+    if index.layer_coarse.astype(bool).any():
+        return [Finding(key, "warning", f"reads layer {described}, coarser than the minimum "
+                        "size along an axis: its maps are a few blobs stretched over the "
+                        "image (choose a finer --layer or a method such as hires_cam)")]
+    return [Finding(key, "ok", f"reads layer {described}")]
+
+
+def _identical(run: RunFolder, key: str) -> list[Finding]:
+    summary = _table(run.root / "evaluation" / "robustness" / "summary.tsv")
+    if summary is None:
+        return []
+    rows = summary[(summary.method == key) & (summary.experiment == "inter-subject")
+                   & (summary.metric == "rank_correlation")]
+    if rows.empty:
+        return []
+    high = rows[rows["mean"] >= IDENTICAL_RANK_CORRELATION]
+    if high.empty:
+        return [Finding(key, "ok", "session maps differ between subjects (mean inter-subject "
+                        "rank correlation " + ", ".join(
+                            f"{row.diagnosis} {row.mean:.2f}" for row in rows.itertuples()) + ")")]
+    return [Finding(key, "warning", "session maps nearly identical across subjects (mean "
+                    "inter-subject rank correlation " + ", ".join(
+                        f"{row.diagnosis} {row.mean:.2f}" for row in high.itertuples())
+                    + "): they show the model or the layer, not the subject")]
+
+
+def mask_findings(run: RunFolder) -> list[Finding]:
+    """Flagged group masks (with their reasons), session masks and quality-check images."""
+    findings = []
+    for path in sorted(run.root.glob("masks/**/fold-*/run-*/summary.json")):
+        record = json.loads(path.read_text())
+        level = path.parent.parent.parent.relative_to(run.root / "masks").as_posix()
+        if record.get("flagged"):
+            findings.append(Finding(f"{level} mask fold {record['fold']} run {record['run']}",
+                                    "warning", "; ".join(record.get("flag_reasons", [])) +
+                                    " (left out of robustness unless --include-flagged)"))
+    masks = [path for path in sorted(run.root.glob("masks/group/fold-*/run-*/summary.json"))]
+    if masks and not any(f.about.startswith("group mask") for f in findings):
+        findings.append(Finding("group masks", "ok", f"{len(masks)} group mask(s), none flagged"))
+    sessions = [_table(path) for path in sorted(run.root.glob("masks/session/fold-*/run-*/index.tsv"))]
+    sessions = pd.concat([s for s in sessions if s is not None], ignore_index=True) \
+        if any(s is not None for s in sessions) else None
+    if sessions is not None and "flagged" in sessions:
+        flagged = sessions[sessions.flagged.astype(bool)]
+        if len(flagged):
+            findings.append(Finding("session masks", "warning", f"{len(flagged)} of "
+                                    f"{len(sessions)} flagged as not converged: " + ", ".join(
+                                        flagged.participant_id + "_" + flagged.session_id)))
+    images = [_table(path) for path in sorted(run.root.glob("masks/group/fold-*/run-*/qc_flags.tsv"))]
+    images = [table[table.flagged.astype(bool)] for table in images
+              if table is not None and "flagged" in table]
+    images = pd.concat(images, ignore_index=True) if images else pd.DataFrame()
+    if len(images):
+        findings.append(Finding("quality check step 2", "warning", "images that make the "
+                                "group-mask loss jump (check them for defects): " + ", ".join(
+                                    sorted(set(images.participant_id + "_" + images.session_id)))))
+    return findings
+
+
+def findings_table(findings: list[Finding]) -> pd.DataFrame:
+    return pd.DataFrame([{"about": f.about, "verdict": f.verdict, "finding": f.text}
+                         for f in findings], columns=["about", "verdict", "finding"])
+
+
+def _table(path: Path) -> pd.DataFrame | None:
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    table = read_tsv(path)
+    return None if table.empty else table
