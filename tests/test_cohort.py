@@ -11,8 +11,8 @@ import pytest
 
 from conftest import AFFINE, SHAPE
 from voxplain.data import cohort as cohort_module
-from voxplain.data.cohort import (Cohort, CohortError, caps_image_path, class_names, load_images,
-                                  quality_check)
+from voxplain.data.cohort import (Cohort, CohortError, bids_ids, caps_image_path, class_counts,
+                                  class_names, load_images, quality_check)
 from voxplain.data.grid import downsample
 
 
@@ -63,6 +63,97 @@ def test_unsupported_extension_is_named(cohort_tsv):
 def test_4d_volume_is_refused(cohort_tsv):
     _edit(cohort_tsv, 5, np.ones((*SHAPE, 3), np.float32))
     _one_line_error(cohort_tsv, "sub-02_ses-M12.nii.gz", "expected a 3D volume", "4D")
+
+
+def _set(tsv: Path, column: str, values: dict[int, str]) -> None:
+    table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    for row, value in values.items():
+        table.loc[row, column] = value
+    table.to_csv(tsv, sep="\t", index=False)
+
+
+def test_participant_id_that_is_a_path_is_refused_with_its_row(cohort_tsv):
+    _set(cohort_tsv, "participant_id", {1: "../../../../../victim/images/sub-002"})
+    message = _one_line_error(cohort_tsv, str(cohort_tsv), "row 3",
+                              "participant_id '../../../../../victim/images/sub-002'",
+                              "'sub-' then letters and digits only", "bids_ids")
+    assert message.startswith(str(cohort_tsv))
+
+
+def test_session_id_must_be_a_bids_label(cohort_tsv):
+    _set(cohort_tsv, "session_id", {4: "M00"})
+    _one_line_error(cohort_tsv, "row 6", "session_id 'M00' is not a BIDS label",
+                    "'ses-' then letters and digits only")
+
+
+def test_bids_ids_maps_source_ids_to_labels_and_keeps_the_sources():
+    table = pd.DataFrame({"participant_id": ["002_S_0295", "002_S_0295", "sub-01", "../x/sub-2"],
+                          "session_id": ["bl", "m06", "ses-M00", "M 12"],
+                          "diagnosis": ["AD", "AD", "CN", "CN"]})
+    mapped = bids_ids(table)
+    assert mapped.participant_id.tolist() == ["sub-002S0295", "sub-002S0295", "sub-01",
+                                              "sub-xsub2"]
+    assert mapped.session_id.tolist() == ["ses-bl", "ses-m06", "ses-M00", "ses-M12"]
+    pd.testing.assert_series_equal(mapped.source_participant_id, table.participant_id,
+                                   check_names=False)
+    assert list(mapped.columns[:4]) == ["participant_id", "source_participant_id", "session_id",
+                                        "source_session_id"]
+    pd.testing.assert_frame_equal(bids_ids(mapped), mapped)  # a second mapping changes nothing
+
+
+def test_bids_ids_refuses_two_source_ids_with_one_label():
+    table = pd.DataFrame({"participant_id": ["A-1", "A_1"], "session_id": ["bl", "bl"]})
+    with pytest.raises(CohortError, match="participant_id 'A-1' and 'A_1' both map to 'sub-A1'"):
+        bids_ids(table)
+
+
+def test_trailing_spaces_in_diagnoses_keep_the_control_class_first(cohort_tsv):
+    table = pd.read_csv(cohort_tsv, sep="\t")
+    table["diagnosis"] = table["diagnosis"] + " "
+    table.to_csv(cohort_tsv, sep="\t", index=False)
+    cohort = Cohort.from_tsv(cohort_tsv)
+    assert class_names(cohort.table.diagnosis) == ["CN", "AD"]
+
+
+def test_diagnoses_differing_only_by_case_are_refused_naming_both(cohort_tsv):
+    _set(cohort_tsv, "diagnosis", {3: "ad", 7: "ad"})
+    _one_line_error(cohort_tsv, str(cohort_tsv), "'AD' (10 sessions, e.g. row 4)",
+                    "'ad' (2 sessions, e.g. row 5)", "differ only by case")
+
+
+def test_class_counts_lists_every_class_with_its_sessions_in_class_order(cohort_tsv):
+    _set(cohort_tsv, "diagnosis", {3: "MCI"})
+    cohort = Cohort.from_tsv(cohort_tsv)
+    assert class_counts(cohort.table) == {"CN": 12, "AD": 11, "MCI": 1}
+    assert class_counts(cohort.table, ["CN", "AD", "FTD"]) == {"CN": 12, "AD": 11, "FTD": 0}
+
+
+def test_literal_na_is_a_diagnosis_and_only_an_empty_cell_is_missing(cohort_tsv):
+    _set(cohort_tsv, "diagnosis", {0: "NA"})
+    assert class_counts(Cohort.from_tsv(cohort_tsv).table) == {"CN": 11, "AD": 12, "NA": 1}
+    _set(cohort_tsv, "diagnosis", {2: ""})
+    _one_line_error(cohort_tsv, "row 4: empty 'diagnosis'")
+
+
+def test_directory_as_image_path_is_reported_as_a_directory(cohort_tsv):
+    path = cohort_tsv.parent / "sub-03_ses-M12.nii.gz"
+    path.unlink()
+    path.mkdir()
+    _one_line_error(cohort_tsv, "sub-03 ses-M12", "sub-03_ses-M12.nii.gz: is a directory")
+
+
+def test_odd_first_image_is_named_against_the_majority_shape(cohort_tsv):
+    _edit(cohort_tsv, 0, np.ones((20, 24, 18), np.float32))
+    _one_line_error(cohort_tsv, "sub-00 ses-M00", "(20, 24, 18)", "differs from the cohort's "
+                    "(20, 24, 20) (channels 1, 23 of 24 images)")
+
+
+def test_odd_first_affine_is_named_against_the_majority(cohort_tsv):
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 3.0
+    _edit(cohort_tsv, 0, np.ones(SHAPE, np.float32), shifted)
+    _one_line_error(cohort_tsv, "sub-00 ses-M00", "affine [[-6.0,0.0,0.0,93.0]",
+                    "differs from the cohort's [[-6.0,0.0,0.0,90.0]", "23 of 24 images")
 
 
 def test_shape_mismatch_names_both_shapes(cohort_tsv):
@@ -195,6 +286,32 @@ def test_two_dimensional_images_share_the_cohort_interface(tmp_path):
     assert stack.array.shape == (4, 1, 24, 32)
     assert stack.maxima[3] == pytest.approx(1.0)
     assert stack.maxima[0] == pytest.approx(np.floor(0.25 * 255) / 255, abs=1e-6)  # 8-bit
+
+
+def _picture_cohort(folder: Path, other: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.zeros((128, 128), np.uint8)).save(folder / "a.png")
+    rows = [{"participant_id": "sub-1", "session_id": "ses-M00", "diagnosis": "CN",
+             "path": "a.png"},
+            {"participant_id": "sub-2", "session_id": "ses-M00", "diagnosis": "AD",
+             "path": str(other)}]
+    pd.DataFrame(rows).to_csv(folder / "cohort.tsv", sep="\t", index=False)
+    return folder / "cohort.tsv"
+
+
+def test_pictures_mixed_with_dicom_are_refused_naming_one_of_each(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    dicom = Path(get_testdata_file("CT_small.dcm"))
+    _one_line_error(_picture_cohort(tmp_path, dicom), "sub-2 ses-M00", str(dicom),
+                    "DICOM in modality units", str(tmp_path / "a.png"))
+
+
+def test_npy_outside_the_unit_range_mixed_with_pictures_is_refused(tmp_path):
+    np.save(tmp_path / "b.npy", np.full((128, 128), 255.0, np.float32))
+    _one_line_error(_picture_cohort(tmp_path, tmp_path / "b.npy"), "sub-2 ses-M00", "b.npy",
+                    "NPY values span [255, 255]", "outside the [0, 1]", str(tmp_path / "a.png"))
 
 
 def test_dicom_slices_are_read_in_modality_units():

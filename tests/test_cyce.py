@@ -269,7 +269,7 @@ def test_cyce_steps_train_resume_and_evaluate_the_transfer_on_a_run_folder(tmp_p
     summary = train_cyce(step)
     folder = tmp_path / "run" / "cyce" / "fold-0" / "run-0"
     assert {"generators.safetensors", "generators.json", "loss.tsv"} <= {p.name for p in folder.iterdir()}
-    assert not (folder / "checkpoint.json").exists() and summary.steps.tolist() == [2]
+    assert not (folder / "checkpoint.safetensors").exists() and summary.steps.tolist() == [2]
     assert train_cyce(step).steps.tolist() == [2]  # finished: skipped
     table = transfer_cyce(CyCETransferConfig(run=tmp_path / "run", folds=[0], device="cpu"))
     assert table.domain.tolist() == ["x", "G-(x)", "G+(x)"] and (folder / "transfer.tsv").is_file()

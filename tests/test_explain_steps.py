@@ -24,7 +24,7 @@ from voxplain.evaluate.localisation import (
 )
 from voxplain.explain.api import Explainer, register
 from voxplain.explain.explain_steps import explain_run
-from voxplain.run import RunFolderError
+from voxplain.run import RunFolderError, cohort_label
 from voxplain.train.trainer import train_cohort
 
 pytestmark = pytest.mark.slow
@@ -168,7 +168,9 @@ def test_predicted_and_fixed_targets(trained_run):
     index = explain_run(step(trained_run, "test_unsigned_probe", target="CN", folds=[0],
                              cohort=trained_run.parent / "cohort" / "cohort.tsv"))
     assert (index.target == "CN").all() and len(index) == 36  # the whole given cohort
-    assert (trained_run / "explanations/test_unsigned_probe_target-CN_cohort-cohort/fold-0/"
+    label = cohort_label(trained_run.parent / "cohort" / "cohort.tsv")
+    assert label.startswith("cohort-cohort-")  # folder, name and a hash of the path
+    assert (trained_run / f"explanations/test_unsigned_probe_target-CN_cohort-{label}/fold-0/"
                           "run-0/index.tsv").is_file()
 
 
@@ -332,7 +334,8 @@ def test_session_truths_of_another_cohort_resolve_from_its_folder_and_errors_nam
         evaluate_session_localisation(run, "mask_path", methods=["test_unsigned_probe"])
     with pytest.raises(ValueError, match=r"no column 'lesion_mask'.*columns are"):
         evaluate_session_localisation(run, "lesion_mask")
-    (run / "explanations/test_unsigned_probe_cohort-other").rename(run.parent / "other_maps")
+    (run / f"explanations/test_unsigned_probe_cohort-{cohort_label(other)}").rename(
+        run.parent / "other_maps")
 
 
 def test_cli_scores_session_maps_with_session_truth(lesion_run):
@@ -378,7 +381,7 @@ def test_3d_session_maps_are_scored_against_each_session_s_own_truth(trained_run
     explain_run(step(trained_run, "test_cube_oracle", cohort=folder / "with_truth.tsv"))
     table = evaluate_session_localisation(trained_run, "truth_path", methods=["test_cube_oracle"])
     # explanations of the run's own cohort (no truth_path column) are skipped
-    assert set(table.key) == {"test_cube_oracle_cohort-with_truth"}
+    assert set(table.key) == {f"test_cube_oracle_cohort-{cohort_label(folder / 'with_truth.tsv')}"}
     assert len(table) == len(cohort)
     ad, cn = table[table.diagnosis == "AD"], table[table.diagnosis == "CN"]
     assert (ad.mass_inside == 1).all() and (ad.pointing_game == 1).all() and (ad.auc == 1).all()

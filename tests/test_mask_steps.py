@@ -49,7 +49,7 @@ def test_group_masks_write_the_mask_its_losses_and_quality_flags(trained_run):
     assert summary.fold.tolist() == [0]
     again = group_masks(config)  # finished: read back, not recomputed
     assert again.probability_after.tolist() == summary.probability_after.tolist()
-    assert not (folder / "checkpoint.json").exists()
+    assert not (folder / "checkpoint.safetensors").exists()
 
 
 def test_session_masks_cover_validation_subjects_only(trained_run):

@@ -246,13 +246,14 @@ def test_group_mask_resumed_after_an_interruption_equals_an_uninterrupted_run(tm
         optimise_group_mask(model, train, train_targets, validation, validation_targets,
                             reference, config, device, checkpoint=tmp_path / "split",
                             progress=stop_after_three)
-    assert (tmp_path / "split" / "checkpoint.json").is_file()
+    assert (tmp_path / "split" / "checkpoint.safetensors").is_file()
     resumed = optimise_group_mask(model, train, train_targets, validation, validation_targets,
                                   reference, config, device, checkpoint=tmp_path / "split")
     torch.testing.assert_close(resumed.mask, whole.mask)
     pd.testing.assert_frame_equal(resumed.history, whole.history)
     pd.testing.assert_frame_equal(resumed.image_losses, whole.image_losses)
-    assert not (tmp_path / "split" / "checkpoint.json").exists()
+    # the checkpoint stays until the caller has written its final files (mask_steps)
+    assert (tmp_path / "split" / "checkpoint.safetensors").is_file()
 
 
 def test_group_mask_keeps_the_epoch_of_lowest_validation_loss():

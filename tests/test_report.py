@@ -4,6 +4,7 @@ and a page that a real browser (headless Chromium) opens offline without an erro
 from __future__ import annotations
 
 import json
+import shutil
 import re
 
 import nibabel as nib
@@ -249,13 +250,21 @@ def test_session_masks_flagged_as_not_converged_are_listed(run_2d):
     assert "sub-1" in listed and "sub-0" not in listed
 
 
-def test_a_second_rendering_removes_figures_the_first_left(run_2d):
+def test_a_second_rendering_removes_figures_the_first_left_and_nothing_else(run_2d):
+    """A figure the first rendering wrote and the second does not is removed (the page and its
+    folder match); a file the report never wrote is kept (issue 16: report --out DIR deleted
+    every file of DIR/figures)."""
     build_report(ReportConfig(run=run_2d))
-    stale = run_2d / "report" / "figures" / "old.png"
-    stale.write_bytes(b"x")
+    figures = run_2d / "report" / "figures"
+    first = {path.name for path in figures.iterdir()}
+    mine = figures / "old.png"
+    mine.write_bytes(b"x")
+    shutil.rmtree(run_2d / "explanations" / "grad-cam")  # its figures are no longer drawn
     build_report(ReportConfig(run=run_2d))
-    assert not stale.exists()
-    assert (run_2d / "report" / "figures" / "explanations_2d.png").is_file()
+    second = {path.name for path in figures.iterdir()}
+    assert "grad-cam_group_benign_panels.png" in first - second
+    assert mine.read_bytes() == b"x"
+    assert (figures / "explanations_2d.png").is_file()
 
 
 def test_cli_report_prints_the_page_and_refuses_a_missing_folder(tmp_path):

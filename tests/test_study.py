@@ -15,7 +15,7 @@ import pytest
 from conftest import write_cohort
 from scipy import stats
 
-from voxplain.config import StudyAnalyseConfig, StudyMakeConfig
+from voxplain.config import StudyAnalyseConfig, StudyMakeConfig, StudyServeConfig
 from voxplain.study.analyse import (
     analyse,
     derandomise,
@@ -35,7 +35,7 @@ from voxplain.study.make import (
     overlay,
     representative_slice,
 )
-from voxplain.study.serve import AnswerStore, make_server
+from voxplain.study.serve import AnswerStore, QuestionnaireServer, issue_links
 
 #: Distinctive names, so that a byte search for them cannot hit by chance.
 METHODS = ["gradcamplusplus", "occlusion", "smoothgrad", "deepliftshap"]
@@ -207,7 +207,9 @@ def test_volumes_show_one_axial_slice_per_question(tmp_path):
         assert rows["slice"].iloc[0] == representative_slice(maps)
 
 
-def _served(url: str, data: bytes | None = None) -> bytes:
+def _served(link: str, route: str = "", data: bytes | None = None) -> bytes:
+    """The reply to ``route`` (e.g. "answers") requested with the token of a rater's link."""
+    url = link.replace("/?", f"/{route}?", 1)
     request = urllib.request.Request(url, data=data,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as reply:
@@ -216,18 +218,21 @@ def _served(url: str, data: bytes | None = None) -> bytes:
 
 @pytest.fixture
 def server(study_2d, tmp_path):
+    """Variant A served on a free port; yields the links of raters r1 and ada, and the database."""
     folder, _ = study_2d
     database = tmp_path / "answers.sqlite"
-    httpd = make_server(folder, "A", port=0, database=database)
+    httpd = QuestionnaireServer(StudyServeConfig(study=folder, variant="A", port=0,
+                                                 database=database))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}/", database
+    yield issue_links(httpd, ["r1", "ada"]), database
     httpd.shutdown()
     httpd.server_close()
 
 
 def test_server_listens_on_localhost_only(study_2d, tmp_path):
-    httpd = make_server(study_2d[0], "B", port=0, database=tmp_path / "answers.sqlite")
+    httpd = QuestionnaireServer(StudyServeConfig(study=study_2d[0], variant="B", port=0,
+                                                 database=tmp_path / "answers.sqlite"))
     try:
         assert httpd.socket.getsockname()[0] == "127.0.0.1"
     finally:
@@ -235,32 +240,32 @@ def test_server_listens_on_localhost_only(study_2d, tmp_path):
 
 
 def test_resent_answer_updates_its_row_instead_of_adding_one(server, study_2d):
-    url, database = server
+    links, database = server
     question = StudyFolder(study_2d[0]).questionnaire()["variants"]["A"][0]
-    answer = {"rater": "r1", "question": question["question"], "image": question["images"][0],
+    answer = {"question": question["question"], "image": question["images"][0],
               "criterion": CRITERIA[0], "score": 2}
-    _served(url + "answer", json.dumps(answer).encode())
-    _served(url + "answer", json.dumps({**answer, "score": -3}).encode())
+    _served(links["r1"], "answer", json.dumps(answer).encode())
+    _served(links["r1"], "answer", json.dumps({**answer, "score": -3}).encode())
     with sqlite3.connect(database) as connection:
         rows = connection.execute("SELECT rater, variant, score FROM answers").fetchall()
     assert rows == [("r1", "A", -3)]
     bad = {**answer, "score": 5}
     with pytest.raises(urllib.error.HTTPError, match="400"):
-        _served(url + "answer", json.dumps(bad).encode())
+        _served(links["r1"], "answer", json.dumps(bad).encode())
 
 
 def test_blinding_no_method_name_in_any_file_or_page_a_rater_can_see(study_2d, server, tmp_path):
     folder, key = study_2d
-    url, database = server
+    links, database = server
     assert StudyFolder(folder).key_file.parent == folder  # the key is outside questionnaire/
     questionnaire = StudyFolder(folder).questionnaire()
     question = questionnaire["variants"]["A"][0]
-    _served(url + "answer", json.dumps({"rater": "r1", "question": question["question"],
-                                        "image": question["images"][1],
-                                        "criterion": CRITERIA[1], "score": 1}).encode())
+    _served(links["r1"], "answer", json.dumps({"question": question["question"],
+                                               "image": question["images"][1],
+                                               "criterion": CRITERIA[1], "score": 1}).encode())
     AnswerStore(database).export_csv(tmp_path / "export.csv")
-    served = [_served(url), _served(url + "answers?rater=r1"),
-              *(_served(f"{url}images/{image}.png") for image in question["images"])]
+    served = [_served(links["r1"]), _served(links["r1"], "answers"),
+              *(_served(links["r1"], f"images/{image}.png") for image in question["images"])]
     files = [p for p in (folder / "questionnaire").rglob("*") if p.is_file()]
     files += [database, tmp_path / "export.csv"]
     assert len(files) > 12 * 5
@@ -459,7 +464,7 @@ def test_served_form_in_headless_chromium_saves_every_answer_once(server, study_
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    url, database = server
+    links, database = server
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
@@ -469,7 +474,7 @@ def test_served_form_in_headless_chromium_saves_every_answer_once(server, study_
     ready = "return document.body.dataset.ready === 'true'"
     saved = "return document.querySelectorAll('select.saved').length"
     try:
-        driver.get(url + "?rater=ada")
+        driver.get(links["ada"])
         wait.until(lambda d: d.execute_script(ready))
         selects = driver.find_elements(By.CSS_SELECTOR, "select[data-image]")
         expected = {}

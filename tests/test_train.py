@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import write_cohort
 from voxplain.config import PredictConfig, TrainConfig
 from voxplain.run import RunFolder, RunFolderError
-from voxplain.train.predict import predict_cohort
+from voxplain.train.predict import predict_cohort, predictions_file
 from voxplain.train.splits import subject_folds
 from voxplain.train.trainer import _update_state, train_cohort
 from voxplain.train.checkpoint import TrainingState
@@ -124,7 +124,7 @@ def test_training_writes_the_run_folder_and_learns_an_easy_task(tmp_path):
         for name in ("model.safetensors", "model.json", "history.tsv", "metrics.tsv",
                      "predictions-validation.tsv"):
             assert (folder / name).is_file(), name
-        assert not (folder / "checkpoint.json").exists()
+        assert not (folder / "checkpoint.safetensors").exists()
         validation = pd.read_csv(run.split_file(fold, "validation"), sep="\t")
         predictions = pd.read_csv(folder / "predictions-validation.tsv", sep="\t")
         assert list(predictions.participant_id) == list(validation.participant_id)
@@ -188,7 +188,7 @@ def test_killed_training_resumes_without_redoing_finished_folds(cohort_tsv, tmp_
                "--batch-size", "4", "--channels", "4,8,8", "--device", "cpu"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = run / "models/fold-0/run-0/metrics.tsv"
-    checkpoint = run / "models/fold-1/run-0/checkpoint.json"
+    checkpoint = run / "models/fold-1/run-0/checkpoint.safetensors"
     deadline = time.time() + 240
     while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -230,7 +230,7 @@ def test_predict_writes_probabilities_of_every_model(cohort_tsv, tmp_path):
                                                device="cpu"))
     assert len(predictions) == 2 * 24
     assert set(predictions.fold) == {0, 1}
-    assert (tmp_path / "run" / "predictions" / "cohort.tsv").is_file()
+    assert predictions_file(RunFolder(tmp_path / "run"), cohort_tsv).is_file()
     np.testing.assert_allclose(predictions.proba_CN + predictions.proba_AD, 1, atol=1e-5)
 
 

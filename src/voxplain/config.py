@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
@@ -135,6 +135,11 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     """Subject-level cross-validated training (paper 1, section 2.2)."""
+
+    #: Settings a resumed training may change (they do not change the results): the device,
+    #: the image cache, and the run folder's own path (a moved or copied folder resumes). The
+    #: number of folds is *not* among them: it defines the splits the models were trained on.
+    resumable: ClassVar[frozenset[str]] = frozenset({"device", "cache", "out"})
 
     cohort: Path = Field(description="cohort.tsv (participant_id, session_id, diagnosis, path).")
     out: Path = Field(description="Run folder.")
@@ -536,6 +541,25 @@ class StudyServeConfig(Section):
     variant: Literal["A", "B"] = Field("A", description="Questionnaire variant to show.")
     port: int = Field(8765, ge=0, le=65535, description="Port on 127.0.0.1 (0: any free port).")
     database: Path | None = Field(None, description="SQLite file (default STUDY/answers.sqlite).")
+    raters: list[str] = Field(
+        default_factory=list,
+        description="Raters given a secret link, printed at start (repeat the flag); a rater "
+                    "who has a link keeps it.",
+    )
+    new_links: bool = Field(
+        False, description="Give the named raters new links; their old links stop working."
+    )
+    request_timeout: float = Field(
+        10.0, gt=0, description="Seconds a connection may take to send its request (then 408)."
+    )
+
+    @field_validator("raters")
+    @classmethod
+    def _named_raters(cls, raters: list[str]) -> list[str]:
+        names = [rater.strip() for rater in raters]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError(f"rater names must be distinct and not empty, got {raters}")
+        return names
 
 
 class StudyAnalyseConfig(Section):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,31 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+#: Names :func:`atomic_path` gives its temporary files: ``.STEM.XXXXXXXX.SUFFIXES`` (mkstemp's
+#: 8 random characters).
+TEMPORARY_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}(\.[^.]+)*$")
+
+
+def is_temporary(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_path` (left by a killed writer);
+    readers skip them."""
+    return bool(TEMPORARY_NAME.match(Path(path).name))
+
+
+def leftover_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """The temporary files of :func:`atomic_path` under ``folder`` (recursively, or only in
+    ``folder`` itself)."""
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(".*") if recursive else folder.glob(".*")
+    return sorted(path for path in found if path.is_file() and is_temporary(path))
+
+
+def visible(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` without the temporary files of interrupted writers, sorted."""
+    return sorted(path for path in paths if not is_temporary(path))
 
 
 def _umask() -> int:

@@ -24,20 +24,27 @@ Every step reads what earlier steps wrote, skips work already done and writes at
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import platform
+import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from voxplain.config import TrainConfig, config_values, read_toml, to_toml
-from voxplain.io import write_json, write_text
+from voxplain.data.grid import Grid, downsample_affine, downsampled_shape
+from voxplain.io import leftover_files, read_tsv, write_json, write_text
 
 log = logging.getLogger("voxplain")
 T = TypeVar("T")
@@ -76,6 +83,48 @@ class RunFolder:
     @property
     def qc_rejected_file(self) -> Path:
         return self.root / "qc_rejected.tsv"
+
+    @property
+    def grid_file(self) -> Path:
+        """``grid.json``: the grid the models take (spatial shape, channels, affine)."""
+        return self.root / "grid.json"
+
+    def training_grid(self) -> tuple[Grid, int]:
+        """The grid the models were trained on (after downsampling) and their channels.
+
+        From ``grid.json``; for a run folder written before it existed, from the first image of
+        ``cohort.tsv`` and the downsampling factor of ``[train]``.
+        """
+        if self.grid_file.is_file():
+            record = json.loads(self.grid_file.read_text())
+            return Grid(tuple(record["shape"]), np.asarray(record["affine"])), record["channels"]
+        from voxplain.data.images import read_header  # older run folders only
+
+        train = self.train_config()
+        first = read_tsv(self.cohort_file).path.iloc[0]
+        shape, affine = read_header(Path(first))
+        factor = train.downsample
+        spatial = downsampled_shape(shape[1:], factor) if factor > 1 else tuple(shape[1:])
+        affine = downsample_affine(affine, factor, len(spatial)) if factor > 1 else affine
+        return Grid(tuple(spatial), np.asarray(affine)), shape[0]
+
+    def check_training_grid(self, source: str | os.PathLike[str], image_shape: tuple[int, ...],
+                            affine: np.ndarray) -> None:
+        """Refuse images ``(C, *spatial)`` with ``affine`` (after the run's downsampling) that are
+        not on the grid the models were trained on: another shape, other channels, or another
+        affine (a flipped axis, a shift, another voxel size: the models would read anatomy at
+        the wrong place without any error)."""
+        grid, channels = self.training_grid()
+        channels_now, spatial = image_shape[0], tuple(image_shape[1:])
+        if spatial != tuple(grid.shape) or channels_now != channels:
+            raise RunFolderError(f"{source}: images are {spatial} (channels {channels_now}) on "
+                                 f"the models' grid; the models of {self.root} take "
+                                 f"{tuple(grid.shape)} (channels {channels})")
+        if not np.allclose(affine, grid.affine, atol=1e-3):
+            raise RunFolderError(
+                f"{source}: the images' affine {_compact(affine)} differs from the training "
+                f"grid's {_compact(grid.affine)} (flipped, shifted or resampled images are not "
+                "in the space the models learned); resample them to the training grid")
 
     @property
     def cache_dir(self) -> Path:
@@ -138,28 +187,100 @@ class RunFolder:
         """Store ``config`` as ``[section]`` of config.toml, or check it matches a stored one.
 
         Resuming a step with other settings would mix two experiments in one folder, so a
-        difference (other than :data:`RESUMABLE_FIELDS`) is an error that names the fields.
+        difference (other than the fields that do not change results: the config class's
+        ``resumable`` set, default :data:`RESUMABLE_FIELDS`) is an error that names the fields.
+        The read-modify-write runs under the run folder's lock, so concurrent steps on one run
+        folder never lose each other's sections.
         """
-        sections = self.read_config()
+        resumable = getattr(type(config), "resumable", RESUMABLE_FIELDS)
         new = config_values(config)
-        if section in sections:
-            old = _with_defaults(type(config), sections[section], new)
-            changed = sorted(key for key in set(old) | set(new)
-                             if key not in RESUMABLE_FIELDS and old.get(key) != new.get(key))
-            if changed:
-                details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-                raise RunFolderError(f"{self.config_file}: this run folder was made with other "
-                                     f"[{section}] settings ({details}); use another folder")
-            return
-        sections[section] = new
-        write_text(self.config_file, to_toml(sections))
-        self._record_environment(section)
+        with self.lock():
+            sections = self.read_config()
+            if section in sections:
+                old = _with_defaults(type(config), sections[section], new)
+                changed = _differences(old, new, resumable)
+                if changed:
+                    raise RunFolderError(f"{self.config_file}: this run folder was made with "
+                                         f"other [{section}] settings ({', '.join(changed)}); "
+                                         "use another folder")
+                return
+            sections[section] = new
+            for leftover in leftover_files(self.root, recursive=False):  # ours: under the lock
+                leftover.unlink(missing_ok=True)
+            # the environment first: a kill between the two leaves a section unrecorded, and
+            # the next run of the step records both
+            self._record_environment(section)
+            write_text(self.config_file, to_toml(sections))
 
     def _record_environment(self, section: str) -> None:
         path = self.root / "environment.json"
         record = json.loads(path.read_text()) if path.is_file() else {}
         record[section] = environment()
         write_json(path, record)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock on the run folder's shared records (``config.toml``,
+        ``environment.json``, ``summary.json`` flags): an advisory ``flock`` on ``RUN/.lock``,
+        held by one step at a time across processes (and threads), released on exit or death."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def inside(self, path: str | os.PathLike[str]) -> Path:
+        """``path``, checked to lie inside the run folder (after resolving ``..`` and links);
+        a writer must never leave it, whatever an identifier or a label holds."""
+        path = Path(path)
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root.resolve()):
+            raise RunFolderError(f"{path}: refusing to write outside the run folder {self.root}")
+        return path
+
+    def remove_leftovers(self, folder: str | os.PathLike[str] | None = None) -> list[Path]:
+        """Delete the temporary files a killed step left under ``folder`` (default: the whole
+        run folder): :func:`voxplain.io.atomic_path`'s ``.NAME.XXXXXXXX.ext`` files. Returns
+        what was removed."""
+        removed = []
+        for path in leftover_files(Path(folder) if folder is not None else self.root):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted step (e.g. %s)",
+                     len(removed), removed[0])
+        return removed
+
+
+def cohort_label(cohort: str | os.PathLike[str]) -> str:
+    """A file-name label of a cohort TSV that two cohorts never share: its folder, its name and
+    8 hex digits of its absolute path (``site-a-cohort-1f3e9a2b``); every generated cohort is
+    called ``cohort.tsv``, so the name alone would collide."""
+    path = Path(cohort).resolve()
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    label = f"{path.parent.name}-{path.name.removesuffix('.tsv')}-{digest}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", label)
+
+
+def _compact(affine: np.ndarray) -> str:
+    return str(np.round(np.asarray(affine)[:3], 2).tolist()).replace(" ", "")
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], resumable: frozenset[str],
+                 prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs, nested sections key by key."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key in resumable:
+            continue
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += _differences(before, after, resumable, f"{prefix}{key}.")
+        elif before != after:
+            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changes
 
 
 def each_fold(units: Iterable[tuple[int, int, T]], work: Callable[[int, int, T], R],

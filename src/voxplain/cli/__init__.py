@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from voxplain.cli import cohort as _cohort
 from voxplain.cli import cyce as _cyce
 from voxplain.cli import evaluate as _evaluate
 from voxplain.cli import explain as _explain
@@ -23,6 +24,7 @@ from voxplain.cli.common import build_config
 app = typer.Typer(help="Train, explain and measure deep classifiers of medical images.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(_generate.generate, name="generate")
+app.command("bids-ids")(_cohort.bids_ids)
 app.command()(_train.train)
 app.command()(_train.predict)
 app.add_typer(_masks.mask, name="mask")

@@ -42,7 +42,7 @@ def option(model: type[BaseModel], field: str, *flags: str) -> Any:
         return typer.Option(None, *flags, help=f"{info.description} (required)", show_default=False)
     default = info.get_default(call_default_factory=True)
     shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-    suffix = "" if default is None else f" (default: {shown})"
+    suffix = "" if default is None or shown in ("", {}) else f" (default: {shown})"
     return typer.Option(None, *flags, help=f"{info.description}{suffix}", show_default=False)
 
 
@@ -59,7 +59,8 @@ def build_config(schema: type[ConfigT], section: str, config_file: Path | None,
     """Validate TOML values (``[section]`` or top level) overridden by the flags that were given."""
     values: dict[str, Any] = {}
     if config_file is not None:
-        document = read_toml(config_file)
+        with reported_errors():  # a missing or invalid file: one line, not a traceback
+            document = read_toml(config_file)
         values = dict(document.get(section, document))
     for key, value in flags.items():
         if value is None:
@@ -73,7 +74,9 @@ def build_config(schema: type[ConfigT], section: str, config_file: Path | None,
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or section}: {e['msg']}"
                              for e in error.errors())
-        raise typer.BadParameter(problems) from None
+        where = f"{config_file} [{section}] or the flags" if config_file else "the flags"
+        _print_error(f"invalid settings in {where}: {problems}")
+        raise typer.Exit(2) from None
 
 
 @contextmanager
@@ -82,10 +85,14 @@ def reported_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        # as plain text: messages quote config sections such as "[train]", not rich markup
-        console.print(Text.assemble(("error:", "bold red"), f" {error}"), highlight=False,
-                      soft_wrap=True)
+        _print_error(str(error))
         raise typer.Exit(2) from None
+
+
+def _print_error(message: str) -> None:
+    # as plain text: messages quote config sections such as "[train]", not rich markup
+    console.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False,
+                  soft_wrap=True)
 
 
 def progress_bar() -> Progress:

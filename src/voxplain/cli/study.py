@@ -66,14 +66,20 @@ def study_serve(
     variant: str = option(StudyServeConfig, "variant", "--variant"),
     port: int = option(StudyServeConfig, "port", "--port"),
     database: Path = option(StudyServeConfig, "database", "--database"),
+    raters: list[str] = option(StudyServeConfig, "raters", "--rater"),
+    new_links: bool = option(StudyServeConfig, "new_links", "--new-links"),
+    request_timeout: float = option(StudyServeConfig, "request_timeout", "--request-timeout"),
     config: Path = CONFIG_OPTION,
 ) -> None:
-    """Show one questionnaire on http://127.0.0.1:PORT/ and save each answer to SQLite."""
+    """Show one questionnaire on http://127.0.0.1:PORT/ and save each answer to SQLite; print
+    a secret link (RATER<tab>URL on stdout) for each --rater who has none yet."""
     from voxplain.study.serve import serve
 
     setup_logging()
     settings = build_config(StudyServeConfig, "study_serve", config, study=absolute(study_folder),
-                            variant=variant, port=port, database=absolute(database))
+                            variant=variant, port=port, database=absolute(database),
+                            raters=raters or None, new_links=new_links,
+                            request_timeout=request_timeout)
     with reported_errors():
         serve(settings)
 

@@ -2,27 +2,40 @@
 
 Sources: a ``cohort.tsv`` (``participant_id``, ``session_id``, a diagnosis column, ``path``
 absolute or relative to the TSV; optional ``age``, ``sex``, ...) or a Clinica CAPS folder plus a
-TSV without ``path``. Every image is checked before any work starts: readable, right
-dimensionality, the same shape and affine as the cohort's first image; values are checked (finite)
-when decoded. The quality check of paper 1 (section 2.3.1) rejects GM maps whose maximum is below
-0.95.
+TSV without ``path``. Identifiers are BIDS labels (``sub-`` or ``ses-`` then letters and digits),
+because they become file names; :func:`bids_ids` maps other source ids. Diagnoses are read
+literally (``NA`` is a label, only an empty cell is missing) and stripped of surrounding
+whitespace; two spellings of one label (``AD``/``ad``) are refused. Every image is checked before
+any work starts: readable, right dimensionality, the same shape and affine as the majority of the
+cohort, one intensity unit per 2D cohort; values are checked (finite) when decoded. The quality
+check of paper 1 (section 2.3.1) rejects GM maps whose maximum is below 0.95.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from voxplain.data.grid import downsample, downsample_affine
-from voxplain.data.images import ImageError, read_header, read_image
+from voxplain.data.images import ImageError, image_kind, npy_value_range, read_header, read_image
 from voxplain.io import atomic_path, read_tsv
 
 ID_COLUMNS = ("participant_id", "session_id")
+
+#: BIDS label prefix of each identifier column; the rest of the label is letters and digits.
+ID_PREFIXES = {"participant_id": "sub-", "session_id": "ses-"}
+
+#: Largest difference (mm) between two affines of one grid.
+AFFINE_TOLERANCE = 1e-4
 
 #: Diagnoses that name a control group; put first in the class order (class index 0).
 CONTROL_LABELS = ("CN", "HC", "control", "controls", "benign", "negative")
@@ -77,6 +90,7 @@ class Cohort:
         """Read and check a cohort TSV (paths in a ``path`` column, or found in ``caps``)."""
         tsv = Path(tsv)
         table = read_cohort_table(tsv, diagnosis_column, caps, caps_group)
+        check_intensity_units(table)
         image_shape, affine = check_images(table)
         return cls(table, tsv, image_shape, affine)
 
@@ -101,6 +115,51 @@ def class_names(diagnoses: Sequence[str]) -> list[str]:
     return controls + [name for name in names if name not in controls]
 
 
+def class_counts(table: pd.DataFrame, classes: Sequence[str] | None = None) -> dict[str, int]:
+    """Sessions per class, in class order (``classes``, or :func:`class_names` of the table).
+
+    A class of ``classes`` without sessions counts 0; print this before training to see a typo
+    that became a class of its own, or a class that is missing.
+    """
+    counts = table["diagnosis"].value_counts()
+    order = class_names(table["diagnosis"]) if classes is None else classes
+    return {name: int(counts.get(name, 0)) for name in order}
+
+
+def bids_ids(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``table`` whose ``participant_id``/``session_id`` are BIDS labels.
+
+    Each source id loses a leading ``sub-``/``ses-`` and every character that is not a letter or
+    a digit, then gets the prefix back: ``002_S_0295`` -> ``sub-002S0295``, ``M06`` -> ``ses-M06``,
+    ``sub-01`` stays ``sub-01``. The source ids are kept in ``source_participant_id`` and
+    ``source_session_id`` (unless those columns exist already, from an earlier mapping).
+
+    Raises:
+        CohortError: a source id with no letter or digit, or two source ids that map to one label.
+    """
+    mapped = table.copy()
+    for column, prefix in ID_PREFIXES.items():
+        labels = _bids_labels(table[column].astype(str), column, prefix)
+        source = f"source_{column}"
+        if source not in mapped.columns:
+            mapped.insert(mapped.columns.get_loc(column) + 1, source, table[column])
+        mapped[column] = labels
+    return mapped
+
+
+def _bids_labels(ids: pd.Series, column: str, prefix: str) -> pd.Series:
+    sources: dict[str, str] = {}
+    for source in ids.unique():
+        label = prefix + re.sub(r"[^A-Za-z0-9]", "", source.removeprefix(prefix))
+        if label == prefix:
+            raise CohortError(f"{column} {source!r} has no letter or digit to make a BIDS label of")
+        if sources.setdefault(label, source) != source:
+            raise CohortError(f"{column} {sources[label]!r} and {source!r} both map to {label!r}; "
+                              "rename one of them in the source table")
+    labels = {source: label for label, source in sources.items()}
+    return ids.map(labels)
+
+
 def read_cohort_table(
     tsv: Path, diagnosis_column: str = "diagnosis", caps: str | Path | None = None,
     caps_group: str | None = None,
@@ -122,9 +181,14 @@ def read_cohort_table(
                           f"{list(table.columns)}")
     if table.empty:
         raise CohortError(f"{tsv}: the table has no sessions")
+    literal = [*ID_COLUMNS, diagnosis_column] + ([] if caps else ["path"])
+    table[literal] = _read_literal_columns(tsv, literal)
     table = table.rename(columns={diagnosis_column: "diagnosis"})
-    table["diagnosis"] = table["diagnosis"].astype(str)
-    _check_identifiers(tsv, table)
+    _check_filled(tsv, table)
+    table["diagnosis"] = table["diagnosis"].str.strip()
+    _check_bids_labels(tsv, table)
+    _check_unique_sessions(tsv, table)
+    _check_diagnosis_spelling(tsv, table)
     if caps:
         table["path"] = [str(caps_image_path(Path(caps), p, s, caps_group))
                          for p, s in zip(table["participant_id"], table["session_id"])]
@@ -133,15 +197,51 @@ def read_cohort_table(
     return table.reset_index(drop=True)
 
 
-def _check_identifiers(tsv: Path, table: pd.DataFrame) -> None:
+def _read_literal_columns(tsv: Path, columns: list[str]) -> pd.DataFrame:
+    """``columns`` as written: only an empty cell is missing (``NA``, ``null`` are text)."""
+    return pd.read_csv(tsv, sep="\t", usecols=columns, dtype=str, keep_default_na=False,
+                       na_values=[""])[columns]
+
+
+def _check_filled(tsv: Path, table: pd.DataFrame) -> None:
     for column in (*ID_COLUMNS, "diagnosis"):
-        empty = table.index[table[column].isna() | (table[column].astype(str).str.strip() == "")]
+        empty = table.index[table[column].isna() | (table[column].str.strip() == "")]
         if len(empty):
             raise CohortError(f"{tsv}: row {int(empty[0]) + 2}: empty '{column}'")
+
+
+def _check_bids_labels(tsv: Path, table: pd.DataFrame) -> None:
+    """Identifiers become file names, so ``../x`` or ``a/b`` must never get through."""
+    for column, prefix in ID_PREFIXES.items():
+        bad = table.index[~table[column].str.fullmatch(f"{prefix}[A-Za-z0-9]+")]
+        if len(bad):
+            value = table.at[bad[0], column]
+            raise CohortError(f"{tsv}: row {int(bad[0]) + 2}: {column} {value!r} is not a BIDS "
+                              f"label: '{prefix}' then letters and digits only (e.g. {prefix}01); "
+                              "map source ids with voxplain.data.cohort.bids_ids")
+
+
+def _check_unique_sessions(tsv: Path, table: pd.DataFrame) -> None:
     duplicated = table.duplicated(list(ID_COLUMNS))
     if duplicated.any():
         row = table[duplicated].iloc[0]
         raise CohortError(f"{tsv}: session {row.participant_id} {row.session_id} is listed twice")
+
+
+def _check_diagnosis_spelling(tsv: Path, table: pd.DataFrame) -> None:
+    """Two labels that differ only by case or whitespace are one class misspelled, not two."""
+    spelling = table["diagnosis"].str.replace(r"\s+", "", regex=True).str.casefold()
+    for _, group in table.groupby(spelling, sort=False)["diagnosis"]:
+        labels = group.unique()
+        if len(labels) > 1:
+            first, second = (_label_summary(group, label) for label in labels[:2])
+            raise CohortError(f"{tsv}: diagnoses {first} and {second} differ only by case or "
+                              "whitespace; write one class one way")
+
+
+def _label_summary(diagnoses: pd.Series, label: str) -> str:
+    rows = diagnoses.index[diagnoses == label]
+    return f"{label!r} ({len(rows)} sessions, e.g. row {int(rows[0]) + 2})"
 
 
 def _resolve(tsv: Path, path: object, row: int) -> Path:
@@ -165,27 +265,93 @@ def caps_image_path(caps: Path, participant: str, session: str, group: str | Non
 
 
 def check_images(table: pd.DataFrame) -> tuple[tuple[int, ...], np.ndarray]:
-    """Check every image header against the first; return the shared ``(C, *spatial)`` and affine."""
-    reference_shape: tuple[int, ...] | None = None
-    reference_affine = np.eye(4)
-    for row in table.itertuples():
-        where = f"{row.participant_id} {row.session_id}"
-        try:
-            shape, affine = read_header(Path(row.path))
-        except ImageError as error:
-            raise CohortError(f"{where}: {error}") from None
-        if reference_shape is None:
-            reference_shape, reference_affine = shape, affine
-        elif shape != reference_shape:
-            raise CohortError(f"{where}: {row.path}: shape {shape[1:]} (channels {shape[0]}) "
-                              f"differs from the cohort's {reference_shape[1:]} "
-                              f"(channels {reference_shape[0]})")
-        elif not np.allclose(affine, reference_affine, atol=1e-4):
-            raise CohortError(f"{where}: {row.path}: affine {_compact(affine)} differs from the "
-                              f"cohort's {_compact(reference_affine)} (first image "
-                              f"{table.path.iloc[0]})")
-    assert reference_shape is not None  # the table is never empty here
-    return reference_shape, reference_affine
+    """Check every image header against the cohort's majority; return its ``(C, *spatial)`` and
+    affine.
+
+    The most common shape (then, among those images, the most common affine) is the cohort's, so
+    the error names the odd image even when it comes first.
+    """
+    headers = [_header(row) for row in table.itertuples()]
+    shapes = Counter(shape for shape, _ in headers)
+    shape, shared = shapes.most_common(1)[0]
+    for row, (other, _) in zip(table.itertuples(), headers):
+        if other != shape:
+            raise CohortError(f"{row.participant_id} {row.session_id}: {row.path}: shape "
+                              f"{other[1:]} (channels {other[0]}) differs from the cohort's "
+                              f"{shape[1:]} (channels {shape[0]}, {shared} of {len(table)} images)")
+    affine, shared = _majority_affine([affine for _, affine in headers])
+    for row, (_, other) in zip(table.itertuples(), headers):
+        if not np.allclose(other, affine, atol=AFFINE_TOLERANCE):
+            raise CohortError(f"{row.participant_id} {row.session_id}: {row.path}: affine "
+                              f"{_compact(other)} differs from the cohort's {_compact(affine)} "
+                              f"({shared} of {len(table)} images)")
+    return shape, affine
+
+
+def _header(row: Any) -> tuple[tuple[int, ...], np.ndarray]:
+    with _session_named(row):
+        return read_header(Path(row.path))
+
+
+@contextmanager
+def _session_named(row: Any) -> Iterator[None]:
+    """An image error of ``row`` becomes a cohort error that starts with the session."""
+    try:
+        yield
+    except ImageError as error:
+        raise CohortError(f"{row.participant_id} {row.session_id}: {error}") from None
+
+
+def _majority_affine(affines: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """The affine shared (within tolerance) by most images, and how many share it."""
+    groups: list[list] = []  # [first affine of the group, number of images]
+    for affine in affines:
+        for group in groups:
+            if np.allclose(affine, group[0], atol=AFFINE_TOLERANCE):
+                group[1] += 1
+                break
+        else:
+            groups.append([affine, 1])
+    affine, shared = max(groups, key=lambda group: group[1])
+    return affine, shared
+
+
+def check_intensity_units(table: pd.DataFrame) -> None:
+    """Refuse a 2D cohort whose images come in different intensity units.
+
+    PNG/JPEG pictures are scaled to [0, 1], DICOM images are in the modality's units (e.g. HU),
+    NPY images are as stored. Pictures cannot be mixed with DICOM, nor with NPY images whose
+    values leave [0, 1]; DICOM with NPY is allowed (NPY may be stored in modality units).
+    """
+    kinds = [_kind(row) for row in table.itertuples()]
+    first: dict[str, Any] = {}
+    for row, kind in zip(table.itertuples(), kinds):
+        first.setdefault(kind, row)
+    if "picture" not in first:
+        return
+    picture = f"{first['picture'].path} (PNG/JPEG, scaled to [0, 1])"
+    if "dicom" in first:
+        row = first["dicom"]
+        raise CohortError(f"{row.participant_id} {row.session_id}: {row.path}: DICOM in modality "
+                          f"units (e.g. HU) in a cohort with pictures such as {picture}; use one "
+                          "kind of image")
+    for row, kind in zip(table.itertuples(), kinds):
+        if kind == "npy":
+            _check_unit_range(row, picture)
+
+
+def _kind(row: Any) -> str:
+    with _session_named(row):
+        return image_kind(Path(row.path))
+
+
+def _check_unit_range(row: Any, picture: str) -> None:
+    with _session_named(row):
+        low, high = npy_value_range(Path(row.path))
+    if low < 0 or high > 1:
+        raise CohortError(f"{row.participant_id} {row.session_id}: {row.path}: NPY values span "
+                          f"[{low:g}, {high:g}], outside the [0, 1] of pictures such as "
+                          f"{picture}; rescale the NPY images to [0, 1] or use one kind of image")
 
 
 def _compact(affine: np.ndarray) -> str:
@@ -229,10 +395,8 @@ def load_images(
 
     def fill(array: np.ndarray) -> None:
         for i, row in enumerate(cohort.table.itertuples()):
-            try:
+            with _session_named(row):
                 image, _ = read_image(Path(row.path))
-            except ImageError as error:
-                raise CohortError(f"{row.participant_id} {row.session_id}: {error}") from None
             maxima[i] = image.max()
             array[i] = downsample(image, factor, spatial_dims)
             if progress:

@@ -1,21 +1,34 @@
 """Read one image from disk as ``(C, *spatial)`` float32 plus its voxel-to-world affine.
 
 Volumes are NIfTI (``.nii``, ``.nii.gz``), 3D, one channel. 2D images are NPY (``(H, W)`` or
-``(C, H, W)``), PNG/JPEG (grey or RGB, scaled to [0, 1]) or DICOM (pydicom; rescaled to the
+``(C, H, W)`` of real numbers, as stored), PNG/JPEG (grey or RGB, scaled to [0, 1]: 8-bit by 255,
+16-bit by 65535; palette pictures through their palette) or DICOM (pydicom; rescaled to the
 modality's units, e.g. Hounsfield units for CT). Every error names the file and the problem.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NPY_SUFFIXES = (".npy",)
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+
+#: PIL modes of 16-bit grey pictures (Pillow < 10.1 reads 16-bit PNGs as "I", later as "I;16").
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
+#: PIL modes of grey pictures (an alpha channel is dropped, as for RGBA).
+GREY_MODES = ("1", "L", "LA", "La")
 
 
 class ImageError(ValueError):
@@ -65,10 +78,27 @@ def read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise ImageError(f"{path}: file not found")
-    if path.stat().st_size == 0:
+    """A readable, non-empty regular file; otherwise say what the path is instead."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageError(f"{path}: symbolic link to a missing file "
+                             f"({os.readlink(path)})") from None
+        raise ImageError(f"{path}: file not found") from None
+    except OSError as error:  # ELOOP, EACCES on a parent folder, ENOTDIR, ...
+        problem = "is a symbolic link loop" if error.errno == errno.ELOOP else "cannot be reached"
+        raise ImageError(f"{path}: {problem} ({error.strerror})") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise ImageError(f"{path}: is a directory, not an image file")
+    if not stat.S_ISREG(status.st_mode):
+        raise ImageError(f"{path}: is not a regular file")
+    if status.st_size == 0:
         raise ImageError(f"{path}: file is empty")
+    try:
+        path.open("rb").close()
+    except OSError as error:
+        raise ImageError(f"{path}: file cannot be read ({error.strerror})") from None
 
 
 def _open_nifti(path: Path) -> nib.Nifti1Image:
@@ -95,16 +125,35 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_npy(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    _check_file(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except ValueError as error:
-        raise ImageError(f"{path}: not a plain numeric NPY array ({error})") from None
+    data = _load_npy(path)
     if data.ndim == 2:
         data = data[np.newaxis]
     if data.ndim != 3:
         raise ImageError(f"{path}: expected a 2D image (H, W) or (C, H, W), got shape {data.shape}")
     return data.astype(np.float32), np.eye(4)
+
+
+def npy_value_range(path: Path) -> tuple[float, float]:
+    """Minimum and maximum of an NPY image, memory-mapped rather than copied."""
+    data = _load_npy(Path(path), mmap_mode="r")
+    if data.size == 0:
+        raise ImageError(f"{path}: the array is empty")
+    return float(np.nanmin(data)), float(np.nanmax(data))
+
+
+def _load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    _check_file(path)
+    try:
+        data = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as error:
+        raise ImageError(f"{path}: not a plain numeric NPY array ({error})") from None
+    if data.dtype.kind == "c":
+        raise ImageError(f"{path}: complex values ({data.dtype}); save the magnitude or the real "
+                         "part explicitly, an image holds real numbers")
+    if data.dtype.kind not in "biuf":
+        raise ImageError(f"{path}: values of type {data.dtype} are not numbers; an image holds "
+                         "real numbers")
+    return data
 
 
 def _read_picture(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -113,13 +162,31 @@ def _read_picture(path: Path) -> tuple[np.ndarray, np.ndarray]:
     _check_file(path)
     try:
         with Image.open(path) as picture:
-            data = np.asarray(picture)
+            data = _picture_intensities(picture)
     except (UnidentifiedImageError, OSError) as error:
         raise ImageError(f"{path}: not a readable picture ({error})") from None
-    scale = np.iinfo(data.dtype).max if np.issubdtype(data.dtype, np.integer) else 1.0
-    data = data.astype(np.float32) / scale
-    data = data[np.newaxis] if data.ndim == 2 else np.moveaxis(data[..., :3], -1, 0)
     return data, np.eye(4)
+
+
+def _picture_intensities(picture: PIL.Image.Image) -> np.ndarray:
+    """``(C, H, W)`` float32 in [0, 1] of a PIL picture: grey (``C = 1``) or RGB (``C = 3``).
+
+    16-bit pictures are divided by 65535, all others by 255 after conversion to grey or RGB;
+    palette pictures (mode ``P``) are converted through their palette, never read as indices.
+    """
+    if picture.mode in SIXTEEN_BIT_MODES:
+        return np.asarray(picture, dtype=np.float32)[np.newaxis] / 65535
+    picture = picture.convert("L" if _is_grey(picture) else "RGB")
+    data = np.asarray(picture, dtype=np.float32) / 255
+    return data[np.newaxis] if data.ndim == 2 else np.moveaxis(data, -1, 0)
+
+
+def _is_grey(picture: PIL.Image.Image) -> bool:
+    if picture.mode == "P":
+        palette = np.asarray(picture.getpalette("RGB"), dtype=np.int64).reshape(-1, 3)
+        used = palette[np.unique(np.asarray(picture))]
+        return bool((used == used[:, :1]).all())
+    return picture.mode in GREY_MODES
 
 
 def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:

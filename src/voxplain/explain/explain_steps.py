@@ -53,14 +53,14 @@ from rich.progress import Progress
 from torch import nn
 
 from voxplain.config import DEFAULT_MIN_LAYER_SIZE, ExplainConfig, ExplainStepConfig
-from voxplain.data.cohort import Cohort, CohortError, load_images
+from voxplain.data.cohort import Cohort, load_images
 from voxplain.data.grid import Grid
 from voxplain.explain.api import METHODS, Explainer, explainer
 from voxplain.explain.mask_steps import IDS, MaskContext, fold_models
 from voxplain.io import atomic_path, save_map, write_json, write_tsv
 from voxplain.models.layout import for_batches
 from voxplain.models.serialization import load_model, read_model_json
-from voxplain.run import FoldSkipped, RunFolder, each_fold
+from voxplain.run import FoldSkipped, RunFolder, cohort_label, each_fold
 from voxplain.train.trainer import Dataset, predict_proba, resolve_device
 
 log = logging.getLogger("voxplain")
@@ -84,7 +84,7 @@ def explanation_key(config: ExplainStepConfig) -> str:
     if explain.group != "correct":
         key += f"_group-{explain.group}"
     if config.cohort is not None:
-        key += f"_cohort-{Path(config.cohort).name.removesuffix('.tsv')}"
+        key += f"_cohort-{cohort_label(config.cohort)}"
     return key
 
 
@@ -143,6 +143,7 @@ def explain_run(config: ExplainStepConfig, progress: Progress | None = None) -> 
         for _, _, folder in models:
             class_index(config.explain.target, read_model_json(folder)["classes"])
     key = explanation_key(config)
+    context = _context(run, train, config, progress)  # the cohort is checked before recording
     # batch size and evaluation do not change the maps: left out of the recorded settings so
     # that a resumed step may change them (None entries are not recorded)
     recorded = config.model_copy(update={
@@ -154,7 +155,6 @@ def explain_run(config: ExplainStepConfig, progress: Progress | None = None) -> 
         "signed": bool(method.signed), "target": config.explain.target,
         "group": config.explain.group,
         "cohort": None if config.cohort is None else str(config.cohort)})
-    context = _context(run, train, config, progress)
     indexes = each_fold(fold_models(context, config.folds), lambda fold, run_index, fitted:
                         explain_model(context, config, key, fold, run_index, fitted.model,
                                       fitted.classes, progress), f"explain {key}")
@@ -171,11 +171,8 @@ def _context(run: RunFolder, train: Any, config: ExplainStepConfig,
                         run.cache_dir if train.cache == "disk" else None,
                         (lambda done, total: progress.update(task, completed=done))
                         if progress else None)
-    expected = train.model.input_shape
+    run.check_training_grid(source, stack.array.shape[1:], stack.affine)
     spatial = list(stack.array.shape[2:])
-    if config.cohort is not None and expected is not None and spatial != list(expected):
-        raise CohortError(f"{config.cohort}: images are {tuple(spatial)} after downsampling by "
-                          f"{train.downsample}; the models expect {tuple(expected)}")
     return MaskContext(run, train, cohort.table, stack.array,
                        Grid(tuple(spatial), stack.affine), resolve_device(config.device))
 
@@ -222,6 +219,7 @@ def explain_model(context: MaskContext, config: ExplainStepConfig, key: str, fol
                   progress: Progress | None = None) -> pd.DataFrame:
     """Maps, group maps and index of one fold/run (skipped when its index exists)."""
     folder = explanation_dir(context.run, key, fold, run_index)
+    context.run.remove_leftovers(folder)
     if (folder / INDEX).is_file():
         log.info("%s fold %d run %d already explained: skipped", key, fold, run_index)
         return pd.read_csv(folder / INDEX, sep="\t", dtype={"participant_id": str,
@@ -250,10 +248,11 @@ def explain_model(context: MaskContext, config: ExplainStepConfig, key: str, fol
             context.images[rows.image_index.to_numpy()[chunk]]))
         maps = method.explain(x, torch.as_tensor(index.target_index.to_numpy()[chunk]))
         for row, values in zip(chunk, maps[:, 0].cpu().numpy()):
-            _save(folder / index.path[row], values, context.grid.affine)
+            _save(context.run.inside(folder / index.path[row]), values, context.grid.affine)
         if progress is not None and task is not None:
             progress.advance(task, len(chunk))
-    _group_maps(folder, index, bool(method.signed), config.explain.group, context.grid.affine)
+    _group_maps(context.run, folder, index, bool(method.signed), config.explain.group,
+                context.grid.affine)
     write_tsv(folder / INDEX, index.drop(columns="target_index"))
     return index.drop(columns="target_index")
 
@@ -322,7 +321,7 @@ def group_map(maps: list[np.ndarray], signed: bool) -> np.ndarray:
     return (stack if signed else np.abs(stack)).mean(0)
 
 
-def _group_maps(folder: Path, index: pd.DataFrame, signed: bool, group: str,
+def _group_maps(run: RunFolder, folder: Path, index: pd.DataFrame, signed: bool, group: str,
                 affine: np.ndarray) -> None:
     """``group_<DIAGNOSIS>`` for every diagnosis with at least one session to average."""
     kept = index[index.correct] if group == "correct" else index
@@ -332,4 +331,4 @@ def _group_maps(folder: Path, index: pd.DataFrame, signed: bool, group: str,
             log.warning("%s: no correctly classified %s session: no group map", folder, diagnosis)
             continue
         values = group_map([read_map(folder / path) for path in paths], signed)
-        _save(folder / f"group_{diagnosis}", values.astype(np.float32), affine)
+        _save(run.inside(folder / f"group_{diagnosis}"), values.astype(np.float32), affine)

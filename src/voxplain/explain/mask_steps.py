@@ -36,9 +36,10 @@ from voxplain.evaluate.regions import top_regions
 from voxplain.explain.masks import (Reference, make_reference, optimise_group_mask,
                                     optimise_session_masks, outliers, qc_flags, robust_z)
 from voxplain.explain.perturbation import perturb, target_probability
-from voxplain.io import read_tsv, save_map, write_json, write_tsv
+from voxplain.io import read_tsv, save_map, visible, write_json, write_tsv
 from voxplain.models.serialization import load_model, read_model_json
 from voxplain.run import FoldSkipped, RunFolder, each_fold
+from voxplain.train.checkpoint import remove_state
 from voxplain.train.trainer import Dataset, predict_proba, resolve_device
 
 log = logging.getLogger("voxplain")
@@ -179,8 +180,13 @@ def flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
     ``robust_z``, ``flagged``, ``flag_reasons``. Flagged masks are left out of the robustness
     comparisons unless asked for and marked in the report.
     """
-    paths = sorted(run.root.glob("masks/group/fold-*/run-*/summary.json"))
-    paths += sorted(run.root.glob("masks/grid/*/fold-*/run-*/summary.json"))
+    with run.lock():  # rewrites the summaries of every level: one step at a time
+        return _flag_group_masks(run, config)
+
+
+def _flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
+    paths = visible(run.root.glob("masks/group/fold-*/run-*/summary.json"))
+    paths += visible(run.root.glob("masks/grid/*/fold-*/run-*/summary.json"))
     records = [json.loads(path.read_text()) for path in paths]
     if not records:
         return pd.DataFrame(columns=["level", "fold", "run", "masked_fraction", "robust_z",
@@ -217,7 +223,9 @@ def _group_masks(context: MaskContext, config: MaskStepConfig, mask: GroupMaskCo
                  progress: Progress | None) -> pd.DataFrame:
     def one(fold: int, run_index: int, fitted: FoldModel) -> pd.Series:
         folder = context.run.mask_dir(level, fold, run_index)
+        context.run.remove_leftovers(folder)
         if (folder / "summary.json").is_file():
+            remove_state(folder)  # left by a kill between summary.json and its removal
             log.info("%s mask fold %d run %d already computed: skipped", level, fold, run_index)
             return pd.Series(json.loads((folder / "summary.json").read_text()))
         return _group_mask(context, config, mask, fold, run_index, fitted.model, fitted.classes,
@@ -264,6 +272,7 @@ def _group_mask(context: MaskContext, config: MaskStepConfig, mask: GroupMaskCon
                "masked_fraction": float((mask_array < 1).mean()),
                "top_regions": _top_regions(context, 1 - mask_array)}
     write_json(folder / "summary.json", summary)
+    remove_state(folder)  # summary.json marks the mask done: its checkpoint is no longer needed
     log.info("%s mask fold %d run %d: validation probability of %s %.3f -> %.3f; top regions %s",
              folder.parent.parent.name, fold, run_index, diagnosis, summary["probability_before"],
              summary["probability_after"], ", ".join(summary["top_regions"]))
@@ -310,6 +319,7 @@ def session_masks(config: SessionMaskStepConfig, progress: Progress | None = Non
 
     def one(fold: int, run_index: int, fitted: FoldModel) -> pd.DataFrame:
         folder = context.run.mask_dir("session", fold, run_index)
+        context.run.remove_leftovers(folder)
         if (folder / "index.tsv").is_file():
             log.info("session masks fold %d run %d already computed: skipped", fold, run_index)
             return read_tsv(folder / "index.tsv")
@@ -342,7 +352,7 @@ def _session_masks(context: MaskContext, config: SessionMaskStepConfig, fold: in
         lambda done, total: progress.update(task, completed=done)) if progress else None)
     paths = []
     for row, mask in zip(rows.itertuples(), result.masks):
-        stem = folder / f"{row.participant_id}_{row.session_id}"
+        stem = context.run.inside(folder / f"{row.participant_id}_{row.session_id}")
         paths.append(save_map(stem, mask[0].cpu().numpy(), context.grid.affine).name)
     z = robust_z(result.loss)
     index = rows[IDS].assign(fold=fold, run=run_index, path=paths, loss=result.loss,

@@ -27,7 +27,7 @@ from voxplain.models.layout import for_batches
 from voxplain.explain.perturbation import (MaskWeights, EarlyStopping, gaussian_blur,
                                            mask_loss, perturb, target_probability,
                                            threshold_mask)
-from voxplain.train.checkpoint import (load_state, optimizer_tensors, remove_state,
+from voxplain.train.checkpoint import (load_state, optimizer_tensors,
                                        restore_optimizer, save_state)
 
 Progress = Callable[[int, int], None]
@@ -183,7 +183,9 @@ def optimise_group_mask(model: nn.Module, images: np.ndarray, targets: np.ndarra
     Each epoch visits the images in a seeded random order, ``config.batch_size`` at a time; the
     mask is updated on the mean loss of the batch. Early stopping and the choice of the best mask
     use the validation loss (the mean training loss of the epoch when there is no validation set).
-    With ``checkpoint`` (a folder) the state is saved after every epoch and resumed from there.
+    With ``checkpoint`` (a folder) the state is saved after every epoch and resumed from there;
+    the caller removes it (:func:`voxplain.train.checkpoint.remove_state`) once its own final
+    files are written, so a kill in between resumes from the last epoch, not from the start.
     The model runs in eval mode with batch-norm folded into the convolutions (a copy; the same
     function at a lower cost).
     """
@@ -241,8 +243,6 @@ def optimise_group_mask(model: nn.Module, images: np.ndarray, targets: np.ndarra
                        {**state, "param_groups": param_groups})
         if progress:
             progress(state["epoch"], config.max_epochs)
-    if checkpoint:
-        remove_state(checkpoint)
     return GroupMask(threshold_mask(best, config.threshold), pd.DataFrame(state["history"]),
                      pd.DataFrame(state["image_losses"], columns=["image", "epoch", "loss"]),
                      state["best_epoch"])

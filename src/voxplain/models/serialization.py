@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -39,7 +40,12 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
     """Rebuild a saved model in eval mode; returns ``(model, model.json contents)``."""
     folder = Path(folder)
     description = read_model_json(folder)
-    model = build_model(ModelConfig(**description["model"]))
+    path = folder / CONFIG
+    try:
+        model = build_model(ModelConfig(**description["model"]))
+    except (ValidationError, ValueError, TypeError) as error:
+        raise ValueError(f"{path}: 'model' does not describe a network voxplain can build "
+                         f"({_first_line(error)})") from None
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: model weights not found")
@@ -47,7 +53,11 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
         state = load_file(str(weights))
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{weights}: not a readable safetensors file ({error})") from None
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{weights}: the weights do not fit the network of {path} "
+                         f"({_first_line(error)})") from None
     return model.to(device).eval(), description
 
 
@@ -55,11 +65,40 @@ def read_model_json(folder: Path) -> dict[str, Any]:
     """The ``model.json`` of a saved model, with an error naming the file."""
     path = Path(folder) / CONFIG
     try:
-        return json.loads(path.read_text())
+        description = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: model description not found") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
+    check_model_json(path, description)
+    return description
+
+
+def check_model_json(path: Path, description: Any) -> None:
+    """Refuse a ``model.json`` that is not what :func:`save_model` writes: an object with a
+    ``model`` object and ``classes``, a list of at least two distinct names, as many as the
+    network's outputs. The error names the file and the problem."""
+    if not isinstance(description, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(description).__name__}")
+    for key, kind in (("model", dict), ("classes", list)):
+        if key not in description:
+            raise ValueError(f"{path}: no '{key}' entry")
+        if not isinstance(description[key], kind):
+            raise ValueError(f"{path}: '{key}' must be a JSON {'object' if kind is dict else 'list'}"
+                             f", got {type(description[key]).__name__}")
+    classes = description["classes"]
+    if (len(classes) < 2 or not all(isinstance(c, str) for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise ValueError(f"{path}: 'classes' must list at least two distinct class names, got "
+                         f"{classes}")
+    outputs = description["model"].get("n_classes", len(classes))
+    if outputs != len(classes):
+        raise ValueError(f"{path}: {len(classes)} classes {classes} but the network has "
+                         f"{outputs} outputs (n_classes)")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

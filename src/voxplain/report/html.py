@@ -13,6 +13,7 @@ import base64
 import datetime
 import importlib.metadata
 import itertools
+import json
 import logging
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from voxplain.config import ReportConfig
-from voxplain.io import write_text
+from voxplain.io import write_json, write_text
 from voxplain.report.sections import (TRAILING_SECTIONS, Block, ReportContext, Section,
                                       ViewerCandidate, all_sections, template_for)
 from voxplain.run import RunFolder, RunFolderError
@@ -41,26 +42,50 @@ def build_report(config: ReportConfig) -> Path:
 
     Every section is built from what the run folder holds; absent results become a short note.
     Figures are written to ``OUT/figures`` (PNG plus ``config.formats``), viewers to
-    ``OUT/viewers``; files a previous rendering left there and this one did not write are
-    removed, so the folder always matches the page.
+    ``OUT/viewers``. ``OUT/.voxplain-report.json`` lists every file the report wrote; a later
+    rendering removes the files of that list it no longer writes, and never touches another
+    file. An ``--out`` folder that holds files but no such list (not a voxplain report) is
+    refused before anything is written.
     """
     run = RunFolder(Path(config.run))
     if not run.root.is_dir():
         raise RunFolderError(f"{run.root}: run folder not found")
     out = Path(config.out) if config.out is not None else run.root / "report"
+    previous = _previous_report(out, is_default=config.out is None)
     context = ReportContext(run, config, out / "figures")
     sections = all_sections(context)
     sections.append(viewer_section(context, out / "viewers"))
     sections += all_sections(context, TRAILING_SECTIONS)
-    _remove_stale(out / "figures", {p.name for s in sections for b in s.blocks
-                                    if b.kind == "figure"
-                                    for p in b.content.parent.glob(f"{b.content.stem}.*")})
-    _remove_stale(out / "viewers", {b.content.name for s in sections for b in s.blocks
-                                    if b.kind == "viewer"})
+    written = {p.relative_to(out).as_posix() for s in sections for b in s.blocks
+               if b.kind == "figure" for p in b.content.parent.glob(f"{b.content.stem}.*")}
+    written |= {b.content.relative_to(out).as_posix() for s in sections for b in s.blocks
+                if b.kind == "viewer"}
+    written.add("index.html")
+    for stale in sorted(previous - written):
+        (out / stale).unlink(missing_ok=True)
     page = render(sections, run, out, config.inline)
     write_text(out / "index.html", page)
+    write_json(out / REPORT_MANIFEST, {"files": sorted(written)})
     log.info("report written to %s", out / "index.html")
     return out / "index.html"
+
+
+#: The list of files a report rendering wrote, kept in its folder.
+REPORT_MANIFEST = ".voxplain-report.json"
+
+
+def _previous_report(out: Path, is_default: bool) -> set[str]:
+    """The files an earlier rendering wrote in ``out`` (from its list). A non-empty ``out``
+    without the list is refused, unless it is the run's own ``report/`` folder (written by a
+    version of voxplain before the list existed: nothing there is removed)."""
+    manifest = out / REPORT_MANIFEST
+    if manifest.is_file():
+        files = json.loads(manifest.read_text()).get("files", [])
+        return {name for name in files if isinstance(name, str) and ".." not in Path(name).parts}
+    if not is_default and out.is_dir() and any(out.iterdir()):
+        raise RunFolderError(f"{out}: the folder holds files that no voxplain report wrote; "
+                             "give an empty or new folder to --out")
+    return set()
 
 
 def viewer_html(candidate: ViewerCandidate) -> str:
@@ -140,10 +165,3 @@ def _view(block: Block, out: Path, inline: bool) -> dict:
         view["srcdoc"] = path.read_text() if inline else None
         view["src"] = path.relative_to(out).as_posix()
     return view
-
-
-def _remove_stale(folder: Path, keep: set[str]) -> None:
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.is_file() and path.name not in keep and not path.name.startswith("."):
-                path.unlink()

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from voxplain.config import ReportConfig
 from voxplain.data.cohort import CONTROL_LABELS
 from voxplain.data.grid import Grid, downsample
-from voxplain.io import read_tsv
+from voxplain.io import read_tsv, visible
 from voxplain.report import figures
 from voxplain.report.trust import findings_table, method_findings, run_findings
 from voxplain.run import RunFolder
@@ -134,7 +134,7 @@ def map_stem(path: Path) -> str:
 def fold_run_files(folder: Path, pattern: str) -> list[tuple[int, int, Path]]:
     """``(fold, run, path)`` of ``folder/fold-K/run-R/PATTERN``, in fold then run order."""
     found = []
-    for path in folder.glob(f"fold-*/run-*/{pattern}"):
+    for path in visible(folder.glob(f"fold-*/run-*/{pattern}")):
         fold, run = path.parent.parent.name, path.parent.name
         if re.fullmatch(r"fold-\d+", fold) and re.fullmatch(r"run-\d+", run):
             found.append((int(fold[5:]), int(run[4:]), path))
@@ -551,7 +551,7 @@ def _long_groups(table: pd.DataFrame) -> tuple[str, str] | None:
 def robustness_section(context: ReportContext) -> Section:
     section = Section("robustness", "Robustness of the explanations")
     folder = context.path("evaluation", "robustness")
-    files = sorted(folder.rglob("*.tsv")) if folder.is_dir() else []
+    files = visible(folder.rglob("*.tsv")) if folder.is_dir() else []
     for path in files:
         name = str(path.relative_to(folder).with_suffix(""))
         table = pd.read_csv(path, sep="\t")
@@ -584,7 +584,7 @@ def statistics_section(context: ReportContext) -> Section:
     for folder in folders:
         label = "stats" if folder == root else folder.name
         section.blocks.append(Block("heading", label))
-        maps = sorted(p for p in folder.iterdir() if p.name.endswith(MAP_SUFFIXES))
+        maps = visible(p for p in folder.iterdir() if p.name.endswith(MAP_SUFFIXES))
         t_maps = [p for p in maps if map_stem(p).endswith("_T")]
         for path in t_maps[: context.config.max_columns]:
             values, affine = read_map(path)
@@ -597,7 +597,7 @@ def statistics_section(context: ReportContext) -> Section:
         if others:
             section.blocks.append(Block("text", f"Other maps in stats/{label}: "
                                         f"{', '.join(others)}."))
-        for path in sorted(folder.glob("*.tsv")):
+        for path in visible(folder.glob("*.tsv")):
             table = pd.read_csv(path, sep="\t")
             percentile = [c for c in table.columns if "percentile" in c.lower() or "p95" in c]
             group = [c for c in table.columns if c in ("group", "diagnosis")]
@@ -608,7 +608,7 @@ def statistics_section(context: ReportContext) -> Section:
                     f"{label}: {percentile[0]} of each normalised map by {group[0]}.",
                     vector=True))
             section.blocks.append(table_block(table, f"{label}/{path.name}"))
-        for path in sorted(folder.glob("*.json")):
+        for path in visible(folder.glob("*.json")):
             record = json.loads(path.read_text())
             if isinstance(record, dict):
                 section.blocks.append(table_block(pd.DataFrame(

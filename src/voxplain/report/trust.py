@@ -145,7 +145,7 @@ def _layer(run: RunFolder, key: str) -> list[Finding]:
 
 def _identical(run: RunFolder, key: str) -> list[Finding]:
     summary = _table(run.root / "evaluation" / "robustness" / "summary.tsv")
-    if summary is None:
+    if summary is None or not {"method", "experiment", "metric", "mean"} <= set(summary.columns):
         return []
     rows = summary[(summary.method == key) & (summary.experiment == "inter-subject")
                    & (summary.metric == "rank_correlation")]

@@ -1,45 +1,64 @@
-"""Resumable state in safetensors + JSON, so a killed long step continues where it stopped.
+"""Resumable state in one safetensors file, so a killed long step continues where it stopped.
 
-Tensors (model weights, Adam moments, torch's RNG state, masks) go to ``NAME.safetensors``;
-counters, histories and hyperparameters to ``NAME.json``, written last: its presence marks a
-complete checkpoint. Nothing is pickled.
+``NAME.safetensors`` holds the tensors (model weights, Adam moments, torch's RNG state, masks)
+and, as JSON in the file's metadata, the counters, histories and hyperparameters. One file is
+one ``os.replace``: a kill leaves the previous checkpoint or the new one, never the tensors of
+one epoch with the counters of another (two files, renamed one after the other, did: a kill
+between the renames made the resumed run train that epoch twice). Nothing is pickled.
+
+Checkpoints of voxplain before this format (``NAME.safetensors`` + ``NAME.json``) cannot be
+told apart from such a torn pair, so they are ignored with a warning: the step restarts from
+its beginning, which gives the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from voxplain.io import atomic_path, write_json
+from voxplain.io import atomic_path
+
+log = logging.getLogger("voxplain")
 
 CHECKPOINT = "checkpoint"
+#: Metadata key of the JSON state in a checkpoint's safetensors header.
+STATE_KEY = "voxplain.state"
 
 
 def save_state(folder: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any],
                name: str = CHECKPOINT) -> None:
-    """Write ``folder/NAME.safetensors`` then ``folder/NAME.json``, each atomically."""
+    """Write ``folder/NAME.safetensors`` (tensors + ``state`` as JSON metadata) atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(Path(folder) / f"{name}.safetensors") as temporary:
-        save_file(tensors, str(temporary))
-    write_json(Path(folder) / f"{name}.json", state)
+        save_file(tensors, str(temporary), metadata={STATE_KEY: json.dumps(state)})
 
 
 def load_state(folder: Path, name: str = CHECKPOINT) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """``(tensors, state)`` of a complete checkpoint, or None when there is none."""
-    tensors_file, state_file = Path(folder) / f"{name}.safetensors", Path(folder) / f"{name}.json"
-    if not state_file.is_file() or not tensors_file.is_file():
+    """``(tensors, state)`` of the checkpoint in ``folder``, or None when there is none."""
+    path = Path(folder) / f"{name}.safetensors"
+    if not path.is_file():
         return None
-    return load_file(str(tensors_file)), json.loads(state_file.read_text())
+    with safe_open(str(path), framework="pt") as checkpoint:
+        metadata = checkpoint.metadata() or {}
+        if STATE_KEY not in metadata:
+            log.warning("%s: checkpoint of an older voxplain (state in %s.json) ignored; this "
+                        "step starts again from its beginning", path, name)
+            return None
+        tensors = {key: checkpoint.get_tensor(key) for key in checkpoint.keys()}
+    return tensors, json.loads(metadata[STATE_KEY])
 
 
 def remove_state(folder: Path, name: str = CHECKPOINT) -> None:
-    """Delete a checkpoint once the step's final files are written."""
-    for suffix in (".json", ".safetensors"):
+    """Delete a checkpoint (and the ``NAME.json`` of an older one) once the step's final files
+    are written."""
+    for suffix in (".safetensors", ".json"):
         (Path(folder) / f"{name}{suffix}").unlink(missing_ok=True)
 
 

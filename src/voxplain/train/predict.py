@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ from voxplain.data.cohort import Cohort, CohortError, encode_labels, load_images
 from voxplain.evaluate.classification import classification_metrics
 from voxplain.io import write_tsv
 from voxplain.models.serialization import load_model
-from voxplain.run import RunFolder
+from voxplain.run import RunFolder, cohort_label
 from voxplain.train.trainer import Dataset, predict_proba, prediction_table, resolve_device
 
 log = logging.getLogger("voxplain")
@@ -22,9 +23,13 @@ log = logging.getLogger("voxplain")
 def predict_cohort(config: PredictConfig, progress: Progress | None = None) -> pd.DataFrame:
     """Classify every session of ``config.cohort`` with every trained model of ``config.run``.
 
-    Returns (and writes to ``config.out``, default ``RUN/predictions/<cohort file stem>.tsv``) one
-    row per session and model: ids, diagnosis, ``fold``, ``run``, ``proba_CLASS``, ``predicted``.
-    When the cohort's diagnoses are all known classes, metrics per model are logged.
+    Returns (and writes to ``config.out``, default :func:`predictions_file`) one row per
+    session and model: ids, diagnosis, ``fold``, ``run``, ``proba_CLASS``, ``predicted``. When
+    the cohort's diagnoses are all known classes, metrics per model are logged.
+
+    Raises:
+        RunFolderError: the cohort's images, after the run's downsampling, are not on the grid
+            the models were trained on (shape, channels or affine).
     """
     run = RunFolder(config.run)
     train = run.train_config()
@@ -33,6 +38,7 @@ def predict_cohort(config: PredictConfig, progress: Progress | None = None) -> p
     task = progress.add_task("loading cohort", total=len(cohort)) if progress else None
     stack = load_images(cohort, train.downsample, progress=(
         lambda done, total: progress.update(task, completed=done)) if progress else None)
+    run.check_training_grid(config.cohort, stack.array.shape[1:], stack.affine)
     device = resolve_device(config.device)
     data = Dataset(cohort.table.assign(image_index=np.arange(len(cohort))), stack.array,
                    np.zeros(len(cohort), dtype=np.int64))
@@ -56,6 +62,14 @@ def predict_cohort(config: PredictConfig, progress: Progress | None = None) -> p
             log.info("fold %d run %d: balanced accuracy %.3f on %s", fold, run_index,
                      scores["balanced_accuracy"], config.cohort)
     predictions = pd.concat(tables, ignore_index=True)
-    out = config.out or run.root / "predictions" / f"{config.cohort.name.removesuffix('.tsv')}.tsv"
+    out = config.out or predictions_file(run, config.cohort)
     write_tsv(out, predictions)
+    log.info("predictions of %d model(s) on %d session(s) written to %s", len(tables),
+             len(cohort), out)
     return predictions
+
+
+def predictions_file(run: RunFolder, cohort: Path) -> Path:
+    """``RUN/predictions/LABEL.tsv`` with :func:`~voxplain.run.cohort_label`: two cohorts both
+    called ``cohort.tsv`` never write to the same file (and the same cohort always does)."""
+    return run.root / "predictions" / f"{cohort_label(cohort)}.tsv"

@@ -1,12 +1,14 @@
 """Subject-level stratified k-fold cross-validation (paper 1, section 2.2.1).
 
 Subjects, not sessions, are split, so no subject is in two subsets. Stratification uses each
-subject's baseline diagnosis (the first session in ``session_id`` order). Training uses every
-session of the training subjects; validation and test use one session per subject (baseline).
+subject's baseline diagnosis (its earliest session, see :func:`session_order`). Training uses
+every session of the training subjects; validation and test use one session per subject
+(baseline).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -22,10 +24,24 @@ class Fold:
     validation: pd.DataFrame
 
 
+def session_order(session_id: str) -> tuple[tuple[str | int, ...], str]:
+    """Sort key of a session label: its digit runs compare as numbers (natural order).
+
+    ``ses-M6`` and ``ses-M06`` (month 6) both come before ``ses-M12``, which text order would
+    put first. Labels without digits compare as text (``ses-bl`` before ``ses-fu``); equal
+    numbers fall back to the label's text (``ses-M06`` before ``ses-M6``).
+    """
+    parts = re.split(r"(\d+)", session_id)  # text, digits, text, ...: the types always align
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(parts)), session_id
+
+
 def baseline_sessions(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per subject: its first session in ``session_id`` order (ses-M00 before ses-M12)."""
-    ordered = table.sort_values(["participant_id", "session_id"])
-    return ordered.drop_duplicates("participant_id", keep="first")
+    """One row per subject, sorted by subject: its earliest session in :func:`session_order`
+    (ses-M6 before ses-M12)."""
+    participants, sessions = table["participant_id"].tolist(), table["session_id"].tolist()
+    order = sorted(range(len(table)),
+                   key=lambda i: (participants[i], session_order(sessions[i])))
+    return table.iloc[order].drop_duplicates("participant_id", keep="first")
 
 
 def subject_folds(table: pd.DataFrame, n_folds: int, seed: int = 2) -> list[Fold]:

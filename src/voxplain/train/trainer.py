@@ -30,10 +30,10 @@ from rich.progress import Progress
 from torch import nn
 
 from voxplain.config import ModelConfig, TrainConfig
-from voxplain.data.cohort import (Cohort, CohortError, ImageStack, class_names, encode_labels,
-                                  load_images, quality_check)
+from voxplain.data.cohort import (Cohort, CohortError, ImageStack, class_counts, class_names,
+                                  encode_labels, load_images, quality_check)
 from voxplain.evaluate.classification import chance_p_value, classification_metrics
-from voxplain.io import write_tsv
+from voxplain.io import write_json, write_tsv
 from voxplain.models.layout import for_batches
 from voxplain.models.registry import build_model
 from voxplain.models.serialization import save_model
@@ -75,17 +75,25 @@ class Dataset:
             yield torch.from_numpy(images), torch.from_numpy(self.labels[rows])
 
 
-def prepare_cohort(config: TrainConfig, run: RunFolder, progress: Progress | None) -> tuple[Cohort, ImageStack, list[str]]:
-    """Read, check, load and quality-check the training cohort; write cohort/QC tables."""
+@dataclass(frozen=True)
+class PreparedCohort:
+    """The training cohort after its checks: kept sessions, decoded images, classes, and the
+    sessions rejected by the quality check."""
+
+    cohort: Cohort
+    stack: ImageStack
+    classes: list[str]
+    rejected: pd.DataFrame
+
+
+def prepare_cohort(config: TrainConfig, run: RunFolder, progress: Progress | None) -> PreparedCohort:
+    """Read, check, load and quality-check the training cohort; nothing is written to the run
+    folder (but the image cache), so a cohort that fails its checks leaves no record."""
     cohort = Cohort.from_tsv(config.cohort, config.diagnosis_column, config.caps, config.caps_group)
     stack = _load(cohort, config, run, progress, "training cohort")
     table = cohort.table.assign(image_index=np.arange(len(cohort)), max_value=stack.maxima)
     passed = quality_check(stack.maxima, _qc_threshold(config, cohort))
     rejected = table.loc[~passed, [*SPLIT_COLUMNS, "path", "max_value"]].sort_values("max_value")
-    write_tsv(run.qc_rejected_file, rejected)
-    if len(rejected):
-        log.warning("quality check: %d session(s) with maximum < %s rejected (%s)", len(rejected),
-                    config.qc_threshold, run.qc_rejected_file)
     kept = Cohort(table[passed].reset_index(drop=True), cohort.source, cohort.image_shape,
                   cohort.affine)
     if kept.table.empty:
@@ -96,8 +104,22 @@ def prepare_cohort(config: TrainConfig, run: RunFolder, progress: Progress | Non
         raise CohortError(f"{config.cohort}: only one diagnosis ({present.pop()}) in the cohort; "
                           "a classifier needs two")
     kept.labels(classes)  # raises on diagnoses outside the classes
-    write_tsv(run.cohort_file, kept.table.drop(columns="image_index"))
-    return kept, stack, classes
+    counts = class_counts(kept.table, classes)
+    log.info("classes (sessions): %s", ", ".join(f"{name} {n}" for name, n in counts.items()))
+    return PreparedCohort(kept, stack, classes, rejected)
+
+
+def write_cohort_tables(config: TrainConfig, run: RunFolder, prepared: PreparedCohort) -> None:
+    """``cohort.tsv`` (kept sessions), ``qc_rejected.tsv`` and ``grid.json`` (the grid the
+    models take: spatial shape and affine after downsampling, channels)."""
+    write_tsv(run.qc_rejected_file, prepared.rejected)
+    if len(prepared.rejected):
+        log.warning("quality check: %d session(s) with maximum < %s rejected (%s)",
+                    len(prepared.rejected), config.qc_threshold, run.qc_rejected_file)
+    write_tsv(run.cohort_file, prepared.cohort.table.drop(columns="image_index"))
+    write_json(run.grid_file, {"shape": list(prepared.stack.array.shape[2:]),
+                               "channels": int(prepared.stack.array.shape[1]),
+                               "affine": np.asarray(prepared.stack.affine).tolist()})
 
 
 def _qc_threshold(config: TrainConfig, cohort: Cohort) -> float | None:
@@ -124,14 +146,20 @@ def train_cohort(config: TrainConfig, progress: Progress | None = None) -> pd.Da
     :func:`~voxplain.evaluate.classification.classification_metrics`.
     """
     run = RunFolder(config.out)
-    run.record_config("train", config)
     device = resolve_device(config.device)
-    cohort, stack, classes = prepare_cohort(config, run, progress)
+    prepared = prepare_cohort(config, run, progress)
+    cohort, stack, classes = prepared.cohort, prepared.stack, prepared.classes
     folds = subject_folds(cohort.table, config.folds, config.split_seed)
+    test = _test_dataset(config, run, cohort, classes, progress)
+    # recorded once the inputs are known to be usable: a failed command leaves no record that
+    # would refuse the corrected one; a resumed run is checked before anything is rewritten
+    run.record_config("train", config)
+    for folder in ("models", "splits", "evaluation"):
+        run.remove_leftovers(run.root / folder)
+    write_cohort_tables(config, run, prepared)
     for fold in folds:
         write_tsv(run.split_file(fold.index, "train"), fold.train[SPLIT_COLUMNS])
         write_tsv(run.split_file(fold.index, "validation"), fold.validation[SPLIT_COLUMNS])
-    test = _test_dataset(config, run, cohort, classes, progress)
     model_config = config.model.model_copy(update={
         "in_channels": cohort.image_shape[0], "n_classes": len(classes),
         "input_shape": list(stack.array.shape[2:])})
@@ -140,6 +168,7 @@ def train_cohort(config: TrainConfig, progress: Progress | None = None) -> pd.Da
             folder = run.model_dir(fold.index, run_index)
             if (folder / "metrics.tsv").is_file():
                 log.info("fold %d run %d already trained: skipped", fold.index, run_index)
+                remove_checkpoint(folder)  # left by a kill between metrics.tsv and its removal
                 continue
             train_fold(config, model_config, classes, fold, run_index, stack.array, folder,
                        device, test, progress)

@@ -90,6 +90,7 @@ def train_cyce(config: CyCEStepConfig, progress: Progress | None = None) -> pd.D
         folder = cyce_dir(run, fold, run_index)
         if (folder / DESCRIPTION).is_file():
             log.info("CyCE fold %d run %d already trained: skipped", fold, run_index)
+            remove_state(folder)  # left by a kill between generators.json and its removal
             rows.append(_summary(folder, fold, run_index))
             continue
         classifier, description = load_model(model_folder, context.device)

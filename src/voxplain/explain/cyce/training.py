@@ -246,7 +246,7 @@ class CyCETrainer:
         return self.state
 
     def save_checkpoint(self, folder: Path) -> None:
-        """Weights, Adam moments and counters to ``folder/checkpoint.{safetensors,json}``."""
+        """Weights, Adam moments and counters to ``folder/checkpoint.safetensors``."""
         tensors = {f"{name}.{key}": value for name, network in self.networks.items()
                    for key, value in network.state_dict().items()}
         groups = {}
