@@ -37,6 +37,23 @@ def _explanation(run: Path, key: str, layer: str, shape: str, coarse: bool) -> N
         "path": ["sub-01_ses-M00.nii.gz", "sub-02_ses-M00.nii.gz"]})
 
 
+def _group_map(run: Path, key: str, inside_brain: bool) -> None:
+    """A group map on the conftest grid (6 mm, MNI space) with its mass inside or outside the
+    MNI brain mask."""
+    import nibabel as nib
+    import numpy as np
+
+    from conftest import AFFINE, SHAPE
+    from voxplain.data.grid import Grid
+    from voxplain.data.template import brain_mask
+
+    brain = brain_mask(Grid(SHAPE, AFFINE))
+    values = (brain if inside_brain else ~brain).astype(np.float32)
+    folder = run / "explanations" / key / "fold-0" / "run-0"
+    nib.save(nib.Nifti1Image(values, AFFINE), folder / "group_AD.nii.gz")
+    (run / "explanations" / key / "explanation.json").write_text(json.dumps({"signed": False}))
+
+
 def _group_mask(run: Path, fold: int, fraction: float, flags: list[str]) -> None:
     folder = run / "masks" / "group" / f"fold-{fold}" / "run-0"
     folder.mkdir(parents=True)
@@ -47,13 +64,15 @@ def _group_mask(run: Path, fold: int, fraction: float, flags: list[str]) -> None
 
 
 def checked_run(tmp_path: Path) -> Path:
-    """Fold 1's classifier at chance; grad_cam coarse, near chance and identical across
-    subjects; hires_cam fine; group mask of fold 1 flagged."""
+    """Fold 1's classifier at chance; grad_cam coarse, near chance, outside the brain and
+    identical across subjects; hires_cam fine; group mask of fold 1 flagged."""
     run = tmp_path / "run"
     _model(run, 0, 0.9, at_chance=False)
     _model(run, 1, 0.5, at_chance=True)
     _explanation(run, "grad_cam", "features.4.0.2", "1x2x1", coarse=True)
     _explanation(run, "hires_cam", "features.3.0.2", "4x5x4", coarse=False)
+    _group_map(run, "grad_cam", inside_brain=False)
+    _group_map(run, "hires_cam", inside_brain=True)
     _tsv(run / "evaluation" / "localisation.tsv", {
         "key": ["grad_cam", "grad_cam", "hires_cam", "hires_cam"], "diagnosis": ["AD"] * 4,
         "auc": [0.55, 0.51, 0.9, 0.92], "mass_inside": [0.25, 0.23, 0.6, 0.7],
@@ -77,6 +96,10 @@ def test_each_rule_gives_its_verdict(tmp_path):
     assert any("near chance" in text and "AUC 0.53" in text for text in grad_cam)
     assert any("coarser than the minimum" in text and "1x2x1" in text for text in grad_cam)
     assert any("nearly identical" in text and "0.98" in text for text in grad_cam)
+    assert any("100% of the group maps' relevance lies outside the brain" in text
+               for text in grad_cam)
+    assert any(f.about == "hires_cam" and "0% of the group maps' relevance lies outside" in f.text
+               for f in findings)
     assert not any(f.about == "hires_cam" and f.verdict == "warning" for f in findings)
     assert any(f.about == "hires_cam" and "AUC 0.91" in f.text for f in findings)
     # warnings first
@@ -89,9 +112,9 @@ def test_the_report_opens_with_the_findings_and_warns_beside_the_method(tmp_path
     page = build_report(ReportConfig(run=run, max_viewers=0)).read_text()
     sections = page.split("<section id=")
     assert sections[1].startswith('"findings"')
-    assert "5 warning(s)" in sections[1]
+    assert "6 warning(s)" in sections[1]
     explanations = next(s for s in sections if s.startswith('"explanations"'))
     grad_cam = explanations.split("<h3>grad_cam</h3>")[1].split("<h3>")[0]
-    assert grad_cam.count('class="warning"') == 3
+    assert grad_cam.count('class="warning"') == 4
     hires = explanations.split("<h3>hires_cam</h3>")[1].split("<h3>")[0]
     assert 'class="warning"' not in hires

@@ -101,18 +101,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
-def table_html(table: pd.DataFrame, index: bool = False) -> str:
-    """An HTML table (escaped cells, 3 significant digits), cut at :data:`MAX_TABLE_ROWS`."""
+def table_html(table: pd.DataFrame, index: bool = False, prose: bool = False) -> str:
+    """An HTML table (escaped cells, 3 significant digits), cut at :data:`MAX_TABLE_ROWS`;
+    ``prose``: cells of sentences, left-aligned and wrapped."""
     shown = table.head(MAX_TABLE_ROWS)
-    html = shown.to_html(index=index, border=0, classes="data", na_rep="–", escape=True,
-                         float_format=lambda v: f"{v:.3g}")
+    html = shown.to_html(index=index, border=0, classes="data prose" if prose else "data",
+                         na_rep="–", escape=True, float_format=lambda v: f"{v:.3g}")
     if len(table) > MAX_TABLE_ROWS:
         html += f"<p class='note'>First {MAX_TABLE_ROWS} of {len(table)} rows.</p>"
     return html
 
 
-def table_block(table: pd.DataFrame, caption: str, index: bool = False) -> Block:
-    return Block("table", table_html(table, index), caption)
+def table_block(table: pd.DataFrame, caption: str, index: bool = False,
+                prose: bool = False) -> Block:
+    return Block("table", table_html(table, index, prose), caption)
 
 
 def read_map(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -289,7 +291,8 @@ def map_figures(context: ReportContext, name: str, title: str, maps: dict[str, n
     left out); the glass brain and the viewer show the mean of all of them.
 
     ``brain_only`` hides values outside the MNI brain mask (for masks, whose values outside the
-    brain perturb nothing a reader can interpret); the caption says so.
+    brain perturb nothing a reader can interpret, and explanations, whose share outside the
+    brain is reported among the findings); the caption says so.
     """
     items = dict(list(maps.items())[: context.config.max_columns])
     if len(items) < len(maps):
@@ -438,9 +441,10 @@ def explanations_section(context: ReportContext) -> Section:
                 maps[label], affine = read_map(path)
             style = figures.map_style(list(maps.values()), f"{method} relevance",
                                       signed=description.get("signed"))
+            # inside the brain, as the localisation scores it (the share outside is a finding)
             section.blocks.extend(map_figures(context, f"{method}_group_{diagnosis}",
                                               f"{method}, group map of {diagnosis}", maps,
-                                              affine, style, family=method))
+                                              affine, style, brain_only=True, family=method))
         indexes = fold_run_files(root / method, "index.tsv")
         sessions = sum(len(pd.read_csv(path, sep="\t")) for _, _, path in indexes)
         if not diagnoses:
@@ -660,7 +664,8 @@ def findings_section(context: ReportContext) -> Section:
         f"{len(warnings)} warning(s): the results marked 'warning' below cannot be taken at "
         "face value." if warnings else "No warning: every check below passed.")))
     section.blocks.append(table_block(findings_table(findings), "Checks of the classifiers, "
-                                      "explanations and masks (rules: voxplain.report.trust)."))
+                                      "explanations and masks (rules: voxplain.report.trust).",
+                                      prose=True))
     return section
 
 

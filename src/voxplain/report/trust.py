@@ -12,6 +12,8 @@ reader learns before any figure which maps cannot be trusted and why. The rules,
 - its **layer** is *coarse* when an axis of the feature maps it reads has fewer voxels than the
   explanation step's ``min_layer_size`` (``layer_coarse`` in ``index.tsv``): the map is then a
   few blobs stretched over the image;
+- its group maps point *outside the brain* when more than :data:`OUTSIDE_BRAIN_SHARE` of their
+  relevance lies outside the MNI brain mask;
 - its maps are *nearly identical across subjects* when their mean inter-subject rank
   correlation (``evaluate robustness``) is at least :data:`IDENTICAL_RANK_CORRELATION`: a map
   that does not change with the subject explains the model or the layer, not the subject;
@@ -26,15 +28,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 
-from voxplain.io import read_tsv
+from voxplain.io import read_tsv, visible
 from voxplain.run import RunFolder
 
 #: A group map whose mean AUC against the ground truth is below this is near chance (0.5).
 NEAR_CHANCE_AUC = 0.6
 #: Session maps whose mean inter-subject rank correlation reaches this are nearly identical.
 IDENTICAL_RANK_CORRELATION = 0.95
+#: Group maps with more than this share of their relevance outside the brain are flagged.
+OUTSIDE_BRAIN_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ def method_findings(run: RunFolder, key: str) -> list[Finding]:
     """Localisation against the ground truth (group and session maps), the layer read, and the
     similarity of the maps across subjects, for the explanations under ``explanations/KEY``."""
     return [*_localisation(run, key), *_session_localisation(run, key), *_layer(run, key),
-            *_identical(run, key)]
+            *_outside_brain(run, key), *_identical(run, key)]
 
 
 def _localisation(run: RunFolder, key: str) -> list[Finding]:
@@ -141,6 +147,40 @@ def _layer(run: RunFolder, key: str) -> list[Finding]:
                         "size along an axis: its maps are a few blobs stretched over the "
                         "image (choose a finer --layer or a method such as hires_cam)")]
     return [Finding(key, "ok", f"reads layer {described}")]
+
+
+def _outside_brain(run: RunFolder, key: str) -> list[Finding]:
+    """Share of the group maps' relevance outside the MNI brain mask (3D maps on an MNI grid),
+    mean over folds/runs: above :data:`OUTSIDE_BRAIN_SHARE` the map mostly points at no
+    anatomy (a coarse layer's cells straddle the brain's edge and are stretched over the
+    background)."""
+    from voxplain.data.grid import Grid
+    from voxplain.data.template import brain_mask
+    from voxplain.evaluate.localisation import relevance
+
+    record_file = run.root / "explanations" / key / "explanation.json"
+    signed = bool(json.loads(record_file.read_text()).get("signed")) if record_file.is_file() \
+        else False
+    shares, background = [], []
+    for path in visible((run.root / "explanations" / key).glob("fold-*/run-*/group_*.nii.gz")):
+        image = nib.load(path)
+        values = relevance(np.asarray(image.dataobj), signed)
+        if values.ndim != 3 or values.sum() <= 0:
+            continue
+        inside = brain_mask(Grid(values.shape, image.affine))
+        if not inside.any():
+            continue
+        shares.append(float(values[~inside].sum() / values.sum()))
+        background.append(float(1 - inside.mean()))
+    if not shares:
+        return []
+    share, uniform = float(np.mean(shares)), float(np.mean(background))
+    text = (f"{share:.0%} of the group maps' relevance lies outside the brain (a uniform map: "
+            f"{uniform:.0%})")
+    if share > OUTSIDE_BRAIN_SHARE:
+        return [Finding(key, "warning", f"{text}: the maps mostly point at no anatomy (the "
+                        "figures show the part inside the brain)")]
+    return [Finding(key, "ok", text)]
 
 
 def _identical(run: RunFolder, key: str) -> list[Finding]:
