@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from captum.attr import LayerAttribution, LayerGradCam
+from captum.attr import LayerGradCam
 from torch import nn
 
 from voxplain.explain.cam import GradCAM

@@ -63,21 +63,28 @@ _TOKEN_IN_TEXT = re.compile(r"token=[^&\s\"]*")
 _TEXT = "text/plain; charset=utf-8"
 
 
-class AnswerStore:
-    """The SQLite table of answers: one row per (rater, question, image, criterion)."""
+class _SQLiteTable:
+    """One table of the study's SQLite database, created on first use (``schema``)."""
+
+    schema = ""
 
     def __init__(self, database: Path) -> None:
         self.database = Path(database)
         self.database.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as connection, connection:
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS answers (rater TEXT NOT NULL, variant TEXT NOT NULL, "
-                "question TEXT NOT NULL, image TEXT NOT NULL, criterion TEXT NOT NULL, "
-                "score INTEGER NOT NULL, answered_at TEXT NOT NULL, "
-                "UNIQUE (rater, question, image, criterion))")
+            connection.execute(self.schema)
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.database, timeout=30)
+
+
+class AnswerStore(_SQLiteTable):
+    """The SQLite table of answers: one row per (rater, question, image, criterion)."""
+
+    schema = ("CREATE TABLE IF NOT EXISTS answers (rater TEXT NOT NULL, variant TEXT NOT NULL, "
+              "question TEXT NOT NULL, image TEXT NOT NULL, criterion TEXT NOT NULL, "
+              "score INTEGER NOT NULL, answered_at TEXT NOT NULL, "
+              "UNIQUE (rater, question, image, criterion))")
 
     def record(self, rows: list[dict]) -> None:
         """Insert answers, or update the score of answers given before (one transaction)."""
@@ -120,19 +127,11 @@ class AnswerStore:
         return len(rows)
 
 
-class RaterTokens:
+class RaterTokens(_SQLiteTable):
     """The raters' secret link tokens; the database keeps only each token's SHA-256."""
 
-    def __init__(self, database: Path) -> None:
-        self.database = Path(database)
-        self.database.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as connection, connection:
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS rater_tokens (rater TEXT PRIMARY KEY, "
-                "token_sha256 TEXT NOT NULL UNIQUE, issued_at TEXT NOT NULL)")
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.database, timeout=30)
+    schema = ("CREATE TABLE IF NOT EXISTS rater_tokens (rater TEXT PRIMARY KEY, "
+              "token_sha256 TEXT NOT NULL UNIQUE, issued_at TEXT NOT NULL)")
 
     def issue(self, rater: str) -> str:
         """A new token of ``rater``; the rater's previous token stops working."""
