@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.voxplain-installed
-DEMO ?= demo
+DEMO := demo  # the folder pipelines/demo.toml writes
 
 .PHONY: venv browser test demo benchmark clean
 
@@ -33,29 +33,16 @@ browser:
 		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "warning: chromium not installed (no apt-get as root): browser tests will be skipped" >&2; fi
 
+# lint-imports: the layers of voxplain (pyproject.toml [tool.importlinter], README
+# "Architecture") and no import cycle; then the tests.
 test: venv browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-# The main job on the embedded synthetic cohort (under 10 minutes on 2 CPU cores). Masks run
-# paper 1's early stopping, capped at 50 epochs (group) and 1000 iterations (session) instead of
-# the paper's 150 and 5000 to fit the 10 minutes; the hyperparameter grid (paper 1, tables 2-3)
-# is left out for the same reason: `voxplain mask grid --run demo/run --folds 0 --design
-# one-at-a-time --l1 0.01,0.0001 --l2 0.1,0.01` runs it on the demo's run folder.
+# The main job on the embedded synthetic cohort (under 10 minutes on 2 CPU cores): the pipeline
+# file pipelines/demo.toml is its specification (steps, settings, and why), then the summary.
 demo: venv
-	$(BIN)/voxplain generate atrophy --out $(DEMO)/cohort --subjects 80 --sessions 2 \
-		--downsample 4 --qc-failures 2 --heterogeneity 0.7 --severity 0.02,0.6 --ageing 0.05 \
-		--seed 0
-	$(BIN)/voxplain train --cohort $(DEMO)/cohort/cohort.tsv --out $(DEMO)/run --folds 5 --runs 1 \
-		--learning-rate 3e-4
-	$(BIN)/voxplain mask group --run $(DEMO)/run --max-epochs 50
-	$(BIN)/voxplain mask session --run $(DEMO)/run --folds 0 --max-sessions 8 --max-iterations 1000
-	$(BIN)/voxplain explain --run $(DEMO)/run \
-		--method grad_cam,grad_cam_pp,hires_cam,integrated_gradients \
-		--evaluate-against $(DEMO)/cohort/ground_truth.nii.gz --session-truth atrophy_path
-	$(BIN)/voxplain evaluate classification --run $(DEMO)/run
-	$(BIN)/voxplain evaluate robustness --run $(DEMO)/run
-	$(BIN)/voxplain stats --run $(DEMO)/run --method grad_cam
-	$(BIN)/voxplain report --run $(DEMO)/run
+	$(BIN)/voxplain run pipelines/demo.toml
 	$(BIN)/voxplain summary --run $(DEMO)/run
 
 # Ratios measured in one run (see benchmarks/README.md); the full grid takes most of the time.

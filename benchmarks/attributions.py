@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import statistics
 import time
 from collections.abc import Callable
@@ -46,13 +45,14 @@ from torch import nn
 
 from voxplain.config import ModelConfig
 from voxplain.data.grid import SPM_SHAPE, downsampled_shape
-from voxplain.explain.api import METHODS, explainer
 from voxplain.explain.layers import choose_cam_layer
+from voxplain.explain.methods import METHODS, explainer
 from voxplain.models.registry import build_model
-from voxplain.train.trainer import resolve_device
+from voxplain.models.device import resolve_device
 
 GRIDS = {"demo": downsampled_shape(SPM_SHAPE, 4), "full": SPM_SHAPE}
-METHOD_MODULES = ("cam", "gradients", "lrp")
+#: Methods that need more than a classifier (``cyce``: trained generators, see benchmarks/cyce.py).
+NEEDS_MORE = {"cyce"}
 NEEDS_GAP = {"cam"}
 #: Reduced settings for methods that run the network many times per map (defaults: 50 samples or
 #: steps; occlusion window = stride = 8, i.e. thousands of windows at the full grid).
@@ -67,13 +67,8 @@ REDUCED = {
 
 
 def load_methods() -> list[str]:
-    """Import each method module on its own, so the benchmark runs with whichever exist."""
-    for module in METHOD_MODULES:
-        try:
-            importlib.import_module(f"voxplain.explain.{module}")
-        except ImportError as error:
-            print(f"# voxplain.explain.{module} not importable ({error}): its methods are not timed")
-    return sorted(METHODS)
+    """Every method of :data:`~voxplain.explain.methods.METHODS` that a classifier alone can run."""
+    return sorted(set(METHODS) - NEEDS_MORE)
 
 
 def synchronise(device: torch.device) -> None:

@@ -41,9 +41,8 @@ from scipy import ndimage
 from voxplain.config import CyCEConfig
 from voxplain.data.lesions import counterfactual_patches
 from voxplain.evaluate.localisation import chance_mass, relevance, relevance_mass_inside
-from voxplain.explain.api import explainer
-from voxplain.explain.cyce.steps import cyce_dir
 from voxplain.explain.cyce.training import CyCETrainer
+from voxplain.explain.methods import explainer
 from voxplain.io import read_tsv
 from voxplain.models.networks import ConvNet
 from voxplain.models.serialization import load_model
@@ -68,7 +67,7 @@ def background(run_path: Path, fold: int, run_index: int) -> dict[str, float]:
     from voxplain.explain.cyce.relevance import CyCEGenerators
 
     run, model, _, _, x, masks = validation_images(run_path, fold, run_index)
-    generators = CyCEGenerators.load(cyce_dir(run, fold, run_index))
+    generators = CyCEGenerators.load(run.cyce_dir(fold, run_index))
     near = np.stack([ndimage.binary_dilation(m, iterations=3) for m in masks])
     far = ~near
     lesion_part = torch.from_numpy(near[:, None].astype(np.float32))
@@ -118,8 +117,6 @@ def background(run_path: Path, fold: int, run_index: int) -> dict[str, float]:
 
 def localisation(run_path: Path, fold: int, run_index: int, margins: tuple[int, ...] = (0,),
                  methods: tuple[str, ...] = tuple(METHODS)) -> pd.DataFrame:
-    import voxplain.explain.cyce  # noqa: F401  (registers "cyce")
-
     run, model, description, rows, images, masks = validation_images(run_path, fold, run_index)
     with torch.no_grad():
         predicted = model(images).argmax(1)
@@ -132,7 +129,7 @@ def localisation(run_path: Path, fold: int, run_index: int, margins: tuple[int, 
     for name in methods:
         options = METHODS[name]
         if name == "cyce":
-            options = {"generators": cyce_dir(run, fold, run_index)}
+            options = {"generators": run.cyce_dir(fold, run_index)}
         method = explainer(name, model, **options)
         started = time.perf_counter()
         maps = method.explain(images, predicted)[:, 0].cpu().numpy()

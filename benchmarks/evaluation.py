@@ -28,7 +28,7 @@ import numpy as np
 
 from voxplain.data.atlas import Atlas
 from voxplain.data.grid import Grid, downsampled_shape, spm_grid
-from voxplain.evaluate.regions import _averaging_matrix
+from voxplain.data.regions import _averaging_matrix
 from voxplain.evaluate.similarity import cosine_matrix, roi_vectors
 
 

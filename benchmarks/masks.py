@@ -35,7 +35,7 @@ from voxplain.explain.masks import make_reference, optimise_session_masks
 from voxplain.models.folding import fold_batch_norm
 from voxplain.models.layout import for_batches
 from voxplain.models.registry import build_model
-from voxplain.train.trainer import resolve_device
+from voxplain.models.device import resolve_device
 
 GRIDS = {"demo": downsampled_shape(SPM_SHAPE, 4), "full": SPM_SHAPE}
 ITERATIONS = {"demo": 100, "full": 3}

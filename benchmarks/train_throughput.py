@@ -38,7 +38,8 @@ from torch import nn
 from voxplain.config import ModelConfig, TrainConfig
 from voxplain.data.grid import SPM_SHAPE, downsampled_shape
 from voxplain.models.registry import build_model
-from voxplain.train.trainer import Dataset, _train_epoch, predict_proba, resolve_device
+from voxplain.train.trainer import Dataset, _train_epoch, predict_proba
+from voxplain.models.device import resolve_device
 
 #: grid name -> (spatial shape, batches in the Dataset, default repeats)
 GRIDS: dict[str, tuple[tuple[int, ...], int, int]] = {

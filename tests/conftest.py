@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 SHAPE = (20, 24, 20)
 AFFINE = np.array([[-6.0, 0, 0, 90], [0, 6.0, 0, -126], [0, 0, 6.0, -72], [0, 0, 0, 1]])
@@ -40,3 +41,14 @@ def write_cohort(folder: Path, subjects: int = 12, sessions: int = 2, shape=SHAP
 @pytest.fixture
 def cohort_tsv(tmp_path: Path) -> Path:
     return write_cohort(tmp_path / "cohort")
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: tiny networks run hundreds of small ops, and on a shared,
+    oversubscribed 2-core machine every multi-threaded op waits for a descheduled thread
+    (~14 ms each: a 16x16 CyCE step took 15 s instead of 0.1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

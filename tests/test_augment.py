@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from voxplain.config import TrainConfig
 from voxplain.run import RunFolder
 from voxplain.train.augment import augment
-from voxplain.train.trainer import train_cohort
+from voxplain.steps.train import run_train
 
 
 def _drawn(image: np.ndarray, kind: str, draws: int = 400) -> list[np.ndarray]:
@@ -83,7 +83,7 @@ def test_training_with_augmentation_is_reproducible_and_changes_the_model(tmp_pa
         config = TrainConfig.model_validate({
             "cohort": cohort, "out": tmp_path / name, "folds": 2, "epochs": 1, "batch_size": 4,
             "device": "cpu", "model": {"name": "cnn", "channels": [4, 8]}, "augmentation": kind})
-        train_cohort(config)
+        run_train(config)
         weights[name] = load_file(str(RunFolder(tmp_path / name).model_dir(0, 0)
                                       / "model.safetensors"))
     assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])

@@ -24,10 +24,11 @@ from monai.visualize import GradCAM as MonaiGradCAM
 from monai.visualize import GradCAMpp as MonaiGradCAMpp
 from torch import nn
 
-from voxplain.explain.api import METHODS, Explainer
-from voxplain.explain.api import explainer as build_explainer
+from voxplain.explain.api import Explainer
 from voxplain.explain.cam import CAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from voxplain.explain.layers import ACTIVATION_TYPES
+from voxplain.explain.methods import METHODS
+from voxplain.explain.methods import explainer as build_explainer
 from voxplain.models.networks import CNN, VGGGAP, ConvNet
 
 MODES = {2: "bilinear", 3: "trilinear"}

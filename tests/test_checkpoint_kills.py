@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import write_cohort
-from voxplain.train.checkpoint import STATE_KEY, load_state, remove_state, save_state
+from voxplain.models.checkpoint import STATE_KEY, load_state, remove_state, save_state
 
 DRIVER = r'''
 import json, os, shutil, signal, sys, traceback
@@ -46,9 +46,9 @@ FRESH_RNG = torch.get_rng_state()
 torch.set_num_threads(1)
 
 from voxplain.config import CyCEStepConfig, GroupMaskStepConfig, TrainConfig
-from voxplain.explain.cyce.steps import train_cyce
-from voxplain.explain.mask_steps import group_masks
-from voxplain.train.trainer import train_cohort
+from voxplain.steps.cyce import run_cyce_train
+from voxplain.steps.masks import run_group_masks
+from voxplain.steps.train import run_train
 
 WORK, COHORT = Path(sys.argv[1]), Path(sys.argv[2])
 PLAN = json.loads(sys.argv[3])  # step: rename numbers also killed just before the rename
@@ -56,7 +56,7 @@ RUN = WORK / "run"
 
 
 def train():
-    train_cohort(TrainConfig(cohort=COHORT, out=RUN, folds=2, epochs=3, batch_size=4,
+    run_train(TrainConfig(cohort=COHORT, out=RUN, folds=2, epochs=3, batch_size=4,
                              device="cpu", model={"name": "cnn", "channels": [4, 8]}))
 
 
@@ -64,13 +64,13 @@ def group_mask():
     # a tiny model may predict one class only: mask the class it predicts, so that correctly
     # classified training sessions exist
     predicted = pd.read_csv(RUN / "models/fold-0/run-0/predictions-validation.tsv", sep="\t")
-    group_masks(GroupMaskStepConfig(run=RUN, folds=[0], device="cpu",
+    run_group_masks(GroupMaskStepConfig(run=RUN, folds=[0], device="cpu",
                                     diagnosis=predicted.predicted.mode()[0],
                                     mask={"max_epochs": 3, "batch_size": 4}))
 
 
 def cyce():
-    train_cyce(CyCEStepConfig(run=RUN, folds=[0], device="cpu", cyce={
+    run_cyce_train(CyCEStepConfig(run=RUN, folds=[0], device="cpu", cyce={
         "widths": [4, 8, 8, 8], "convs_per_stage": 1, "batch_size": 4, "max_steps": 2,
         "min_steps": 2, "checkpoint_every": 1}))
 

@@ -11,6 +11,9 @@ import pytest
 from scipy.stats import norm
 from sklearn import metrics as sk
 
+from voxplain.config import ClassificationEvaluationConfig
+from voxplain.io import read_tsv
+from voxplain.steps.classification import run_classification
 from voxplain.evaluate.classification import (METRICS, _weighted_metrics, bootstrap_metrics,
                                               bootstrap_replicates, classification_metrics,
                                               cross_validation_metrics, prediction_metrics)
@@ -198,7 +201,8 @@ def test_cross_validation_reports_each_fold_and_their_mean(tmp_path: Path):
         table = _prediction_table(10 + fold)
         table.to_csv(folder / "predictions-validation.tsv", sep="\t", index=False)
         balanced.append(sk.balanced_accuracy_score(table.diagnosis, table.predicted))
-    result = cross_validation_metrics(tmp_path, n_boot=100)
+    result = run_classification(ClassificationEvaluationConfig(run=tmp_path, n_boot=100))
+    assert read_tsv(tmp_path / "evaluation" / "classification.tsv").shape == result.shape
     rows = result[result.metric == "balanced_accuracy"]
     per_fold = rows[rows.scope == "fold"]
     assert list(per_fold["fold"]) == [0, 1, 2]
@@ -209,7 +213,35 @@ def test_cross_validation_reports_each_fold_and_their_mean(tmp_path: Path):
     assert mean["ci_low"] <= mean["value"] <= mean["ci_high"]
     assert mean["ci_high"] - mean["ci_low"] < (per_fold.ci_high - per_fold.ci_low).mean()
     with pytest.raises(ValueError, match="predictions-test.tsv"):
-        cross_validation_metrics(tmp_path, subset="test")
+        run_classification(ClassificationEvaluationConfig(run=tmp_path, subset="test"))
+    # the pure function gives the same table from the tables themselves
+    tables = {(fold, 0): read_tsv(tmp_path / "models" / f"fold-{fold}" / "run-0" /
+                                  "predictions-validation.tsv") for fold in range(3)}
+    pd.testing.assert_frame_equal(cross_validation_metrics(tables, n_boot=100), result)
+
+
+def test_classification_step_lists_the_misclassified_slices_of_slice_models(tmp_path: Path):
+    # two folds of a slice model: 3 slices per session, fold 0 gets slices 1-2 of sub-01 wrong
+    for fold, wrong in ((0, {("sub-01", 1), ("sub-01", 2)}), (1, set())):
+        folder = tmp_path / "models" / f"fold-{fold}" / "run-0"
+        folder.mkdir(parents=True)
+        rows = []
+        for subject, diagnosis in (("sub-01", "AD"), ("sub-02", "CN")):
+            for index in range(3):
+                other = "CN" if diagnosis == "AD" else "AD"
+                predicted = other if (subject, index) in wrong else diagnosis
+                rows.append({"participant_id": subject, "session_id": "ses-M00",
+                             "diagnosis": diagnosis, "slice": index,
+                             "proba_CN": 0.9 if predicted == "CN" else 0.1,
+                             "proba_AD": 0.1 if predicted == "CN" else 0.9,
+                             "predicted": predicted})
+        pd.DataFrame(rows).to_csv(folder / "predictions-validation.tsv", sep="\t", index=False)
+    run_classification(ClassificationEvaluationConfig(run=tmp_path, n_boot=10))
+    wrong = read_tsv(tmp_path / "evaluation" / "misclassified_slices.tsv")
+    assert wrong[["fold", "participant_id", "slice", "predicted"]].values.tolist() == [
+        [0, "sub-01", 1, "CN"], [0, "sub-01", 2, "CN"]]
+    summary = read_tsv(tmp_path / "evaluation" / "slices.tsv")
+    assert len(summary) == 4  # two sessions in each of two folds
 
 
 def test_chance_p_value_is_the_exact_permutation_tail_of_the_balanced_accuracy():

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from voxplain.cli import app, build_config
-from voxplain.config import TrainConfig, read_toml, to_toml
+from voxplain.cli.common import config_command
+from voxplain.config import GroupMaskStepConfig, TrainConfig, read_toml, to_toml
 
 runner = CliRunner()
 
@@ -17,8 +19,9 @@ runner = CliRunner()
 def test_help_shows_defaults_from_the_config_models():
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
-    default_folds = TrainConfig.model_fields["folds"].default
-    assert f"Number of cross-validation folds. (default: {default_folds})" in result.output
+    default_folds = TrainConfig.model_fields["n_folds"].default
+    assert f"(a count; every other step's --folds selects folds). (default: {default_folds})" \
+        in " ".join(result.output.split())
 
 
 def test_toml_values_are_overridden_by_flags(tmp_path):
@@ -26,8 +29,35 @@ def test_toml_values_are_overridden_by_flags(tmp_path):
     toml.write_text('[train]\ncohort = "a.tsv"\nout = "run"\nfolds = 4\nepochs = 7\n'
                     '[train.model]\nname = "vgg_gap"\ndropout = 0.2\n')
     config = build_config(TrainConfig, "train", toml, epochs=3, model={"dropout": 0.1})
-    assert (config.folds, config.epochs) == (4, 3)
+    assert (config.n_folds, config.epochs) == (4, 3)  # "folds" is read as n_folds
     assert (config.model.name, config.model.dropout) == ("vgg_gap", 0.1)
+
+
+def test_config_command_turns_fields_into_flags_and_flags_into_settings(tmp_path):
+    built = []
+    demo = typer.Typer()
+
+    @demo.command()
+    @config_command(GroupMaskStepConfig, "mask_group", ["run", "folds", "mask.l1"],
+                    flags={"folds": ("--folds", "--fold")})
+    def group(settings: GroupMaskStepConfig) -> None:
+        built.append(settings)
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('[mask_group.mask]\nl1 = 0.5\npatience = 9\n')
+    result = runner.invoke(demo, ["--run", "r", "--fold", "0,2", "--l1", "0.25",
+                                  "--config", str(toml)])
+    assert result.exit_code == 0, result.output
+    [settings] = built
+    assert settings.run == Path("r").resolve() and settings.folds == [0, 2]
+    assert (settings.mask.l1, settings.mask.patience) == (0.25, 9)  # flag over file, nested
+    help_text = " ".join(runner.invoke(demo, ["--help"], env={"COLUMNS": "250"}).output.split())
+    assert "--folds,--fold" in help_text and "(default: 0.0001)" in help_text
+
+
+def test_config_command_refuses_a_field_the_model_lacks():
+    with pytest.raises(ValueError, match="no field 'l3'"):
+        config_command(GroupMaskStepConfig, "mask_group", ["mask.l3"])
 
 
 def test_a_run_folder_config_round_trips_through_toml(tmp_path):

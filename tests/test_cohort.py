@@ -334,3 +334,49 @@ def test_downsample_keeps_the_mean_of_an_evenly_divided_image():
     small = downsample(image, 3, spatial_dims=3)
     assert small.shape == (2, 1, 4, 3, 2)
     np.testing.assert_allclose(small.mean(axis=(2, 3, 4)), image.mean(axis=(2, 3, 4)), rtol=1e-5)
+
+
+def _npy_cohort(folder: Path, **columns: list) -> Path:
+    """Four NPY images 6x8 in a cohort TSV with extra ``columns``."""
+    rows = []
+    for i in range(4):
+        np.save(folder / f"img{i}.npy", np.full((6, 8), i / 4, np.float32))
+        rows.append({"participant_id": f"sub-{i}", "session_id": "ses-M00",
+                     "diagnosis": "benign" if i < 2 else "malignant", "path": f"img{i}.npy",
+                     **{column: values[i] for column, values in columns.items()}})
+    pd.DataFrame(rows).to_csv(folder / "cohort.tsv", sep="\t", index=False)
+    return folder / "cohort.tsv"
+
+
+def test_pixel_spacing_columns_give_npy_images_their_spacing_down_to_the_training_grid(tmp_path):
+    tsv = _npy_cohort(tmp_path, pixel_spacing_row=[0.75] * 4, pixel_spacing_col=[0.5] * 4)
+    cohort = Cohort.from_tsv(tsv)
+    np.testing.assert_allclose(cohort.affine, np.diag([0.75, 0.5, 1.0, 1.0]))
+    stack = load_images(cohort, factor=2)
+    np.testing.assert_allclose(stack.affine[[0, 1], [0, 1]], [1.5, 1.0])
+
+
+def test_npy_images_without_spacing_columns_have_1_mm_pixels(tmp_path):
+    np.testing.assert_allclose(Cohort.from_tsv(_npy_cohort(tmp_path)).affine, np.eye(4))
+
+
+def test_a_row_with_another_pixel_spacing_is_named_against_the_majority(tmp_path):
+    tsv = _npy_cohort(tmp_path, pixel_spacing_row=[0.75, 0.75, 0.75, 0.8],
+                      pixel_spacing_col=[0.75] * 4)
+    _one_line_error(tsv, "sub-3 ses-M00", "img3.npy: affine", "3 of 4 images")
+
+
+@pytest.mark.parametrize(("rows", "cols", "problem"), [
+    ([0.75] * 4, [0.75, 0.75, 0.75, None], "give both or neither"),
+    ([0.75] * 4, [0.75, 0.75, 0.75, -1.0], "must be positive"),
+])
+def test_a_pixel_spacing_that_cannot_be_used_names_its_row(tmp_path, rows, cols, problem):
+    tsv = _npy_cohort(tmp_path, pixel_spacing_row=rows, pixel_spacing_col=cols)
+    _one_line_error(tsv, "sub-3 ses-M00", "img3.npy", problem)
+
+
+def test_a_pixel_spacing_column_for_an_image_that_carries_its_own_is_refused(cohort_tsv):
+    table = pd.read_csv(cohort_tsv, sep="\t")
+    table.assign(pixel_spacing_row=1.5, pixel_spacing_col=1.5).to_csv(cohort_tsv, sep="\t",
+                                                                      index=False)
+    _one_line_error(cohort_tsv, "sub-00 ses-M00", "carries its own spacing")

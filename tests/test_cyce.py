@@ -12,27 +12,19 @@ from conftest import write_cohort
 from statsmodels.stats.weightstats import DescrStatsW
 
 from voxplain.config import CyCEConfig, CyCEStepConfig, CyCETransferConfig, TrainConfig
-from voxplain.explain.api import METHODS
 from voxplain.explain.cyce import CyCE, CyCEGenerators
 from voxplain.explain.cyce.discriminator import PairDiscriminator, shuffled_pair
 from voxplain.explain.cyce.generator import UNetGenerator
 from voxplain.explain.cyce.losses import dssim, similarity_loss, ssim_settings
 from voxplain.explain.cyce.training import CyCETrainer
-from voxplain.explain.cyce.transfer import transfer_table
+from voxplain.explain.methods import METHODS
+from voxplain.evaluate.transfer import transfer_table
 from voxplain.models.networks import ConvNet
 
 TINY = {"widths": [4, 8, 8, 8], "convs_per_stage": 1, "batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny networks run hundreds of small ops per step; on the shared, oversubscribed 2-core
-    # machine every multi-threaded op waits for a descheduled thread (~14 ms each), which made
-    # a 16x16 step take 15 s instead of 0.1 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def noisy(shape, sigma, seed=0):
@@ -258,32 +250,32 @@ def test_relevance_is_g_plus_minus_g_minus_and_survives_saving(tmp_path):
 
 
 def test_cyce_steps_train_resume_and_evaluate_the_transfer_on_a_run_folder(tmp_path):
-    from voxplain.explain.cyce.steps import train_cyce, transfer_cyce
-    from voxplain.train.trainer import train_cohort
+    from voxplain.steps.cyce import run_cyce_train, run_cyce_transfer
+    from voxplain.steps.train import run_train
 
     tsv = write_cohort(tmp_path / "cohort", subjects=8, sessions=1, shape=(12, 12, 12))
-    train_cohort(TrainConfig(cohort=tsv, out=tmp_path / "run", folds=2, epochs=1, batch_size=4,
+    run_train(TrainConfig(cohort=tsv, out=tmp_path / "run", folds=2, epochs=1, batch_size=4,
                              device="cpu", model={"name": "cnn", "channels": [2, 4]}))
     step = CyCEStepConfig(run=tmp_path / "run", folds=[0], device="cpu",
                           cyce={**TINY, "max_steps": 2, "min_steps": 2})
-    summary = train_cyce(step)
+    summary = run_cyce_train(step)
     folder = tmp_path / "run" / "cyce" / "fold-0" / "run-0"
     assert {"generators.safetensors", "generators.json", "loss.tsv"} <= {p.name for p in folder.iterdir()}
     assert not (folder / "checkpoint.safetensors").exists() and summary.steps.tolist() == [2]
-    assert train_cyce(step).steps.tolist() == [2]  # finished: skipped
-    table = transfer_cyce(CyCETransferConfig(run=tmp_path / "run", folds=[0], device="cpu"))
+    assert run_cyce_train(step).steps.tolist() == [2]  # finished: skipped
+    table = run_cyce_transfer(CyCETransferConfig(run=tmp_path / "run", folds=[0], device="cpu"))
     assert table.domain.tolist() == ["x", "G-(x)", "G+(x)"] and (folder / "transfer.tsv").is_file()
-    with pytest.raises(ValueError, match="other \\[cyce\\] settings"):
-        train_cyce(step.model_copy(update={"cyce": CyCEConfig(**TINY, max_steps=3)}))
+    with pytest.raises(ValueError, match="other \\[cyce_train\\] settings"):
+        run_cyce_train(step.model_copy(update={"cyce": CyCEConfig(**TINY, max_steps=3)}))
     # the explain step finds each fold's generators in RUN/cyce/fold-K/run-R by itself
     from voxplain.config import ExplainStepConfig
-    from voxplain.explain.explain_steps import explain_run
+    from voxplain.steps.explain import run_explain
 
-    index = explain_run(ExplainStepConfig(run=tmp_path / "run", explain={"method": "cyce"}, folds=[0],
+    index = run_explain(ExplainStepConfig(run=tmp_path / "run", explain={"method": "cyce"}, folds=[0],
                                           device="cpu"))
     assert len(index) > 0 and set(index.method) == {"cyce"}
     maps = sorted((tmp_path / "run" / "explanations" / "cyce" / "fold-0" / "run-0").glob("sub-*"))
     assert len(maps) == len(index)
     with pytest.raises(FileNotFoundError, match="no trained CyCE generators"):
-        explain_run(ExplainStepConfig(run=tmp_path / "run", explain={"method": "cyce"}, folds=[1],
+        run_explain(ExplainStepConfig(run=tmp_path / "run", explain={"method": "cyce"}, folds=[1],
                                       device="cpu"))

@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import torch
 from conftest import AFFINE, SHAPE, write_cohort
+from nilearn.image import load_img
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from voxplain.cli import app
-from voxplain.config import ExplainStepConfig, LesionCohortConfig, TrainConfig
+from voxplain.config import ExplainStepConfig, LesionCohortConfig, TrainConfig, read_toml, to_toml
 from voxplain.data.grid import Grid
 from voxplain.data.lesions import generate_lesion_cohort
 from voxplain.data.template import brain_mask
-from voxplain.evaluate.localisation import (
-    evaluate_localisation,
-    evaluate_session_localisation,
-    session_localisation_summary,
-)
-from voxplain.explain.api import Explainer, register
-from voxplain.explain.explain_steps import explain_run
+from voxplain.evaluate.localisation import session_localisation_summary
+from voxplain.steps.localisation import evaluate_localisation, evaluate_session_localisation
+from voxplain.explain.api import Explainer
+from voxplain.explain.methods import METHODS
+from voxplain.steps.explain import run_explain
 from voxplain.run import RunFolderError, cohort_label
-from voxplain.train.trainer import train_cohort
+from voxplain.steps.train import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +36,6 @@ pytestmark = pytest.mark.slow
 CUBE = tuple(slice(s // 2 - 3, s // 2 + 3) for s in SHAPE)
 
 
-@register
 class SignedProbe(Explainer):
     """A known signed map: ``(mean over channels of x) - 0.5``, negated for target 0."""
 
@@ -47,7 +49,6 @@ class SignedProbe(Explainer):
         return sign * (x.mean(1, keepdim=True) - 0.5)
 
 
-@register
 class UnsignedProbe(SignedProbe):
     """The same map declared unsigned: group maps average its magnitude."""
 
@@ -55,7 +56,6 @@ class UnsignedProbe(SignedProbe):
     signed = False
 
 
-@register
 class CubeOracle(Explainer):
     """Points exactly at the fixture's darker cube, whatever the input."""
 
@@ -68,11 +68,21 @@ class CubeOracle(Explainer):
         return maps
 
 
+@pytest.fixture(scope="module", autouse=True)
+def probes():
+    """The probe methods above, available by name (as a third-party method is added) while this
+    module's tests and fixtures run, removed afterwards."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for method in (SignedProbe, UnsignedProbe, CubeOracle):
+            monkeypatch.setitem(METHODS, method.name, method)
+        yield
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("explain")
     tsv = write_cohort(folder / "cohort", subjects=18)
-    train_cohort(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=3, batch_size=4,
+    run_train(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=3, batch_size=4,
                              learning_rate=3e-3, device="cpu",
                              model={"name": "cnn", "channels": [4, 8, 8]}))
     return folder / "run"
@@ -86,7 +96,7 @@ def step(run, method, **explain):
 
 
 def test_one_map_per_validation_session_with_the_cohort_affine_and_an_index(trained_run):
-    index = explain_run(step(trained_run, "test_signed_probe", batch_size=3))
+    index = run_explain(step(trained_run, "test_signed_probe", batch_size=3))
     folder = trained_run / "explanations/test_signed_probe/fold-0/run-0"
     validation = pd.read_csv(trained_run / "splits/fold-0/validation.tsv", sep="\t")
     assert sorted(index.participant_id) == sorted(validation.participant_id)
@@ -112,7 +122,7 @@ def test_group_map_is_the_signed_mean_for_signed_methods_and_the_mean_magnitude_
         trained_run):
     groups = {}
     for method in ("test_signed_probe", "test_unsigned_probe"):
-        explain_run(step(trained_run, method, group="all", folds=[1]))
+        run_explain(step(trained_run, method, group="all", folds=[1]))
         folder = trained_run / f"explanations/{method}_group-all/fold-1/run-0"
         index = pd.read_csv(folder / "index.tsv", sep="\t")
         for diagnosis in ("AD", "CN"):
@@ -129,7 +139,7 @@ def test_group_map_is_the_signed_mean_for_signed_methods_and_the_mean_magnitude_
 
 
 def test_default_group_map_averages_the_correctly_classified_sessions_only(trained_run):
-    explain_run(step(trained_run, "test_unsigned_probe", folds=[2]))
+    run_explain(step(trained_run, "test_unsigned_probe", folds=[2]))
     folder = trained_run / "explanations/test_unsigned_probe/fold-2/run-0"
     index = pd.read_csv(folder / "index.tsv", sep="\t")
     assert (index.correct == (index.predicted == index.diagnosis)).all()
@@ -145,27 +155,27 @@ def test_default_group_map_averages_the_correctly_classified_sessions_only(train
 
 def test_resume_explains_only_the_missing_maps(trained_run):
     config = step(trained_run, "test_signed_probe", folds=[0])
-    explain_run(config)
+    run_explain(config)
     folder = trained_run / "explanations/test_signed_probe/fold-0/run-0"
     maps = sorted(folder.glob("sub-*.nii.gz"))
     SignedProbe.samples.clear()
-    explain_run(config)  # finished: index.tsv marks it done
+    run_explain(config)  # finished: index.tsv marks it done
     assert SignedProbe.samples == []
     (folder / "index.tsv").unlink()
     maps[0].unlink()
     kept = {path: path.stat().st_mtime_ns for path in maps[1:]}
-    explain_run(config)
+    run_explain(config)
     assert SignedProbe.samples == [1]
     assert maps[0].is_file() and (folder / "index.tsv").is_file()
     assert {path: path.stat().st_mtime_ns for path in maps[1:]} == kept
 
 
 def test_predicted_and_fixed_targets(trained_run):
-    index = explain_run(step(trained_run, "test_unsigned_probe", target="predicted",
+    index = run_explain(step(trained_run, "test_unsigned_probe", target="predicted",
                              folds=[0], group="all"))
     assert (index.target == index.predicted).all()
     assert np.allclose(index.target_probability, index.predicted_probability)
-    index = explain_run(step(trained_run, "test_unsigned_probe", target="CN", folds=[0],
+    index = run_explain(step(trained_run, "test_unsigned_probe", target="CN", folds=[0],
                              cohort=trained_run.parent / "cohort" / "cohort.tsv"))
     assert (index.target == "CN").all() and len(index) == 36  # the whole given cohort
     label = cohort_label(trained_run.parent / "cohort" / "cohort.tsv")
@@ -176,7 +186,7 @@ def test_predicted_and_fixed_targets(trained_run):
 
 def test_a_layer_keys_the_folder_so_two_layers_do_not_overwrite_each_other(trained_run):
     for layer in ("features.1.0.0", "features.2.0.0"):
-        index = explain_run(step(trained_run, "grad_cam", layer=layer, folds=[0]))
+        index = run_explain(step(trained_run, "grad_cam", layer=layer, folds=[0]))
         assert (index.layer == layer).all()
     for layer in ("features.1.0.0", "features.2.0.0"):
         folder = trained_run / f"explanations/grad_cam_layer-{layer}/fold-0/run-0"
@@ -187,49 +197,49 @@ def test_the_layer_read_its_grid_and_coarseness_are_recorded_with_the_maps(train
     """The tiny CNN on 20x24x20: block outputs 20x24x20, 10x12x10, 5x6x5. The default rule
     reads the deepest activation keeping 4 voxels per axis; 6 moves it up one block; a layer
     given explicitly below the minimum is recorded as coarse, with a warning."""
-    index = explain_run(step(trained_run, "grad_cam"))
+    index = run_explain(step(trained_run, "grad_cam"))
     assert set(zip(index.layer, index.layer_shape, index.layer_coarse)) == {
         ("features.2.0.2", "5x6x5", False)}
     written = pd.read_csv(trained_run / "explanations/grad_cam/fold-0/run-0/index.tsv", sep="\t")
     assert set(written.layer_shape) == {"5x6x5"}
-    finer = explain_run(step(trained_run, "grad_cam", min_layer_size=6))
+    finer = run_explain(step(trained_run, "grad_cam", min_layer_size=6))
     assert set(zip(finer.layer, finer.layer_shape)) == {("features.1.0.2", "10x12x10")}
     assert (trained_run / "explanations/grad_cam_min_layer_size-6/fold-0/run-0").is_dir()
-    coarse = explain_run(step(trained_run, "hires_cam", layer="features.2.0.0", min_layer_size=6))
+    coarse = run_explain(step(trained_run, "hires_cam", layer="features.2.0.0", min_layer_size=6))
     assert coarse.layer_coarse.all() and set(coarse.layer_shape) == {"5x6x5"}
     assert "coarser than 6 along an axis" in caplog.text
-    saliency = explain_run(step(trained_run, "saliency"))  # reads no layer
+    saliency = run_explain(step(trained_run, "saliency"))  # reads no layer
     assert (saliency.layer.fillna("") == "").all() and not saliency.layer_coarse.any()
 
 
 def test_unknown_method_lists_the_available_ones(trained_run):
     with pytest.raises(ValueError, match=r"unknown explanation method 'nope'; available: .*"
                                          r"grad_cam.*test_signed_probe"):
-        explain_run(step(trained_run, "nope"))
+        run_explain(step(trained_run, "nope"))
     assert not (trained_run / "explanations/nope").exists()
 
 
 def test_unknown_layer_lists_the_valid_ones_before_anything_is_written(trained_run):
     with pytest.raises(ValueError, match=r"valid layers: features\.0\.0\.0, features\.1\.0\.0"):
-        explain_run(step(trained_run, "grad_cam", layer="features.9"))
+        run_explain(step(trained_run, "grad_cam", layer="features.9"))
     assert not (trained_run / "explanations/grad_cam_layer-features.9").exists()
 
 
 def test_an_option_the_method_does_not_take_is_an_error(trained_run):
     with pytest.raises(ValueError, match="does not take the options"):
-        explain_run(step(trained_run, "test_signed_probe", options={"n_steps": 4}))
+        run_explain(step(trained_run, "test_signed_probe", options={"n_steps": 4}))
 
 
 def test_a_target_that_is_not_a_class_is_refused(trained_run):
     with pytest.raises(ValueError, match=r"target class 5 is not an index of the classes"):
-        explain_run(step(trained_run, "test_signed_probe", target=5))
+        run_explain(step(trained_run, "test_signed_probe", target=5))
     with pytest.raises(ValueError, match=r"'MCI' is neither true, predicted, nor a class"):
-        explain_run(step(trained_run, "test_signed_probe", target="MCI"))
+        run_explain(step(trained_run, "test_signed_probe", target="MCI"))
 
 
 def test_a_run_folder_without_models_is_refused(tmp_path):
     with pytest.raises(RunFolderError, match="no trained model"):
-        explain_run(step(tmp_path, "test_signed_probe"))
+        run_explain(step(tmp_path, "test_signed_probe"))
 
 
 def test_cli_explains_several_methods_and_prints_one_localisation_row_per_method(trained_run):
@@ -239,8 +249,10 @@ def test_cli_explains_several_methods_and_prints_one_localisation_row_per_method
     nib.save(nib.Nifti1Image(truth, AFFINE), truth_path)
     result = CliRunner().invoke(app, [
         "explain", "--run", str(trained_run), "--method", "test_cube_oracle,test_unsigned_probe",
-        "--folds", "0", "--device", "cpu", "--group", "all",
-        "--evaluate-against", str(truth_path)], env={"COLUMNS": "200"})
+        "--folds", "0", "--device", "cpu", "--group", "all"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["evaluate", "localisation", "--run", str(trained_run),
+                                      "--against", str(truth_path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "test_cube_oracle" in result.output and "Localisation" in result.output
     table = pd.read_csv(trained_run / "evaluation/localisation.tsv", sep="\t")
@@ -252,9 +264,15 @@ def test_cli_explains_several_methods_and_prints_one_localisation_row_per_method
                                         "pointing_game", "top5_hit"]
     only = evaluate_localisation(trained_run, truth_path, methods=["test_cube_oracle"])
     assert only.method.unique().tolist() == ["test_cube_oracle"]
-    rescored = CliRunner().invoke(app, ["explain", "--run", str(trained_run),
-                                        "--evaluate-against", str(truth_path)])
-    assert rescored.exit_code == 0 and "Localisation" in rescored.output
+    # scoring lives in its own section: the explanations resume (and extend) after it
+    recorded = read_toml(trained_run / "config.toml")
+    assert recorded["evaluate_localisation"]["against"] == str(truth_path)
+    assert not any("against" in values or "session_truth" in values
+                   for name, values in recorded.items() if name.startswith("explain_"))
+    again = CliRunner().invoke(app, [
+        "explain", "--run", str(trained_run), "--method", "test_cube_oracle", "--folds", "0,1",
+        "--device", "cpu", "--group", "all"])
+    assert again.exit_code == 0, again.output
 
 
 def test_cli_reports_an_unknown_method_in_one_line(trained_run):
@@ -264,24 +282,64 @@ def test_cli_reports_an_unknown_method_in_one_line(trained_run):
     assert result.exit_code == 2 and "--method" in result.output
 
 
-def test_two_dimensional_run_writes_npy_maps_png_previews_and_group_maps(tmp_path):
-    tsv = generate_lesion_cohort(LesionCohortConfig(out=tmp_path / "lesions", subjects=24,
+@pytest.fixture(scope="module")
+def synthetic_2d_run(tmp_path_factory):
+    """A 2D lesion cohort on a synthetic background (no physical spacing: 1 mm pixels), trained."""
+    folder = tmp_path_factory.mktemp("run_2d")
+    tsv = generate_lesion_cohort(LesionCohortConfig(out=folder / "lesions", subjects=24,
                                                     size=32))
-    train_cohort(TrainConfig(cohort=tsv, out=tmp_path / "run", folds=3, epochs=2, batch_size=8,
+    run_train(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=2, batch_size=8,
                              device="cpu", model={"name": "cnn", "channels": [4, 8, 8]}))
-    index = explain_run(step(tmp_path / "run", "test_signed_probe", group="all"))
-    folder = tmp_path / "run/explanations/test_signed_probe_group-all/fold-0/run-0"
+    return folder / "run", tsv
+
+
+def nifti_slice(path) -> np.ndarray:
+    """A 2D map as nibabel reads it: one slice ``(H, W, 1)``, returned ``(H, W)``."""
+    image = nib.load(path)
+    assert image.shape[2:] == (1,)
+    return np.asarray(image.dataobj)[..., 0]
+
+
+def test_two_dimensional_run_writes_nifti_maps_png_previews_and_group_maps(synthetic_2d_run):
+    run, tsv = synthetic_2d_run
+    index = run_explain(step(run, "test_signed_probe", group="all"))
+    folder = run / "explanations/test_signed_probe_group-all/fold-0/run-0"
     for row in index.itertuples():
-        values = np.load(folder / row.path)
-        assert row.path.endswith(".npy") and values.shape == (32, 32)
+        assert row.path.endswith(".nii.gz")
+        values = nifti_slice(folder / row.path)
+        assert values.shape == (32, 32)
+        assert nib.load(folder / row.path).header.get_zooms() == (1.0, 1.0, 1.0)
         source = np.load(tsv.parent / "images" / f"{row.participant_id}_{row.session_id}.npy")
         sign = 1.0 if row.target == "malignant" else -1.0  # classes are [benign, malignant]
         np.testing.assert_allclose(values, sign * (source[0] - 0.5), atol=1e-6)
-        preview = Image.open(folder / row.path.replace(".npy", ".png"))
+        preview = Image.open(folder / row.path.replace(".nii.gz", ".png"))
         assert preview.size == (32, 32)
     for diagnosis in index.diagnosis.unique():
-        assert np.load(folder / f"group_{diagnosis}.npy").shape == (32, 32)
+        assert nifti_slice(folder / f"group_{diagnosis}.nii.gz").shape == (32, 32)
         assert (folder / f"group_{diagnosis}.png").is_file()
+    assert load_img(str(folder / index.path.iloc[0])).shape == (32, 32, 1)
+
+
+def test_a_fold_an_earlier_version_left_with_npy_maps_resumes_keeping_them(synthetic_2d_run):
+    run, _ = synthetic_2d_run
+    folder = run / "explanations/test_unsigned_probe_group-all/fold-0/run-0"
+    folder.mkdir(parents=True)
+    first = pd.read_csv(run / "splits/fold-0/validation.tsv", sep="\t").iloc[0]
+    earlier = folder / f"{first.participant_id}_{first.session_id}.npy"
+    np.save(earlier, np.full((32, 32), 7.0, np.float32))  # no probe map is 7 anywhere
+    index = run_explain(step(run, "test_unsigned_probe", group="all"))
+    assert index.path.tolist() == [
+        f"{p}_{s}.npy" if (p, s) == (first.participant_id, first.session_id) else f"{p}_{s}.nii.gz"
+        for p, s in zip(index.participant_id, index.session_id)]
+    np.testing.assert_array_equal(np.load(earlier), 7.0)
+    assert not earlier.with_name(earlier.name.replace(".npy", ".nii.gz")).exists()
+    for diagnosis in index.diagnosis.unique():
+        maps = [np.load(folder / path) if path.endswith(".npy") else nifti_slice(folder / path)
+                for path in index.path[index.diagnosis == diagnosis]]
+        np.testing.assert_allclose(nifti_slice(folder / f"group_{diagnosis}.nii.gz"),
+                                   np.mean(np.abs(maps), axis=0), atol=1e-6)
+    again = run_explain(step(run, "test_unsigned_probe", group="all"))  # finished: read back
+    assert again.path.tolist() == index.path.tolist()
 
 
 def test_a_cohort_diagnosis_outside_the_classes_needs_another_target(trained_run):
@@ -291,19 +349,40 @@ def test_a_cohort_diagnosis_outside_the_classes_needs_another_target(trained_run
     cohort.to_csv(tsv, sep="\t", index=False)
     with pytest.raises(ValueError, match=r"sub-00 ses-M00: diagnosis 'MCI' is not a class of the "
                                          r"model \['CN', 'AD'\]; explain it with --target"):
-        explain_run(step(trained_run, "test_signed_probe", cohort=tsv))
-    index = explain_run(step(trained_run, "test_signed_probe", cohort=tsv, target="predicted"))
+        run_explain(step(trained_run, "test_signed_probe", cohort=tsv))
+    index = run_explain(step(trained_run, "test_signed_probe", cohort=tsv, target="predicted"))
     assert not index.correct[index.diagnosis == "MCI"].any()
 
 
 @pytest.fixture(scope="module")
 def lesion_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lesion_run")
-    tsv = generate_lesion_cohort(LesionCohortConfig(out=folder / "lesions", subjects=24, size=32))
-    train_cohort(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=1, batch_size=8,
+    tsv = generate_lesion_cohort(LesionCohortConfig(out=folder / "lesions", subjects=24, size=32,
+                                                    background="ct"))
+    run_train(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=1, batch_size=8,
                              device="cpu", model={"name": "cnn", "channels": [4, 8, 8]}))
-    explain_run(step(folder / "run", "test_signed_probe"))
+    run_explain(step(folder / "run", "test_signed_probe"))
     return folder / "run", tsv
+
+
+def test_a_ct_background_s_pixel_spacing_reaches_every_explanation_map_header(lesion_run):
+    run, tsv = lesion_run
+    cohort = pd.read_csv(tsv, sep="\t")
+    package, _, relative = cohort.background_file.iloc[0].partition("/")
+    assert set(cohort.background_file) == {f"{package}/{relative}"}
+    root = Path(next(iter(importlib.util.find_spec(package).submodule_search_locations)))
+    row_mm, col_mm = (float(s) for s in pydicom.dcmread(root / relative).PixelSpacing)
+    # the slice's pixels, resampled so that 32 patch pixels span 45 mm
+    spacing = (row_mm * cohort.background_step_row.iloc[0],
+               col_mm * cohort.background_step_col.iloc[0])
+    assert spacing == pytest.approx((45 / 32, 45 / 32))
+    folder = run / "explanations/test_signed_probe/fold-0/run-0"
+    index = pd.read_csv(folder / "index.tsv", sep="\t")
+    maps = sorted(folder.glob("*.nii.gz"))  # the session maps and the group map(s)
+    assert {folder / path for path in index.path} < set(maps)
+    for path in maps:
+        assert nib.load(path).header.get_zooms() == pytest.approx((*spacing, 1.0))
+    assert load_img(str(maps[0])).header.get_zooms()[:2] == pytest.approx(spacing)
 
 
 def test_every_session_map_is_scored_against_its_own_lesion_mask(lesion_run):
@@ -329,7 +408,7 @@ def test_session_truths_of_another_cohort_resolve_from_its_folder_and_errors_nam
     other = tsv.parent / "other.tsv"
     cohort.assign(mask_path=["masks/missing.npy", *cohort.mask_path[1:]]).to_csv(
         other, sep="\t", index=False)
-    explain_run(step(run, "test_unsigned_probe", cohort=other))
+    run_explain(step(run, "test_unsigned_probe", cohort=other))
     with pytest.raises(FileNotFoundError, match="masks/missing.npy"):
         evaluate_session_localisation(run, "mask_path", methods=["test_unsigned_probe"])
     with pytest.raises(ValueError, match=r"no column 'lesion_mask'.*columns are"):
@@ -340,13 +419,36 @@ def test_session_truths_of_another_cohort_resolve_from_its_folder_and_errors_nam
 
 def test_cli_scores_session_maps_with_session_truth(lesion_run):
     run, _ = lesion_run
-    result = CliRunner().invoke(app, ["explain", "--run", str(run), "--session-truth",
-                                      "mask_path"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, ["evaluate", "localisation", "--run", str(run),
+                                      "--session-truth", "mask_path"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "Localisation of every session map" in result.output
     assert "test_signed_probe" in result.output and "benign" in result.output
-    result = CliRunner().invoke(app, ["explain", "--run", str(run), "--session-truth", "nope"])
+    result = CliRunner().invoke(app, ["evaluate", "localisation", "--run", str(run),
+                                      "--session-truth", "nope"])
     assert result.exit_code != 0 and "no column 'nope'" in result.output
+    result = CliRunner().invoke(app, ["evaluate", "localisation", "--run", str(run)])
+    assert result.exit_code == 2 and "--against FILE" in result.output
+
+
+def test_scoring_never_refuses_a_later_explanation(lesion_run):
+    """Regression (issue 17): `explain --session-truth COLUMN` then `explain` was refused
+    ("made with other [explain_...] settings (session_truth ...)"); now the scoring is its own
+    step, and a section recorded by the old version (with the scoring keys) still resumes."""
+    run, _ = lesion_run
+    runner = CliRunner()
+    assert runner.invoke(app, ["evaluate", "localisation", "--run", str(run),
+                               "--session-truth", "mask_path"]).exit_code == 0
+    again = runner.invoke(app, ["explain", "--run", str(run), "--method", "test_signed_probe",
+                                "--folds", "0", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    sections = read_toml(run / "config.toml")
+    old = {**sections["explain_test_signed_probe"], "session_truth": "mask_path",
+           "evaluate_against": "/somewhere/truth.nii.gz"}  # as the earlier version wrote it
+    (run / "config.toml").write_text(to_toml({**sections, "explain_test_signed_probe": old}))
+    resumed = runner.invoke(app, ["explain", "--run", str(run), "--method", "test_signed_probe",
+                                  "--folds", "0", "--device", "cpu"])
+    assert resumed.exit_code == 0, resumed.output
 
 
 def test_session_localisation_reaches_the_summary_and_the_report(lesion_run, tmp_path):
@@ -378,7 +480,7 @@ def test_3d_session_maps_are_scored_against_each_session_s_own_truth(trained_run
         paths.append(f"truths/{row.participant_id}_{row.session_id}.nii.gz")
         nib.save(nib.Nifti1Image(truth, AFFINE), folder / paths[-1])
     cohort.assign(truth_path=paths).to_csv(folder / "with_truth.tsv", sep="\t", index=False)
-    explain_run(step(trained_run, "test_cube_oracle", cohort=folder / "with_truth.tsv"))
+    run_explain(step(trained_run, "test_cube_oracle", cohort=folder / "with_truth.tsv"))
     table = evaluate_session_localisation(trained_run, "truth_path", methods=["test_cube_oracle"])
     # explanations of the run's own cohort (no truth_path column) are skipped
     assert set(table.key) == {f"test_cube_oracle_cohort-{cohort_label(folder / 'with_truth.tsv')}"}

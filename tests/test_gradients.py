@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from voxplain.explain.api import METHODS
 from voxplain.explain.gradients import (
     IntegratedGradientsExplainer,
     OcclusionExplainer,
@@ -17,6 +16,7 @@ from voxplain.explain.gradients import (
     activation_bytes,
     inputs_per_pass,
 )
+from voxplain.explain.methods import METHODS
 from voxplain.models.networks import CNN, VGGGAP, ConvNet
 
 FAST = {

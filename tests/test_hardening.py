@@ -17,23 +17,24 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-import voxplain.run as run_module
+import voxplain.run.folder as run_module
 from conftest import AFFINE, write_cohort
 from voxplain.cli import app
+from voxplain.config import to_toml
 from voxplain.config import (ExplainStepConfig, PredictConfig, ReportConfig,
                              SessionMaskStepConfig, TrainConfig)
-from voxplain.explain.explain_steps import explain_run
+from voxplain.steps.explain import run_explain
 from voxplain.report.html import build_report
 from voxplain.run import RunFolder, RunFolderError
-from voxplain.train.predict import predict_cohort
-from voxplain.train.trainer import train_cohort
+from voxplain.steps.predict import run_predict
+from voxplain.steps.train import run_train
 
 runner = CliRunner()
 TINY = {"name": "cnn", "channels": [4, 8, 8]}
 
 
 def _train(cohort: Path, out: Path, **changes) -> None:
-    train_cohort(TrainConfig.model_validate({
+    run_train(TrainConfig.model_validate({
         "cohort": cohort, "out": out, "folds": 2, "epochs": 1, "batch_size": 4,
         "device": "cpu", "model": TINY, **changes}))
 
@@ -74,7 +75,7 @@ def test_a_diagnosis_that_escapes_the_run_folder_writes_no_group_map_outside(tra
     cohort = _copy_cohort(trained.parent / "cohort" / "cohort.tsv", tmp_path / "other.tsv",
                           diagnosis=escape)
     with pytest.raises(RunFolderError, match="outside the run folder"):
-        explain_run(ExplainStepConfig(run=trained, cohort=cohort, folds=[0], device="cpu",
+        run_explain(ExplainStepConfig(run=trained, cohort=cohort, folds=[0], device="cpu",
                                       explain={"method": "saliency", "target": "predicted",
                                                "group": "all"}))
     assert not any(victim.iterdir())
@@ -111,7 +112,7 @@ def test_predictions_of_two_cohorts_called_cohort_tsv_go_to_two_files(trained, t
     first = _copy_cohort(source, tmp_path / "site-a" / "cohort.tsv")
     second = _copy_cohort(source, tmp_path / "site-b" / "cohort.tsv")
     for cohort in (first, second):
-        predict_cohort(PredictConfig(run=trained, cohort=cohort, device="cpu"))
+        run_predict(PredictConfig(run=trained, cohort=cohort, device="cpu"))
     written = sorted((trained / "predictions").glob("*.tsv"))
     assert len(written) == 2 and written[0].name != written[1].name
     assert all(str(path) in caplog.text for path in written)  # says where they went
@@ -145,9 +146,9 @@ def test_concurrent_steps_on_one_run_folder_keep_every_section(tmp_path, monkeyp
 # --- item 7: the splits of a run folder cannot change --------------------------------------
 
 def test_another_number_of_folds_on_an_existing_run_is_refused(trained):
-    config = TrainConfig.model_validate({**RunFolder(trained).read_config()["train"], "folds": 3})
-    with pytest.raises(RunFolderError, match=r"folds: 2 -> 3"):
-        train_cohort(config)
+    config = TrainConfig.model_validate({**RunFolder(trained).read_config()["train"], "n_folds": 3})
+    with pytest.raises(RunFolderError, match=r"n_folds: 2 -> 3"):
+        run_train(config)
     assert sorted(p.name for p in (trained / "splits").iterdir()) == ["fold-0", "fold-1"]
 
 
@@ -172,10 +173,10 @@ def test_explain_and_predict_refuse_a_cohort_off_the_training_grid(trained, tmp_
     table.to_csv(folder / "cohort.tsv", sep="\t", index=False)
     message = "models of" if change == "cropped" else "affine .* differs from the training grid"
     with pytest.raises(RunFolderError, match=message):
-        explain_run(ExplainStepConfig(run=trained, cohort=folder / "cohort.tsv", folds=[0],
+        run_explain(ExplainStepConfig(run=trained, cohort=folder / "cohort.tsv", folds=[0],
                                       device="cpu", explain={"method": "saliency"}))
     with pytest.raises(RunFolderError, match=message):
-        predict_cohort(PredictConfig(run=trained, cohort=folder / "cohort.tsv", device="cpu"))
+        run_predict(PredictConfig(run=trained, cohort=folder / "cohort.tsv", device="cpu"))
 
 
 def test_the_training_grid_is_recorded(trained):
@@ -200,7 +201,7 @@ def test_the_report_ignores_leftover_temporary_files_and_steps_remove_their_own(
     leftover = run / "explanations" / "saliency" / "fold-0" / "run-0" / ".sub-00_ses-M00.x1y2z3w4.nii.gz"
     leftover.parent.mkdir(parents=True, exist_ok=True)
     leftover.write_bytes(b"half written")
-    explain_run(ExplainStepConfig(run=run, folds=[0], device="cpu",
+    run_explain(ExplainStepConfig(run=run, folds=[0], device="cpu",
                                   explain={"method": "saliency"}))
     assert not leftover.exists()
 
@@ -262,14 +263,29 @@ def test_a_failed_train_records_nothing_so_the_corrected_command_runs(tmp_path):
     assert RunFolder(tmp_path / "run").model_dirs()
 
 
+def test_a_run_folder_of_the_earlier_spelling_resumes_training(trained, tmp_path):
+    """[train] written before `folds` became `n_folds` and `out` became `run` still resumes
+    (and still refuses another number of folds)."""
+    copy = tmp_path / "old"
+    shutil.copytree(trained, copy)
+    sections = RunFolder(copy).read_config()
+    train = dict(sections["train"])
+    train["folds"], train["out"] = train.pop("n_folds"), train.pop("run")
+    (copy / "config.toml").write_text(to_toml({**sections, "train": train}))
+    config = TrainConfig.model_validate({**train, "out": copy})
+    assert sorted(run_train(config).fold.unique()) == [0, 1]
+    with pytest.raises(RunFolderError, match=r"n_folds: 2 -> 3"):
+        run_train(config.model_copy(update={"n_folds": 3}))
+
+
 def test_a_copied_run_folder_resumes_training(trained, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy)
     for folder in (copy / "models" / "fold-1").glob("run-*"):
         (folder / "metrics.tsv").unlink()  # fold 1 unfinished in the copy
     config = TrainConfig.model_validate({**RunFolder(trained).read_config()["train"],
-                                         "out": copy})
-    summary = train_cohort(config)
+                                         "run": copy})
+    summary = run_train(config)
     assert sorted(summary.fold.unique()) == [0, 1]
 
 

@@ -1,16 +1,20 @@
-"""2D intensities: pictures through their palette and bit depth, NPY of real numbers only, and
-messages that say what a path is when it is not a readable file."""
+"""2D intensities: pictures through their palette and bit depth, NPY of real numbers only, 2D
+NIfTI and DICOM with their pixel spacing, and messages that say what a path is when it is not a
+readable file."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pydicom
+import pydicom.data
 import pytest
 from PIL import Image
 
-from voxplain.data.images import ImageError, read_image
+from voxplain.data.images import ImageError, read_header, read_image
 
 GREYS = np.array([[0, 1], [2, 3]], np.uint8)
 
@@ -101,3 +105,40 @@ def test_unreadable_file_is_reported_as_unreadable_not_missing(tmp_path):
     path.chmod(0)
     with pytest.raises(ImageError, match="scan.npy: file cannot be read .*ermission denied"):
         read_image(path)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 1)])
+def test_a_2d_nifti_is_read_as_an_image_with_the_spacing_of_its_header(tmp_path, shape):
+    values = np.arange(24, dtype=np.float32).reshape(shape)
+    affine = np.diag([0.6, 0.9, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(values, affine), tmp_path / "slice.nii.gz")
+    image, read_affine = read_image(tmp_path / "slice.nii.gz")
+    assert image.shape == (1, 4, 6)
+    np.testing.assert_array_equal(image[0], values.reshape(4, 6))
+    np.testing.assert_allclose(read_affine, affine)
+    assert read_header(tmp_path / "slice.nii.gz")[0] == (1, 4, 6)
+
+
+def test_a_nifti_of_more_than_three_spatial_axes_is_refused(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((2, 3, 4, 2), np.float32), np.eye(4)),
+             tmp_path / "series.nii.gz")
+    with pytest.raises(ImageError, match=r"series.nii.gz: expected a 3D volume .* shape \(2, 3"):
+        read_image(tmp_path / "series.nii.gz")
+
+
+def test_a_dicom_image_carries_its_pixel_spacing_rows_then_columns():
+    path = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+    row_mm, col_mm = (float(s) for s in pydicom.dcmread(path).PixelSpacing)
+    image, affine = read_image(path)
+    np.testing.assert_allclose(np.diag(affine), [row_mm, col_mm, 1.0, 1.0])
+    assert image.shape == (1, 128, 128)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".png"])
+def test_npy_and_png_images_hold_no_spacing_and_get_1_mm_pixels(tmp_path, suffix):
+    path = tmp_path / f"image{suffix}"
+    if suffix == ".npy":
+        np.save(path, np.zeros((3, 5), np.float32))
+    else:
+        Image.fromarray(np.zeros((3, 5), np.uint8)).save(path)
+    np.testing.assert_array_equal(read_image(path)[1], np.eye(4))

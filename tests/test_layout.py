@@ -61,7 +61,7 @@ def test_single_images_and_other_devices_keep_the_model_as_it_is():
 
 @pytest.mark.parametrize("method", ["grad_cam", "grad_cam_pp", "saliency", "lrp"])
 def test_explanations_of_a_channels_last_model_equal_those_of_the_model(method):
-    from voxplain.explain.api import explainer
+    from voxplain.explain.methods import explainer
 
     model = _frozen([20, 24, 20])
     fast = for_batches(copy.deepcopy(model), 3, batch_size=4, device=CPU)

@@ -15,6 +15,7 @@ from scipy import ndimage, stats
 
 from voxplain.config import LesionCohortConfig
 from voxplain.data import lesions
+from voxplain.data.cohort import Cohort
 from voxplain.data.lesions import generate_lesion_cohort
 from voxplain.io import read_tsv
 
@@ -178,6 +179,31 @@ def test_ct_cohort_records_its_source_slice(ct):
     _, table = ct
     assert set(table["background_file"]) == {"pydicom/data/test_files/CT_small.dcm"}
     assert table[["background_origin_row", "background_origin_col"]].nunique().min() > 10
+
+
+def background_dicom(background_file: str) -> pydicom.Dataset:
+    """The DICOM slice a CT cohort row names (``package/path/in/package``), read by pydicom."""
+    package, _, relative = background_file.partition("/")
+    root = Path(next(iter(importlib.util.find_spec(package).submodule_search_locations)))
+    return pydicom.dcmread(root / relative)
+
+
+def test_ct_patches_record_the_dicom_pixel_spacing_times_the_resampling_step(ct):
+    out, table = ct
+    for row in table.itertuples():
+        row_mm, col_mm = (float(s) for s in background_dicom(row.background_file).PixelSpacing)
+        assert row.pixel_spacing_row == pytest.approx(row_mm * row.background_step_row)
+        assert row.pixel_spacing_col == pytest.approx(col_mm * row.background_step_col)
+    # the patch spans 45 mm in 64 pixels (paper 3), not the slice's own 0.66 mm pixels
+    assert set(table.pixel_spacing_row) == set(table.pixel_spacing_col) == {0.703125}
+    np.testing.assert_allclose(Cohort.from_tsv(out / "cohort.tsv").affine,
+                               np.diag([0.703125, 0.703125, 1.0, 1.0]))
+
+
+def test_synthetic_patches_have_no_physical_spacing_and_get_1_mm_pixels(synthetic):
+    out, table = synthetic
+    assert not {"pixel_spacing_row", "pixel_spacing_col"} & set(table.columns)
+    np.testing.assert_allclose(Cohort.from_tsv(out / "cohort.tsv").affine, np.eye(4))
 
 
 def test_missing_ct_slices_raise_an_error_naming_what_was_searched(tmp_path, monkeypatch):

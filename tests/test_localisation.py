@@ -17,12 +17,12 @@ from voxplain.data.grid import (
     downsample_affine,
     downsampled_shape,
 )
+from voxplain.data.classes import class_index, patient_class, resolve_target
 from voxplain.evaluate.localisation import (
     atrophied_regions,
     chance_mass,
     localisation_auc,
     localisation_scores,
-    patient_class,
     pointing_game,
     relevance,
     relevance_mass_inside,
@@ -180,6 +180,24 @@ def test_patient_class_is_the_non_control_class_or_the_named_one():
     with pytest.raises(ValueError, match="cannot tell the patient class"):
         patient_class(["CN", "AD", "MCI"])
     assert patient_class(["CN", "AD", "MCI"], "MCI") == "MCI"
+    # one rule for masks and localisation: neither class a control label -> class 1
+    assert patient_class(["low", "high"]) == "high"
+    with pytest.raises(ValueError, match="not a class"):
+        patient_class(["CN", "AD"], "MCI")
+
+
+def test_one_resolver_for_the_explained_class():
+    classes = ["CN", "AD", "MCI"]
+    assert resolve_target("true", classes, diagnosis="MCI") == 2
+    assert resolve_target("predicted", classes, diagnosis="CN", predicted=1) == 1
+    assert resolve_target("AD", classes, diagnosis="CN") == 1
+    assert resolve_target(0, classes, diagnosis="AD") == 0
+    with pytest.raises(ValueError, match="sub-01: diagnosis 'FTD' is not a class"):
+        resolve_target("true", classes, diagnosis="FTD", where="sub-01")
+    with pytest.raises(ValueError, match="needs the model's prediction"):
+        resolve_target("predicted", classes, diagnosis="CN")
+    with pytest.raises(ValueError, match="not an index"):
+        class_index(3, classes)
 
 
 def test_the_true_region_is_where_the_truth_reaches_half_its_maximum():

@@ -12,8 +12,8 @@ import pytest
 from conftest import write_cohort
 from voxplain.config import (GroupMaskConfig, GroupMaskStepConfig, MaskGridConfig,
                              SessionMaskStepConfig, TrainConfig)
-from voxplain.explain.mask_steps import grid_settings, group_masks, mask_grid, session_masks
-from voxplain.train.trainer import train_cohort
+from voxplain.steps.masks import grid_settings, run_group_masks, run_mask_grid, run_session_masks
+from voxplain.steps.train import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def trained_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("masks")
     tsv = write_cohort(folder / "cohort", subjects=24)
-    train_cohort(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=6, batch_size=4,
+    run_train(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=6, batch_size=4,
                              learning_rate=3e-3, device="cpu",
                              model={"name": "cnn", "channels": [4, 8, 8]}))
     return folder / "run"
@@ -31,7 +31,7 @@ def trained_run(tmp_path_factory):
 def test_group_masks_write_the_mask_its_losses_and_quality_flags(trained_run):
     config = GroupMaskStepConfig(run=trained_run, folds=[0], device="cpu",
                                  mask={"max_epochs": 4, "batch_size": 4})
-    summary = group_masks(config)
+    summary = run_group_masks(config)
     folder = trained_run / "masks/group/fold-0/run-0"
     mask = nib.load(folder / "mask.nii.gz")
     reference = nib.load(trained_run.parent / "cohort" / "sub-00_ses-M00.nii.gz")
@@ -47,7 +47,7 @@ def test_group_masks_write_the_mask_its_losses_and_quality_flags(trained_run):
     record = json.loads((folder / "summary.json").read_text())
     assert record["diagnosis"] == "AD" and len(record["top_regions"]) == 5
     assert summary.fold.tolist() == [0]
-    again = group_masks(config)  # finished: read back, not recomputed
+    again = run_group_masks(config)  # finished: read back, not recomputed
     assert again.probability_after.tolist() == summary.probability_after.tolist()
     assert not (folder / "checkpoint.safetensors").exists()
 
@@ -55,7 +55,7 @@ def test_group_masks_write_the_mask_its_losses_and_quality_flags(trained_run):
 def test_session_masks_cover_validation_subjects_only(trained_run):
     config = SessionMaskStepConfig(run=trained_run, folds=[1], device="cpu", max_sessions=3,
                                    mask={"max_iterations": 20, "patience": 5, "batch_size": 2})
-    index = session_masks(config)
+    index = run_session_masks(config)
     validation = pd.read_csv(trained_run / "splits/fold-1/validation.tsv", sep="\t")
     assert 0 < len(index) <= 3
     assert set(index.participant_id) <= set(validation.participant_id)
@@ -80,7 +80,7 @@ def test_one_at_a_time_grid_varies_each_hyperparameter_around_the_mask_settings(
 def test_grid_keys_masks_by_their_hyperparameters(trained_run):
     config = MaskGridConfig(run=trained_run, folds=[2], device="cpu", b1=[0.1, 1.0],
                             mask={"max_epochs": 2, "batch_size": 8})
-    table = mask_grid(config)
+    table = run_mask_grid(config)
     assert sorted(table.b1) == [0.1, 1.0]
     for setting in ("l1-0.0001_l2-0.01_b1-0.1_b2-1", "l1-0.0001_l2-0.01_b1-1_b2-1"):
         assert (trained_run / "masks/grid" / setting / "fold-2/run-0/mask.nii.gz").is_file()
@@ -89,13 +89,13 @@ def test_grid_keys_masks_by_their_hyperparameters(trained_run):
 
 def test_a_target_index_outside_the_classes_is_refused(trained_run):
     with pytest.raises(ValueError, match=r"target class 2 is not an index of the classes"):
-        session_masks(SessionMaskStepConfig(run=trained_run, folds=[0], device="cpu",
+        run_session_masks(SessionMaskStepConfig(run=trained_run, folds=[0], device="cpu",
                                             mask={"target": 2, "max_iterations": 2}))
 
 
 def test_a_diagnosis_that_is_not_a_class_is_refused(trained_run):
     with pytest.raises(ValueError, match="diagnosis 'MCI' is not a class of the model"):
-        group_masks(GroupMaskStepConfig(run=trained_run, folds=[0], diagnosis="MCI",
+        run_group_masks(GroupMaskStepConfig(run=trained_run, folds=[0], diagnosis="MCI",
                                         device="cpu"))
 
 
@@ -107,10 +107,10 @@ def test_group_masks_find_the_atrophied_regions_of_a_synthetic_cohort(tmp_path):
     tsv = generate_atrophy_cohort(AtrophyCohortConfig(out=tmp_path / "cohort", subjects=40,
                                                       sessions=1, downsample=5, seed=3))
     # patience = epochs: 26 training images give 4 steps per epoch, too few for patience 5
-    train_cohort(TrainConfig(cohort=tsv, out=tmp_path / "run", folds=3, epochs=20, patience=20,
+    run_train(TrainConfig(cohort=tsv, out=tmp_path / "run", folds=3, epochs=20, patience=20,
                              device="cpu",
                              model={"name": "cnn", "channels": [8, 16, 32, 64]}))
-    summary = group_masks(GroupMaskStepConfig(run=tmp_path / "run", device="cpu"))
+    summary = run_group_masks(GroupMaskStepConfig(run=tmp_path / "run", device="cpu"))
     assert len(summary) == 3
     for row in summary.itertuples():
         assert row.probability_after < 0.1, row
@@ -132,7 +132,7 @@ def test_a_dense_mask_and_one_that_does_not_hide_the_class_are_flagged_in_their_
     """Fractions 0.010, 0.012, 0.009, 0.015 and 0.20 (median 0.012, robust z in the hundreds,
     0.19 above it): fold 4 is flagged as far denser than the others; fold 1's probability
     0.9 -> 0.6 is not halved."""
-    from voxplain.explain.mask_steps import flag_group_masks
+    from voxplain.steps.masks import flag_group_masks
     from voxplain.run import RunFolder
 
     run = tmp_path / "run"
@@ -159,8 +159,8 @@ def test_a_dense_mask_and_one_that_does_not_hide_the_class_are_flagged_in_their_
 
 
 def test_flagged_group_masks_are_left_out_of_robustness_unless_asked(tmp_path, caplog):
-    from voxplain.evaluate.maps import group_maps
-    from voxplain.explain.mask_steps import flag_group_masks
+    from voxplain.run.maps import group_maps
+    from voxplain.steps.masks import flag_group_masks
     from voxplain.run import RunFolder
 
     run = tmp_path / "run"

@@ -16,13 +16,13 @@ from typer.testing import CliRunner
 from conftest import AFFINE, SHAPE, write_cohort
 from voxplain.cli import app
 from voxplain.config import GroupMaskStepConfig, ReportConfig, TrainConfig
-from voxplain.explain.mask_steps import group_masks
+from voxplain.steps.masks import run_group_masks
 from voxplain.report import build_report
 from voxplain.report.browser import check_page, find_chromium
 from voxplain.report.figures import canonical, map_style
 from voxplain.report.html import remote_references
 from voxplain.report.sections import confidence_interval_block, matrix_of
-from voxplain.train.trainer import train_cohort
+from voxplain.steps.train import run_train
 
 #: In page order: findings and results first, how the run was made last (issue 15).
 SECTIONS = ("findings", "classification", "localisation", "explanations", "masks", "robustness",
@@ -106,10 +106,10 @@ def full_run(tmp_path_factory):
     """A trained 2-fold run with group masks, plus files of every later step."""
     folder = tmp_path_factory.mktemp("report")
     tsv = write_cohort(folder / "cohort", subjects=24)
-    train_cohort(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=6, batch_size=4,
+    run_train(TrainConfig(cohort=tsv, out=folder / "run", folds=3, epochs=6, batch_size=4,
                              learning_rate=3e-3, device="cpu",
                              model={"name": "cnn", "channels": [4, 8, 8]}))
-    group_masks(GroupMaskStepConfig(run=folder / "run", folds=[0, 1], device="cpu",
+    run_group_masks(GroupMaskStepConfig(run=folder / "run", folds=[0, 1], device="cpu",
                                     mask={"max_epochs": 2, "batch_size": 8}))
     write_other_steps(folder / "run")
     return folder / "run"
@@ -236,6 +236,19 @@ def test_2d_explanations_are_shown_as_overlays_and_open_in_chromium(run_2d, tmp_
     check = check_page(page, tmp_path / "report2d.png")
     assert check.console_errors == [] and check.remote_requests == []
     assert check.images and check.broken_images == []
+
+
+def test_2d_nifti_maps_are_drawn_as_flat_panels_and_overlays_like_earlier_npy_maps(run_2d):
+    for path in sorted(run_2d.rglob("*.npy")):  # the maps, as the explain step writes them now
+        slice_ = np.load(path).astype(np.float32)[..., np.newaxis]
+        nib.save(nib.Nifti1Image(slice_, np.diag([1.4, 1.4, 1.0, 1.0])),
+                 path.with_name(path.name.replace(".npy", ".nii.gz")))
+        path.unlink()
+    build_report(ReportConfig(run=run_2d))
+    figures = run_2d / "report" / "figures"
+    assert (figures / "explanations_2d.png").stat().st_size > 1000
+    assert (figures / "saliency_group_benign_panels.png").is_file()
+    assert not list(figures.glob("*_ortho.png")) and not list(figures.glob("*_glass.png"))
 
 
 def test_session_masks_flagged_as_not_converged_are_listed(run_2d):

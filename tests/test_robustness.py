@@ -19,7 +19,7 @@ import pytest
 from voxplain.config import RobustnessConfig
 from voxplain.data.atlas import Atlas
 from voxplain.data.grid import Grid, downsample_affine, downsampled_shape, spm_grid
-from voxplain.evaluate.robustness import evaluate_robustness, natural_key
+from voxplain.steps.robustness import run_robustness, natural_key
 from voxplain.io import save_nifti, write_tsv
 
 GRID = Grid(downsampled_shape(spm_grid().shape, 8), downsample_affine(spm_grid().affine, 8))
@@ -86,7 +86,7 @@ def test_intra_subject_similarity_of_identical_sessions_is_one_and_inter_subject
         ("sub-02", "ses-M12"): hiding(Hippocampus_L=0.5, Hippocampus_R=1.0),
         ("sub-03", "ses-M00"): hiding(Precentral_L=1.0),
     })
-    summary = evaluate_robustness(RobustnessConfig(run=run))
+    summary = run_robustness(RobustnessConfig(run=run))
     assert summary_value(summary, "mask", "intra-subject", "roi_cosine") == pytest.approx(1.0)
     assert summary_value(summary, "mask", "intra-subject", "roi_cosine", "n_subjects") == 2
     # baselines: sub-01 M00, sub-02 M06 (M06 before M12), sub-03 M00; cosines 0.5/sqrt(1.25),
@@ -113,12 +113,12 @@ def test_session_masks_flagged_as_not_converged_are_left_out_unless_asked(tmp_pa
         ("sub-02", "ses-M12"): hiding(Hippocampus_L=1.0),
     }, flagged=(("sub-01", "ses-M12"),))
     with caplog.at_level(logging.WARNING, logger="voxplain"):
-        summary = evaluate_robustness(RobustnessConfig(run=run))
+        summary = run_robustness(RobustnessConfig(run=run))
     assert "sub-01_ses-M12" in caplog.text and "--include-flagged" in caplog.text
     # left out: sub-01 has one session (no intra pair); sub-02's pair is identical
     assert summary_value(summary, "mask", "intra-subject", "roi_cosine") == pytest.approx(1.0)
     assert summary_value(summary, "mask", "intra-subject", "roi_cosine", "n_subjects") == 1
-    kept = evaluate_robustness(RobustnessConfig(run=run, include_flagged=True))
+    kept = run_robustness(RobustnessConfig(run=run, include_flagged=True))
     # kept: sub-01's sessions are disjoint (cosine 0), sub-02's identical (1): mean 0.5
     assert summary_value(kept, "mask", "intra-subject", "roi_cosine") == pytest.approx(0.5)
     assert summary_value(kept, "mask", "intra-subject", "roi_cosine", "n_subjects") == 2
@@ -130,7 +130,7 @@ def test_inter_fold_and_inter_run_similarity_are_means_of_the_pairs(tmp_path):
     write_group_mask(run, 0, 1, hiding(Hippocampus_L=1.0))
     write_group_mask(run, 1, 0, hiding(Hippocampus_L=1.0))
     write_group_mask(run, 1, 1, hiding(Hippocampus_L=1.0, Hippocampus_R=1.0))
-    summary = evaluate_robustness(RobustnessConfig(run=run))
+    summary = run_robustness(RobustnessConfig(run=run))
     half = 1 / math.sqrt(2)
     # inter-run: (f0r0, f0r1) = 1, (f1r0, f1r1) = 1/sqrt 2; inter-fold: (f0r0, f1r0) = 1,
     # (f0r1, f1r1) = 1/sqrt 2
@@ -156,7 +156,7 @@ def test_grid_tables_have_the_layout_of_paper_1_tables_2_and_3(tmp_path):
         write_group_mask(run, 0, 0, mask, f"grid/{grid_setting(1e-4, 1e-3, b1, 1)}")
     for l1, mask in {1e-4: hiding(Precentral_L=1.0), 1e-2: hiding(Precentral_L=1.0)}.items():
         write_group_mask(run, 0, 0, mask, f"grid/{grid_setting(l1, 1e-2, 0.1, 1)}")
-    summary = evaluate_robustness(RobustnessConfig(run=run))
+    summary = run_robustness(RobustnessConfig(run=run))
     folder = run / "evaluation/robustness/mask"
     b1 = pd.read_csv(folder / "grid_fold-0_run-0_b1_at_l1-0.0001_l2-0.001_b2-1.tsv", sep="\t")
     assert b1.columns.tolist() == ["b1", "b1 = 0.1", "b1 = 0.5", "b1 = 1"]
@@ -179,13 +179,13 @@ def test_missing_parts_of_the_run_folder_are_skipped_with_a_message(tmp_path, ca
     write_sessions(run / "masks" / "session", 0, {("sub-01", "ses-M00"): hiding(Hippocampus_L=1.0),
                                                   ("sub-02", "ses-M00"): hiding(Amygdala_L=1.0)})
     with caplog.at_level(logging.INFO, logger="voxplain"):
-        summary = evaluate_robustness(RobustnessConfig(run=run))
+        summary = run_robustness(RobustnessConfig(run=run))
     assert summary.experiment.tolist() == ["inter-subject"]
     messages = caplog.text
     assert "no group map" in messages and "intra-subject skipped" in messages
     assert "hyperparameter tables skipped" in messages
     assert (run / "evaluation/robustness/summary.tsv").is_file()
-    empty = evaluate_robustness(RobustnessConfig(run=tmp_path / "empty"))
+    empty = run_robustness(RobustnessConfig(run=tmp_path / "empty"))
     assert empty.empty and list(empty.columns)[:3] == ["method", "experiment", "diagnosis"]
 
 
@@ -202,7 +202,7 @@ def test_attribution_methods_get_the_same_experiments_with_rank_correlation(tmp_
     folder = run / "explanations" / "grad_cam"
     for fold in (0, 1):
         save_nifti(folder / f"fold-{fold}" / "run-0" / "group_AD.nii.gz", base, GRID.affine)
-    summary = evaluate_robustness(RobustnessConfig(run=run))
+    summary = run_robustness(RobustnessConfig(run=run))
     assert set(summary.method) == {"mask", "grad_cam"}
     assert summary_value(summary, "grad_cam", "intra-subject", "rank_correlation") == \
         pytest.approx(1.0)
@@ -212,7 +212,7 @@ def test_attribution_methods_get_the_same_experiments_with_rank_correlation(tmp_
     assert summary_value(summary, "grad_cam", "intra-subject", "roi_cosine") == pytest.approx(1.0)
     assert summary_value(summary, "grad_cam", "inter-fold", "roi_cosine") == pytest.approx(1.0)
     assert summary_value(summary, "mask", "intra-subject", "roi_cosine") == pytest.approx(1.0)
-    only = evaluate_robustness(RobustnessConfig(run=run, methods=["grad_cam"]))
+    only = run_robustness(RobustnessConfig(run=run, methods=["grad_cam"]))
     assert set(only.method) == {"grad_cam"}
 
 
@@ -221,7 +221,7 @@ def test_across_datasets_compares_the_same_fold_and_run_of_two_run_folders(tmp_p
     write_group_mask(first, 0, 0, hiding(Hippocampus_L=1.0))
     write_group_mask(first, 1, 0, hiding(Hippocampus_L=1.0))
     write_group_mask(second, 0, 0, hiding(Hippocampus_L=1.0, Hippocampus_R=1.0))
-    summary = evaluate_robustness(RobustnessConfig(run=first, other_run=second))
+    summary = run_robustness(RobustnessConfig(run=first, other_run=second))
     assert summary_value(summary, "mask", "across datasets", "roi_cosine") == pytest.approx(
         1 / math.sqrt(2))
     assert summary_value(summary, "mask", "across datasets", "roi_cosine", "n_pairs") == 1
@@ -276,21 +276,21 @@ def test_cli_evaluate_classification_writes_metrics_with_cis(tmp_path):
 def test_prob_cnn_of_a_mask_on_its_own_context_is_the_mask_steps_probability_after(tmp_path):
     from conftest import write_cohort
     from voxplain.config import GroupMaskStepConfig, SessionMaskStepConfig, TrainConfig
-    from voxplain.explain.mask_steps import group_masks, session_masks
-    from voxplain.train.trainer import train_cohort
+    from voxplain.steps.masks import run_group_masks, run_session_masks
+    from voxplain.steps.train import run_train
 
     tsv = write_cohort(tmp_path / "cohort", subjects=24, shape=(12, 14, 12))
     run = tmp_path / "run"
-    train_cohort(TrainConfig(cohort=tsv, out=run, folds=2, epochs=6, batch_size=4,
+    run_train(TrainConfig(cohort=tsv, out=run, folds=2, epochs=6, batch_size=4,
                              learning_rate=3e-3, device="cpu",
                              model={"name": "cnn", "channels": [4, 8, 8]}))
-    groups = group_masks(GroupMaskStepConfig(run=run, folds=[0, 1], device="cpu",
+    groups = run_group_masks(GroupMaskStepConfig(run=run, folds=[0, 1], device="cpu",
                                              mask={"max_epochs": 2, "batch_size": 4}))
-    sessions = session_masks(SessionMaskStepConfig(
+    sessions = run_session_masks(SessionMaskStepConfig(
         run=run, folds=[0], device="cpu", max_sessions=4,
         mask={"max_iterations": 10, "patience": 5, "batch_size": 4}))
     # two-epoch masks of a toy model are flagged (dense); the formula is what is checked here
-    summary = evaluate_robustness(RobustnessConfig(run=run, prob_cnn=True, device="cpu",
+    summary = run_robustness(RobustnessConfig(run=run, prob_cnn=True, device="cpu",
                                                    include_flagged=True))
     folder = run / "evaluation/robustness/mask"
     matrix = read_matrix(folder / "group_prob_cnn.tsv")
@@ -314,7 +314,7 @@ def test_2d_attribution_maps_get_rank_correlation_and_png_previews_are_ignored(t
         folder.mkdir(parents=True)
         np.save(folder / "group_AD.npy", values)
         (folder / "group_AD.png").write_bytes(b"not an image")
-    summary = evaluate_robustness(RobustnessConfig(run=run))
+    summary = run_robustness(RobustnessConfig(run=run))
     matrix = read_matrix(run / "evaluation/robustness/saliency/group_AD_rank_correlation.tsv")
     # monotone transforms keep Spearman at 1; a reversal gives -1
     np.testing.assert_allclose(matrix.to_numpy(), [[1, 1, -1], [1, 1, -1], [-1, -1, 1]])

@@ -11,7 +11,7 @@ import torch
 from voxplain.explain.api import Explainer
 from voxplain.explain.gradients import SaliencyExplainer
 from voxplain.explain.lrp import EpsilonLRP
-from voxplain.explain.sanity import (
+from voxplain.evaluate.sanity import (
     RANDOMISATION_THRESHOLD,
     model_randomisation_test,
     passes_model_randomisation,

@@ -14,10 +14,11 @@ from torch import nn
 from voxplain.config import MaskConfig
 from voxplain.data.atlas import Atlas
 from voxplain.data.grid import Grid, downsampled_shape, spm_grid
-from voxplain.evaluate.regions import region_means_batch
+from voxplain.data.regions import region_means_batch
+from voxplain.data.regions import top_regions
 from voxplain.evaluate.similarity import (cosine_matrix, prob_cnn, rank_correlation,
                                           rank_correlation_matrix, roi_cosine_similarity, roi_vector, roi_vectors,
-                                          symmetric_prob_cnn, top_regions)
+                                          symmetric_prob_cnn)
 
 
 def toy_atlas() -> Atlas:
@@ -124,13 +125,15 @@ def test_rank_correlation_matrix_agrees_with_scipy_pairwise():
 
 
 def test_top_regions_are_the_most_masked_or_most_attributed():
+    # one function (voxplain.data.regions.top_regions) ranks region means: what a mask hides is
+    # 1 - m, an attribution's magnitude |a|
     atlas = toy_atlas()
-    assert top_regions(toy_mask(), atlas, k=2) == ["C", "B"]
+    assert top_regions(1 - toy_mask(), atlas, k=2) == ["C", "B"]
     values = np.zeros((3, 2, 2))
     values[0] = -5.0  # largest |a|
     values[1, 0, 0] = 1.0
-    assert top_regions(values, atlas, k=3, kind="attribution") == ["A", "B", "C"]
-    assert top_regions(values, atlas, k=1, kind="attribution", absolute=False) == ["B"]
+    assert top_regions(np.abs(values), atlas, k=3) == ["A", "B", "C"]
+    assert top_regions(values, atlas, k=1) == ["B"]
 
 
 class TinyNet(nn.Module):

@@ -181,13 +181,13 @@ def test_heatmap_statistics_of_a_run_folder_find_each_groups_region(tmp_path):
     from voxplain.config import StatsConfig
     from voxplain.data.grid import downsample_affine, downsampled_shape, spm_grid
     from voxplain.data.template import brain_mask
-    from voxplain.evaluate.stats import heatmap_statistics
+    from voxplain.steps.stats import run_stats
 
     grid = Grid(downsampled_shape(spm_grid().shape, 8), downsample_affine(spm_grid().affine, 8))
     atlas = Atlas.aal2(grid)
     maps = _write_explanations(tmp_path, grid, atlas,
                                {"AD": "Frontal_Sup_2_L", "CN": "Precentral_L"})
-    summary = heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam"))
+    summary = run_stats(StatsConfig(run=tmp_path, method="grad_cam"))
     assert summary.test.tolist() == ["one-sample_AD", "one-sample_CN", "two-sample_AD-CN"]
     out = tmp_path / "stats" / "grad_cam"
     clusters = pd.read_csv(out / "clusters.tsv", sep="\t")
@@ -215,18 +215,18 @@ def test_heatmap_statistics_of_a_run_folder_find_each_groups_region(tmp_path):
 def test_heatmap_statistics_of_one_group_skip_the_group_comparison(tmp_path):
     from voxplain.config import StatsConfig
     from voxplain.data.grid import downsample_affine, downsampled_shape, spm_grid
-    from voxplain.evaluate.stats import heatmap_statistics
+    from voxplain.steps.stats import run_stats
 
     grid = Grid(downsampled_shape(spm_grid().shape, 8), downsample_affine(spm_grid().affine, 8))
     _write_explanations(tmp_path, grid, Atlas.aal2(grid), {"AD": "Frontal_Sup_2_L",
                                                            "CN": "Precentral_L"})
-    summary = heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam", groups=["AD"]))
+    summary = run_stats(StatsConfig(run=tmp_path, method="grad_cam", groups=["AD"]))
     assert summary.test.tolist() == ["one-sample_AD"]
     assert not (tmp_path / "stats" / "grad_cam" / "percentile_test.tsv").exists()
     with pytest.raises(ValueError, match="no grad_cam session map of diagnosis"):
-        heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam", groups=["MCI"]))
+        run_stats(StatsConfig(run=tmp_path, method="grad_cam", groups=["MCI"]))
     with pytest.raises(ValueError, match="no session map of method 'mask'"):
-        heatmap_statistics(StatsConfig(run=tmp_path, method="mask"))
+        run_stats(StatsConfig(run=tmp_path, method="mask"))
 
 
 def test_cli_stats_writes_t_maps_and_clusters(tmp_path):
@@ -265,14 +265,14 @@ def test_heatmap_statistics_take_one_map_per_subject_unless_asked_per_session(tm
 
     from voxplain.config import StatsConfig
     from voxplain.data.grid import downsample_affine, downsampled_shape, spm_grid
-    from voxplain.evaluate.stats import heatmap_statistics
+    from voxplain.steps.stats import run_stats
 
     grid = Grid(downsampled_shape(spm_grid().shape, 8), downsample_affine(spm_grid().affine, 8))
     _write_explanations(tmp_path, grid, Atlas.aal2(grid), {"AD": "Frontal_Sup_2_L"},
                         sessions=("ses-M00", "ses-M12"))
-    heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam"))
+    run_stats(StatsConfig(run=tmp_path, method="grad_cam"))
     per_subject = pd.read_csv(tmp_path / "stats/grad_cam/percentiles.tsv", sep="\t")
     assert len(per_subject) == 6 and (per_subject.sessions == 2).all()
-    heatmap_statistics(StatsConfig(run=tmp_path, method="grad_cam", unit="session"))
+    run_stats(StatsConfig(run=tmp_path, method="grad_cam", unit="session"))
     per_session = pd.read_csv(tmp_path / "stats/grad_cam/percentiles.tsv", sep="\t")
     assert len(per_session) == 12 and set(per_session.session_id) == {"ses-M00", "ses-M12"}

@@ -230,6 +230,22 @@ def server(study_2d, tmp_path):
     httpd.server_close()
 
 
+def test_2d_nifti_maps_make_the_same_questionnaire_as_the_npy_maps_of_earlier_versions(tmp_path):
+    import nibabel as nib
+
+    runs = [write_explained_run(tmp_path / kind, methods=METHODS[:2]) for kind in ("npy", "nii")]
+    for path in sorted((runs[1] / "explanations").rglob("*.npy")):
+        nib.save(nib.Nifti1Image(np.load(path)[..., np.newaxis], np.diag([0.7, 0.7, 1.0, 1.0])),
+                 path.with_name(path.name.replace(".npy", ".nii.gz")))
+        path.unlink()
+    keys = [make_questionnaires(StudyMakeConfig(run=run, samples_per_class=2, seed=3, pixels=32))
+            for run in runs]
+    pd.testing.assert_frame_equal(*keys)
+    images = [sorted(StudyFolder(run / "study").image_dir.iterdir()) for run in runs]
+    assert [path.name for path in images[0]] == [path.name for path in images[1]]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*images))
+
+
 def test_server_listens_on_localhost_only(study_2d, tmp_path):
     httpd = QuestionnaireServer(StudyServeConfig(study=study_2d[0], variant="B", port=0,
                                                  database=tmp_path / "answers.sqlite"))

@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 from conftest import write_cohort
 from voxplain.config import PredictConfig, TrainConfig
 from voxplain.run import RunFolder, RunFolderError
-from voxplain.train.predict import predict_cohort, predictions_file
+from voxplain.steps.predict import run_predict
 from voxplain.train.splits import subject_folds
-from voxplain.train.trainer import _update_state, train_cohort
-from voxplain.train.checkpoint import TrainingState
+from voxplain.steps.train import run_train
+from voxplain.train.trainer import _update_state
+from voxplain.models.checkpoint import TrainingState
 
 TINY_MODEL = {"name": "cnn", "channels": [4, 8, 8]}
 
@@ -116,7 +117,7 @@ def test_best_model_is_chosen_by_balanced_accuracy_then_loss():
 @pytest.mark.slow
 def test_training_writes_the_run_folder_and_learns_an_easy_task(tmp_path):
     cohort_tsv = write_cohort(tmp_path / "cohort", subjects=24)
-    summary = train_cohort(_config(cohort_tsv, tmp_path / "run", epochs=8, learning_rate=3e-3))
+    summary = run_train(_config(cohort_tsv, tmp_path / "run", epochs=8, learning_rate=3e-3))
     run = RunFolder(tmp_path / "run")
     assert len(run.model_dirs()) == 3
     for fold in range(3):
@@ -138,7 +139,7 @@ def test_training_writes_the_run_folder_and_learns_an_easy_task(tmp_path):
 def test_same_seed_gives_identical_weights_after_one_epoch(cohort_tsv, tmp_path):
     weights = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        train_cohort(_config(cohort_tsv, tmp_path / name, folds=2, epochs=1, seed=seed))
+        run_train(_config(cohort_tsv, tmp_path / name, folds=2, epochs=1, seed=seed))
         weights.append(load_file(str(RunFolder(tmp_path / name).model_dir(0, 0)
                                      / "model.safetensors")))
         split = (tmp_path / name / "splits/fold-0/validation.tsv").read_text()
@@ -156,7 +157,7 @@ def test_quality_check_rejections_are_listed_and_left_out(cohort_tsv, tmp_path):
     image = nib.load(cohort_tsv.parent / table.path[3])
     dim = nib.Nifti1Image(np.asarray(image.dataobj) * 0.5, image.affine)
     nib.save(dim, cohort_tsv.parent / table.path[3])
-    train_cohort(_config(cohort_tsv, tmp_path / "run", epochs=1))
+    run_train(_config(cohort_tsv, tmp_path / "run", epochs=1))
     rejected = pd.read_csv(tmp_path / "run" / "qc_rejected.tsv", sep="\t")
     assert list(rejected.participant_id) == [table.participant_id[3]]
     assert rejected.max_value[0] == pytest.approx(0.5)
@@ -170,14 +171,14 @@ def test_one_class_only_is_refused(tmp_path):
     table = pd.read_csv(tsv, sep="\t").assign(diagnosis="CN")
     table.to_csv(tsv, sep="\t", index=False)
     with pytest.raises(ValueError, match=r"only one diagnosis \(CN\)"):
-        train_cohort(_config(tsv, tmp_path / "run"))
+        run_train(_config(tsv, tmp_path / "run"))
 
 
 @pytest.mark.slow
 def test_a_run_folder_refuses_other_settings(cohort_tsv, tmp_path):
-    train_cohort(_config(cohort_tsv, tmp_path / "run", epochs=1, folds=2))
+    run_train(_config(cohort_tsv, tmp_path / "run", epochs=1, folds=2))
     with pytest.raises(RunFolderError, match=r"epochs: 1 -> 3"):
-        train_cohort(_config(cohort_tsv, tmp_path / "run", epochs=3, folds=2))
+        run_train(_config(cohort_tsv, tmp_path / "run", epochs=3, folds=2))
 
 
 @pytest.mark.slow
@@ -215,7 +216,7 @@ def test_held_out_test_cohort_is_scored_on_baseline_sessions(cohort_tsv, tmp_pat
     table = pd.read_csv(test_tsv, sep="\t")
     table["participant_id"] = table.participant_id.str.replace("sub-", "sub-T")
     table.to_csv(test_tsv, sep="\t", index=False)
-    summary = train_cohort(_config(cohort_tsv, tmp_path / "run", folds=2, epochs=1,
+    summary = run_train(_config(cohort_tsv, tmp_path / "run", folds=2, epochs=1,
                                    test=test_tsv))
     assert sorted(summary.subset) == ["test", "test", "validation", "validation"]
     assert (summary[summary.subset == "test"].n == 6).all()  # one session per subject
@@ -225,12 +226,12 @@ def test_held_out_test_cohort_is_scored_on_baseline_sessions(cohort_tsv, tmp_pat
 
 @pytest.mark.slow
 def test_predict_writes_probabilities_of_every_model(cohort_tsv, tmp_path):
-    train_cohort(_config(cohort_tsv, tmp_path / "run", folds=2, epochs=1))
-    predictions = predict_cohort(PredictConfig(run=tmp_path / "run", cohort=cohort_tsv,
+    run_train(_config(cohort_tsv, tmp_path / "run", folds=2, epochs=1))
+    predictions = run_predict(PredictConfig(run=tmp_path / "run", cohort=cohort_tsv,
                                                device="cpu"))
     assert len(predictions) == 2 * 24
     assert set(predictions.fold) == {0, 1}
-    assert predictions_file(RunFolder(tmp_path / "run"), cohort_tsv).is_file()
+    assert RunFolder(tmp_path / "run").predictions_file(cohort_tsv).is_file()
     np.testing.assert_allclose(predictions.proba_CN + predictions.proba_AD, 1, atol=1e-5)
 
 
@@ -249,7 +250,7 @@ def reproduction(tmp_path_factory):
 def stopped_early(reproduction, tmp_path_factory):
     """The reproduction trained with paper 1's patience alone (no minimum number of steps)."""
     run = tmp_path_factory.mktemp("stopped") / "run"
-    return run, train_cohort(TrainConfig(cohort=reproduction, out=run, folds=3, min_steps=0,
+    return run, run_train(TrainConfig(cohort=reproduction, out=run, folds=3, min_steps=0,
                                          device="cpu"))
 
 
@@ -265,7 +266,7 @@ def test_training_learns_before_early_stopping_may_end_a_fold(reproduction, stop
     stopped = _validation_rows(stopped_early[1])
     assert stopped.at_chance.all() and (stopped.balanced_accuracy == 0.5).all()
     assert (stopped.epochs < 30).all()
-    learned = _validation_rows(train_cohort(TrainConfig(cohort=reproduction,
+    learned = _validation_rows(run_train(TrainConfig(cohort=reproduction,
                                                         out=tmp_path / "default", folds=3,
                                                         device="cpu")))
     assert not learned.at_chance.any() and (learned.balanced_accuracy >= 0.9).all()
@@ -279,7 +280,7 @@ def test_later_steps_skip_a_fold_that_cannot_serve_them_and_fail_only_if_none_ca
     `mask group` names them in a warning and masks the fold that predicts AD for everyone;
     asked for those folds only, it fails with every reason."""
     from voxplain.config import GroupMaskStepConfig
-    from voxplain.explain.mask_steps import group_masks
+    from voxplain.steps.masks import run_group_masks
     from voxplain.run import RunFolderError
 
     run = stopped_early[0]
@@ -288,7 +289,7 @@ def test_later_steps_skip_a_fold_that_cannot_serve_them_and_fail_only_if_none_ca
     serving = [fold for fold, classes in predicted.items() if classes == {"AD"}]
     idle = [fold for fold, classes in predicted.items() if classes == {"CN"}]
     assert serving and idle
-    summary = group_masks(GroupMaskStepConfig(run=run, device="cpu",
+    summary = run_group_masks(GroupMaskStepConfig(run=run, device="cpu",
                                               mask={"max_epochs": 2}))
     assert sorted(summary.fold) == serving
     for fold in idle:
@@ -296,5 +297,5 @@ def test_later_steps_skip_a_fold_that_cannot_serve_them_and_fail_only_if_none_ca
             caplog.text
     with pytest.raises(RunFolderError, match="no fold could be processed.*no correctly "
                                              "classified AD"):
-        group_masks(GroupMaskStepConfig(run=run, folds=idle, device="cpu",
+        run_group_masks(GroupMaskStepConfig(run=run, folds=idle, device="cpu",
                                         mask={"max_epochs": 2}))

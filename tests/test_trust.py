@@ -118,3 +118,20 @@ def test_the_report_opens_with_the_findings_and_warns_beside_the_method(tmp_path
     assert grad_cam.count('class="warning"') == 4
     hires = explanations.split("<h3>hires_cam</h3>")[1].split("<h3>")[0]
     assert 'class="warning"' not in hires
+
+
+def test_2d_group_maps_get_no_outside_the_brain_finding(tmp_path):
+    """A 2D map (one NIfTI slice, 0.7 mm pixels) shows no brain: the MNI brain mask says
+    nothing about it, whatever its third axis of one voxel."""
+    import nibabel as nib
+    import numpy as np
+
+    run = tmp_path / "run"
+    _explanation(run, "saliency", "", "", coarse=False)
+    folder = run / "explanations" / "saliency" / "fold-0" / "run-0"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 1), np.float32), np.diag([0.7, 0.7, 1.0, 1.0])),
+             folder / "group_AD.nii.gz")
+    (run / "explanations" / "saliency" / "explanation.json").write_text(json.dumps(
+        {"signed": False}))
+    findings = run_findings(RunFolder(run))
+    assert not any("outside the brain" in f.text for f in findings)

@@ -1,9 +1,12 @@
 """The one source of truth for defaults.
 
-Every step of voxplain is configured by one pydantic model below. The Python API takes these
-models, the CLI builds its flags from their fields (help text and defaults included), and a TOML
-file (``--config run.toml``) is validated against the same models. A run folder keeps the
-resolved model in ``config.toml`` so the run can be redone.
+Every step of voxplain is configured by one pydantic model below, in pipeline order (generate,
+train, predict, masks, CyCE, explain, evaluate, report, study). The Python API takes these
+models, the CLI builds its flags from their fields (help text and defaults included), and a
+pipeline file (``voxplain run``, one table per step) or ``--config FILE.toml`` is validated
+against the same models. A run folder keeps every step's resolved model in ``config.toml``, so
+``voxplain run RUN/config.toml`` redoes the run. Steps over a run folder share
+:class:`RunStepConfig` (``run``, ``folds``, ``device``): one spelling per setting.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field,
+                      field_serializer, field_validator)
 
 #: AAL2 regions that lose grey matter in the synthetic patients by default (early Alzheimer's
 #: disease targets: medial temporal lobe, both hemispheres).
@@ -35,11 +39,38 @@ DEFAULT_MIN_LAYER_SIZE = 4
 Augmentation = Literal["none", "flip", "dihedral"]
 
 
+# --- shared ----------------------------------------------------------------------------------
+
 class Section(BaseModel):
     """Base of every configuration section: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def _digits_are_a_class_index(value: Any) -> Any:
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+#: The class a step explains, one grammar for masks, explanations and CyCE (resolved by
+#: :func:`voxplain.data.classes.resolve_target`): the image's true diagnosis, the model's
+#: prediction, a class name, or a class index ("1" on the command line is the index 1).
+Target = Annotated[Literal["true", "predicted"] | int | str,
+                   BeforeValidator(_digits_are_a_class_index)]
+
+
+class RunStepConfig(Section):
+    """What every step over a trained run folder shares, spelled once: the run folder, the
+    folds whose models it uses, and the device."""
+
+    run: Path = Field(description="Run folder written by `voxplain train`.")
+    folds: list[int] | None = Field(None, description="Folds to process (default: all).")
+    device: Device = Field("auto", description="Where to run the models.")
+
+
+# --- generate: synthetic cohorts ----------------------------------------------------------
 
 class AtrophyCohortConfig(Section):
     """Synthetic 3D cohort: GM maps from the MNI152 template, AD patients lose GM in regions."""
@@ -112,6 +143,8 @@ class LesionCohortConfig(Section):
     seed: int = Field(0, ge=0, description="Seed of every random draw of the generator.")
 
 
+# --- train, predict ------------------------------------------------------------------------
+
 ModelName = Literal["cnn", "convnet", "vgg_gap"]
 
 
@@ -139,10 +172,11 @@ class TrainConfig(Section):
     #: Settings a resumed training may change (they do not change the results): the device,
     #: the image cache, and the run folder's own path (a moved or copied folder resumes). The
     #: number of folds is *not* among them: it defines the splits the models were trained on.
-    resumable: ClassVar[frozenset[str]] = frozenset({"device", "cache", "out"})
+    resumable: ClassVar[frozenset[str]] = frozenset({"device", "cache", "run"})
 
     cohort: Path = Field(description="cohort.tsv (participant_id, session_id, diagnosis, path).")
-    out: Path = Field(description="Run folder.")
+    run: Path = Field(validation_alias=AliasChoices("run", "out"),
+                      description="Run folder to create (or resume).")
     caps: Path | None = Field(
         None, description="Clinica CAPS folder: volumes are found there instead of a path column."
     )
@@ -153,7 +187,9 @@ class TrainConfig(Section):
         None,
         description="Diagnoses in class-index order. Default: sorted, with CN first if present.",
     )
-    folds: int = Field(5, ge=2, description="Number of cross-validation folds.")
+    n_folds: int = Field(5, ge=2, validation_alias=AliasChoices("n_folds", "folds"),
+                         description="Number of cross-validation folds (a count; every other "
+                         "step's --folds selects folds).")
     split_seed: int = Field(2, description="Seed of the subject-level stratified split.")
     runs: int = Field(1, ge=1, description="Training runs per fold, each with its own seed.")
     seed: int = Field(0, description="Seed of run 0 (run r uses seed + r).")
@@ -184,7 +220,7 @@ class TrainConfig(Section):
     cache: Literal["memory", "disk"] = Field(
         "memory", description="Keep decoded images in memory or in a memory-mapped file."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    device: Device = Field("auto", description="Where to train.")
     model: ModelConfig = Field(default_factory=ModelConfig)
 
     @field_validator("qc_threshold", mode="before")
@@ -204,6 +240,19 @@ class TrainConfig(Section):
             raise ValueError(f"classes must name at least two distinct diagnoses, got {value}")
         return value
 
+
+class PredictConfig(Section):
+    """Per-session probabilities of every model of a run folder."""
+
+    run: Path = Field(description="Run folder written by `voxplain train`.")
+    cohort: Path = Field(description="cohort.tsv of the sessions to classify.")
+    caps: Path | None = Field(None, description="Clinica CAPS folder of that cohort.")
+    out: Path | None = Field(None, description="Output TSV (default RUN/predictions/NAME.tsv).")
+    device: Device = Field("auto", description="Where to run the models.")
+    batch_size: int = Field(16, ge=1, description="Images per forward pass.")
+
+
+# --- masks (paper 1) ----------------------------------------------------------------------
 
 class MaskConfig(Section):
     """Meaningful-perturbation mask (paper 1, 2.3, eq. 1-2), shared by session and group level.
@@ -226,8 +275,9 @@ class MaskConfig(Section):
     mean_class: str | None = Field(
         None, description="Diagnosis whose mean training image is mu (default: class 0, e.g. CN)."
     )
-    target: Literal["true"] | int = Field(
-        "true", description="Class whose probability f is minimised: the true class or an index."
+    target: Target = Field(
+        "true", description="Class whose probability f is minimised: the true class (the masked "
+        "images are classified correctly, so 'predicted' is the same), a class name or an index."
     )
     epsilon: float = Field(
         1e-3, gt=0, description="Smoothing of |x|^b at 0, where its derivative is infinite."
@@ -280,15 +330,13 @@ class GroupMaskConfig(MaskConfig):
         "masked class.")
 
 
-class MaskStepConfig(Section):
+class MaskStepConfig(RunStepConfig):
     """Which models and images of a run folder a mask step works on."""
 
-    run: Path = Field(description="Run folder written by `voxplain train`.")
-    folds: list[int] | None = Field(None, description="Folds to process (default: all).")
     diagnosis: str | None = Field(
-        None, description="Diagnosis of the images to mask (default: class 1, e.g. AD)."
+        None, description="Diagnosis of the images to mask (default: the patient class: the "
+        "only class that is not a control label, else class 1)."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to optimise.")
     mask: MaskConfig = Field(default_factory=MaskConfig)
 
 
@@ -322,80 +370,222 @@ class MaskGridConfig(MaskStepConfig):
     mask: GroupMaskConfig = Field(default_factory=GroupMaskConfig)
 
 
-class PredictConfig(Section):
-    """Per-session probabilities of every model of a run folder."""
+# --- CyCE (paper 3) -----------------------------------------------------------------------
+
+class CyCEConfig(Section):
+    """CyCE: cycle-consistent activation maximisation (paper 3, 2-3.2); defaults sized for a CPU."""
+
+    widths: list[int] = Field(
+        default_factory=lambda: [16, 32, 64, 128],
+        description="Kernels of U-Net stages 0-3 of generators and discriminators "
+                    "(paper: 48,96,192,384).")
+    convs_per_stage: int = Field(3, ge=1, description="Convolutions per U-Net stage (paper: 3).")
+    symmetric_discriminator: bool = Field(
+        True, description="Tie the two output neurons so swapping a pair swaps the logits.")
+    discriminator_normalisation: Literal["group", "none"] = Field(
+        "group", description="Discriminator encoder normalisation (paper: not stated): 'group' "
+                             "as in the generator, or 'none' (sees global brightness/contrast).")
+    cycle_weight: float = Field(1.0, ge=0, description="Weight of the cycle-consistency loss.")
+    similarity_weight: float = Field(1.0, ge=0, description="Weight of the similarity loss.")
+    similarity_l1_weight: float = Field(
+        0.0, ge=0, description="Weight of mean |x - G(x)| added to the similarity loss's DSSIM "
+                               "(paper: DSSIM only, 0).")
+    adversarial_weight: float = Field(1.0, ge=0, description="Weight of the adversarial loss.")
+    activation_weight: float = Field(
+        1.0, ge=0, description="Weight of the activation-maximisation loss.")
+    ssim_kernel: int | None = Field(
+        None, ge=1, description="SSIM window (odd); default: chosen from the image size.")
+    ssim_scales: int | None = Field(
+        None, ge=1, le=5, description="MS-SSIM scales; default: as many as the image size allows.")
+    ssim_k1: float = Field(0.01, gt=0, description="SSIM constant k1 (c1 = (k1 L)^2; paper .01).")
+    ssim_k2: float = Field(0.03, gt=0, description="SSIM constant k2 (c2 = (k2 L)^2; paper .03).")
+    data_range: float = Field(1.0, gt=0, description="Intensity range L of the images.")
+    positive_class: Annotated[int | str, BeforeValidator(_digits_are_a_class_index)] = Field(
+        1, description="Class G+ maximises, by index or name (G- maximises the other one); "
+        "resolved against the classifier's classes like every explained class.")
+    batch_size: int = Field(8, ge=1, description="Image pairs (x_a, x_b) per step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Adam learning rate of all networks.")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (CycleGAN's 0.5).")
+    max_steps: int = Field(1500, ge=1, description="Maximum number of training steps.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Time budget: stop after this many seconds of training.")
+    min_steps: int = Field(300, ge=0, description="Steps before convergence may stop training.")
+    window: int = Field(50, ge=1, description="Steps in the moving average of the generator loss.")
+    tolerance: float = Field(
+        0.01, ge=0, description="Relative fall of the moving average that resets patience.")
+    patience: int = Field(
+        300, ge=1, description="Steps without such a fall before training stops (converged).")
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation, pairs and shuffles.")
+
+
+class CyCEStepConfig(RunStepConfig):
+    """``voxplain cyce train``: CyCE generators for the classifiers of a run folder."""
+
+    cyce: CyCEConfig = Field(default_factory=CyCEConfig)
+
+
+class CyCETransferConfig(RunStepConfig):
+    """``voxplain cyce transfer``: classifier output on x, G-(x), G+(x) (paper 3, 3.3 and 4.1)."""
+
+    subset: Literal["validation", "train"] = Field(
+        "validation", description="Sessions evaluated (validation: unseen by classifier and CyCE).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the confidence intervals.")
+    batch_size: int = Field(32, ge=1, description="Images per forward pass.")
+
+
+# --- explain -----------------------------------------------------------------------------
+
+class ExplainConfig(Section):
+    """One per-sample explanation method and how it is applied (``voxplain explain``)."""
+
+    method: str = Field(description="Explanation method, e.g. grad_cam, integrated_gradients.")
+    layer: str | None = Field(
+        None, description="Layer a class activation map reads (grad_cam, grad_cam_pp, hires_cam, "
+        "layer_cam): any module of the model that outputs a feature map; default: the deepest "
+        "activated feature map keeping --min-layer-size voxels along every axis."
+    )
+    min_layer_size: int = Field(
+        DEFAULT_MIN_LAYER_SIZE, ge=1, description="Fewest voxels along every axis of the default "
+        "layer of a class activation map (a coarser layer is recorded and flagged)."
+    )
+    target: Target = Field(
+        "true", description="Class explained: the true diagnosis, the predicted class, or a class "
+        "(index or name)."
+    )
+    batch_size: int = Field(8, ge=1, description="Images explained together.")
+    options: dict[str, bool | int | float | str] = Field(
+        default_factory=dict, description="Extra options of the method (e.g. n_steps=32)."
+    )
+    group: Literal["correct", "all"] = Field(
+        "correct", description="Sessions averaged into a diagnosis's group map: the correctly "
+        "classified ones, or all."
+    )
+
+
+class ExplainStepConfig(RunStepConfig):
+    """``voxplain explain``: maps of every model of a run folder for its validation sessions.
+
+    Only explanation settings: scoring the maps is ``voxplain evaluate localisation``
+    (:class:`LocalisationStepConfig`), recorded in its own section."""
+
+    cohort: Path | None = Field(
+        None, description="cohort.tsv of other sessions to explain (default: each fold's "
+        "validation sessions)."
+    )
+    explain: ExplainConfig
+
+
+# --- evaluate: localisation, classification, robustness, statistics (paper 2) ----------------
+
+class LocalisationConfig(Section):
+    """Scores of group maps against a ground-truth map (synthetic cohorts)."""
+
+    truth_fraction: float = Field(
+        0.5, ge=0, le=1, description="The true region: voxels where the ground truth reaches "
+        "at least this fraction of its maximum (0.5: half maximum; 0: every voxel it touches)."
+    )
+    tolerance: float = Field(
+        0.0, ge=0, description="Pointing game: distance (voxels) allowed between the map's "
+        "maximum and the true region."
+    )
+    top_k: int = Field(5, ge=1, description="Number of most attributed AAL2 regions checked.")
+
+
+class LocalisationStepConfig(LocalisationConfig):
+    """``voxplain evaluate localisation``: the run's explanations scored against a known truth."""
+
+    run: Path = Field(description="Run folder with explanations (`voxplain explain`).")
+    against: Path | None = Field(
+        None, description="Ground-truth map (e.g. ground_truth.nii.gz): score the group maps "
+        "of the patient class against it."
+    )
+    session_truth: str | None = Field(
+        None, description="Cohort column naming each session's own ground truth (e.g. "
+        "mask_path of a lesion cohort, atrophy_path of a synthetic one): score every session "
+        "map against it."
+    )
+    methods: list[str] | None = Field(
+        None, description="Explanation methods scored (default: every one in the run folder)."
+    )
+    diagnosis: str | None = Field(
+        None, description="Class whose group maps are scored (default: the patient class)."
+    )
+
+
+class ClassificationEvaluationConfig(Section):
+    """``voxplain evaluate classification``: metrics with bootstrap CIs of a run's models."""
 
     run: Path = Field(description="Run folder written by `voxplain train`.")
-    cohort: Path = Field(description="cohort.tsv of the sessions to classify.")
-    caps: Path | None = Field(None, description="Clinica CAPS folder of that cohort.")
-    out: Path | None = Field(None, description="Output TSV (default RUN/predictions/NAME.tsv).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run the models.")
-    batch_size: int = Field(16, ge=1, description="Images per forward pass.")
+    subset: str = Field("validation", description="Predictions evaluated: predictions-SUBSET.tsv.")
+    n_boot: int = Field(1000, ge=1, description="Bootstrap resamples (stratified by class).")
+    seed: int = Field(0, ge=0, description="Seed of the bootstrap resampling.")
+    level: float = Field(0.95, gt=0, lt=1, description="Level of the confidence intervals.")
+    positive: str | None = Field(
+        None, description="Positive class of binary metrics (default: class 1, e.g. AD)."
+    )
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML configuration file, with an error that names the file."""
-    try:
-        with open(path, "rb") as stream:
-            return tomllib.load(stream)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: configuration file not found") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML ({error})") from None
+class RobustnessConfig(Section):
+    """``voxplain evaluate robustness``: similarity of maps across folds, runs, sessions,
+    hyperparameters and datasets (paper 1, 3.2-3.3)."""
+
+    run: Path = Field(description="Run folder with masks and/or explanations.")
+    methods: list[str] | None = Field(
+        None, description="Methods compared: 'mask' and/or explanation methods (default: all "
+        "found in the run folder)."
+    )
+    other_run: Path | None = Field(
+        None, description="Run folder with maps of the same models on another cohort (across "
+        "datasets, paper 1, 3.2.1)."
+    )
+    prob_cnn: bool = Field(
+        False, description="Also compare group and session masks by prob_CNN (forward passes "
+        "of every model on masked images)."
+    )
+    batch_size: int = Field(16, ge=1, description="Images per forward pass for prob_CNN.")
+    device: Device = Field("auto", description="Where to run prob_CNN.")
+    include_flagged: bool = Field(
+        False, description="Keep flagged masks: session masks flagged as not converged (column "
+        "'flagged' of masks/session/*/index.tsv) and group masks flagged in their summary.json "
+        "(far denser than the run's others, or not halving the masked class's probability); "
+        "by default they are left out, with a message."
+    )
 
 
-def to_toml(sections: dict[str, BaseModel | dict[str, Any]]) -> str:
-    """Serialise configurations to TOML, one table per step (``[train]``, ...).
+class StatsConfig(Section):
+    """``voxplain stats``: heatmap statistics of one method's session maps (paper 2, 2.4)."""
 
-    None values are left out (they mean "the default"), paths become strings. The result reads
-    back with :func:`read_toml` and validates against the same models.
-    """
-    tables = {name: config_values(config) if isinstance(config, BaseModel) else config
-              for name, config in sections.items()}
-    return _toml_table(tables, prefix="")
-
-
-def with_defaults(schema: type[BaseModel], recorded: dict[str, Any]) -> dict[str, Any]:
-    """``recorded`` settings (JSON values) completed with the defaults of the ``schema`` fields
-    it lacks: a setting added after a file was written counts as its default there."""
-    defaults = {key: json.loads(json.dumps(field.get_default(call_default_factory=True)))
-                for key, field in schema.model_fields.items() if not field.is_required()}
-    return {**defaults, **recorded}
-
-
-def config_values(config: BaseModel) -> dict[str, Any]:
-    """Plain JSON values of a configuration without the None ("use the default") entries."""
-    return _without_none(config.model_dump(mode="json"))
-
-
-def _without_none(table: dict[str, Any]) -> dict[str, Any]:
-    return {key: _without_none(value) if isinstance(value, dict) else value
-            for key, value in table.items() if value is not None}
-
-
-def _toml_table(table: dict[str, Any], prefix: str) -> str:
-    scalars = [f"{key} = {_toml_value(value)}" for key, value in table.items()
-               if not isinstance(value, dict)]
-    text = "\n".join(scalars) + ("\n" if scalars else "")
-    for key, value in table.items():
-        if isinstance(value, dict):
-            name = f"{prefix}{key}"
-            text += f"\n[{name}]\n" + _toml_table(value, prefix=f"{name}.")
-    return text
+    run: Path = Field(description="Run folder with session masks or explanations.")
+    method: str = Field("mask", description="'mask' or an explanation method under explanations/.")
+    groups: list[str] | None = Field(
+        None, description="One or two diagnoses to test (default: those with maps, if at most 2)."
+    )
+    folds: list[int] | None = Field(None, description="Folds whose maps are used (default: all).")
+    percentile: float = Field(
+        95.0, gt=0, lt=100, description="Percentile compared between groups and used as each "
+        "map's threshold."
+    )
+    correction: Literal["bonferroni", "fdr", "none"] = Field(
+        "bonferroni", description="Multiple-comparison correction of the cluster table."
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level (corrected p).")
+    equal_var: bool = Field(
+        True, description="Student's two-sample test (pooled variance); false: Welch's test."
+    )
+    connectivity: int = Field(
+        1, ge=1, le=3, description="Neighbours joining voxels into clusters (1 faces, 3 corners)."
+    )
+    include_flagged: bool = Field(
+        False, description="Keep session masks flagged as not converged (left out by default)."
+    )
+    unit: Literal["subject", "session"] = Field(
+        "subject", description="Unit of observation: one map per subject (mean of its sessions; "
+        "sessions of a subject are not independent) or per session."
+    )
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
+# --- report ------------------------------------------------------------------------------
 
 class ReportConfig(Section):
     """``voxplain report``: the HTML report of a run folder (RUN/report/index.html)."""
@@ -423,72 +613,7 @@ class ReportConfig(Section):
     )
 
 
-class ExplainConfig(Section):
-    """One per-sample explanation method and how it is applied (``voxplain explain``)."""
-
-    method: str = Field(description="Explanation method, e.g. grad_cam, integrated_gradients.")
-    layer: str | None = Field(
-        None, description="Layer a class activation map reads (grad_cam, grad_cam_pp, hires_cam, "
-        "layer_cam): any module of the model that outputs a feature map; default: the deepest "
-        "activated feature map keeping --min-layer-size voxels along every axis."
-    )
-    min_layer_size: int = Field(
-        DEFAULT_MIN_LAYER_SIZE, ge=1, description="Fewest voxels along every axis of the default "
-        "layer of a class activation map (a coarser layer is recorded and flagged)."
-    )
-    target: Literal["true", "predicted"] | int | str = Field(
-        "true", description="Class explained: the true diagnosis, the predicted class, or a class "
-        "(index or name)."
-    )
-    batch_size: int = Field(8, ge=1, description="Images explained together.")
-    options: dict[str, bool | int | float | str] = Field(
-        default_factory=dict, description="Extra options of the method (e.g. n_steps=32)."
-    )
-    group: Literal["correct", "all"] = Field(
-        "correct", description="Sessions averaged into a diagnosis's group map: the correctly "
-        "classified ones, or all."
-    )
-
-    @field_validator("target", mode="before")
-    @classmethod
-    def _digits_are_a_class_index(cls, value: Any) -> Any:
-        return int(value) if isinstance(value, str) and value.isdigit() else value
-
-
-class ExplainStepConfig(Section):
-    """``voxplain explain``: maps of every model of a run folder for its validation sessions."""
-
-    run: Path = Field(description="Run folder written by `voxplain train`.")
-    cohort: Path | None = Field(
-        None, description="cohort.tsv of other sessions to explain (default: each fold's "
-        "validation sessions)."
-    )
-    folds: list[int] | None = Field(None, description="Folds to process (default: all).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run the models.")
-    evaluate_against: Path | None = Field(
-        None, description="Ground-truth map (e.g. ground_truth.nii.gz): score the group maps "
-        "of the patient class against it."
-    )
-    session_truth: str | None = Field(
-        None, description="Cohort column naming each session's own ground truth (e.g. "
-        "mask_path of a lesion cohort): score every session map against it."
-    )
-    explain: ExplainConfig
-
-
-class LocalisationConfig(Section):
-    """Scores of group maps against a ground-truth map (synthetic cohorts)."""
-
-    truth_fraction: float = Field(
-        0.5, ge=0, le=1, description="The true region: voxels where the ground truth reaches "
-        "at least this fraction of its maximum (0.5: half maximum; 0: every voxel it touches)."
-    )
-    tolerance: float = Field(
-        0.0, ge=0, description="Pointing game: distance (voxels) allowed between the map's "
-        "maximum and the true region."
-    )
-    top_k: int = Field(5, ge=1, description="Number of most attributed AAL2 regions checked.")
-
+# --- user study (paper 3) -------------------------------------------------------------------
 
 #: The criteria of paper 3's user study (3.4), in its words.
 DEFAULT_STUDY_CRITERIA: tuple[str, ...] = (
@@ -575,73 +700,6 @@ class StudyAnalyseConfig(Section):
     out: Path | None = Field(None, description="Output folder (default STUDY/analysis).")
 
 
-class CyCEConfig(Section):
-    """CyCE: cycle-consistent activation maximisation (paper 3, 2-3.2); defaults sized for a CPU."""
-
-    widths: list[int] = Field(
-        default_factory=lambda: [16, 32, 64, 128],
-        description="Kernels of U-Net stages 0-3 of generators and discriminators "
-                    "(paper: 48,96,192,384).")
-    convs_per_stage: int = Field(3, ge=1, description="Convolutions per U-Net stage (paper: 3).")
-    symmetric_discriminator: bool = Field(
-        True, description="Tie the two output neurons so swapping a pair swaps the logits.")
-    discriminator_normalisation: Literal["group", "none"] = Field(
-        "group", description="Discriminator encoder normalisation (paper: not stated): 'group' "
-                             "as in the generator, or 'none' (sees global brightness/contrast).")
-    cycle_weight: float = Field(1.0, ge=0, description="Weight of the cycle-consistency loss.")
-    similarity_weight: float = Field(1.0, ge=0, description="Weight of the similarity loss.")
-    similarity_l1_weight: float = Field(
-        0.0, ge=0, description="Weight of mean |x - G(x)| added to the similarity loss's DSSIM "
-                               "(paper: DSSIM only, 0).")
-    adversarial_weight: float = Field(1.0, ge=0, description="Weight of the adversarial loss.")
-    activation_weight: float = Field(
-        1.0, ge=0, description="Weight of the activation-maximisation loss.")
-    ssim_kernel: int | None = Field(
-        None, ge=1, description="SSIM window (odd); default: chosen from the image size.")
-    ssim_scales: int | None = Field(
-        None, ge=1, le=5, description="MS-SSIM scales; default: as many as the image size allows.")
-    ssim_k1: float = Field(0.01, gt=0, description="SSIM constant k1 (c1 = (k1 L)^2; paper .01).")
-    ssim_k2: float = Field(0.03, gt=0, description="SSIM constant k2 (c2 = (k2 L)^2; paper .03).")
-    data_range: float = Field(1.0, gt=0, description="Intensity range L of the images.")
-    positive_class: int = Field(
-        1, ge=0, le=1, description="Class index G+ maximises (G- maximises the other one).")
-    batch_size: int = Field(8, ge=1, description="Image pairs (x_a, x_b) per step.")
-    learning_rate: float = Field(2e-4, gt=0, description="Adam learning rate of all networks.")
-    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (CycleGAN's 0.5).")
-    max_steps: int = Field(1500, ge=1, description="Maximum number of training steps.")
-    max_seconds: float | None = Field(
-        None, gt=0, description="Time budget: stop after this many seconds of training.")
-    min_steps: int = Field(300, ge=0, description="Steps before convergence may stop training.")
-    window: int = Field(50, ge=1, description="Steps in the moving average of the generator loss.")
-    tolerance: float = Field(
-        0.01, ge=0, description="Relative fall of the moving average that resets patience.")
-    patience: int = Field(
-        300, ge=1, description="Steps without such a fall before training stops (converged).")
-    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
-    seed: int = Field(0, ge=0, description="Seed of initialisation, pairs and shuffles.")
-
-
-class CyCEStepConfig(Section):
-    """``voxplain cyce train``: CyCE generators for the classifiers of a run folder."""
-
-    run: Path = Field(description="Run folder written by `voxplain train`.")
-    folds: list[int] | None = Field(None, description="Folds to process (default: all).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
-    cyce: CyCEConfig = Field(default_factory=CyCEConfig)
-
-
-class CyCETransferConfig(Section):
-    """``voxplain cyce transfer``: classifier output on x, G-(x), G+(x) (paper 3, 3.3 and 4.1)."""
-
-    run: Path = Field(description="Run folder with trained CyCE generators.")
-    folds: list[int] | None = Field(None, description="Folds to process (default: all).")
-    subset: Literal["validation", "train"] = Field(
-        "validation", description="Sessions evaluated (validation: unseen by classifier and CyCE).")
-    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the confidence intervals.")
-    batch_size: int = Field(32, ge=1, description="Images per forward pass.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run.")
-
-
 class StudyExportConfig(Section):
     """``voxplain study export``: every answer of the SQLite database as one CSV."""
 
@@ -650,73 +708,77 @@ class StudyExportConfig(Section):
     out: Path | None = Field(None, description="CSV file (default STUDY/answers.csv).")
 
 
-class ClassificationEvaluationConfig(Section):
-    """``voxplain evaluate classification``: metrics with bootstrap CIs of a run's models."""
+# --- TOML ------------------------------------------------------------------------------------
 
-    run: Path = Field(description="Run folder written by `voxplain train`.")
-    subset: str = Field("validation", description="Predictions evaluated: predictions-SUBSET.tsv.")
-    n_boot: int = Field(1000, ge=1, description="Bootstrap resamples (stratified by class).")
-    seed: int = Field(0, ge=0, description="Seed of the bootstrap resampling.")
-    level: float = Field(0.95, gt=0, lt=1, description="Level of the confidence intervals.")
-    positive: str | None = Field(
-        None, description="Positive class of binary metrics (default: class 1, e.g. AD)."
-    )
-
-
-class RobustnessConfig(Section):
-    """``voxplain evaluate robustness``: similarity of maps across folds, runs, sessions,
-    hyperparameters and datasets (paper 1, 3.2-3.3)."""
-
-    run: Path = Field(description="Run folder with masks and/or explanations.")
-    methods: list[str] | None = Field(
-        None, description="Methods compared: 'mask' and/or explanation methods (default: all "
-        "found in the run folder)."
-    )
-    other_run: Path | None = Field(
-        None, description="Run folder with maps of the same models on another cohort (across "
-        "datasets, paper 1, 3.2.1)."
-    )
-    prob_cnn: bool = Field(
-        False, description="Also compare group and session masks by prob_CNN (forward passes "
-        "of every model on masked images)."
-    )
-    batch_size: int = Field(16, ge=1, description="Images per forward pass for prob_CNN.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run prob_CNN.")
-    include_flagged: bool = Field(
-        False, description="Keep flagged masks: session masks flagged as not converged (column "
-        "'flagged' of masks/session/*/index.tsv) and group masks flagged in their summary.json "
-        "(far denser than the run's others, or not halving the masked class's probability); "
-        "by default they are left out, with a message."
-    )
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML configuration file, with an error that names the file."""
+    try:
+        with open(path, "rb") as stream:
+            return tomllib.load(stream)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: configuration file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML ({error})") from None
 
 
-class StatsConfig(Section):
-    """``voxplain stats``: heatmap statistics of one method's session maps (paper 2, 2.4)."""
+def to_toml(sections: dict[str, BaseModel | dict[str, Any]]) -> str:
+    """Serialise configurations to TOML, one table per step (``[train]``, ...).
 
-    run: Path = Field(description="Run folder with session masks or explanations.")
-    method: str = Field("mask", description="'mask' or an explanation method under explanations/.")
-    groups: list[str] | None = Field(
-        None, description="One or two diagnoses to test (default: those with maps, if at most 2)."
-    )
-    folds: list[int] | None = Field(None, description="Folds whose maps are used (default: all).")
-    percentile: float = Field(
-        95.0, gt=0, lt=100, description="Percentile compared between groups and used as each "
-        "map's threshold."
-    )
-    correction: Literal["bonferroni", "fdr", "none"] = Field(
-        "bonferroni", description="Multiple-comparison correction of the cluster table."
-    )
-    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level (corrected p).")
-    equal_var: bool = Field(
-        True, description="Student's two-sample test (pooled variance); false: Welch's test."
-    )
-    connectivity: int = Field(
-        1, ge=1, le=3, description="Neighbours joining voxels into clusters (1 faces, 3 corners)."
-    )
-    include_flagged: bool = Field(
-        False, description="Keep session masks flagged as not converged (left out by default)."
-    )
-    unit: Literal["subject", "session"] = Field(
-        "subject", description="Unit of observation: one map per subject (mean of its sessions; "
-        "sessions of a subject are not independent) or per session."
-    )
+    None values are left out (they mean "the default"), paths become strings. The result reads
+    back with :func:`read_toml` and validates against the same models.
+    """
+    tables = {name: config_values(config) if isinstance(config, BaseModel) else config
+              for name, config in sections.items()}
+    return _toml_table(tables, prefix="")
+
+
+def with_defaults(schema: type[BaseModel], recorded: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` settings (JSON values) completed with the defaults of the ``schema`` fields
+    it lacks: a setting added after a file was written counts as its default there."""
+    defaults = {key: json.loads(json.dumps(field.get_default(call_default_factory=True)))
+                for key, field in schema.model_fields.items() if not field.is_required()}
+    return {**defaults, **recorded}
+
+
+def is_field(schema: type[BaseModel], key: str) -> bool:
+    """Whether ``key`` names a field of ``schema``, by its name or by one of its aliases (the
+    earlier spelling of a renamed setting, e.g. ``folds`` of ``n_folds``)."""
+    for name, info in schema.model_fields.items():
+        aliases = getattr(info.validation_alias, "choices", None) or [info.validation_alias]
+        if key == name or key in aliases:
+            return True
+    return False
+
+
+def config_values(config: BaseModel) -> dict[str, Any]:
+    """Plain JSON values of a configuration without the None ("use the default") entries."""
+    return _without_none(config.model_dump(mode="json"))
+
+
+def _without_none(table: dict[str, Any]) -> dict[str, Any]:
+    return {key: _without_none(value) if isinstance(value, dict) else value
+            for key, value in table.items() if value is not None}
+
+
+def _toml_table(table: dict[str, Any], prefix: str) -> str:
+    scalars = [f"{key} = {_toml_value(value)}" for key, value in table.items()
+               if not isinstance(value, dict)]
+    text = "\n".join(scalars) + ("\n" if scalars else "")
+    for key, value in table.items():
+        if isinstance(value, dict):
+            name = f"{prefix}{key}"
+            text += f"\n[{name}]\n" + _toml_table(value, prefix=f"{name}.")
+    return text
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -93,22 +93,49 @@ def read_tsv(path: str | os.PathLike[str]) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype={"participant_id": str, "session_id": str})
 
 
+def nifti_affine(affine: np.ndarray) -> np.ndarray:
+    """A voxel-to-world affine as NIfTI stores it, ``(4, 4)``.
+
+    A 2D image's affine may come as ``(3, 3)`` (rows, columns, homogeneous): its in-plane
+    block and offset are kept and the third axis becomes the unit normal (1 mm), the affine a
+    2D map is written with. A ``(4, 4)`` affine is returned as it is.
+
+    Raises:
+        ValueError: ``affine`` is neither ``(3, 3)`` nor ``(4, 4)``.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape == (4, 4):
+        return affine
+    if affine.shape != (3, 3):
+        raise ValueError(f"an affine is (4, 4), or (3, 3) for a 2D image; got {affine.shape}")
+    full = np.eye(4)
+    full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
+    return full
+
+
 def save_nifti(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray) -> None:
-    """Save a 3D array as NIfTI with the given affine (float32 unless integer), atomically."""
+    """Save a 3D ``(X, Y, Z)`` or 2D ``(H, W)`` array as NIfTI with the given affine (float32
+    unless integer), atomically.
+
+    A 2D array is stored as one slice, ``(H, W, 1)``: nibabel reads a 2D NIfTI, but nilearn's
+    3D functions and plotting (``check_niimg_3d``) refuse it, and ITK-SNAP opens both, so one
+    slice is the layout every viewer takes. ``affine`` (``(4, 4)``, or ``(3, 3)`` in 2D,
+    :func:`nifti_affine`) carries the pixel spacing on its first two axes.
+    """
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{path}: NIfTI maps are 2D (H, W) or 3D (X, Y, Z), got shape "
+                         f"{array.shape}")
     data = array if np.issubdtype(array.dtype, np.integer) else array.astype(np.float32)
-    image = nib.Nifti1Image(data, affine)
+    image = nib.Nifti1Image(data[..., np.newaxis] if data.ndim == 2 else data,
+                            nifti_affine(affine))
     image.header.set_xyzt_units("mm")
     with atomic_path(path) as temporary:
         nib.save(image, temporary)
 
 
 def save_map(stem: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray) -> Path:
-    """Save a spatial map: 3D as ``STEM.nii.gz`` (with ``affine``), 2D as ``STEM.npy``."""
-    if array.ndim == 3:
-        path = Path(f"{stem}.nii.gz")
-        save_nifti(path, array, affine)
-        return path
-    path = Path(f"{stem}.npy")
-    with atomic_path(path) as temporary:
-        np.save(temporary, np.asarray(array, dtype=np.float32))
+    """Save a spatial map, 3D ``(X, Y, Z)`` or 2D ``(H, W)``, as ``STEM.nii.gz`` with ``affine``
+    (:func:`save_nifti`: a 2D map is one slice). Returns the path written."""
+    path = Path(f"{stem}.nii.gz")
+    save_nifti(path, np.asarray(array), affine)
     return path

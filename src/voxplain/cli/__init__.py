@@ -15,14 +15,16 @@ from voxplain.cli import evaluate as _evaluate
 from voxplain.cli import explain as _explain
 from voxplain.cli import generate as _generate
 from voxplain.cli import masks as _masks
+from voxplain.cli import pipeline as _pipeline
+from voxplain.cli import report as _report
 from voxplain.cli import study as _study
 from voxplain.cli import summary as _summary
-from voxplain.cli import report as _report
 from voxplain.cli import train as _train
 from voxplain.cli.common import build_config
 
 app = typer.Typer(help="Train, explain and measure deep classifiers of medical images.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command("run")(_pipeline.run)
 app.add_typer(_generate.generate, name="generate")
 app.command("bids-ids")(_cohort.bids_ids)
 app.command()(_train.train)

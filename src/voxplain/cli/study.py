@@ -11,12 +11,12 @@ from voxplain.cli.common import (
     CONFIG_OPTION,
     absolute,
     build_config,
+    config_command,
     console,
     option,
     print_table,
     reported_errors,
     setup_logging,
-    split_list,
 )
 from voxplain.config import (
     StudyAnalyseConfig,
@@ -30,30 +30,13 @@ study = typer.Typer(help="Blinded user studies of explanation methods (paper 3, 
 
 
 @study.command("make")
-def study_make(
-    run: Path = option(StudyMakeConfig, "run", "--run"),
-    methods: str = option(StudyMakeConfig, "methods", "--methods"),
-    fold: int = option(StudyMakeConfig, "fold", "--fold"),
-    model_run: int = option(StudyMakeConfig, "model_run", "--model-run"),
-    samples_per_class: int = option(StudyMakeConfig, "samples_per_class", "--samples-per-class"),
-    seed: int = option(StudyMakeConfig, "seed", "--seed"),
-    criteria: str = option(StudyMakeConfig, "criteria", "--criteria"),
-    score_min: int = option(StudyMakeConfig, "score_min", "--score-min"),
-    score_max: int = option(StudyMakeConfig, "score_max", "--score-max"),
-    colormap: str = option(StudyMakeConfig, "colormap", "--colormap"),
-    pixels: int = option(StudyMakeConfig, "pixels", "--pixels"),
-    out: Path = option(StudyMakeConfig, "out", "--out"),
-    config: Path = CONFIG_OPTION,
-) -> None:
+@config_command(StudyMakeConfig, "study_make",
+                ["run", "methods", "fold", "model_run", "samples_per_class", "seed", "criteria",
+                 "score_min", "score_max", "colormap", "pixels", "out"])
+def study_make(settings: StudyMakeConfig) -> None:
     """Questionnaires A and B (method names hidden behind random ids) and their key."""
     from voxplain.study.make import make_questionnaires
 
-    setup_logging()
-    settings = build_config(
-        StudyMakeConfig, "study_make", config, run=absolute(run), methods=split_list(methods),
-        fold=fold, model_run=model_run, samples_per_class=samples_per_class, seed=seed,
-        criteria=split_list(criteria), score_min=score_min, score_max=score_max,
-        colormap=colormap, pixels=pixels, out=absolute(out))
     with reported_errors():
         key = make_questionnaires(settings)
     counts = key.groupby("diagnosis", as_index=False).agg(questions=("question", "nunique"))
@@ -85,19 +68,12 @@ def study_serve(
 
 
 @study.command("export")
-def study_export(
-    study_folder: Path = option(StudyExportConfig, "study", "--study"),
-    database: Path = option(StudyExportConfig, "database", "--database"),
-    out: Path = option(StudyExportConfig, "out", "--out"),
-    config: Path = CONFIG_OPTION,
-) -> None:
+@config_command(StudyExportConfig, "study_export", ["study", "database", "out"])
+def study_export(settings: StudyExportConfig) -> None:
     """Every answer in the database as one CSV."""
     from voxplain.study.make import StudyFolder
     from voxplain.study.serve import AnswerStore
 
-    settings = build_config(StudyExportConfig, "study_export", config,
-                            study=absolute(study_folder), database=absolute(database),
-                            out=absolute(out))
     folder = StudyFolder(settings.study)
     target = settings.out or folder.root / "answers.csv"
     with reported_errors():
@@ -106,23 +82,12 @@ def study_export(
 
 
 @study.command("analyse")
-def study_analyse(
-    study_folder: Path = option(StudyAnalyseConfig, "study", "--study"),
-    database: Path = option(StudyAnalyseConfig, "database", "--database"),
-    answers_csv: str = option(StudyAnalyseConfig, "answers_csv", "--answers-csv"),
-    out: Path = option(StudyAnalyseConfig, "out", "--out"),
-    config: Path = CONFIG_OPTION,
-) -> None:
+@config_command(StudyAnalyseConfig, "study_analyse", ["study", "database", "answers_csv", "out"])
+def study_analyse(settings: StudyAnalyseConfig) -> None:
     """De-randomise the answers and write tables 2-4, t-tests, reliability, A vs B, order
     effect, KMO, PCA and figures to STUDY/analysis."""
     from voxplain.study.analyse import analyse
 
-    setup_logging()
-    settings = build_config(
-        StudyAnalyseConfig, "study_analyse", config, study=absolute(study_folder),
-        database=absolute(database),
-        answers_csv=[absolute(Path(p)) for p in split_list(answers_csv) or []] or None,
-        out=absolute(out))
     with reported_errors():
         summary = analyse(settings)
     print_table("User study", pd.DataFrame([{k: v for k, v in summary.items()

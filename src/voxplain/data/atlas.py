@@ -164,12 +164,14 @@ def _read_label_table(path: Path) -> dict[int, str]:
 
 
 def _read_label_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D integer label image (a trailing axis of length 1 is dropped)."""
+    """Read a 3D integer label image. Trailing axes of length 1 after the second are dropped,
+    as :func:`voxplain.data.images.read_image` does: ``(X, Y, Z, 1)`` is a volume, a single
+    slice ``(H, W, 1)`` a 2D image (refused)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: atlas label image not found")
     image = nib.load(path)
     values = np.asanyarray(image.dataobj)
-    if values.ndim == 4 and values.shape[3] == 1:
+    while values.ndim > 2 and values.shape[-1] == 1:
         values = values[..., 0]
     if values.ndim != 3:
         raise ValueError(f"{path}: an atlas must be a 3D label image, got shape {values.shape}")

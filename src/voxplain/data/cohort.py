@@ -9,6 +9,12 @@ whitespace; two spellings of one label (``AD``/``ad``) are refused. Every image 
 any work starts: readable, right dimensionality, the same shape and affine as the majority of the
 cohort, one intensity unit per 2D cohort; values are checked (finite) when decoded. The quality
 check of paper 1 (section 2.3.1) rejects GM maps whose maximum is below 0.95.
+
+Pixel spacing. NIfTI and DICOM images carry their own; NPY and PNG/JPEG images hold none, so
+their spacing is 1 mm unless the TSV gives it in the optional columns ``pixel_spacing_row`` and
+``pixel_spacing_col`` (mm, DICOM's ``PixelSpacing`` order: between rows, between columns;
+:data:`PIXEL_SPACING_COLUMNS`), as lesion cohorts on CT backgrounds do. The spacing enters the
+cohort's affine, hence the training grid and every map's NIfTI header.
 """
 
 from __future__ import annotations
@@ -26,7 +32,14 @@ import numpy as np
 import pandas as pd
 
 from voxplain.data.grid import downsample, downsample_affine
-from voxplain.data.images import ImageError, image_kind, npy_value_range, read_header, read_image
+from voxplain.data.images import (
+    ImageError,
+    image_kind,
+    npy_value_range,
+    pixel_spacing_affine,
+    read_header,
+    read_image,
+)
 from voxplain.io import atomic_path, read_tsv
 
 ID_COLUMNS = ("participant_id", "session_id")
@@ -36,6 +49,12 @@ ID_PREFIXES = {"participant_id": "sub-", "session_id": "ses-"}
 
 #: Largest difference (mm) between two affines of one grid.
 AFFINE_TOLERANCE = 1e-4
+
+#: Optional columns of a cohort TSV: pixel spacing (mm) of 2D images whose files hold none (NPY,
+#: PNG/JPEG), between rows and between columns (the order of DICOM's ``PixelSpacing``).
+PIXEL_SPACING_COLUMNS = ("pixel_spacing_row", "pixel_spacing_col")
+#: Image kinds (:func:`voxplain.data.images.image_kind`) that hold no pixel spacing of their own.
+SPACELESS_KINDS = ("npy", "picture")
 
 #: Diagnoses that name a control group; put first in the class order (class index 0).
 CONTROL_LABELS = ("CN", "HC", "control", "controls", "benign", "negative")
@@ -289,8 +308,22 @@ def check_images(table: pd.DataFrame) -> tuple[tuple[int, ...], np.ndarray]:
 
 
 def _header(row: Any) -> tuple[tuple[int, ...], np.ndarray]:
+    """``(C, *spatial)`` and affine of a row's image, with the TSV's pixel spacing if any."""
     with _session_named(row):
-        return read_header(Path(row.path))
+        shape, affine = read_header(Path(row.path))
+        spacing = [getattr(row, column, np.nan) for column in PIXEL_SPACING_COLUMNS]
+        if all(pd.isna(size) for size in spacing):
+            return shape, affine
+        given = ", ".join(f"{c} {v}" for c, v in zip(PIXEL_SPACING_COLUMNS, spacing))
+        if image_kind(Path(row.path)) not in SPACELESS_KINDS:
+            raise ImageError(f"{row.path}: {given}, but this image carries its own spacing; "
+                             "leave the cells empty")
+        if any(pd.isna(size) for size in spacing):
+            raise ImageError(f"{row.path}: {given}; give both or neither")
+        try:
+            return shape, pixel_spacing_affine(*(float(size) for size in spacing))
+        except (ImageError, ValueError) as error:
+            raise ImageError(f"{row.path}: {error}") from None
 
 
 @contextmanager

@@ -1,9 +1,12 @@
 """Voxel grids: the SPM/Clinica MNI grid and anti-aliased downsampling that keeps the affine.
 
-A grid is a spatial shape plus a 4x4 voxel-to-world affine (mm). Downsampling by an integer
-factor averages blocks of ``factor**d`` voxels, so it is anti-aliased by construction, and moves
-the affine so that each coarse voxel sits at the centre of the block it averages: a coarse map
-overlays the fine one in any viewer.
+A grid is a spatial shape plus a 4x4 voxel-to-world affine (mm), in 2D as in 3D: a 2D grid
+``(H, W)`` keeps its pixel spacing on the first two axes of the affine, the third being the unit
+normal of the plane, as a 2D map's NIfTI header stores it (:func:`voxplain.io.save_nifti`).
+
+Downsampling by an integer factor averages blocks of ``factor**d`` voxels, so it is anti-aliased
+by construction, and moves the affine so that each coarse voxel sits at the centre of the block
+it averages: a coarse map overlays the fine one in any viewer.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from voxplain.io import nifti_affine
 
 #: Grid of Clinica's t1-volume outputs (SPM12 "Ixi549Space"): 121x145x121 voxels of 1.5 mm.
 SPM_SHAPE: tuple[int, int, int] = (121, 145, 121)
@@ -25,10 +30,19 @@ SPM_AFFINE: np.ndarray = np.array(
 
 @dataclass(frozen=True)
 class Grid:
-    """A spatial shape and its voxel-to-world affine."""
+    """A spatial shape, 2D or 3D, and its ``(4, 4)`` voxel-to-world affine (mm).
+
+    A 2D grid's affine may be given ``(3, 3)``; it is kept ``(4, 4)``
+    (:func:`voxplain.io.nifti_affine`), so there is one convention for every grid.
+    """
 
     shape: tuple[int, ...]
     affine: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.shape) not in (2, 3):
+            raise ValueError(f"a grid is 2D or 3D, got shape {tuple(self.shape)}")
+        object.__setattr__(self, "affine", nifti_affine(self.affine))
 
     @property
     def key(self) -> tuple[tuple[int, ...], bytes]:
@@ -43,7 +57,7 @@ class Grid:
 
     @property
     def voxel_size(self) -> tuple[float, ...]:
-        """Voxel edge lengths in mm, one per spatial axis."""
+        """Voxel edge lengths in mm, one per spatial axis (the pixel spacing in 2D)."""
         spatial = len(self.shape)
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :spatial], axis=0))
 

@@ -1,9 +1,16 @@
 """Read one image from disk as ``(C, *spatial)`` float32 plus its voxel-to-world affine.
 
-Volumes are NIfTI (``.nii``, ``.nii.gz``), 3D, one channel. 2D images are NPY (``(H, W)`` or
-``(C, H, W)`` of real numbers, as stored), PNG/JPEG (grey or RGB, scaled to [0, 1]: 8-bit by 255,
-16-bit by 65535; palette pictures through their palette) or DICOM (pydicom; rescaled to the
-modality's units, e.g. Hounsfield units for CT). Every error names the file and the problem.
+Volumes are NIfTI (``.nii``, ``.nii.gz``), 3D, one channel. 2D images are NIfTI of shape
+``(H, W)`` or ``(H, W, 1)`` (one slice: how 2D maps are written, :func:`voxplain.io.save_nifti`),
+NPY (``(H, W)`` or ``(C, H, W)`` of real numbers, as stored), PNG/JPEG (grey or RGB, scaled to
+[0, 1]: 8-bit by 255, 16-bit by 65535; palette pictures through their palette) or DICOM (pydicom;
+rescaled to the modality's units, e.g. Hounsfield units for CT). Every error names the file and
+the problem.
+
+The affine is always ``(4, 4)``; a 2D image's pixel spacing sits on its first two axes. NIfTI and
+DICOM (``PixelSpacing``) carry their spacing; NPY and pictures hold none and get 1 mm
+(:func:`pixel_spacing_affine`), unless a cohort TSV gives it
+(:data:`voxplain.data.cohort.PIXEL_SPACING_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -53,8 +60,8 @@ def read_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     if image_kind(path) != "nifti":
         array, affine = read_image(path)
         return array.shape, affine
-    image = _open_nifti(path)
-    return (1, *image.shape), image.affine
+    image, spatial = _open_nifti(path)
+    return (1, *spatial), image.affine
 
 
 def read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -101,24 +108,29 @@ def _check_file(path: Path) -> None:
         raise ImageError(f"{path}: file cannot be read ({error.strerror})") from None
 
 
-def _open_nifti(path: Path) -> nib.Nifti1Image:
+def _open_nifti(path: Path) -> tuple[nib.Nifti1Image, tuple[int, ...]]:
+    """The NIfTI image (header read, voxel data not decoded) and its spatial shape: trailing
+    axes of one voxel after the second are dropped, so ``(X, Y, Z, 1)`` is a volume and
+    ``(H, W, 1)`` a 2D image."""
     _check_file(path)
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises several types for corrupt or foreign files
         raise ImageError(f"{path}: not a readable NIfTI file ({error})") from None
-    shape = image.shape
-    if len(shape) == 4 and shape[3] == 1:
-        image = image.slicer[..., 0]
-    elif len(image.shape) != 3:
-        raise ImageError(f"{path}: expected a 3D volume, got {len(shape)}D with shape {shape}")
-    return image
+    shape = tuple(int(size) for size in image.shape)
+    spatial = shape
+    while len(spatial) > 2 and spatial[-1] == 1:
+        spatial = spatial[:-1]
+    if len(spatial) not in (2, 3):
+        raise ImageError(f"{path}: expected a 3D volume (or a 2D image, (H, W) or (H, W, 1)), "
+                         f"got {len(shape)}D with shape {shape}")
+    return image, spatial
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    image = _open_nifti(path)
+    image, spatial = _open_nifti(path)
     try:
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        data = np.asarray(image.dataobj, dtype=np.float32).reshape(spatial)
     except Exception as error:  # truncated gzip streams surface as EOFError, zlib.error, ...
         raise ImageError(f"{path}: voxel data cannot be read ({error})") from None
     return data[np.newaxis], image.affine
@@ -130,7 +142,7 @@ def _read_npy(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = data[np.newaxis]
     if data.ndim != 3:
         raise ImageError(f"{path}: expected a 2D image (H, W) or (C, H, W), got shape {data.shape}")
-    return data.astype(np.float32), np.eye(4)
+    return data.astype(np.float32), pixel_spacing_affine()
 
 
 def npy_value_range(path: Path) -> tuple[float, float]:
@@ -165,7 +177,7 @@ def _read_picture(path: Path) -> tuple[np.ndarray, np.ndarray]:
             data = _picture_intensities(picture)
     except (UnidentifiedImageError, OSError) as error:
         raise ImageError(f"{path}: not a readable picture ({error})") from None
-    return data, np.eye(4)
+    return data, pixel_spacing_affine()
 
 
 def _picture_intensities(picture: PIL.Image.Image) -> np.ndarray:
@@ -202,6 +214,23 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ImageError(f"{path}: expected a single 2D DICOM frame, got shape {pixels.shape}")
     slope = float(getattr(dataset, "RescaleSlope", 1.0))
     intercept = float(getattr(dataset, "RescaleIntercept", 0.0))
-    spacing = [float(s) for s in getattr(dataset, "PixelSpacing", [1.0, 1.0])]
-    affine = np.diag([spacing[0], spacing[1], 1.0, 1.0])
+    row_mm, col_mm = (float(s) for s in getattr(dataset, "PixelSpacing", [1.0, 1.0]))
+    try:
+        affine = pixel_spacing_affine(row_mm, col_mm)
+    except ImageError as error:
+        raise ImageError(f"{path}: PixelSpacing: {error}") from None
     return (pixels * slope + intercept)[np.newaxis], affine
+
+
+def pixel_spacing_affine(row_mm: float = 1.0, col_mm: float = 1.0) -> np.ndarray:
+    """The ``(4, 4)`` affine of a 2D image ``(H, W)`` with DICOM's ``PixelSpacing`` order:
+    ``row_mm`` between rows (along axis 0), ``col_mm`` between columns (along axis 1); the
+    third axis is the unit normal of the plane.
+
+    Raises:
+        ImageError: a spacing that is not a positive finite number.
+    """
+    spacing = (row_mm, col_mm)
+    if not all(np.isfinite(size) and size > 0 for size in spacing):
+        raise ImageError(f"pixel spacing {spacing} mm: both must be positive numbers")
+    return np.diag([float(row_mm), float(col_mm), 1.0, 1.0])

@@ -31,6 +31,14 @@ Backgrounds.
 In both cases pixel noise of standard deviation ``config.noise`` is added after the lesion is
 pasted, and intensities are clipped to [0, 1].
 
+Pixel spacing. A patch on a CT background has a physical pixel size: the slice's DICOM
+``PixelSpacing`` times the resampling step, i.e. 45 mm / ``size`` (0.703 mm at 64 px; not the
+slice's own 0.66 mm, since the patch is resampled). ``cohort.tsv`` records it in the columns
+``pixel_spacing_row`` and ``pixel_spacing_col`` (:func:`patch_spacing_mm`), which the cohort
+reader puts into the images' affine (:data:`voxplain.data.cohort.PIXEL_SPACING_COLUMNS`): the
+models' grid and every explanation map's NIfTI header carry it. A synthetic background has no
+physical scale and no such columns: its pixels are 1 mm, as for any NPY or PNG image.
+
 Background variation. With ``config.background_variation = v > 1`` every patch multiplies the
 amplitude of each synthetic texture scale (1 px and 6 px) and the pixel-noise standard deviation
 by its own factor, three independent draws, log-uniform in ``[1/v, v]`` (``v ** u``, ``u`` uniform
@@ -72,6 +80,7 @@ from PIL import Image
 from scipy import ndimage
 
 from voxplain.config import LesionCohortConfig, with_defaults
+from voxplain.data.cohort import PIXEL_SPACING_COLUMNS
 from voxplain.io import atomic_path, write_json, write_text
 
 #: Side of the square field of view of a patch in mm (paper 3: 45x45 mm at 64x64 pixels).
@@ -251,6 +260,7 @@ def _write_sample(
             "background_origin_col": placement.origin[1],
             "background_step_row": placement.step[0],
             "background_step_col": placement.step[1],
+            **dict(zip(PIXEL_SPACING_COLUMNS, patch_spacing_mm(placement))),
         }
     return row
 
@@ -509,6 +519,14 @@ def draw_ct_placement(
     step = tuple(FIELD_OF_VIEW_MM / size / spacing for spacing in ct.spacing_mm)
     origin = tuple(float(target[axis] - center[axis] * step[axis]) for axis in range(2))
     return CTPlacement(ct, origin, step)
+
+
+def patch_spacing_mm(placement: CTPlacement) -> tuple[float, float]:
+    """Pixel spacing (mm) of a patch on a CT background, rows then columns: the slice's DICOM
+    ``PixelSpacing`` times the resampling step (slice pixels per patch pixel), i.e.
+    :data:`FIELD_OF_VIEW_MM` / size, rounded to 1e-6 mm."""
+    return tuple(round(step * spacing, 6)
+                 for step, spacing in zip(placement.step, placement.ct.spacing_mm))
 
 
 def ct_background_hu(placement: CTPlacement, size: int) -> np.ndarray:

@@ -38,14 +38,12 @@ point estimate and 1000 resamples share one vectorised code path.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from voxplain.io import read_tsv
 
 METRICS = ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "ppv", "npv",
            "informedness", "markedness", "mcc", "auc")
@@ -192,12 +190,15 @@ def prediction_metrics(predictions: pd.DataFrame, n_boot: int = 1000, seed: int 
     return pd.concat(tables, ignore_index=True)
 
 
-def cross_validation_metrics(run_folder: str | os.PathLike[str], subset: str = "validation",
+def cross_validation_metrics(predictions: Mapping[tuple[int, int], pd.DataFrame],
                              n_boot: int = 1000, seed: int = 0, level: float = 0.95, *,
-                             positive: str | None = None) -> pd.DataFrame:
-    """Metrics with CIs of every model of a run folder, per fold and aggregated over folds.
+                             positive: str | None = None,
+                             sources: Mapping[tuple[int, int], str] | None = None) -> pd.DataFrame:
+    """Metrics with CIs of the models of a cross-validation, per fold and over folds.
 
-    Reads ``RUN/models/fold-K/run-R/predictions-SUBSET.tsv``. Paper 1 (3) reports, per run, the
+    ``predictions`` maps ``(fold, run)`` to that model's prediction table (``diagnosis``, one
+    ``proba_CLASS`` column per class, optionally ``predicted``; as ``predictions-SUBSET.tsv``
+    of a run folder); ``sources`` names each table in errors. Paper 1 (3) reports, per run, the
     balanced accuracy of each fold and their mean; so does this table:
 
     - ``scope == "fold"``: one row per fold, run and metric, CI from a stratified bootstrap of
@@ -211,22 +212,15 @@ def cross_validation_metrics(run_folder: str | os.PathLike[str], subset: str = "
     Returns:
         Columns ``scope, fold, run, metric, value, ci_low, ci_high, n_valid, n, per_fold``
         (``fold`` is empty on ``mean`` rows).
-
-    Raises:
-        ValueError: no model of the run folder has a ``predictions-SUBSET.tsv``.
     """
-    root = Path(run_folder)
-    files = sorted(root.glob(f"models/fold-*/run-*/predictions-{subset}.tsv"),
-                   key=lambda p: (_index(p.parent.parent, "fold-"), _index(p.parent, "run-")))
-    if not files:
-        raise ValueError(f"{root}: no models/fold-K/run-R/predictions-{subset}.tsv "
-                         f"(run `voxplain train` first)")
+    if not predictions:
+        raise ValueError("no prediction table to evaluate")
     rows, replicates = [], {}
-    for path in files:
-        fold, run = _index(path.parent.parent, "fold-"), _index(path.parent, "run-")
-        table = read_tsv(path)
-        classes = _classes_of(table, str(path), positive)
-        y_true, y_pred, y_score = _encode(table, classes, str(path))
+    for fold, run in sorted(predictions):
+        table = predictions[fold, run]
+        source = (sources or {}).get((fold, run), f"fold {fold} run {run}")
+        classes = _classes_of(table, source, positive)
+        y_true, y_pred, y_score = _encode(table, classes, source)
         k = len(classes)
         point = classification_metrics(y_true, y_pred, y_score, n_classes=k)
         replicates[fold, run] = bootstrap_replicates(y_true, y_pred, y_score, n_boot, seed,
@@ -427,7 +421,3 @@ def _encode(table: pd.DataFrame, classes: list[str],
     else:
         y_pred = y_score.argmax(axis=1)
     return y_true, y_pred, y_score
-
-
-def _index(folder: Path, prefix: str) -> int:
-    return int(folder.name.removeprefix(prefix))

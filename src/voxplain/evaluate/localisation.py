@@ -36,17 +36,18 @@ Scores:
 All scores are vectorised numpy over the whole grid; 2D and 3D maps share the code (the region
 score needs an atlas, i.e. a 3D grid).
 
-On a run folder, :func:`evaluate_localisation` scores the group map of the patient class of every
-explanation method and fold/run (``voxplain explain --evaluate-against ground_truth.nii.gz``)
-and writes ``evaluation/localisation.tsv``. The ground truth must lie on the cohort's grid; when
+On a run folder, :func:`voxplain.steps.localisation.evaluate_localisation` scores the group map
+of the patient class of every explanation method and fold/run (``voxplain evaluate localisation
+--against ground_truth.nii.gz``) and writes ``evaluation/localisation.tsv``. The ground truth must lie on the cohort's grid; when
 the run was trained on downsampled images, it is downsampled the same way
 (:func:`voxplain.data.grid.downsample`, block average) before it is binarised. Brain voxels are
 those of the MNI GM template's brain mask on that grid (:func:`voxplain.data.template.brain_mask`).
 
 When every session has a ground truth of its own (the lesion masks of
 :mod:`voxplain.data.lesions`, column ``mask_path`` of its cohort.tsv: lesions lie at different
-places, so a group map means nothing), :func:`evaluate_session_localisation` scores every session
-map against its session's truth instead (``voxplain explain --session-truth mask_path``) and
+places, so a group map means nothing), :func:`voxplain.steps.localisation.
+evaluate_session_localisation` scores every session map against its session's truth instead
+(``voxplain evaluate localisation --session-truth mask_path``) and
 writes ``evaluation/localisation_sessions.tsv``: one row per map, same scores and conventions
 (2D maps are scored over the whole image).
 """
@@ -55,24 +56,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage, stats
 
-from voxplain.config import LocalisationConfig
 from voxplain.data.atlas import Atlas
-from voxplain.data.cohort import CONTROL_LABELS
 from voxplain.data.grid import Grid, downsample, downsample_affine, downsampled_shape
-from voxplain.data.template import brain_mask
-from voxplain.evaluate.regions import region_means, top_regions
-from voxplain.explain.explain_steps import explanation_dir, read_map
-from voxplain.io import read_tsv, write_tsv
-from voxplain.models.serialization import read_model_json
-from voxplain.run import RunFolder
+from voxplain.data.images import read_image
+from voxplain.data.regions import region_means, top_regions
 
 log = logging.getLogger("voxplain")
 
@@ -237,20 +231,6 @@ def localisation_scores(attribution: np.ndarray, truth: np.ndarray, *, signed: b
             f"top{k}_hit": top}
 
 
-def patient_class(classes: Sequence[str], diagnosis: str | None = None) -> str:
-    """The class whose group map is scored: ``diagnosis`` if given, else the only class that is
-    not a control label (CN, HC, ...)."""
-    if diagnosis is not None:
-        if diagnosis not in classes:
-            raise ValueError(f"diagnosis {diagnosis!r} is not a class of the model {list(classes)}")
-        return diagnosis
-    patients = [name for name in classes if name not in CONTROL_LABELS]
-    if len(patients) != 1:
-        raise ValueError(f"cannot tell the patient class among {list(classes)}: name it "
-                         "(diagnosis=...)")
-    return patients[0]
-
-
 def truth_on_grid(truth_path: Path, grid: Grid, factor: int) -> np.ndarray:
     """The ground truth on the maps' ``grid``: as it is, or downsampled by the run's ``factor``.
 
@@ -260,11 +240,11 @@ def truth_on_grid(truth_path: Path, grid: Grid, factor: int) -> np.ndarray:
     truth_path = Path(truth_path)
     if not truth_path.is_file():
         raise FileNotFoundError(f"{truth_path}: ground-truth map not found")
-    if truth_path.suffix == ".npy":
+    if truth_path.suffix == ".npy":  # lesion masks: an array without a grid, matched by shape
         truth, affine = np.load(truth_path).astype(np.float32), None
-    else:
-        image = nib.load(truth_path)
-        truth, affine = np.asarray(image.dataobj, dtype=np.float32), image.affine
+    else:  # NIfTI: a volume, or a 2D truth stored as one slice (H, W, 1) like the 2D maps
+        image, affine = read_image(truth_path)
+        truth = image[0]
     same = tuple(truth.shape) == tuple(grid.shape)
     if same and (affine is None or np.allclose(affine, grid.affine, atol=1e-4)):
         return truth
@@ -277,177 +257,8 @@ def truth_on_grid(truth_path: Path, grid: Grid, factor: int) -> np.ndarray:
                      "give the ground truth of the run's cohort")
 
 
-def evaluate_localisation(run: Path, truth_path: Path, methods: Sequence[str] | None = None,
-                          diagnosis: str | None = None,
-                          config: LocalisationConfig | None = None) -> pd.DataFrame:
-    """Score the patient-class group map of every explanation in ``run`` against ``truth_path``.
-
-    Args:
-        run: run folder with ``explanations/KEY/...`` written by ``voxplain explain``.
-        truth_path: ground-truth map of the cohort (e.g. ``ground_truth.nii.gz``).
-        methods: only these method names (default: every explanation found).
-        diagnosis: the class whose group map is scored (default: the non-control class).
-        config: truth fraction, pointing-game tolerance, k of the region hit rate.
-
-    Returns:
-        One row per explanation and fold/run (method, layer, fold, run, diagnosis, n_sessions,
-        auc, mass_inside, chance_mass, pointing_game, top{k}_hit, key); also written to
-        ``RUN/evaluation/localisation.tsv``.
-    """
-    config = config or LocalisationConfig()
-    folder = RunFolder(Path(run))
-    train = folder.train_config()
-    rows = []
-    for key, record in _explanations(folder, methods):
-        for fold, run_index, model_dir in folder.model_dirs():
-            patient = patient_class(read_model_json(model_dir)["classes"], diagnosis)
-            row = _score_group_map(explanation_dir(folder, key, fold, run_index), patient,
-                                   record, truth_path, train.downsample, config)
-            if row is not None:
-                rows.append({"key": key, "fold": fold, "run": run_index, **row})
-    if not rows:
-        raise ValueError(f"{folder.root}: no group map to score"
-                         f"{' for ' + ', '.join(methods) if methods else ''}; "
-                         "run `voxplain explain` first")
-    columns = ["method", "layer", "fold", "run", "diagnosis", "n_sessions", "auc", "mass_inside",
-               "chance_mass", "pointing_game", f"top{config.top_k}_hit", "key"]
-    table = pd.DataFrame(rows)[columns]
-    write_tsv(folder.root / "evaluation" / "localisation.tsv", table)
-    return table
-
-
-def _explanations(folder: RunFolder, methods: Sequence[str] | None) -> Iterator[tuple[str, dict]]:
-    """``(key, explanation.json)`` of every explanation in the run (of ``methods`` only)."""
-    for record_file in sorted((folder.root / "explanations").glob("*/explanation.json")):
-        record = json.loads(record_file.read_text())
-        if methods is None or record["method"] in methods:
-            yield record_file.parent.name, record
-
-
-def _score_group_map(folder: Path, patient: str, record: dict, truth_path: Path, factor: int,
-                     config: LocalisationConfig) -> dict | None:
-    """Scores of ``folder``'s ``group_<patient>`` map (None when the fold/run has none)."""
-    found = [path for path in (folder / f"group_{patient}.nii.gz", folder / f"group_{patient}.npy")
-             if path.is_file()]
-    if not found or not (folder / "index.tsv").is_file():
-        return None
-    values, grid = _map_on_grid(found[0])
-    truth = truth_on_grid(truth_path, grid, factor)
-    three_d = values.ndim == 3
-    atlas = Atlas.aal2(grid) if three_d else None
-    regions = atrophied_regions(truth_path, truth, atlas) if three_d else None
-    index = read_tsv(folder / "index.tsv")
-    kept = index[index.diagnosis == patient]
-    if record.get("group", "correct") == "correct":
-        kept = kept[kept.correct.astype(bool)]
-    scores = localisation_scores(
-        values, truth, signed=record["signed"], brain=brain_mask(grid) if three_d else None,
-        fraction=config.truth_fraction, tolerance=config.tolerance, atlas=atlas,
-        regions=regions, k=config.top_k)
-    layer = str(index.layer.iloc[0]) if "layer" in index and index.layer.notna().any() else ""
-    return {"method": record["method"], "layer": layer, "diagnosis": patient,
-            "n_sessions": len(kept), **scores}
-
-
 #: The scores of a session map (the region hit rate needs a group truth's list of regions).
 SESSION_SCORES = ("auc", "mass_inside", "chance_mass", "pointing_game")
-
-
-def _map_on_grid(path: Path) -> tuple[np.ndarray, Grid]:
-    """A saved map and its grid (NPY maps: the identity affine)."""
-    values = read_map(path)
-    affine = nib.load(path).affine if path.name.endswith(".nii.gz") else np.eye(4)
-    return values, Grid(values.shape, affine)
-
-
-def evaluate_session_localisation(run: Path, column: str, methods: Sequence[str] | None = None,
-                                  config: LocalisationConfig | None = None) -> pd.DataFrame:
-    """Score every session map in ``run`` against that session's own ground truth.
-
-    Args:
-        run: run folder with ``explanations/KEY/...`` written by ``voxplain explain``.
-        column: the column of the explained cohort's TSV that names each session's truth file
-            (NPY or NIfTI on the image grid, e.g. ``mask_path`` of a lesion cohort); a relative
-            path is relative to the folder of the cohort TSV given to ``voxplain train`` (or to
-            ``voxplain explain --cohort``).
-        methods: only these method names (default: every explanation found).
-        config: truth fraction and pointing-game tolerance.
-
-    Returns:
-        One row per map (key, method, layer, fold, run, participant_id, session_id, diagnosis,
-        target, correct, truth_voxels, auc, mass_inside, chance_mass, pointing_game; the scores
-        are NaN where the truth is empty, e.g. a control's zero atrophy); also written to
-        ``RUN/evaluation/localisation_sessions.tsv``.
-
-    Raises:
-        ValueError: no explained cohort has the column (explanations of a cohort without it
-            are skipped, with a log message), a session has no truth file named, or no session
-            map was found.
-        FileNotFoundError: a named truth file is missing.
-    """
-    config = config or LocalisationConfig()
-    folder = RunFolder(Path(run))
-    train = folder.train_config()
-    rows, without = [], {}
-    for key, record in _explanations(folder, methods):
-        source = Path(record["cohort"]) if record.get("cohort") else folder.cohort_file
-        table = read_tsv(source)
-        if column not in table.columns:
-            without[source] = list(table.columns)
-            log.info("%s: not scored, its cohort %s has no column %r", key, source, column)
-            continue
-        base = Path(record.get("cohort") or train.cohort).parent
-        truths = _session_truths(source, table, column, base)
-        for fold, run_index, _ in folder.model_dirs():
-            maps = explanation_dir(folder, key, fold, run_index)
-            if not (maps / "index.tsv").is_file():
-                continue
-            index = read_tsv(maps / "index.tsv")
-            layer = (str(index.layer.iloc[0]) if "layer" in index and index.layer.notna().any()
-                     else "")
-            for session in index.itertuples():
-                values, grid = _map_on_grid(maps / session.path)
-                truth = truth_on_grid(truths[(session.participant_id, session.session_id)], grid,
-                                      train.downsample)
-                brain = brain_mask(grid) if values.ndim == 3 else None
-                voxels = int(true_region(truth, config.truth_fraction)[_within(truth, brain)]
-                             .sum())
-                scores = dict.fromkeys(SESSION_SCORES, float("nan"))
-                if voxels:  # a session without truth (a control's zero atrophy) has no score
-                    scores = localisation_scores(
-                        values, truth, signed=record["signed"], brain=brain,
-                        fraction=config.truth_fraction, tolerance=config.tolerance)
-                    scores.pop(f"top{config.top_k}_hit")
-                rows.append({"key": key, "method": record["method"], "layer": layer,
-                             "fold": fold, "run": run_index,
-                             "participant_id": session.participant_id,
-                             "session_id": session.session_id, "diagnosis": session.diagnosis,
-                             "target": session.target, "correct": bool(session.correct),
-                             "truth_voxels": voxels, **scores})
-    if not rows and without:
-        raise ValueError("; ".join(f"{source}: no column {column!r} naming each session's ground "
-                                   f"truth; columns are {columns}"
-                                   for source, columns in without.items()))
-    if not rows:
-        raise ValueError(f"{folder.root}: no session map to score"
-                         f"{' for ' + ', '.join(methods) if methods else ''}; "
-                         "run `voxplain explain` first")
-    scored = pd.DataFrame(rows)
-    write_tsv(folder.root / "evaluation" / "localisation_sessions.tsv", scored)
-    return scored
-
-
-def _session_truths(source: Path, table: pd.DataFrame, column: str,
-                    base: Path) -> dict[tuple[str, str], Path]:
-    """``(participant, session) -> truth file`` from ``column`` of the cohort ``table`` read from
-    ``source``; relative paths are relative to ``base``."""
-    truths = {}
-    for participant, session, value in zip(table.participant_id, table.session_id, table[column]):
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{source}: {participant} {session}: no ground truth in {column!r}")
-        path = Path(value)
-        truths[(participant, session)] = path if path.is_absolute() else base / path
-    return truths
 
 
 def session_localisation_summary(table: pd.DataFrame) -> pd.DataFrame:

@@ -41,7 +41,7 @@ from torch import nn
 
 from voxplain.config import MaskConfig
 from voxplain.data.atlas import Atlas
-from voxplain.evaluate import regions
+from voxplain.data import regions
 from voxplain.explain.masks import make_reference
 from voxplain.explain.perturbation import perturb, target_probability
 
@@ -99,28 +99,44 @@ def roi_cosine_similarity(a: np.ndarray, b: np.ndarray, atlas: Atlas, kind: Kind
 def rank_correlation(a: np.ndarray, b: np.ndarray,
                      brain: np.ndarray | Atlas | None = None) -> float:
     """Spearman correlation of two maps over the brain voxels (all voxels when ``brain`` is None;
-    an :class:`Atlas` means its labelled voxels). Ties get their average rank."""
+    an :class:`Atlas` means its labelled voxels). Ties get their average rank.
+
+    A constant map has no ranks: the pair counts 1 when both maps are constant (nothing
+    differs) and 0 when only one is (a map that went flat kept nothing of the other), the
+    convention of the model-randomisation test (:mod:`voxplain.evaluate.sanity`).
+    :func:`rank_correlation_matrix` leaves such pairs NaN for the caller to decide.
+    """
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"maps of shapes {a.shape} and {b.shape} cannot be compared")
-    return float(rank_correlation_matrix(np.stack([a, b]), brain)[0, 1])
+    rho = float(rank_correlation_matrix(np.stack([a, b]), brain)[0, 1])
+    if np.isnan(rho):
+        inside = _brain_voxels(np.stack([a, b]), brain)
+        constant_a, constant_b = (np.ptp(row) == 0 for row in inside)
+        return float(constant_a and constant_b)
+    return rho
 
 
 def rank_correlation_matrix(maps: np.ndarray,
                             brain: np.ndarray | Atlas | None = None) -> np.ndarray:
     """``(M, M)`` Spearman correlations of ``maps`` ``(M, *spatial)`` over the brain voxels: each
     map is ranked once (average ranks for ties); a constant map gives NaN."""
-    maps = np.asarray(maps)
-    flat = maps.reshape(len(maps), -1)
-    if brain is not None:
-        inside = brain.labels > 0 if isinstance(brain, Atlas) else np.asarray(brain, dtype=bool)
-        if inside.shape != maps.shape[1:]:
-            raise ValueError(f"brain mask shape {inside.shape} differs from the maps' "
-                             f"{maps.shape[1:]}")
-        flat = flat[:, inside.ravel()]
-    ranks = rankdata(flat, axis=1)
+    ranks = rankdata(_brain_voxels(maps, brain), axis=1)
     unit = _unit_rows(ranks - ranks.mean(axis=1, keepdims=True))
     return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def _brain_voxels(maps: np.ndarray, brain: np.ndarray | Atlas | None) -> np.ndarray:
+    """``(M, V)``: the values of ``maps`` ``(M, *spatial)`` at the brain voxels."""
+    maps = np.asarray(maps)
+    flat = maps.reshape(len(maps), -1)
+    if brain is None:
+        return flat
+    inside = brain.labels > 0 if isinstance(brain, Atlas) else np.asarray(brain, dtype=bool)
+    if inside.shape != maps.shape[1:]:
+        raise ValueError(f"brain mask shape {inside.shape} differs from the maps' "
+                         f"{maps.shape[1:]}")
+    return flat[:, inside.ravel()]
 
 
 def _unit_rows(rows: np.ndarray) -> np.ndarray:
@@ -130,15 +146,6 @@ def _unit_rows(rows: np.ndarray) -> np.ndarray:
         unit = rows / norms[:, None]
     unit[norms == 0] = np.nan
     return unit
-
-
-def top_regions(map_: np.ndarray, atlas: Atlas, k: int = 5, kind: Kind = "mask",
-                **options) -> list[str]:
-    """Names of the ``k`` most masked (highest density of ``1 - m``) or most attributed regions."""
-    vector = roi_vector(map_, atlas, kind, **options)
-    order = np.argsort(-np.nan_to_num(vector, nan=-np.inf), kind="stable")
-    names = atlas.region_names
-    return [names[i] for i in order[:k] if not np.isnan(vector[i])]
 
 
 @torch.no_grad()

@@ -6,14 +6,22 @@ sample give one map per sample, ``(N, 1, *spatial)`` on the input's grid. 2D and
 through the same code. Batches are cut into chunks of ``batch_size`` samples so memory stays
 bounded whatever the caller passes.
 
-Methods register themselves by their command-line name with :func:`register`; :func:`explainer`
-builds one by name. The registry is filled when :mod:`voxplain.explain.methods` is imported.
+The contract every method keeps (checked for every registered method by
+``tests/test_explainer_contract.py``): one map per sample, finite; a sample's map depends only
+on that sample and its own target (not on the rest of the batch, nor on ``batch_size``); the same
+call gives the same maps (random draws come from the method's own ``seed``); the model is left as
+it came, in its train/eval mode, on its device, with its parameters, their ``requires_grad``
+flags and no hook of ours left behind. During :meth:`Explainer.explain` the model runs in eval
+mode.
+
+This module holds the interface only; the methods by name are in :mod:`voxplain.explain.methods`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -34,19 +42,24 @@ class Explainer(ABC):
     def __init__(self, model: nn.Module, *, batch_size: int = 8) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model = model.eval()
+        self.model = model
         self.batch_size = batch_size
 
     def explain(self, x: torch.Tensor, target: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
         """Maps of ``x`` ``(N, C, *spatial)`` for ``target`` (one class index per sample, or one
-        for all), shaped ``(N, 1, *spatial)``, on the model's device, detached."""
+        for all), shaped ``(N, 1, *spatial)``, on the model's device, detached.
+
+        The model runs in eval mode (batch-norm with its running statistics, no dropout); the
+        train/eval mode of each of its modules is restored afterwards, also on failure."""
         if x.ndim < 3:
             raise ValueError(f"expected a batch (N, C, *spatial), got shape {tuple(x.shape)}")
         device = next(self.model.parameters()).device
         x = x.to(device)
         targets = as_targets(target, len(x), device)
-        chunks = [self.attribute(x[i:i + self.batch_size], targets[i:i + self.batch_size]).detach()
-                  for i in range(0, len(x), self.batch_size)]
+        with _eval_mode(self.model):
+            chunks = [self.attribute(x[i:i + self.batch_size],
+                                     targets[i:i + self.batch_size]).detach()
+                      for i in range(0, len(x), self.batch_size)]
         maps = torch.cat(chunks)
         expected = (len(x), 1, *x.shape[2:])
         if tuple(maps.shape) != expected:
@@ -69,23 +82,14 @@ def as_targets(target: torch.Tensor | Sequence[int] | int, n: int,
     return targets
 
 
-METHODS: dict[str, type[Explainer]] = {}
-
-
-def register(cls: type[Explainer]) -> type[Explainer]:
-    """Class decorator: make ``cls`` available by its ``name``."""
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise ValueError(f"two explanation methods are called {cls.name!r}")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def explainer(name: str, model: nn.Module, **options: object) -> Explainer:
-    """Build the method called ``name`` (e.g. ``"grad_cam"``) for ``model``."""
-    import voxplain.explain.methods  # noqa: F401  (fills METHODS)
-
-    if name not in METHODS:
-        raise ValueError(f"unknown explanation method {name!r}; "
-                         f"available: {', '.join(sorted(METHODS))}")
-    factory: Callable[..., Explainer] = METHODS[name]
-    return factory(model, **options)
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in eval mode, then give every submodule back the train/eval
+    mode it had (also when the block fails)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training

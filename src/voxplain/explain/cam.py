@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxplain.explain.api import Explainer, register
+from voxplain.explain.api import Explainer
 from voxplain.explain.layers import (
     DEFAULT_MIN_LAYER_SIZE,
     LayerChoice,
@@ -126,7 +126,6 @@ def target_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, target[:, None]).squeeze(1)
 
 
-@register
 class CAM(Explainer):
     """Class activation map (Zhou et al. 2016; paper 2, 2.3): ``ReLU(sum_k W[c, k] A^k)``.
 
@@ -251,7 +250,6 @@ class _ChannelWeights(_LayerGradients):
         """Channel weights ``(n, K)`` from feature maps and gradients ``(n, K, *spatial)``."""
 
 
-@register
 class GradCAM(_ChannelWeights):
     """Grad-CAM (paper 2, eq. 1): ``w_k^c = 1/Z sum_ij dy^c/dA_ij^k``, the gradient of the target
     logit averaged over all spatial axes of ``layer``; map ``ReLU(sum_k w_k^c A^k)``."""
@@ -262,7 +260,6 @@ class GradCAM(_ChannelWeights):
         return gradients.flatten(2).mean(2)
 
 
-@register
 class GradCAMPlusPlus(_ChannelWeights):
     """Grad-CAM++ (paper 2, eq. 2) in closed form for the exponential score ``Y^c = exp(y^c)``.
 
@@ -304,7 +301,6 @@ class GradCAMPlusPlus(_ChannelWeights):
         return terms.flatten(2).sum(2)
 
 
-@register
 class HiResCAM(_LayerGradients):
     """HiResCAM (Draelos & Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful explanations
     of convolutional neural networks", arXiv:2011.08891): gradient and feature map multiplied
@@ -327,7 +323,6 @@ class HiResCAM(_LayerGradients):
         return F.relu((gradients * activations).sum(1, keepdim=True))
 
 
-@register
 class LayerCAM(_LayerGradients):
     """LayerCAM (Jiang, Zhang, Hou, Cheng & Wei 2021, "LayerCAM: exploring hierarchical class
     activation maps for localization", IEEE TIP 30, 5875-5888): each position weighted by the

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxplain.explain.api import Explainer, register
+from voxplain.explain.api import Explainer
 
 MEMORY_MB = 1024.0
 """Default bound (MiB) on the activations of one batch sent through the model by Captum."""
@@ -188,7 +188,6 @@ class MemoryBoundedExplainer(Explainer):
         return self._per_pass[key]
 
 
-@register
 class SaliencyExplainer(Explainer):
     """Saliency (Simonyan et al. 2014): absolute gradient of the target logit, summed over the
     input channels. Unsigned."""
@@ -201,7 +200,6 @@ class SaliencyExplainer(Explainer):
         return channel_sum(ca.Saliency(self.model).attribute(x, target=target, abs=True))
 
 
-@register
 class SmoothGradExplainer(MemoryBoundedExplainer):
     """SmoothGrad (Smilkov et al. 2017): mean absolute gradient over ``n_samples`` noisy copies,
     summed over channels. Unsigned.
@@ -239,7 +237,6 @@ class SmoothGradExplainer(MemoryBoundedExplainer):
         return channel_sum(torch.cat(maps))
 
 
-@register
 class IntegratedGradientsExplainer(MemoryBoundedExplainer):
     """Integrated gradients (Sundararajan et al. 2017), summed over channels. Signed: positive
     voxels raise the target logit relative to the baseline; the map sums to
@@ -274,7 +271,6 @@ class IntegratedGradientsExplainer(MemoryBoundedExplainer):
         return channel_sum(attributions)
 
 
-@register
 class OcclusionExplainer(MemoryBoundedExplainer):
     """Occlusion (Zeiler & Fergus 2014): a window covering all channels slides over the image with
     ``stride``; each voxel gets the mean drop of the target logit over the windows covering it
@@ -317,7 +313,6 @@ class OcclusionExplainer(MemoryBoundedExplainer):
         return channel_sum(attributions)
 
 
-@register
 class GradientShapExplainer(Explainer):
     """GradientSHAP (Lundberg & Lee 2017; Captum ``GradientShap``): expected gradients times
     ``x - baseline`` at random points between ``x`` and baselines drawn from a distribution,
@@ -356,7 +351,6 @@ class GradientShapExplainer(Explainer):
         return channel_sum(torch.cat(maps))
 
 
-@register
 class DeepLiftShapExplainer(Explainer):
     """DeepLiftSHAP (Lundberg & Lee 2017; Captum ``DeepLiftShap``): DeepLIFT's rescale rule
     against each baseline of a distribution, averaged, summed over channels. Signed; sums to
@@ -384,7 +378,7 @@ class DeepLiftShapExplainer(Explainer):
 
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         shap = ca.DeepLiftShap(self.model)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _module_attributes_restored(self.model):
             # Captum announces, on every call, the hooks it sets and removes on activations
             warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
             maps = [shap.attribute(sample[None],
@@ -392,3 +386,18 @@ class DeepLiftShapExplainer(Explainer):
                                    target=int(label))
                     for sample, label in zip(x, target)]
         return channel_sum(torch.cat(maps))
+
+
+@contextmanager
+def _module_attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Delete, after the block (also when it fails), the attributes set on ``model``'s modules
+    during it. Captum's DeepLIFT stores each activation's input and output as ``module.input`` /
+    ``module.output`` in forward hooks and deletes them in the backward pass; when the call fails
+    between the two (e.g. a target outside the classes) they stay, holding activations."""
+    before = {module: set(vars(module)) for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module, names in before.items():
+            for name in set(vars(module)) - names:
+                delattr(module, name)

@@ -44,7 +44,7 @@ from captum.attr._utils.lrp_rules import (
 )
 from torch import nn
 
-from voxplain.explain.api import Explainer, register
+from voxplain.explain.api import Explainer
 from voxplain.explain.gradients import channel_sum
 from voxplain.models.folding import FOLDABLE, fold_batch_norm
 
@@ -119,7 +119,6 @@ class LRPExplainer(Explainer):
         return channel_sum(ca.LRP(self.lrp_model).attribute(x, target=target))
 
 
-@register
 class EpsilonLRP(LRPExplainer):
     """LRP with the epsilon rule on convolutions and linear layers (``epsilon``, default 0.01, in
     the units of the pre-activations, which batch-norm brings to order 1). Signed. With
@@ -138,7 +137,6 @@ class EpsilonLRP(LRPExplainer):
         assign_rules(self.lrp_model, lambda: EpsilonRule(self.epsilon))
 
 
-@register
 class DeepTaylor(LRPExplainer):
     """Deep Taylor decomposition with the z+ rule (``Alpha1_Beta0_Rule`` without biases) on
     convolutions and linear layers. Unsigned: non-negative for ReLU networks, non-negative inputs

@@ -27,7 +27,7 @@ from voxplain.models.layout import for_batches
 from voxplain.explain.perturbation import (MaskWeights, EarlyStopping, gaussian_blur,
                                            mask_loss, perturb, target_probability,
                                            threshold_mask)
-from voxplain.train.checkpoint import (load_state, optimizer_tensors,
+from voxplain.models.checkpoint import (load_state, optimizer_tensors,
                                        restore_optimizer, save_state)
 
 Progress = Callable[[int, int], None]
@@ -184,7 +184,7 @@ def optimise_group_mask(model: nn.Module, images: np.ndarray, targets: np.ndarra
     mask is updated on the mean loss of the batch. Early stopping and the choice of the best mask
     use the validation loss (the mean training loss of the epoch when there is no validation set).
     With ``checkpoint`` (a folder) the state is saved after every epoch and resumed from there;
-    the caller removes it (:func:`voxplain.train.checkpoint.remove_state`) once its own final
+    the caller removes it (:func:`voxplain.models.checkpoint.remove_state`) once its own final
     files are written, so a kill in between resumes from the last epoch, not from the start.
     The model runs in eval mode with batch-norm folded into the convolutions (a copy; the same
     function at a lower cost).

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -30,6 +29,7 @@ from voxplain.io import read_tsv, visible
 from voxplain.report import figures
 from voxplain.report.trust import findings_table, method_findings, run_findings
 from voxplain.run import RunFolder
+from voxplain.run.maps import map_grid, read_map_on_grid
 
 log = logging.getLogger("voxplain")
 
@@ -118,11 +118,10 @@ def table_block(table: pd.DataFrame, caption: str, index: bool = False,
 
 
 def read_map(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """A saved map: NIfTI -> (3D array, affine); NPY -> (2D array, None)."""
-    if path.name.endswith(".npy"):
-        return np.load(path).squeeze().astype(np.float32), None
-    image = nib.load(path)
-    return np.asarray(image.dataobj, np.float32).squeeze(), image.affine
+    """A saved map (:func:`voxplain.run.maps.read_map_on_grid`) and its affine: a volume's, or
+    ``None`` for a 2D map, drawn as flat panels rather than over the MNI template."""
+    values, grid = read_map_on_grid(path)
+    return values, grid.affine if values.ndim == 3 else None
 
 
 def map_stem(path: Path) -> str:
@@ -218,7 +217,7 @@ def classification_section(context: ReportContext) -> Section:
     section = Section("classification", "Classification")
     cross_validation = context.path("evaluation", "cross_validation.tsv")
     if cross_validation.is_file():
-        table = pd.read_csv(cross_validation, sep="\t")
+        table = read_tsv(cross_validation)
         ids = [c for c in ("fold", "run", "subset", "best_epoch", "n") if c in table]
         metrics = [c for c in METRIC_COLUMNS if c in table]
         shown = table[ids + metrics]
@@ -235,12 +234,12 @@ def classification_section(context: ReportContext) -> Section:
                                                   "Mean ± standard deviation over folds."))
     intervals = context.path("evaluation", "classification.tsv")
     if intervals.is_file():
-        section.blocks.append(confidence_interval_block(pd.read_csv(intervals, sep="\t")))
+        section.blocks.append(confidence_interval_block(read_tsv(intervals)))
     elif cross_validation.is_file():
         section.blocks.append(Block("text", "No evaluation/classification.tsv: bootstrap 95% "
                                     "confidence intervals not computed yet."))
     found = fold_run_files(context.path("models"), "history.tsv")
-    histories = {label: pd.read_csv(path, sep="\t")
+    histories = {label: read_tsv(path)
                  for label, (_, _, path) in zip(column_labels(found), found)}
     if histories:
         figure = figures.curves(histories, [
@@ -364,12 +363,12 @@ def masks_section(context: ReportContext) -> Section:
                 "The AAL2 regions each group mask hides most (density of 1 - m), most first."))
     losses_found = fold_run_files(group_dir, "loss.tsv")
     if losses_found:
-        losses = {label: pd.read_csv(path, sep="\t")
+        losses = {label: read_tsv(path)
                   for label, (_, _, path) in zip(column_labels(losses_found), losses_found)}
         section.blocks.append(context.figure(figures.curves(losses, [
             ("mask loss (solid: train, dashed: validation)", ["train_loss", "validation_loss"])]),
             "group_mask_losses", "Group-mask loss per epoch (loss.tsv).", vector=True))
-    flags = [pd.read_csv(path, sep="\t").assign(fold=f, run=r)
+    flags = [read_tsv(path).assign(fold=f, run=r)
              for f, r, path in fold_run_files(group_dir, "qc_flags.tsv")]
     if flags:
         flagged = pd.concat(flags, ignore_index=True)
@@ -381,7 +380,7 @@ def masks_section(context: ReportContext) -> Section:
     section.blocks.extend(_session_mask_blocks(context))
     grid_summary = context.path("masks", "grid", "summary.tsv")
     if grid_summary.is_file():
-        section.blocks.append(table_block(pd.read_csv(grid_summary, sep="\t"),
+        section.blocks.append(table_block(read_tsv(grid_summary),
                                           "Group masks over the hyperparameter grid "
                                           "(masks/grid/summary.tsv)."))
     if not section.blocks:
@@ -391,7 +390,7 @@ def masks_section(context: ReportContext) -> Section:
 
 
 def _session_mask_blocks(context: ReportContext) -> list[Block]:
-    indexes = [pd.read_csv(path, sep="\t") for _, _, path in
+    indexes = [read_tsv(path) for _, _, path in
                fold_run_files(context.path("masks", "session"), "index.tsv")]
     if not indexes:
         return []
@@ -446,7 +445,7 @@ def explanations_section(context: ReportContext) -> Section:
                                               f"{method}, group map of {diagnosis}", maps,
                                               affine, style, brain_only=True, family=method))
         indexes = fold_run_files(root / method, "index.tsv")
-        sessions = sum(len(pd.read_csv(path, sep="\t")) for _, _, path in indexes)
+        sessions = sum(len(read_tsv(path)) for _, _, path in indexes)
         if not diagnoses:
             section.blocks.append(Block("text", f"{method}: no group map (group_<DIAGNOSIS>) "
                                         f"yet; {sessions} session map(s) indexed."))
@@ -467,7 +466,7 @@ def explanations_section(context: ReportContext) -> Section:
 def _cyce_blocks(context: ReportContext) -> list[Block]:
     """CyCE (paper 3): the domain transfer table and the generator/discriminator losses."""
     blocks = []
-    transfers = [pd.read_csv(path, sep="\t")
+    transfers = [read_tsv(path)
                  for _, _, path in fold_run_files(context.path("cyce"), "transfer.tsv")]
     if transfers:
         blocks.append(Block("heading", "CyCE"))
@@ -476,7 +475,7 @@ def _cyce_blocks(context: ReportContext) -> list[Block]:
                                   "G+(x), with CIs and paired t-tests against x (transfer.tsv)."))
     found = fold_run_files(context.path("cyce"), "loss.tsv")
     if found:
-        losses = {label: pd.read_csv(path, sep="\t")
+        losses = {label: read_tsv(path)
                   for label, (_, _, path) in zip(column_labels(found), found)}
         blocks.append(context.figure(figures.curves(losses, [
             ("CyCE losses (solid: generator, dashed: discriminator)",
@@ -491,7 +490,11 @@ def _overlay_block(context: ReportContext, root: Path, methods: Sequence[str]) -
     sources["mask (1 - m)"] = context.path("masks", "session")
     per_method: dict[str, dict[str, Path]] = {}
     for name, folder in sources.items():
-        for _, _, path in fold_run_files(folder, "sub-*.npy"):
+        found = [path for _, _, path in fold_run_files(folder, "sub-*")
+                 if path.name.endswith(MAP_SUFFIXES)]
+        if not found or len(map_grid(found[0]).shape) != 2:  # one header tells 2D from 3D
+            continue
+        for path in found:
             per_method.setdefault(map_stem(path), {}).setdefault(name, path)
     if not per_method or not context.run.cohort_file.is_file():
         return None
@@ -558,7 +561,7 @@ def robustness_section(context: ReportContext) -> Section:
     files = visible(folder.rglob("*.tsv")) if folder.is_dir() else []
     for path in files:
         name = str(path.relative_to(folder).with_suffix(""))
-        table = pd.read_csv(path, sep="\t")
+        table = read_tsv(path)
         matrix = matrix_of(table) if len(table.columns) > 1 else None
         if matrix is not None:
             section.blocks.append(context.figure(figures.heatmap(matrix, name),
@@ -602,7 +605,7 @@ def statistics_section(context: ReportContext) -> Section:
             section.blocks.append(Block("text", f"Other maps in stats/{label}: "
                                         f"{', '.join(others)}."))
         for path in visible(folder.glob("*.tsv")):
-            table = pd.read_csv(path, sep="\t")
+            table = read_tsv(path)
             percentile = [c for c in table.columns if "percentile" in c.lower() or "p95" in c]
             group = [c for c in table.columns if c in ("group", "diagnosis")]
             if percentile and group and pd.api.types.is_numeric_dtype(table[percentile[0]]):
@@ -633,7 +636,7 @@ def localisation_section(context: ReportContext) -> Section:
     section = Section("localisation", "Ground-truth localisation")
     path = context.path("evaluation", "localisation.tsv")
     if path.is_file():
-        section.blocks.append(table_block(pd.read_csv(path, sep="\t"), "How well each "
+        section.blocks.append(table_block(read_tsv(path), "How well each "
                                           "explanation points at the known atrophy "
                                           "(evaluation/localisation.tsv)."))
     sessions = context.path("evaluation", "localisation_sessions.tsv")
@@ -644,8 +647,8 @@ def localisation_section(context: ReportContext) -> Section:
             "evaluation/localisation_sessions.tsv)."))
     if not section.blocks:
         section.note = "No evaluation/localisation.tsv or localisation_sessions.tsv: they are " \
-                       "written for cohorts with a ground truth (voxplain explain " \
-                       "--evaluate-against / --session-truth)."
+                       "written for cohorts with a ground truth (voxplain evaluate " \
+                       "localisation --against / --session-truth)."
     return section
 
 

@@ -12,7 +12,7 @@ Each table is read from what the steps wrote; a step that has not run gives no t
 - ``robustness``: similarity of maps across folds and intra- vs inter-subject
   (``evaluation/robustness/summary.tsv``, ``voxplain evaluate robustness``);
 - ``localisation``: per explanation, the mean over folds of the scores against the ground
-  truth (``evaluation/localisation.tsv``, ``voxplain explain --evaluate-against``), and per
+  truth (``evaluation/localisation.tsv``, ``voxplain evaluate localisation --against``), and per
   explanation and diagnosis the mean over session maps of the scores against each session's
   own truth (``evaluation/localisation_sessions.tsv``, ``voxplain explain --session-truth``).
 """

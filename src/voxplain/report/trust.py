@@ -28,12 +28,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from voxplain.io import read_tsv, visible
-from voxplain.run import RunFolder
+from voxplain.io import read_tsv
+from voxplain.run import RunFolder, fold_run_files
+from voxplain.run.maps import group_maps, read_map_on_grid
 
 #: A group map whose mean AUC against the ground truth is below this is near chance (0.5).
 NEAR_CHANCE_AUC = 0.6
@@ -63,7 +63,7 @@ def run_findings(run: RunFolder) -> list[Finding]:
 
 
 def explanation_keys(run: RunFolder) -> list[str]:
-    root = run.root / "explanations"
+    root = run.explanations_dir
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
@@ -98,7 +98,7 @@ def method_findings(run: RunFolder, key: str) -> list[Finding]:
 
 
 def _localisation(run: RunFolder, key: str) -> list[Finding]:
-    table = _table(run.root / "evaluation" / "localisation.tsv")
+    table = _table(run.evaluation_file("localisation.tsv"))
     if table is None or "key" not in table:
         return []
     rows = table[table.key == key]
@@ -115,7 +115,7 @@ def _localisation(run: RunFolder, key: str) -> list[Finding]:
 
 
 def _session_localisation(run: RunFolder, key: str) -> list[Finding]:
-    table = _table(run.root / "evaluation" / "localisation_sessions.tsv")
+    table = _table(run.evaluation_file("localisation_sessions.tsv"))
     if table is None or "key" not in table:
         return []
     rows = table[(table.key == key) & table.auc.notna()]
@@ -131,8 +131,8 @@ def _session_localisation(run: RunFolder, key: str) -> list[Finding]:
 
 
 def _layer(run: RunFolder, key: str) -> list[Finding]:
-    indexes = [_table(path) for path in
-               sorted((run.root / "explanations" / key).glob("fold-*/run-*/index.tsv"))]
+    indexes = [_table(path) for _, _, path in fold_run_files(run.explanation_dir(key),
+                                                              "index.tsv")]
     indexes = [index for index in indexes if index is not None and "layer_shape" in index]
     if not indexes:
         return []
@@ -154,20 +154,19 @@ def _outside_brain(run: RunFolder, key: str) -> list[Finding]:
     mean over folds/runs: above :data:`OUTSIDE_BRAIN_SHARE` the map mostly points at no
     anatomy (a coarse layer's cells straddle the brain's edge and are stretched over the
     background)."""
-    from voxplain.data.grid import Grid
     from voxplain.data.template import brain_mask
     from voxplain.evaluate.localisation import relevance
 
-    record_file = run.root / "explanations" / key / "explanation.json"
+    record_file = run.explanation_dir(key) / "explanation.json"
     signed = bool(json.loads(record_file.read_text()).get("signed")) if record_file.is_file() \
         else False
     shares, background = [], []
-    for path in visible((run.root / "explanations" / key).glob("fold-*/run-*/group_*.nii.gz")):
-        image = nib.load(path)
-        values = relevance(np.asarray(image.dataobj), signed)
-        if values.ndim != 3 or values.sum() <= 0:
+    for path in group_maps(run, key).path:
+        values, grid = read_map_on_grid(path)
+        values = relevance(values, signed)
+        if values.ndim != 3 or values.sum() <= 0:  # 2D maps show no brain
             continue
-        inside = brain_mask(Grid(values.shape, image.affine))
+        inside = brain_mask(grid)
         if not inside.any():
             continue
         shares.append(float(values[~inside].sum() / values.sum()))
@@ -184,7 +183,7 @@ def _outside_brain(run: RunFolder, key: str) -> list[Finding]:
 
 
 def _identical(run: RunFolder, key: str) -> list[Finding]:
-    summary = _table(run.root / "evaluation" / "robustness" / "summary.tsv")
+    summary = _table(run.evaluation_file("robustness/summary.tsv"))
     if summary is None or not {"method", "experiment", "metric", "mean"} <= set(summary.columns):
         return []
     rows = summary[(summary.method == key) & (summary.experiment == "inter-subject")
@@ -207,15 +206,16 @@ def mask_findings(run: RunFolder) -> list[Finding]:
     findings = []
     for path in sorted(run.root.glob("masks/**/fold-*/run-*/summary.json")):
         record = json.loads(path.read_text())
-        level = path.parent.parent.parent.relative_to(run.root / "masks").as_posix()
+        level = path.parent.parent.parent.relative_to(run.masks_dir).as_posix()
         if record.get("flagged"):
             findings.append(Finding(f"{level} mask fold {record['fold']} run {record['run']}",
                                     "warning", "; ".join(record.get("flag_reasons", [])) +
                                     " (left out of robustness unless --include-flagged)"))
-    masks = [path for path in sorted(run.root.glob("masks/group/fold-*/run-*/summary.json"))]
+    masks = [path for _, _, path in fold_run_files(run.masks_dir / "group", "summary.json")]
     if masks and not any(f.about.startswith("group mask") for f in findings):
         findings.append(Finding("group masks", "ok", f"{len(masks)} group mask(s), none flagged"))
-    sessions = [_table(path) for path in sorted(run.root.glob("masks/session/fold-*/run-*/index.tsv"))]
+    sessions = [_table(path)
+                for _, _, path in fold_run_files(run.masks_dir / "session", "index.tsv")]
     sessions = pd.concat([s for s in sessions if s is not None], ignore_index=True) \
         if any(s is not None for s in sessions) else None
     if sessions is not None and "flagged" in sessions:
@@ -224,7 +224,8 @@ def mask_findings(run: RunFolder) -> list[Finding]:
             findings.append(Finding("session masks", "warning", f"{len(flagged)} of "
                                     f"{len(sessions)} flagged as not converged: " + ", ".join(
                                         flagged.participant_id + "_" + flagged.session_id)))
-    images = [_table(path) for path in sorted(run.root.glob("masks/group/fold-*/run-*/qc_flags.tsv"))]
+    images = [_table(path)
+              for _, _, path in fold_run_files(run.masks_dir / "group", "qc_flags.tsv")]
     images = [table[table.flagged.astype(bool)] for table in images
               if table is not None and "flagged" in table]
     images = pd.concat(images, ignore_index=True) if images else pd.DataFrame()

@@ -39,6 +39,7 @@ from voxplain.data.cohort import class_names, read_cohort_table
 from voxplain.data.images import read_image
 from voxplain.io import atomic_path, read_tsv, write_json, write_tsv
 from voxplain.run import RunFolder
+from voxplain.run.maps import read_map
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ CRITERION_PROMPTS = {
     "image quality": "Does it look good?",
 }
 VARIANTS = ("A", "B")
+#: Map files, in order of preference: NIfTI, then the ``.npy`` 2D maps of earlier versions.
 MAP_SUFFIXES = (".nii.gz", ".npy")
 
 
@@ -96,12 +98,12 @@ class StudyFolder:
 
 def explanation_dir(run: Path, method: str, fold: int, model_run: int) -> Path:
     """``RUN/explanations/METHOD/fold-K/run-R``."""
-    return run / "explanations" / method / f"fold-{fold}" / f"run-{model_run}"
+    return RunFolder(run).explanation_dir(method, fold, model_run)
 
 
 def available_methods(run: Path, fold: int, model_run: int) -> list[str]:
     """Methods with an ``index.tsv`` for this fold and run, sorted."""
-    return sorted(path.name for path in (run / "explanations").glob("*")
+    return sorted(path.name for path in RunFolder(run).explanations_dir.glob("*")
                   if (explanation_dir(run, path.name, fold, model_run) / "index.tsv").is_file())
 
 
@@ -262,7 +264,7 @@ def make_questionnaires(config: StudyMakeConfig) -> pd.DataFrame:
             raise ValueError(f"{run.cohort_file}: no image for {' '.join(session)}, which has "
                              "explanations")
         image, _ = read_image(Path(paths[session]))
-        maps = [read_image(Path(sample[f"map:{method}"]))[0][0] for method in methods]
+        maps = [read_map(sample[f"map:{method}"]) for method in methods]
         if any(m.shape != image.shape[1:] for m in maps):
             raise ValueError(f"{' '.join(session)}: maps of shapes {[m.shape for m in maps]} "
                              f"differ from the image's {image.shape[1:]}")

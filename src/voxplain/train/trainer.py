@@ -30,31 +30,20 @@ from rich.progress import Progress
 from torch import nn
 
 from voxplain.config import ModelConfig, TrainConfig
-from voxplain.data.cohort import (Cohort, CohortError, ImageStack, class_counts, class_names,
-                                  encode_labels, load_images, quality_check)
+from voxplain.data.cohort import encode_labels
 from voxplain.evaluate.classification import chance_p_value, classification_metrics
-from voxplain.io import write_json, write_tsv
+from voxplain.io import write_tsv
 from voxplain.models.layout import for_batches
 from voxplain.models.registry import build_model
 from voxplain.models.serialization import save_model
-from voxplain.run import RunFolder
 from voxplain.train.augment import augment
-from voxplain.train.checkpoint import (TrainingState, load_checkpoint, remove_checkpoint,
+from voxplain.models.checkpoint import (TrainingState, load_checkpoint, remove_checkpoint,
                                        save_checkpoint)
-from voxplain.train.splits import Fold, baseline_sessions, subject_folds
+from voxplain.train.splits import Fold
 
 log = logging.getLogger("voxplain")
 
 SPLIT_COLUMNS = ["participant_id", "session_id", "diagnosis"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
 
 
 @dataclass(frozen=True)
@@ -73,129 +62,6 @@ class Dataset:
             rows = order[start:start + batch_size]
             images = np.ascontiguousarray(self.images[index[rows]])
             yield torch.from_numpy(images), torch.from_numpy(self.labels[rows])
-
-
-@dataclass(frozen=True)
-class PreparedCohort:
-    """The training cohort after its checks: kept sessions, decoded images, classes, and the
-    sessions rejected by the quality check."""
-
-    cohort: Cohort
-    stack: ImageStack
-    classes: list[str]
-    rejected: pd.DataFrame
-
-
-def prepare_cohort(config: TrainConfig, run: RunFolder, progress: Progress | None) -> PreparedCohort:
-    """Read, check, load and quality-check the training cohort; nothing is written to the run
-    folder (but the image cache), so a cohort that fails its checks leaves no record."""
-    cohort = Cohort.from_tsv(config.cohort, config.diagnosis_column, config.caps, config.caps_group)
-    stack = _load(cohort, config, run, progress, "training cohort")
-    table = cohort.table.assign(image_index=np.arange(len(cohort)), max_value=stack.maxima)
-    passed = quality_check(stack.maxima, _qc_threshold(config, cohort))
-    rejected = table.loc[~passed, [*SPLIT_COLUMNS, "path", "max_value"]].sort_values("max_value")
-    kept = Cohort(table[passed].reset_index(drop=True), cohort.source, cohort.image_shape,
-                  cohort.affine)
-    if kept.table.empty:
-        raise CohortError(f"{config.cohort}: every session was rejected by the quality check")
-    classes = config.classes or class_names(kept.table["diagnosis"])
-    present = set(kept.table["diagnosis"])
-    if len(present) < 2:
-        raise CohortError(f"{config.cohort}: only one diagnosis ({present.pop()}) in the cohort; "
-                          "a classifier needs two")
-    kept.labels(classes)  # raises on diagnoses outside the classes
-    counts = class_counts(kept.table, classes)
-    log.info("classes (sessions): %s", ", ".join(f"{name} {n}" for name, n in counts.items()))
-    return PreparedCohort(kept, stack, classes, rejected)
-
-
-def write_cohort_tables(config: TrainConfig, run: RunFolder, prepared: PreparedCohort) -> None:
-    """``cohort.tsv`` (kept sessions), ``qc_rejected.tsv`` and ``grid.json`` (the grid the
-    models take: spatial shape and affine after downsampling, channels)."""
-    write_tsv(run.qc_rejected_file, prepared.rejected)
-    if len(prepared.rejected):
-        log.warning("quality check: %d session(s) with maximum < %s rejected (%s)",
-                    len(prepared.rejected), config.qc_threshold, run.qc_rejected_file)
-    write_tsv(run.cohort_file, prepared.cohort.table.drop(columns="image_index"))
-    write_json(run.grid_file, {"shape": list(prepared.stack.array.shape[2:]),
-                               "channels": int(prepared.stack.array.shape[1]),
-                               "affine": np.asarray(prepared.stack.affine).tolist()})
-
-
-def _qc_threshold(config: TrainConfig, cohort: Cohort) -> float | None:
-    """The paper-1 check is defined on GM probability maps, i.e. volumes, not on 2D images."""
-    return config.qc_threshold if cohort.spatial_dims == 3 else None
-
-
-def _load(cohort: Cohort, config: TrainConfig, run: RunFolder, progress: Progress | None,
-          what: str) -> ImageStack:
-    task = progress.add_task(f"loading {what}", total=len(cohort)) if progress else None
-
-    def advance(done: int, total: int) -> None:
-        if progress is not None and task is not None:
-            progress.update(task, completed=done)
-
-    cache = run.cache_dir if config.cache == "disk" else None
-    return load_images(cohort, config.downsample, cache, advance)
-
-
-def train_cohort(config: TrainConfig, progress: Progress | None = None) -> pd.DataFrame:
-    """Train every fold x run of ``config``; return (and write) the metrics of every model.
-
-    Returns one row per fold, run and evaluated subset (validation, test) with the metrics of
-    :func:`~voxplain.evaluate.classification.classification_metrics`.
-    """
-    run = RunFolder(config.out)
-    device = resolve_device(config.device)
-    prepared = prepare_cohort(config, run, progress)
-    cohort, stack, classes = prepared.cohort, prepared.stack, prepared.classes
-    folds = subject_folds(cohort.table, config.folds, config.split_seed)
-    test = _test_dataset(config, run, cohort, classes, progress)
-    # recorded once the inputs are known to be usable: a failed command leaves no record that
-    # would refuse the corrected one; a resumed run is checked before anything is rewritten
-    run.record_config("train", config)
-    for folder in ("models", "splits", "evaluation"):
-        run.remove_leftovers(run.root / folder)
-    write_cohort_tables(config, run, prepared)
-    for fold in folds:
-        write_tsv(run.split_file(fold.index, "train"), fold.train[SPLIT_COLUMNS])
-        write_tsv(run.split_file(fold.index, "validation"), fold.validation[SPLIT_COLUMNS])
-    model_config = config.model.model_copy(update={
-        "in_channels": cohort.image_shape[0], "n_classes": len(classes),
-        "input_shape": list(stack.array.shape[2:])})
-    for fold in folds:
-        for run_index in range(config.runs):
-            folder = run.model_dir(fold.index, run_index)
-            if (folder / "metrics.tsv").is_file():
-                log.info("fold %d run %d already trained: skipped", fold.index, run_index)
-                remove_checkpoint(folder)  # left by a kill between metrics.tsv and its removal
-                continue
-            train_fold(config, model_config, classes, fold, run_index, stack.array, folder,
-                       device, test, progress)
-    summary = pd.concat([pd.read_csv(folder / "metrics.tsv", sep="\t")
-                         for _, _, folder in run.model_dirs()], ignore_index=True)
-    write_tsv(run.root / "evaluation" / "cross_validation.tsv", summary)
-    return summary
-
-
-def _test_dataset(config: TrainConfig, run: RunFolder, cohort: Cohort, classes: list[str],
-                  progress: Progress | None) -> Dataset | None:
-    if config.test is None:
-        return None
-    test = Cohort.from_tsv(config.test, config.diagnosis_column, config.caps, config.caps_group)
-    if test.image_shape != cohort.image_shape or not np.allclose(test.affine, cohort.affine,
-                                                                  atol=1e-4):
-        raise CohortError(f"{config.test}: images have shape {test.image_shape[1:]} and affine "
-                          f"differing from the training cohort's {cohort.image_shape[1:]}")
-    shared = set(test.table.participant_id) & set(cohort.table.participant_id)
-    if shared:
-        log.warning("%s: %d test subject(s) are also in the training cohort (e.g. %s); test "
-                    "metrics will be optimistic", config.test, len(shared), sorted(shared)[0])
-    stack = _load(test, config, run, progress, "test cohort")
-    passed = quality_check(stack.maxima, _qc_threshold(config, test))
-    table = test.table.assign(image_index=np.arange(len(test)))[passed]
-    table = baseline_sessions(table).reset_index(drop=True)
-    return Dataset(table, stack.array, encode_labels(table, classes, config.test))
 
 
 def train_fold(config: TrainConfig, model_config: ModelConfig, classes: list[str], fold: Fold,

@@ -5,8 +5,8 @@
 - :mod:`~voxplain.explain.cyce.losses` -- MS-DSSIM, cycle, similarity, activation maximisation;
 - :mod:`~voxplain.explain.cyce.training` -- alternating training, checkpoints, convergence;
 - :mod:`~voxplain.explain.cyce.relevance` -- R = G+(x) - G-(x), Delta+/-, the ``cyce`` explainer;
-- :mod:`~voxplain.explain.cyce.transfer` -- domain-transfer evaluation (paper 3, 4.1);
-- :mod:`~voxplain.explain.cyce.steps` -- the same on a run folder (``voxplain cyce ...``).
+- :mod:`~voxplain.evaluate.transfer` -- domain-transfer evaluation (paper 3, 4.1);
+- :mod:`~voxplain.steps.cyce` -- the same on a run folder (``voxplain cyce ...``).
 """
 
 from voxplain.explain.cyce.relevance import CyCE, CyCEGenerators

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from voxplain.config import CyCEConfig
-from voxplain.explain.api import Explainer, register
+from voxplain.explain.api import Explainer
 from voxplain.explain.cyce.generator import UNetGenerator
 from voxplain.io import atomic_path, write_json
 
@@ -89,7 +89,6 @@ class CyCEGenerators(nn.Module):
         return cls(*networks, description).to(device).eval()
 
 
-@register
 class CyCE(Explainer):
     """Cycle-consistent activation-maximisation explanation (paper 3, eq. 5-6).
 
@@ -119,8 +118,14 @@ class CyCE(Explainer):
         self.generators = generators.to(device).eval()
         self.map = map
         self.positive_class = int(self.generators.description.get("positive_class", 1))
+        self.negative_class = int(self.generators.description.get("negative_class",
+                                                                  1 - self.positive_class))
 
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        known = (target == self.positive_class) | (target == self.negative_class)
+        if not bool(known.all()):
+            raise ValueError(f"cyce: targets {target.tolist()} outside the generators' classes "
+                             f"{self.positive_class} (G+) and {self.negative_class} (G-)")
         towards_positive = (target == self.positive_class).view(-1, *[1] * (x.ndim - 1))
         if self.map == "relevance":
             relevance = self.generators.relevance(x)

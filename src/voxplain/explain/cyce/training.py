@@ -53,7 +53,7 @@ from voxplain.explain.cyce.losses import (
     similarity_loss,
     ssim_settings,
 )
-from voxplain.train.checkpoint import (
+from voxplain.models.checkpoint import (
     load_state,
     optimizer_tensors,
     restore_optimizer,

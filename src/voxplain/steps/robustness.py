@@ -36,22 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich.progress import Progress
 
 from voxplain.config import GroupMaskConfig, MaskConfig, RobustnessConfig
 from voxplain.data.atlas import Atlas
-from voxplain.data.cohort import Cohort, load_images
-from voxplain.data.grid import Grid
 from voxplain.data.template import brain_mask
-from voxplain.evaluate.maps import (GRID_PARAMETERS, MASK, available_methods,
-                                    converged_session_maps, grid_masks, group_maps, map_grid,
-                                    map_kind, read_map)
 from voxplain.evaluate.similarity import (cosine_matrix, masked_probabilities, prob_cnn,
                                           rank_correlation_matrix, roi_vectors)
-from voxplain.explain.mask_steps import MaskContext, correctly_classified, reference_for
-from voxplain.io import read_tsv, write_tsv
-from voxplain.models.serialization import load_model
+from voxplain.io import write_tsv
 from voxplain.run import RunFolder
-from voxplain.train.trainer import resolve_device
+from voxplain.run.maps import (GRID_PARAMETERS, MASK, available_methods, converged_session_maps,
+                               grid_masks, group_maps, map_grid, map_kind, read_map)
+from voxplain.steps.context import RunContext, load_context
+from voxplain.steps.masks import correctly_classified, reference_for
 
 log = logging.getLogger("voxplain")
 
@@ -61,10 +58,12 @@ SUMMARY_COLUMNS = ["method", "experiment", "diagnosis", "metric", "mean", "sd", 
 DESCENDING = {"b1": False, "b2": False, "l1": True, "l2": True}
 
 
-def evaluate_robustness(config: RobustnessConfig) -> pd.DataFrame:
-    """Every robustness experiment the run folder holds maps for; returns the summary table."""
+def run_robustness(config: RobustnessConfig, progress: Progress | None = None) -> pd.DataFrame:
+    """Every robustness experiment the run folder holds maps for; returns the summary table.
+    Records the settings as ``[evaluate_robustness]`` (replaced at each run)."""
     run = RunFolder(config.run)
-    out = run.root / "evaluation" / "robustness"
+    run.record_config("evaluate_robustness", config, replace=True)
+    out = run.evaluation_file("robustness")
     methods = config.methods if config.methods is not None else available_methods(run)
     if not methods:
         log.warning("robustness: %s holds no mask and no explanation yet: nothing to compare",
@@ -304,27 +303,15 @@ def prob_cnn_experiments(run: RunFolder, config: RobustnessConfig, out: Path) ->
     if groups.empty and sessions.empty:
         log.info("robustness mask: no mask: prob_CNN skipped")
         return []
-    context = _mask_context(run, config)
-    models = {}
+    context = load_context(run, config.device)
+    models = {(fold, run_index): (fitted.model, fitted.classes)
+              for fold, run_index, fitted in context.models(None)}
     rows = []
-    for fold, run_index, folder in run.model_dirs():
-        model, description = load_model(folder, context.device)
-        models[fold, run_index] = (model.requires_grad_(False), description["classes"])
     if not groups.empty:
         rows += _group_prob_cnn(context, groups, models, config, out)
     if not sessions.empty:
         rows += _session_prob_cnn(context, sessions, models, config, out)
     return rows
-
-
-def _mask_context(run: RunFolder, config: RobustnessConfig) -> MaskContext:
-    train = run.train_config()
-    cohort = Cohort.from_tsv(run.cohort_file)
-    stack = load_images(cohort, train.downsample,
-                        run.cache_dir if train.cache == "disk" else None)
-    grid = Grid(tuple(stack.array.shape[2:]), stack.affine)
-    return MaskContext(run, train, cohort.table, stack.array, grid,
-                       resolve_device(config.device))
 
 
 def _mask_settings(run: RunFolder, section: str) -> GroupMaskConfig:
@@ -334,7 +321,7 @@ def _mask_settings(run: RunFolder, section: str) -> GroupMaskConfig:
                                            if k in MaskConfig.model_fields})
 
 
-def _group_prob_cnn(context: MaskContext, groups: pd.DataFrame, models: dict,
+def _group_prob_cnn(context: RunContext, groups: pd.DataFrame, models: dict,
                     config: RobustnessConfig, out: Path) -> list[dict]:
     groups = groups[[(f, r) in models for f, r in zip(groups.fold, groups.run)]]
     groups = groups.sort_values(["fold", "run"], ignore_index=True)
@@ -343,7 +330,7 @@ def _group_prob_cnn(context: MaskContext, groups: pd.DataFrame, models: dict,
     matrix = np.full((len(groups), len(groups)), np.nan)
     for i, row in groups.iterrows():
         model, classes = models[row.fold, row.run]
-        split = {name: read_tsv(context.run.split_file(row.fold, name))
+        split = {name: context.run.read_split(row.fold, name)
                  for name in ("train", "validation")}
         images = correctly_classified(context, model, split["validation"], classes, row.diagnosis)
         if images.empty:
@@ -368,7 +355,7 @@ def _group_prob_cnn(context: MaskContext, groups: pd.DataFrame, models: dict,
     return rows
 
 
-def _session_prob_cnn(context: MaskContext, sessions: pd.DataFrame, models: dict,
+def _session_prob_cnn(context: RunContext, sessions: pd.DataFrame, models: dict,
                       config: RobustnessConfig, out: Path) -> list[dict]:
     settings = _mask_settings(context.run, "mask_session")
     index = context.table.reset_index(names="image_index")
@@ -381,7 +368,7 @@ def _session_prob_cnn(context: MaskContext, sessions: pd.DataFrame, models: dict
         rows = maps.merge(index[["participant_id", "session_id", "image_index"]], how="left")
         stack = context.images[rows.image_index.to_numpy()]
         targets = np.array([classes.index(d) for d in maps.diagnosis])
-        train = read_tsv(context.run.split_file(fold, "train"))
+        train = context.run.read_split(fold, "train")
         reference = reference_for(context, settings, classes, train)
         matrix = np.column_stack([
             masked_probabilities(model, read_map(path), stack, targets, perturbation=reference,

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 from torch import nn
 
-from voxplain.explain.api import Explainer, explainer
+from voxplain.explain.api import Explainer
+from voxplain.evaluate.similarity import rank_correlation
+from voxplain.explain.methods import explainer
 from voxplain.explain.gradients import seeded
 
 RANDOMISATION_THRESHOLD = 0.5
@@ -49,15 +50,6 @@ def randomisable_layers(model: nn.Module) -> list[str]:
     if not names:
         raise ValueError(f"{type(model).__name__} has no layer with weights to randomise")
     return names[::-1]
-
-
-def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho of two flattened maps; 0 when exactly one is constant, 1 when both are."""
-    a, b = a.ravel(), b.ravel()
-    constant_a, constant_b = np.ptp(a) == 0, np.ptp(b) == 0
-    if constant_a or constant_b:
-        return float(constant_a and constant_b)
-    return float(spearmanr(a, b).statistic)
 
 
 def _build(method: str | type[Explainer], model: nn.Module, options: dict[str, object]) -> Explainer:

@@ -1,7 +1,7 @@
 """Mask steps on a run folder: ``voxplain mask group|session|grid`` (paper 1, 2.3).
 
-Each fold/run's model masks images it classifies correctly, of one diagnosis (default class 1,
-e.g. AD) towards the loss of that class's probability:
+Each fold/run's model masks images it classifies correctly, of one diagnosis (default: the
+patient class, e.g. AD) towards the loss of that class's probability:
 
 - group: the fold's training sessions train the mask, its validation sessions stop it;
 - session: every session of the fold's validation subjects (never seen in training), one mask
@@ -17,8 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,100 +26,54 @@ from rich.progress import Progress
 from torch import nn
 
 from voxplain.config import (GroupMaskConfig, GroupMaskStepConfig, MaskConfig, MaskGridConfig,
-                             MaskStepConfig, SessionMaskStepConfig, TrainConfig)
+                             MaskStepConfig, SessionMaskStepConfig)
 from voxplain.data.atlas import Atlas
-from voxplain.data.cohort import Cohort, encode_labels, load_images
-from voxplain.data.grid import Grid
-from voxplain.evaluate.regions import top_regions
+from voxplain.data.classes import patient_class, resolve_target
+from voxplain.data.cohort import encode_labels
+from voxplain.data.regions import top_regions
 from voxplain.explain.masks import (Reference, make_reference, optimise_group_mask,
                                     optimise_session_masks, outliers, qc_flags, robust_z)
 from voxplain.explain.perturbation import perturb, target_probability
-from voxplain.io import read_tsv, save_map, visible, write_json, write_tsv
-from voxplain.models.serialization import load_model, read_model_json
-from voxplain.run import FoldSkipped, RunFolder, each_fold
-from voxplain.train.checkpoint import remove_state
-from voxplain.train.trainer import Dataset, predict_proba, resolve_device
+from voxplain.io import read_tsv, write_json, write_tsv
+from voxplain.models.checkpoint import remove_state
+from voxplain.models.serialization import read_model_json
+from voxplain.run import FoldSkipped, RunFolder, each_fold, fold_run_files
+from voxplain.run.maps import write_map
+from voxplain.steps.context import IDS, FoldModel, RunContext, load_context
+from voxplain.train.trainer import Dataset, predict_proba
 
 log = logging.getLogger("voxplain")
 
-IDS = ["participant_id", "session_id", "diagnosis"]
-
-
-@dataclass(frozen=True)
-class MaskContext:
-    """What every mask step needs from a run folder, read once."""
-
-    run: RunFolder
-    train: TrainConfig
-    table: pd.DataFrame  # sessions kept by the quality check, in image order
-    images: np.ndarray   # (N, C, *spatial) on the training grid
-    grid: Grid
-    device: torch.device
-
 
 def read_context(config: MaskStepConfig, section: str,
-                 progress: Progress | None = None) -> MaskContext:
+                 progress: Progress | None = None) -> RunContext:
     """Check ``config`` against the run folder, record it as ``[section]``, load the cohort."""
     run = RunFolder(config.run)
-    train = run.train_config()
+    run.train_config()  # a clear error before anything else when no model was trained
     for _, _, folder in run.model_dirs():
         classes = read_model_json(folder)["classes"]
         target_class(config.mask, classes, masked_class(config, classes))
     run.record_config(section, config)
-    cohort = Cohort.from_tsv(run.cohort_file)
-    task = progress.add_task("loading cohort", total=len(cohort)) if progress else None
-    stack = load_images(cohort, train.downsample,
-                        run.cache_dir if train.cache == "disk" else None,
-                        (lambda done, total: progress.update(task, completed=done))
-                        if progress else None)
-    return MaskContext(run, train, cohort.table, stack.array,
-                       Grid(tuple(stack.array.shape[2:]), stack.affine),
-                       resolve_device(config.device))
-
-
-def fold_models(context: MaskContext, folds: list[int] | None) -> Iterator[tuple[int, int, FoldModel]]:
-    """``(fold, run, (model, classes))`` of the selected folds, loaded one at a time; models
-    frozen, in eval mode. Folds without a trained model are named and left out
-    (:meth:`RunFolder.selected_models`)."""
-    for fold, run_index, folder in context.run.selected_models(folds):
-        model, description = load_model(folder, context.device)
-        yield fold, run_index, FoldModel(model.requires_grad_(False), description["classes"])
-
-
-@dataclass(frozen=True)
-class FoldModel:
-    """A fold/run's classifier and its class names (in class-index order)."""
-
-    model: nn.Module
-    classes: list[str]
+    return load_context(run, config.device, progress)
 
 
 def masked_class(config: MaskStepConfig, classes: list[str]) -> str:
-    """The diagnosis whose images are masked: given, or class 1 of a binary problem."""
-    if config.diagnosis is not None:
-        if config.diagnosis not in classes:
-            raise ValueError(f"diagnosis '{config.diagnosis}' is not a class of the model "
-                             f"({classes})")
-        return config.diagnosis
-    if len(classes) != 2:
-        raise ValueError(f"the model has {len(classes)} classes {classes}: choose the diagnosis "
-                         "to mask with --diagnosis")
-    return classes[1]
+    """The diagnosis whose images are masked: given, or the patient class
+    (:func:`~voxplain.data.classes.patient_class`)."""
+    return patient_class(classes, config.diagnosis)
 
 
 def target_class(config: MaskConfig, classes: list[str], diagnosis: str) -> int:
-    """Index of the class whose probability ``f`` the mask minimises (default: the true one)."""
-    if config.target == "true":
-        return classes.index(diagnosis)
-    if not 0 <= config.target < len(classes):
-        raise ValueError(f"target class {config.target} is not an index of the classes {classes}")
-    return config.target
+    """Index of the class whose probability ``f`` the mask minimises (default: the true one;
+    the masked images are classified correctly, so ``predicted`` is the true class too)."""
+    target = "true" if config.target == "predicted" else config.target
+    return resolve_target(target, classes, diagnosis)
 
 
-def correctly_classified(context: MaskContext, model: nn.Module, sessions: pd.DataFrame,
+def correctly_classified(context: RunContext, model: nn.Module, sessions: pd.DataFrame,
                          classes: list[str], diagnosis: str) -> pd.DataFrame:
     """Rows of ``sessions`` with ``diagnosis`` that ``model`` classifies as ``diagnosis``."""
-    rows = context.table.reset_index(names="image_index").merge(sessions[IDS[:2]], on=IDS[:2])
+    rows = context.rows(sessions)
     rows = rows[rows.diagnosis == diagnosis].reset_index(drop=True)
     if rows.empty:
         return rows
@@ -130,13 +82,13 @@ def correctly_classified(context: MaskContext, model: nn.Module, sessions: pd.Da
     return rows[probabilities.argmax(1) == classes.index(diagnosis)].reset_index(drop=True)
 
 
-def reference_for(context: MaskContext, config: MaskConfig, classes: list[str],
+def reference_for(context: RunContext, config: MaskConfig, classes: list[str],
                   train_sessions: pd.DataFrame) -> Reference:
     """``mu``: constant, blurred input, or the mean training image of ``mean_class``."""
     mean_image = None
     if config.perturbation == "mean":
         name = config.mean_class or classes[0]
-        rows = context.table.reset_index(names="image_index").merge(train_sessions[IDS[:2]])
+        rows = context.rows(train_sessions)
         index = rows.loc[rows.diagnosis == name, "image_index"].to_numpy()
         if not len(index):
             raise ValueError(f"no training image of '{name}' for the mean perturbation")
@@ -144,11 +96,7 @@ def reference_for(context: MaskContext, config: MaskConfig, classes: list[str],
     return make_reference(config, context.grid.voxel_size, mean_image)
 
 
-def _images(context: MaskContext, rows: pd.DataFrame) -> np.ndarray:
-    return np.ascontiguousarray(context.images[rows.image_index.to_numpy()])
-
-
-def group_masks(config: GroupMaskStepConfig, progress: Progress | None = None) -> pd.DataFrame:
+def run_group_masks(config: GroupMaskStepConfig, progress: Progress | None = None) -> pd.DataFrame:
     """One group mask per selected fold/run; returns a summary row per fold/run.
 
     Each fold/run writes ``masks/group/fold-K/run-R/``: ``mask.nii.gz`` (thresholded),
@@ -185,8 +133,9 @@ def flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
 
 
 def _flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
-    paths = visible(run.root.glob("masks/group/fold-*/run-*/summary.json"))
-    paths += visible(run.root.glob("masks/grid/*/fold-*/run-*/summary.json"))
+    paths = [path for _, _, path in fold_run_files(run.masks_dir / "group", "summary.json")]
+    paths += [path for setting in sorted(run.masks_dir.glob("grid/*/"))
+              for _, _, path in fold_run_files(setting, "summary.json")]
     records = [json.loads(path.read_text()) for path in paths]
     if not records:
         return pd.DataFrame(columns=["level", "fold", "run", "masked_fraction", "robust_z",
@@ -207,7 +156,7 @@ def _flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
         if np.isfinite(before) and np.isfinite(after) and after > before / 2:
             flags.append(f"validation probability of {record['diagnosis']} {before:.2f} -> "
                          f"{after:.2f}: not halved")
-        level = path.parent.parent.parent.relative_to(run.root / "masks").as_posix()
+        level = path.parent.parent.parent.relative_to(run.masks_dir).as_posix()
         if record.get("flag_reasons") != flags or record.get("flagged") != bool(flags):
             write_json(path, {**record, "flagged": bool(flags), "flag_reasons": flags})
             if flags:
@@ -219,7 +168,7 @@ def _flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _group_masks(context: MaskContext, config: MaskStepConfig, mask: GroupMaskConfig, level: str,
+def _group_masks(context: RunContext, config: MaskStepConfig, mask: GroupMaskConfig, level: str,
                  progress: Progress | None) -> pd.DataFrame:
     def one(fold: int, run_index: int, fitted: FoldModel) -> pd.Series:
         folder = context.run.mask_dir(level, fold, run_index)
@@ -231,15 +180,14 @@ def _group_masks(context: MaskContext, config: MaskStepConfig, mask: GroupMaskCo
         return _group_mask(context, config, mask, fold, run_index, fitted.model, fitted.classes,
                            folder, progress)
 
-    return pd.DataFrame(each_fold(fold_models(context, config.folds), one, f"{level} masks"))
+    return pd.DataFrame(each_fold(context.models(config.folds), one, f"{level} masks"))
 
 
-def _group_mask(context: MaskContext, config: MaskStepConfig, mask: GroupMaskConfig, fold: int,
+def _group_mask(context: RunContext, config: MaskStepConfig, mask: GroupMaskConfig, fold: int,
                 run_index: int, model: nn.Module, classes: list[str], folder: Path,
                 progress: Progress | None) -> pd.Series:
     diagnosis = masked_class(config, classes)
-    splits = {name: pd.read_csv(context.run.split_file(fold, name), sep="\t", dtype=str)
-              for name in ("train", "validation")}
+    splits = {name: context.run.read_split(fold, name) for name in ("train", "validation")}
     train = correctly_classified(context, model, splits["train"], classes, diagnosis)
     validation = correctly_classified(context, model, splits["validation"], classes, diagnosis)
     if train.empty:
@@ -250,12 +198,12 @@ def _group_mask(context: MaskContext, config: MaskStepConfig, mask: GroupMaskCon
     task = (progress.add_task(f"group mask fold {fold} run {run_index}", total=mask.max_epochs)
             if progress else None)
     result = optimise_group_mask(
-        model, _images(context, train), np.full(len(train), target),
-        _images(context, validation), np.full(len(validation), target), reference, mask,
+        model, context.images_of(train), np.full(len(train), target),
+        context.images_of(validation), np.full(len(validation), target), reference, mask,
         context.device, checkpoint=folder,
         progress=(lambda done, total: progress.update(task, completed=done)) if progress else None)
     mask_array = result.mask[0, 0].cpu().numpy()
-    save_map(folder / "mask", mask_array, context.grid.affine)
+    write_map(folder / "mask", mask_array, context.grid)
     write_tsv(folder / "loss.tsv", result.history)
     losses = result.image_losses.merge(train[IDS].reset_index(names="image"), on="image")
     write_tsv(folder / "image_losses.tsv", losses)
@@ -280,26 +228,26 @@ def _group_mask(context: MaskContext, config: MaskStepConfig, mask: GroupMaskCon
 
 
 @torch.no_grad()
-def _masked_probability(model: nn.Module, context: MaskContext, rows: pd.DataFrame, target: int,
+def _masked_probability(model: nn.Module, context: RunContext, rows: pd.DataFrame, target: int,
                         mask: torch.Tensor, reference: Reference) -> dict[str, float]:
     """Mean probability of ``target`` on ``rows`` without and with ``mask``."""
     if rows.empty:
         return {"probability_before": float("nan"), "probability_after": float("nan")}
-    x = torch.from_numpy(_images(context, rows)).to(context.device)
+    x = torch.from_numpy(context.images_of(rows)).to(context.device)
     y = torch.full((len(rows),), target, device=context.device)
     before = target_probability(model, x, y).mean().item()
     after = target_probability(model, perturb(x, mask, reference(x)), y).mean().item()
     return {"probability_before": before, "probability_after": after}
 
 
-def _top_regions(context: MaskContext, density: np.ndarray, k: int = 5) -> list[str]:
+def _top_regions(context: RunContext, density: np.ndarray, k: int = 5) -> list[str]:
     """The ``k`` AAL2 regions most hidden by a 3D mask (none for 2D images)."""
     if density.ndim != 3:
         return []
     return top_regions(density, Atlas.aal2(context.grid), k)
 
 
-def session_masks(config: SessionMaskStepConfig, progress: Progress | None = None) -> pd.DataFrame:
+def run_session_masks(config: SessionMaskStepConfig, progress: Progress | None = None) -> pd.DataFrame:
     """Session masks of the correctly classified sessions of each fold's validation subjects.
 
     Writes ``masks/session/fold-K/run-R/SESSION.nii.gz`` (thresholded) and an ``index.tsv``
@@ -325,25 +273,25 @@ def session_masks(config: SessionMaskStepConfig, progress: Progress | None = Non
             return read_tsv(folder / "index.tsv")
         return _session_masks(context, config, fold, run_index, fitted, folder, progress)
 
-    return pd.concat(each_fold(fold_models(context, config.folds), one, "session masks"),
+    return pd.concat(each_fold(context.models(config.folds), one, "session masks"),
                      ignore_index=True)
 
 
-def _session_masks(context: MaskContext, config: SessionMaskStepConfig, fold: int,
+def _session_masks(context: RunContext, config: SessionMaskStepConfig, fold: int,
                    run_index: int, fitted: FoldModel, folder: Path,
                    progress: Progress | None) -> pd.DataFrame:
     """The session masks of one fold/run and their index."""
     model, classes = fitted.model, fitted.classes
     diagnosis = masked_class(config, classes)
-    subjects = read_tsv(context.run.split_file(fold, "validation"))
+    subjects = context.run.read_split(fold, "validation")
     sessions = context.table[context.table.participant_id.isin(subjects.participant_id)]
     rows = correctly_classified(context, model, sessions, classes, diagnosis)
     rows = rows.iloc[:config.max_sessions]
     if rows.empty:
         raise FoldSkipped(f"no correctly classified {diagnosis} validation session to mask")
-    splits_train = read_tsv(context.run.split_file(fold, "train"))
+    splits_train = context.run.read_split(fold, "train")
     reference = reference_for(context, config.mask, classes, splits_train)
-    images = torch.from_numpy(_images(context, rows)).to(context.device)
+    images = torch.from_numpy(context.images_of(rows)).to(context.device)
     targets = torch.full((len(rows),), target_class(config.mask, classes, diagnosis),
                          device=context.device)
     task = (progress.add_task(f"session masks fold {fold} run {run_index}", total=len(rows))
@@ -353,7 +301,7 @@ def _session_masks(context: MaskContext, config: SessionMaskStepConfig, fold: in
     paths = []
     for row, mask in zip(rows.itertuples(), result.masks):
         stem = context.run.inside(folder / f"{row.participant_id}_{row.session_id}")
-        paths.append(save_map(stem, mask[0].cpu().numpy(), context.grid.affine).name)
+        paths.append(write_map(stem, mask[0].cpu().numpy(), context.grid).name)
     z = robust_z(result.loss)
     index = rows[IDS].assign(fold=fold, run=run_index, path=paths, loss=result.loss,
                              iterations=result.iterations,
@@ -388,7 +336,7 @@ def grid_settings(config: MaskGridConfig) -> list[tuple[float, float, float, flo
     return list(dict.fromkeys(settings))
 
 
-def mask_grid(config: MaskGridConfig, progress: Progress | None = None) -> pd.DataFrame:
+def run_mask_grid(config: MaskGridConfig, progress: Progress | None = None) -> pd.DataFrame:
     """Group masks for every (l1, l2, b1, b2) of the grid, under ``masks/grid/SETTING``."""
     context = read_context(config, "mask_grid", progress)
     summaries = []
@@ -404,5 +352,5 @@ def mask_grid(config: MaskGridConfig, progress: Progress | None = None) -> pd.Da
         setting=lambda frame: frame.level.str.removeprefix("grid/"))
     table["setting"] = [grid_setting(*row) for row in table[["l1", "l2", "b1", "b2"]].to_numpy()]
     table = table.merge(flags[["setting", "fold", "run", "flagged", "flag_reasons"]], how="left")
-    write_tsv(context.run.root / "masks" / "grid" / "summary.tsv", table)
+    write_tsv(context.run.masks_dir / "grid" / "summary.tsv", table)
     return table

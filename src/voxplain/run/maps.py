@@ -11,6 +11,11 @@ attribution method that wrote ``explanations/METHOD/``:
 
 For a mask ``m`` the quantity compared and tested is what it hides, ``1 - m``
 (:func:`evidence`); an attribution map is used as it is.
+
+Map files are NIfTI (``.nii.gz``) with their grid's affine, 2D maps too: an ``(H, W)`` map is
+stored as one slice ``(H, W, 1)`` whose affine holds the image's pixel spacing
+(:func:`voxplain.io.save_nifti`), so a viewer shows it at its size in mm. Run folders written
+before that hold 2D maps as ``.npy`` (no grid: 1 mm pixels); :func:`read_map` reads both.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 from voxplain.data.grid import Grid
-from voxplain.data.images import read_image
-from voxplain.io import read_tsv
-from voxplain.run import RunFolder
+from voxplain.data.images import read_header, read_image
+from voxplain.io import read_tsv, save_map
+from voxplain.run.folder import RunFolder, fold_run_files
 
 log = logging.getLogger("voxplain")
 
@@ -35,7 +40,6 @@ SESSION_COLUMNS = ["participant_id", "session_id", "diagnosis", "fold", "run", "
 GROUP_COLUMNS = ["fold", "run", "diagnosis", "path", "flagged"]
 GRID_PARAMETERS = ("l1", "l2", "b1", "b2")
 _GRID_SETTING = re.compile(r"^l1-(?P<l1>[^_]+)_l2-(?P<l2>[^_]+)_b1-(?P<b1>[^_]+)_b2-(?P<b2>[^_]+)$")
-_FOLD_RUN = re.compile(r"^fold-(\d+)/run-(\d+)$")
 
 
 def map_kind(method: str) -> str:
@@ -45,33 +49,32 @@ def map_kind(method: str) -> str:
 
 def method_root(run: RunFolder, method: str) -> Path:
     """Folder of a method's maps: ``masks`` or ``explanations/METHOD``."""
-    return run.root / "masks" if method == MASK else run.root / "explanations" / method
+    return run.masks_dir if method == MASK else run.explanation_dir(method)
 
 
 def explanation_methods(run: RunFolder) -> list[str]:
     """Attribution methods with at least one map folder under ``explanations/``."""
-    root = run.root / "explanations"
+    root = run.explanations_dir
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def available_methods(run: RunFolder) -> list[str]:
     """``mask`` when the folder holds masks, then every explanation method."""
-    has_masks = any((run.root / "masks" / level).is_dir() for level in ("group", "session", "grid"))
+    has_masks = any((run.masks_dir / level).is_dir() for level in ("group", "session", "grid"))
     return ([MASK] if has_masks else []) + explanation_methods(run)
 
 
 def session_maps(run: RunFolder, method: str) -> pd.DataFrame:
     """Every session map of ``method``: ``participant_id, session_id, diagnosis, fold, run,
     path`` (absolute), ``flagged`` (session masks flagged as not converged by
-    :func:`~voxplain.explain.mask_steps.session_masks`; False where the index has no flag), in
+    :func:`~voxplain.steps.masks.run_session_masks`; False where the index has no flag), in
     fold, run, subject, session order; empty when there is none.
 
     A diagnosis missing from an index is taken from the run's ``cohort.tsv``.
     """
     root = method_root(run, method) / ("session" if method == MASK else "")
     tables = []
-    for index in sorted(root.glob("fold-*/run-*/index.tsv")):
-        fold, run_index = _fold_run(index.parent, root)
+    for fold, run_index, index in fold_run_files(root, "index.tsv"):
         table = read_tsv(index)
         missing = {"participant_id", "session_id"} - set(table.columns)
         if missing:
@@ -109,23 +112,23 @@ def group_maps(run: RunFolder, method: str, include_flagged: bool = True) -> pd.
     """Every group map of ``method``: ``fold, run, diagnosis, path, flagged`` (empty when none).
 
     ``flagged``: a group mask whose ``summary.json`` flags it (see
-    :func:`voxplain.explain.mask_steps.flag_group_masks`); left out, with a message naming it,
+    :func:`voxplain.steps.masks.flag_group_masks`); left out, with a message naming it,
     unless ``include_flagged``. Explanation group maps are never flagged here."""
     rows = []
     if method == MASK:
-        root = run.root / "masks" / "group"
-        for path in sorted(root.glob("fold-*/run-*/mask.nii.gz")):
-            fold, run_index = _fold_run(path.parent, root)
+        for fold, run_index, path in fold_run_files(run.masks_dir / "group", "mask.nii.gz"):
             summary = _summary(path.parent)
             rows.append((fold, run_index, summary.get("diagnosis", ""), str(path),
                          bool(summary.get("flagged", False))))
     else:
         root = method_root(run, method)
-        paths = [*root.glob("fold-*/run-*/group_*.nii.gz"), *root.glob("fold-*/run-*/group_*.npy")]
-        for path in sorted(paths):  # not the .png previews of 2D maps
-            fold, run_index = _fold_run(path.parent, root)
-            diagnosis = path.name.removeprefix("group_").split(".")[0]
-            rows.append((fold, run_index, diagnosis, str(path), False))
+        found = {}  # not the .png previews of 2D maps; .npy: an earlier version's 2D maps
+        for suffix in (".npy", ".nii.gz"):  # NIfTI wins where a resumed folder has both
+            for fold, run_index, path in fold_run_files(root, f"group_*{suffix}"):
+                diagnosis = path.name.removeprefix("group_").removesuffix(suffix)
+                found[fold, run_index, diagnosis] = path
+        rows = [(fold, run_index, diagnosis, str(path), False)
+                for (fold, run_index, diagnosis), path in sorted(found.items())]
     return _without_flagged(pd.DataFrame(rows, columns=GROUP_COLUMNS), include_flagged,
                             f"{method} group maps")
 
@@ -148,14 +151,13 @@ def _without_flagged(table: pd.DataFrame, include_flagged: bool, what: str) -> p
 def grid_masks(run: RunFolder, include_flagged: bool = True) -> pd.DataFrame:
     """Group masks of the hyperparameter grid: ``l1, l2, b1, b2, fold, run, path, flagged``
     (flagged masks left out unless ``include_flagged``, as in :func:`group_maps`)."""
-    root = run.root / "masks" / "grid"
     rows = []
-    for path in sorted(root.glob("*/fold-*/run-*/mask.nii.gz")):
-        setting = path.parent.parent.parent.name
+    found = [(folder.name, *entry) for folder in sorted((run.masks_dir / "grid").glob("*/"))
+             for entry in fold_run_files(folder, "mask.nii.gz")]
+    for setting, fold, run_index, path in found:
         match = _GRID_SETTING.match(setting)
         if match is None:
             raise ValueError(f"{path}: grid setting {setting!r} is not l1-A_l2-B_b1-C_b2-D")
-        fold, run_index = _fold_run(path.parent, root / setting)
         rows.append({**{k: float(v) for k, v in match.groupdict().items()}, "fold": fold,
                      "run": run_index, "path": str(path),
                      "flagged": bool(_summary(path.parent).get("flagged", False))})
@@ -165,29 +167,48 @@ def grid_masks(run: RunFolder, include_flagged: bool = True) -> pd.DataFrame:
 
 
 def read_map(path: str | Path) -> np.ndarray:
-    """A map file (NIfTI volume or NPY image) as a ``(*spatial)`` float32 array."""
-    array, _ = read_image(Path(path))
+    """A map file as a float32 array, ``(X, Y, Z)`` for a volume, ``(H, W)`` for an image
+    (:func:`read_map_on_grid`)."""
+    return read_map_on_grid(path)[0]
+
+
+def read_map_on_grid(path: str | Path) -> tuple[np.ndarray, Grid]:
+    """A map file as a ``(*spatial)`` float32 array and its grid (shape and affine).
+
+    NIfTI: a volume, or a 2D map ``(H, W)`` stored as ``(H, W, 1)`` (its grid is 2D, with the
+    pixel spacing of the header); NPY (2D maps of earlier versions): ``(H, W)`` on 1 mm pixels.
+    """
+    array, affine = read_image(Path(path))
     if array.shape[0] != 1:
         raise ValueError(f"{path}: a map has one channel, got shape {array.shape}")
-    return array[0]
+    return array[0], Grid(tuple(array.shape[1:]), affine)
 
 
 def map_grid(path: str | Path) -> Grid:
-    """The grid (shape and affine) of a map file."""
-    array, affine = read_image(Path(path))
-    return Grid(tuple(array.shape[1:]), affine)
+    """The grid (shape and affine) of a map file, from its header (no voxel data decoded)."""
+    shape, affine = read_header(Path(path))
+    if shape[0] != 1:
+        raise ValueError(f"{path}: a map has one channel, got shape {shape}")
+    return Grid(tuple(shape[1:]), affine)
+
+
+def write_map(stem: str | Path, values: np.ndarray, grid: Grid) -> Path:
+    """Write a map on ``grid`` (atomically) as ``STEM.nii.gz`` with the grid's affine: a volume
+    ``(X, Y, Z)``, or an image ``(H, W)`` as one slice ``(H, W, 1)`` whose header holds the pixel
+    spacing (:func:`voxplain.io.save_map`). Returns the path written.
+
+    Raises:
+        ValueError: ``values`` is not shaped like the grid.
+    """
+    if tuple(np.shape(values)) != tuple(grid.shape):
+        raise ValueError(f"{stem}: map of shape {np.shape(values)} on a grid of shape "
+                         f"{tuple(grid.shape)}")
+    return save_map(stem, values, grid.affine)
 
 
 def evidence(values: np.ndarray, method: str) -> np.ndarray:
     """What a map shows: ``1 - m`` for a mask ``m``, the map itself for an attribution."""
     return 1.0 - values if method == MASK else values
-
-
-def _fold_run(folder: Path, root: Path) -> tuple[int, int]:
-    match = _FOLD_RUN.match(folder.relative_to(root).as_posix())
-    if match is None:
-        raise ValueError(f"{folder}: expected a fold-K/run-R folder")
-    return int(match.group(1)), int(match.group(2))
 
 
 def _with_cohort_diagnosis(run: RunFolder, table: pd.DataFrame) -> pd.DataFrame:

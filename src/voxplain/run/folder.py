@@ -37,14 +37,18 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from voxplain.config import TrainConfig, config_values, read_toml, to_toml
+from voxplain.config import (DEFAULT_MIN_LAYER_SIZE, ExplainConfig, TrainConfig, config_values,
+                             is_field, read_toml, to_toml)
 from voxplain.data.grid import Grid, downsample_affine, downsampled_shape
-from voxplain.io import leftover_files, read_tsv, write_json, write_text
+from voxplain.io import leftover_files, read_tsv, visible, write_json, write_text
 
 log = logging.getLogger("voxplain")
 T = TypeVar("T")
@@ -130,31 +134,68 @@ class RunFolder:
     def cache_dir(self) -> Path:
         return self.root / "cache"
 
+    @property
+    def masks_dir(self) -> Path:
+        """``masks/``: group, session and grid masks."""
+        return self.root / "masks"
+
+    @property
+    def explanations_dir(self) -> Path:
+        """``explanations/``: one folder per explanation key."""
+        return self.root / "explanations"
+
+    @property
+    def evaluation_dir(self) -> Path:
+        """``evaluation/``: cross-validation, classification, localisation, robustness."""
+        return self.root / "evaluation"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    def evaluation_file(self, name: str) -> Path:
+        """``evaluation/NAME`` (e.g. ``classification.tsv``, ``robustness/summary.tsv``)."""
+        return self.evaluation_dir / name
+
+    def stats_dir(self, method: str) -> Path:
+        """``stats/METHOD``: heatmap statistics of one method's maps."""
+        return self.root / "stats" / method
+
+    def predictions_file(self, cohort: str | os.PathLike[str]) -> Path:
+        """``predictions/LABEL.tsv`` with :func:`cohort_label`: two cohorts both called
+        ``cohort.tsv`` never write to the same file (and the same cohort always does)."""
+        return self.root / "predictions" / f"{cohort_label(cohort)}.tsv"
+
     def mask_dir(self, level: str, fold: int, run: int) -> Path:
         """``masks/LEVEL/fold-K/run-R`` (LEVEL: group, session, or grid/SETTING)."""
-        return self.root / "masks" / level / f"fold-{fold}" / f"run-{run}"
+        return self.masks_dir / level / fold_run(fold, run)
+
+    def explanation_dir(self, key: str, fold: int | None = None, run: int | None = None) -> Path:
+        """``explanations/KEY`` or ``explanations/KEY/fold-K/run-R``."""
+        folder = self.explanations_dir / key
+        return folder if fold is None else folder / fold_run(fold, run)
 
     def cyce_dir(self, fold: int, run: int) -> Path:
         """``cyce/fold-K/run-R``: the CyCE generators trained against that model."""
-        return self.root / "cyce" / f"fold-{fold}" / f"run-{run}"
+        return self.root / "cyce" / fold_run(fold, run)
 
     def split_file(self, fold: int, subset: str) -> Path:
         """``splits/fold-K/SUBSET.tsv`` with SUBSET in train, validation."""
         return self.root / "splits" / f"fold-{fold}" / f"{subset}.tsv"
 
+    def read_split(self, fold: int, subset: str) -> "pd.DataFrame":
+        """``splits/fold-K/SUBSET.tsv`` (ids as text)."""
+        return read_tsv(self.split_file(fold, subset))
+
     def model_dir(self, fold: int, run: int) -> Path:
         """``models/fold-K/run-R``."""
-        return self.root / "models" / f"fold-{fold}" / f"run-{run}"
+        return self.root / "models" / fold_run(fold, run)
 
     def model_dirs(self) -> list[tuple[int, int, Path]]:
         """``(fold, run, folder)`` of every finished model, in fold then run order."""
-        found = []
-        for weights in self.root.glob("models/fold-*/run-*/model.safetensors"):
-            folder = weights.parent
-            if (folder / "metrics.tsv").is_file():
-                fold = int(folder.parent.name.removeprefix("fold-"))
-                found.append((fold, int(folder.name.removeprefix("run-")), folder))
-        return sorted(found)
+        return [(fold, run, path.parent) for fold, run, path
+                in fold_run_files(self.root / "models", "model.safetensors")
+                if (path.parent / "metrics.tsv").is_file()]
 
     def selected_models(self, folds: list[int] | None) -> list[tuple[int, int, Path]]:
         """``(fold, run, folder)`` of the trained models of ``folds`` (default: every fold of
@@ -183,22 +224,27 @@ class RunFolder:
         """All sections of ``config.toml`` (empty when the run folder is new)."""
         return read_toml(self.config_file) if self.config_file.is_file() else {}
 
-    def record_config(self, section: str, config: BaseModel) -> None:
+    def record_config(self, section: str, config: BaseModel, replace: bool = False) -> None:
         """Store ``config`` as ``[section]`` of config.toml, or check it matches a stored one.
 
         Resuming a step with other settings would mix two experiments in one folder, so a
         difference (other than the fields that do not change results: the config class's
         ``resumable`` set, default :data:`RESUMABLE_FIELDS`) is an error that names the fields.
-        The read-modify-write runs under the run folder's lock, so concurrent steps on one run
-        folder never lose each other's sections.
+        A step that rewrites all its outputs each time (the evaluations) passes ``replace``:
+        its section then holds the settings of its latest run. The read-modify-write runs under
+        the run folder's lock, so concurrent steps on one run folder never lose each other's
+        sections.
         """
         resumable = getattr(type(config), "resumable", RESUMABLE_FIELDS)
         new = config_values(config)
         with self.lock():
             sections = self.read_config()
-            if section in sections:
-                old = _with_defaults(type(config), sections[section], new)
-                changed = _differences(old, new, resumable)
+            if section in sections and replace:
+                if sections[section] == new:
+                    return
+            elif section in sections:
+                old = _with_defaults(type(config), sections[section])
+                changed = _differences(old, _with_defaults(type(config), new), resumable)
                 if changed:
                     raise RunFolderError(f"{self.config_file}: this run folder was made with "
                                          f"other [{section}] settings ({', '.join(changed)}); "
@@ -254,6 +300,60 @@ class RunFolder:
         return removed
 
 
+def fold_run(fold: int, run: int) -> str:
+    """``fold-K/run-R``: the folder of one model's outputs below any step's folder."""
+    return f"fold-{fold}/run-{run}"
+
+
+_FOLD_RUN = re.compile(r"fold-(\d+)/run-(\d+)")
+
+
+def parse_fold_run(folder: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(fold, run)`` of a ``.../fold-K/run-R`` folder (or of a file inside one).
+
+    Raises:
+        RunFolderError: the path holds no ``fold-K/run-R``.
+    """
+    found = _FOLD_RUN.findall(Path(folder).as_posix())
+    if not found:
+        raise RunFolderError(f"{folder}: expected a fold-K/run-R folder")
+    fold, run = found[-1]
+    return int(fold), int(run)
+
+
+def fold_run_files(base: str | os.PathLike[str], name: str) -> list[tuple[int, int, Path]]:
+    """``(fold, run, path)`` of every ``BASE/fold-K/run-R/NAME`` (NAME may be a glob pattern),
+    in fold, run, name order; temporary files of killed steps are left out."""
+    found = []
+    for path in visible(Path(base).glob(f"fold-*/run-*/{name}")):
+        relative = path.relative_to(base).parent.as_posix()
+        if _FOLD_RUN.fullmatch(relative):
+            found.append((*parse_fold_run(relative), path))
+    return sorted(found)
+
+
+def explanation_key(explain: ExplainConfig, cohort: str | os.PathLike[str] | None = None,
+                    reads_layer: bool = False) -> str:
+    """Folder name under ``explanations/``: the method, then every setting that changes the
+    maps and differs from the default (layer, method options, target, group, cohort), so that
+    two settings never overwrite each other, e.g. ``grad_cam_layer-features.1.0.0``,
+    ``integrated_gradients_n_steps-32_target-predicted``. ``reads_layer``: the method reads
+    one layer (a class activation map), so ``min_layer_size`` changes its maps."""
+    key = explain.method
+    if explain.layer is not None:
+        key += f"_layer-{explain.layer}"
+    elif explain.min_layer_size != DEFAULT_MIN_LAYER_SIZE and reads_layer:
+        key += f"_min_layer_size-{explain.min_layer_size}"
+    key += "".join(f"_{name}-{value}" for name, value in sorted(explain.options.items()))
+    if explain.target != "true":
+        key += f"_target-{explain.target}"
+    if explain.group != "correct":
+        key += f"_group-{explain.group}"
+    if cohort is not None:
+        key += f"_cohort-{cohort_label(cohort)}"
+    return key
+
+
 def cohort_label(cohort: str | os.PathLike[str]) -> str:
     """A file-name label of a cohort TSV that two cohorts never share: its folder, its name and
     8 hex digits of its absolute path (``site-a-cohort-1f3e9a2b``); every generated cohort is
@@ -300,28 +400,18 @@ def each_fold(units: Iterable[tuple[int, int, T]], work: Callable[[int, int, T],
     return results
 
 
-def _with_defaults(schema: type[BaseModel], recorded: dict[str, Any],
-                   new: dict[str, Any]) -> dict[str, Any]:
-    """A recorded section completed with the settings it lacks but ``new`` has (added by a later
-    version of voxplain) at their defaults, so that a folder made before a setting existed
-    resumes; as recorded when it no longer validates (the comparison then names the
-    difference)."""
+def _with_defaults(schema: type[BaseModel], recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded section as this version of voxplain reads it, to compare with a new one:
+    settings it lacks (added by a later version) at their defaults, settings renamed since
+    under their new names, settings removed since (or moved to another step's section, such as
+    the localisation scoring of ``[explain_*]``) left out -- they no longer change this step's
+    results -- so that a folder made by an earlier version resumes. As recorded when it does not
+    validate (the comparison then names the difference)."""
+    known = {key: value for key, value in recorded.items() if is_field(schema, key)}
     try:
-        defaults = config_values(schema.model_validate(recorded))
+        return config_values(schema.model_validate(known))
     except ValidationError:
         return recorded
-    return _completed(recorded, defaults, new)
-
-
-def _completed(recorded: dict[str, Any], defaults: dict[str, Any],
-               new: dict[str, Any]) -> dict[str, Any]:
-    completed = dict(recorded)
-    for key, value in new.items():
-        if key not in recorded and key in defaults:
-            completed[key] = defaults[key]
-        elif isinstance(value, dict) and isinstance(recorded.get(key), dict):
-            completed[key] = _completed(recorded[key], defaults.get(key, {}), value)
-    return completed
 
 
 def environment() -> dict[str, Any]:

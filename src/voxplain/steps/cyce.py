@@ -12,65 +12,29 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from rich.progress import Progress
 
-from voxplain.config import CyCEStepConfig, CyCETransferConfig, TrainConfig
-from voxplain.data.cohort import Cohort, load_images
+from voxplain.config import CyCEStepConfig, CyCETransferConfig
+from voxplain.data.classes import class_index
+from voxplain.evaluate.transfer import transfer_probabilities, transfer_table
 from voxplain.explain.cyce.relevance import DESCRIPTION, CyCEGenerators
 from voxplain.explain.cyce.training import CyCETrainer
-from voxplain.explain.cyce.transfer import transfer_probabilities, transfer_table
 from voxplain.io import read_tsv, write_tsv
+from voxplain.models.checkpoint import remove_state
 from voxplain.models.serialization import load_model
 from voxplain.run import RunFolder, RunFolderError
-from voxplain.train.checkpoint import remove_state
-from voxplain.train.trainer import resolve_device
+from voxplain.steps.context import RunContext, load_context
 
 log = logging.getLogger("voxplain")
 
 
-@dataclass(frozen=True)
-class CyCEContext:
-    """The run folder, its cohort images and the device, read once."""
-
-    run: RunFolder
-    train: TrainConfig
-    table: pd.DataFrame   # sessions in image order
-    images: np.ndarray    # (N, C, *spatial)
-    device: torch.device
-
-
-def cyce_dir(run: RunFolder, fold: int, run_index: int) -> Path:
-    """``RUN/cyce/fold-K/run-R``."""
-    return run.cyce_dir(fold, run_index)
-
-
-def read_context(run_path: Path, device: str, progress: Progress | None) -> CyCEContext:
-    run = RunFolder(run_path)
-    train = run.train_config()
-    cohort = Cohort.from_tsv(run.cohort_file)
-    task = progress.add_task("loading cohort", total=len(cohort)) if progress else None
-    stack = load_images(cohort, train.downsample,
-                        run.cache_dir if train.cache == "disk" else None,
-                        (lambda done, total: progress.update(task, completed=done))
-                        if progress else None)
-    return CyCEContext(run, train, cohort.table, stack.array, resolve_device(device))
-
-
-def split_images(context: CyCEContext, fold: int, subset: str) -> np.ndarray:
-    """Images of the fold's ``subset`` (train or validation) sessions, in split order."""
-    split = read_tsv(context.run.split_file(fold, subset))
-    rows = context.table.reset_index(names="image_index").merge(
-        split[["participant_id", "session_id"]], on=["participant_id", "session_id"])
-    if rows.empty:
-        raise RunFolderError(f"{context.run.split_file(fold, subset)}: no session of this split "
-                             "is in the run's cohort")
-    return np.ascontiguousarray(context.images[rows.image_index.to_numpy()])
+def split_images(context: RunContext, fold: int, subset: str) -> np.ndarray:
+    """Images of the fold's ``subset`` (train or validation) sessions, in the cohort's order."""
+    return context.images_of(context.split_rows(fold, subset))
 
 
 def _check_binary(classes: list[str], folder: Path) -> None:
@@ -79,15 +43,15 @@ def _check_binary(classes: list[str], folder: Path) -> None:
                          f"has {len(classes)} classes {classes}")
 
 
-def train_cyce(config: CyCEStepConfig, progress: Progress | None = None) -> pd.DataFrame:
+def run_cyce_train(config: CyCEStepConfig, progress: Progress | None = None) -> pd.DataFrame:
     """Train CyCE for every selected fold/run; one summary row per fold/run."""
     run = RunFolder(config.run)
     run.train_config()
-    run.record_config("cyce", config)
-    context = read_context(config.run, config.device, progress)
+    run.record_config("cyce_train", config)
+    context = load_context(run, config.device, progress)
     rows = []
     for fold, run_index, model_folder in run.selected_models(config.folds):
-        folder = cyce_dir(run, fold, run_index)
+        folder = run.cyce_dir(fold, run_index)
         if (folder / DESCRIPTION).is_file():
             log.info("CyCE fold %d run %d already trained: skipped", fold, run_index)
             remove_state(folder)  # left by a kill between generators.json and its removal
@@ -96,7 +60,10 @@ def train_cyce(config: CyCEStepConfig, progress: Progress | None = None) -> pd.D
         classifier, description = load_model(model_folder, context.device)
         _check_binary(description["classes"], model_folder)
         images = split_images(context, fold, "train")
-        trainer = CyCETrainer(classifier, images, config.cyce, context.device)
+        positive = class_index(config.cyce.positive_class, description["classes"])
+        trainer = CyCETrainer(classifier, images,
+                              config.cyce.model_copy(update={"positive_class": positive}),
+                              context.device)
         task = (progress.add_task(f"CyCE fold {fold} run {run_index}",
                                   total=config.cyce.max_steps) if progress else None)
 
@@ -133,7 +100,7 @@ def _loss_line(fold: int, run_index: int, losses: dict[str, float]) -> str:
 
 
 def _summary(folder: Path, fold: int, run_index: int) -> dict[str, object]:
-    losses = pd.read_csv(folder / "loss.tsv", sep="\t")
+    losses = read_tsv(folder / "loss.tsv")
     last = losses.tail(50).mean(numeric_only=True)
     return {"fold": fold, "run": run_index, "steps": len(losses),
             "seconds_per_step": float(losses.seconds.mean()),
@@ -141,13 +108,14 @@ def _summary(folder: Path, fold: int, run_index: int) -> dict[str, object]:
                                                      "probability_plus", "probability_minus")}}
 
 
-def transfer_cyce(config: CyCETransferConfig, progress: Progress | None = None) -> pd.DataFrame:
+def run_cyce_transfer(config: CyCETransferConfig, progress: Progress | None = None) -> pd.DataFrame:
     """Domain transfer (paper 3, 4.1) of every trained fold/run; writes ``transfer.tsv`` each."""
     run = RunFolder(config.run)
-    context = read_context(config.run, config.device, progress)
+    context = load_context(run, config.device, progress)
+    run.record_config("cyce_transfer", config, replace=True)
     tables = []
     for fold, run_index, model_folder in run.selected_models(config.folds):
-        folder = cyce_dir(run, fold, run_index)
+        folder = run.cyce_dir(fold, run_index)
         if not (folder / DESCRIPTION).is_file():
             log.warning("CyCE fold %d run %d: no generators (%s): skipped", fold, run_index, folder)
             continue

@@ -1,0 +1,55 @@
+"""``voxplain evaluate classification``: metrics with bootstrap CIs of every model of a run
+folder (:func:`voxplain.evaluate.classification.cross_validation_metrics`), and for slice
+models (prediction tables with a ``slice`` column, paper 2, 3.5) the misclassified slices of
+every session (:mod:`voxplain.evaluate.slices`).
+
+Writes ``RUN/evaluation/classification.tsv`` (and ``slices.tsv``, ``misclassified_slices.tsv``
+for slice models); records its settings as ``[evaluate_classification]`` (replaced at each run:
+the outputs are rewritten whole).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+from rich.progress import Progress
+
+from voxplain.config import ClassificationEvaluationConfig
+from voxplain.evaluate.classification import cross_validation_metrics
+from voxplain.evaluate.slices import misclassified_slices, slice_summary
+from voxplain.io import read_tsv, write_tsv
+from voxplain.run import RunFolder, RunFolderError, fold_run_files
+
+log = logging.getLogger("voxplain")
+
+__all__ = ["run_classification"]
+
+
+def run_classification(config: ClassificationEvaluationConfig,
+                       progress: Progress | None = None) -> pd.DataFrame:
+    """Metrics of the predictions ``models/fold-K/run-R/predictions-SUBSET.tsv``; returns the
+    table written to ``evaluation/classification.tsv``.
+
+    Raises:
+        RunFolderError: no model of the run folder has a ``predictions-SUBSET.tsv``.
+    """
+    run = RunFolder(config.run)
+    found = fold_run_files(run.root / "models", f"predictions-{config.subset}.tsv")
+    if not found:
+        raise RunFolderError(f"{run.root}: no models/fold-K/run-R/predictions-{config.subset}.tsv "
+                             "(run `voxplain train` first)")
+    run.record_config("evaluate_classification", config, replace=True)
+    predictions = {(fold, index): read_tsv(path) for fold, index, path in found}
+    table = cross_validation_metrics(predictions, config.n_boot, config.seed, config.level,
+                                     positive=config.positive,
+                                     sources={(f, r): str(p) for f, r, p in found})
+    write_tsv(run.evaluation_file("classification.tsv"), table)
+    if all("slice" in frame.columns for frame in predictions.values()):
+        slices = pd.concat([frame.assign(fold=fold, run=index)
+                            for (fold, index), frame in predictions.items()], ignore_index=True)
+        write_tsv(run.evaluation_file("slices.tsv"), slice_summary(slices))
+        write_tsv(run.evaluation_file("misclassified_slices.tsv"), misclassified_slices(slices))
+        log.info("slice models: misclassified slices per session in %s",
+                 run.evaluation_file("slices.tsv"))
+    return table

@@ -1,0 +1,121 @@
+"""What every step over a trained run folder needs, read once: the run's settings, its cohort
+(or another cohort) on the training grid, the device, and the models of the selected folds.
+
+Written once here; the mask, explanation, CyCE, prediction and robustness steps share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from voxplain.config import TrainConfig
+from voxplain.data.cohort import Cohort, load_images
+from voxplain.data.grid import Grid
+from voxplain.models.device import resolve_device
+from voxplain.models.serialization import load_model
+from voxplain.run import RunFolder, RunFolderError
+
+__all__ = ["IDS", "FoldModel", "RunContext", "load_context", "progress_callback"]
+
+#: Columns that name a session and its label in every table of a run folder.
+IDS = ["participant_id", "session_id", "diagnosis"]
+
+
+@dataclass(frozen=True)
+class FoldModel:
+    """A fold/run's classifier (frozen, eval mode) and its class names in class-index order."""
+
+    model: nn.Module
+    classes: list[str]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """A run folder with its cohort loaded on the training grid.
+
+    Attributes:
+        run: the run folder.
+        train: its ``[train]`` settings.
+        table: sessions of the cohort, in image order.
+        images: ``(N, C, *spatial)`` on the training grid (downsampled as in training).
+        grid: that grid (shape and affine).
+        device: where the models run.
+        source: the cohort TSV the images came from (the run's own ``cohort.tsv`` by default).
+    """
+
+    run: RunFolder
+    train: TrainConfig
+    table: pd.DataFrame
+    images: np.ndarray
+    grid: Grid
+    device: torch.device
+    source: Path
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.images.ndim - 2
+
+    def rows(self, sessions: pd.DataFrame) -> pd.DataFrame:
+        """The cohort rows (with ``image_index``) of ``sessions`` (by participant and session),
+        in the cohort's order."""
+        table = self.table.reset_index(names="image_index")
+        return table.merge(sessions[IDS[:2]], on=IDS[:2]).reset_index(drop=True)
+
+    def split_rows(self, fold: int, subset: str) -> pd.DataFrame:
+        """Cohort rows of ``splits/fold-K/SUBSET.tsv`` (train or validation)."""
+        path = self.run.split_file(fold, subset)
+        rows = self.rows(self.run.read_split(fold, subset))
+        if rows.empty:
+            raise RunFolderError(f"{path}: no session of this split is in the run's cohort")
+        return rows
+
+    def images_of(self, rows: pd.DataFrame) -> np.ndarray:
+        """The images of ``rows`` (their ``image_index``), contiguous, in row order."""
+        return np.ascontiguousarray(self.images[rows.image_index.to_numpy()])
+
+    def models(self, folds: list[int] | None) -> Iterator[tuple[int, int, FoldModel]]:
+        """``(fold, run, FoldModel)`` of the selected folds, loaded one at a time. Folds
+        without a trained model are named and left out (:meth:`RunFolder.selected_models`)."""
+        for fold, run_index, folder in self.run.selected_models(folds):
+            model, description = load_model(folder, self.device)
+            yield fold, run_index, FoldModel(model.requires_grad_(False), description["classes"])
+
+
+def load_context(run: RunFolder | Path, device: str, progress: Progress | None = None,
+                 cohort: Cohort | Path | None = None) -> RunContext:
+    """Load ``run``'s cohort (or ``cohort``: a TSV or a read :class:`Cohort`) the way training
+    loaded it: same downsampling, same disk cache.
+
+    Raises:
+        RunFolderError: no trained model, or another cohort's images are not on the training
+            grid (shape, channels or affine).
+    """
+    run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
+    train = run.train_config()
+    if cohort is None or isinstance(cohort, (str, Path)):
+        cohort = Cohort.from_tsv(run.cohort_file if cohort is None else Path(cohort))
+    stack = load_images(cohort, train.downsample,
+                        run.cache_dir if train.cache == "disk" else None,
+                        progress_callback(progress, "loading cohort", len(cohort)))
+    if Path(cohort.source).resolve() != run.cohort_file.resolve():
+        run.check_training_grid(cohort.source, stack.array.shape[1:], stack.affine)
+    return RunContext(run, train, cohort.table, stack.array,
+                      Grid(tuple(stack.array.shape[2:]), stack.affine), resolve_device(device),
+                      cohort.source)
+
+
+def progress_callback(progress: Progress | None, description: str,
+                      total: int) -> Callable[[int, int], None] | None:
+    """A ``(done, total)`` callback that moves a new task of ``progress`` (None without one)."""
+    if progress is None:
+        return None
+    task = progress.add_task(description, total=total)
+    return lambda done, _total: progress.update(task, completed=done)
