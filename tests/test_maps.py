@@ -71,6 +71,17 @@ def test_a_3d_map_reads_back_with_its_values_and_affine(tmp_path):
     np.testing.assert_allclose(grid.affine, affine)
 
 
+def test_a_map_keeps_its_nan_voxels_an_input_image_may_not(tmp_path):
+    from voxplain.data.images import ImageError, read_image
+
+    values = np.ones((4, 5, 6), np.float32)
+    values[0] = np.nan  # a T-map's untested voxels
+    path = write_map(tmp_path / "one-sample_AD_T", values, Grid((4, 5, 6), np.eye(4)))
+    assert np.isnan(read_map(path)[0]).all() and np.isfinite(read_map(path)[1:]).all()
+    with pytest.raises(ImageError, match="30 voxels are NaN or Inf"):
+        read_image(path)
+
+
 def test_a_3x3_affine_of_a_2d_image_is_written_as_its_4x4_nifti_affine(tmp_path):
     plane = np.array([[0.5, 0.0, 10.0], [0.0, 0.25, -3.0], [0.0, 0.0, 1.0]])
     path = save_map(tmp_path / "map", plane_map((3, 4)), plane)

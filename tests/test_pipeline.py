@@ -97,8 +97,11 @@ n_boot = 20
                               "evaluate_classification"]
     assert recorded["train"]["run"] == str(first)  # absolute: the file still holds elsewhere
     # the recorded settings are a pipeline: into a new folder, the same results
-    result = runner.invoke(app, ["run", str(first / "config.toml"), "--run", "second"])
+    result = runner.invoke(app, ["run", str(first / "config.toml"), "--run", "second"],
+                           env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
+    assert "step 1 of 4: [train]" in result.output  # the table's name, not read as markup
+    assert "step 2 of 4: [explain_grad_cam] grad_cam" in result.output
     second = tmp_path / "second"
     for name in ("cross_validation.tsv", "classification.tsv"):
         pd.testing.assert_frame_equal(read_tsv(first / "evaluation" / name),

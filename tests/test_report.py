@@ -77,7 +77,9 @@ def write_other_steps(run) -> None:
                   "roi_cosine": [0.95, 0.93, 0.9, 0.8, 0.75, 0.82]}).to_csv(
         robustness / "session_pairs.tsv", sep="\t", index=False)
     stats = run / "stats" / "saliency"
-    _save(stats / "one-sample_AD_T.nii.gz", 5 * _smooth(rng, True))
+    t_map = 5 * _smooth(rng, True)
+    t_map[:2] = np.nan  # as run_stats writes them: untested voxels (outside the brain) are NaN
+    _save(stats / "one-sample_AD_T.nii.gz", t_map)
     _save(stats / "one-sample_AD_p.nii.gz", rng.uniform(size=SHAPE).astype(np.float32))
     pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(6)],
                   "diagnosis": ["AD", "CN"] * 3, "percentile": rng.uniform(size=6)}).to_csv(

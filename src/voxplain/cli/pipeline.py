@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from voxplain.cli.common import console, progress_bar, reported_errors, setup_logging
 
@@ -29,7 +30,7 @@ def run(
     if dry_run:
         return
     for number, step in enumerate(planned, 1):
-        console.rule(f"step {number} of {len(planned)}: {step.label}", style="dim",
+        console.rule(f"step {number} of {len(planned)}: {escape(step.label)}", style="dim",
                      characters="-")
         with reported_errors(), progress_bar() as bar:
             step.run(bar)

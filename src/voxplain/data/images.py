@@ -64,8 +64,11 @@ def read_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     return (1, *spatial), image.affine
 
 
-def read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_image(path: Path, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Decode an image.
+
+    ``finite``: NaN or Inf values are an error (an input image); False for a map, where NaN
+    marks voxels without a value (e.g. the untested voxels of a T-map).
 
     Returns:
         ``(array, affine)``: ``array`` is ``(C, *spatial)`` float32 (``C = 1`` for volumes),
@@ -78,7 +81,7 @@ def read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     reader = {"nifti": _read_nifti, "npy": _read_npy, "picture": _read_picture,
               "dicom": _read_dicom}[image_kind(path)]
     array, affine = reader(path)
-    if not np.all(np.isfinite(array)):
+    if finite and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise ImageError(f"{path}: {bad} voxels are NaN or Inf")
     return array, affine

@@ -177,8 +177,9 @@ def read_map_on_grid(path: str | Path) -> tuple[np.ndarray, Grid]:
 
     NIfTI: a volume, or a 2D map ``(H, W)`` stored as ``(H, W, 1)`` (its grid is 2D, with the
     pixel spacing of the header); NPY (2D maps of earlier versions): ``(H, W)`` on 1 mm pixels.
+    NaN values are kept: a map may have voxels without a value (a T-map's untested voxels).
     """
-    array, affine = read_image(Path(path))
+    array, affine = read_image(Path(path), finite=False)
     if array.shape[0] != 1:
         raise ValueError(f"{path}: a map has one channel, got shape {array.shape}")
     return array[0], Grid(tuple(array.shape[1:]), affine)
