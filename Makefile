@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.voxplain-installed
-DEMO := demo  # the folder pipelines/demo.toml writes
+# the folder pipelines/demo.toml writes
+DEMO := demo
 
 .PHONY: venv browser test demo benchmark clean
 

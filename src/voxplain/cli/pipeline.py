@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -32,6 +33,9 @@ def run(
     for number, step in enumerate(planned, 1):
         console.rule(f"step {number} of {len(planned)}: {escape(step.label)}", style="dim",
                      characters="-")
+        started = time.perf_counter()
         with reported_errors(), progress_bar() as bar:
             step.run(bar)
+        console.print(f"{step.label} done in {time.perf_counter() - started:.0f} s",
+                      highlight=False, markup=False)
     console.print(f"{len(planned)} step(s) done", highlight=False)
