@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import write_cohort
 from voxplain.config import PredictConfig, TrainConfig
+from voxplain.io import read_tsv
 from voxplain.run import RunFolder, RunFolderError
 from voxplain.steps.predict import run_predict
 from voxplain.train.splits import subject_folds
@@ -299,3 +301,57 @@ def test_later_steps_skip_a_fold_that_cannot_serve_them_and_fail_only_if_none_ca
                                              "classified AD"):
         run_group_masks(GroupMaskStepConfig(run=run, folds=idle, device="cpu",
                                         mask={"max_epochs": 2}))
+
+
+def test_balanced_class_weights_are_scikit_learns_and_weigh_the_loss_as_computed_by_hand():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from voxplain.train.trainer import class_weights
+
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2])
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
+    np.testing.assert_allclose(class_weights(labels, 3), expected)
+    np.testing.assert_allclose(class_weights(labels, 3), [9 / 18, 9 / 6, 9 / 3])
+    assert class_weights(np.array([0, 0, 1]), 3)[2] == 0.0  # an absent class weighs nothing
+    # the weighted loss of one batch, by hand: sum_i w_{y_i} (-log p_{i, y_i}) / sum_i w_{y_i}
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, 1, 2, 0])
+    w = np.array([0.5, 1.5, 3.0])
+    p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
+    nll = -np.log(p[np.arange(4), y.numpy()])
+    by_hand = (w[y.numpy()] * nll).sum() / w[y.numpy()].sum()
+    loss = torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor(w, dtype=torch.float32))
+    assert float(loss) == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_select_by_loss_keeps_the_epoch_of_the_lowest_validation_loss():
+    class Model:
+        def __init__(self):
+            self.epoch = 0
+
+        def state_dict(self):
+            return {"epoch": torch.tensor(self.epoch)}
+
+    # epoch 1 has the best balanced accuracy, epoch 3 the lowest loss
+    epochs = [(0.60, 0.70), (0.50, 0.95), (0.45, 0.90), (0.40, 0.90)]
+    kept = {}
+    for select_by in ("balanced_accuracy", "loss"):
+        state, model, best = TrainingState(), Model(), {}
+        for epoch, (loss, accuracy) in enumerate(epochs):
+            model.epoch = epoch
+            _update_state(state, model, best, loss, accuracy, select_by=select_by)
+            state.next_epoch += 1
+        kept[select_by] = (state.best_epoch, int(best["epoch"]))
+    assert kept == {"balanced_accuracy": (1, 1), "loss": (3, 3)}
+
+
+def test_training_with_class_weights_and_select_by_loss_records_them(cohort_tsv, tmp_path):
+    summary = run_train(_config(cohort_tsv, tmp_path / "run", epochs=3, select_by="loss",
+                                class_weights="balanced"))
+    recorded = RunFolder(tmp_path / "run").train_config()
+    assert (recorded.select_by, recorded.class_weights) == ("loss", "balanced")
+    for fold in summary.fold.unique():
+        history = read_tsv(tmp_path / "run" / "models" / f"fold-{fold}" / "run-0" / "history.tsv")
+        rows = summary[(summary.fold == fold) & (summary.subset == "validation")]
+        best = int(rows.best_epoch.iloc[0])
+        assert history.validation_loss.idxmin() == best

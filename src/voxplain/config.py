@@ -204,6 +204,15 @@ class TrainConfig(Section):
         0.05, gt=0, lt=1, description="A fold whose validation balanced accuracy has a "
         "permutation p-value above this is flagged as at chance."
     )
+    select_by: Literal["balanced_accuracy", "loss"] = Field(
+        "balanced_accuracy", description="Epoch kept: highest validation balanced accuracy "
+        "(ties: lower loss), or lowest validation loss (paper 2)."
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="Cross-entropy class weights of training: none, or balanced "
+        "(N / (K n_c) of the fold's training sessions; paper 3's weighted categorical "
+        "cross-entropy). The validation loss stays unweighted."
+    )
     batch_size: int = Field(8, ge=1, description="Images per optimisation step.")
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay.")

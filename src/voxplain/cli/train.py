@@ -19,7 +19,8 @@ from voxplain.config import PredictConfig, TrainConfig
 @config_command(
     TrainConfig, "train",
     ["cohort", "run", "caps", "test", "diagnosis_column", "classes", "n_folds", "runs", "seed",
-     "epochs", "patience", "min_steps", "batch_size", "learning_rate", "weight_decay",
+     "epochs", "patience", "min_steps", "select_by", "class_weights", "batch_size",
+     "learning_rate", "weight_decay",
      "augmentation", "downsample", "qc_threshold", "cache", "device", "model.name",
      "model.channels", "model.dropout"],
     flags={"run": ("--run", "--out"), "n_folds": ("--n-folds", "--folds"),

@@ -76,6 +76,8 @@ def train_fold(config: TrainConfig, model_config: ModelConfig, classes: list[str
                                  weight_decay=config.weight_decay)
     train = Dataset(fold.train, images, encode_labels(fold.train, classes, config.cohort))
     validation = Dataset(fold.validation, images, encode_labels(fold.validation, classes, config.cohort))
+    weights = (torch.as_tensor(class_weights(train.labels, len(classes)), dtype=torch.float32,
+                               device=device) if config.class_weights == "balanced" else None)
     restored = load_checkpoint(folder, model, optimizer)
     state, best = restored if restored else (TrainingState(), _state_copy(model))
     if restored:
@@ -89,13 +91,13 @@ def train_fold(config: TrainConfig, model_config: ModelConfig, classes: list[str
         order = rng.permutation(len(train.table))
         train_loss, train_accuracy, steps = _train_epoch(
             model, optimizer, train, order, config.batch_size, device,
-            partial(augment, kind=config.augmentation, rng=rng))
+            partial(augment, kind=config.augmentation, rng=rng), weights)
         state.steps += steps
         probabilities, validation_loss = predict_proba(model, validation, config.batch_size,
                                                        device)
         scores = classification_metrics(validation.labels, probabilities)
         _update_state(state, model, best, validation_loss, scores["balanced_accuracy"],
-                      counts=state.steps >= config.min_steps)
+                      counts=state.steps >= config.min_steps, select_by=config.select_by)
         state.history.append({
             "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
             "validation_loss": validation_loss,
@@ -116,16 +118,33 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``balanced`` class weights ``N / (K n_c)`` of the training labels (scikit-learn's
+    definition): each class weighs as much in the loss as a balanced set would give it. A class
+    absent from ``labels`` gets weight 0 (it has no sample to weigh)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
+    with np.errstate(divide="ignore"):
+        weights = len(labels) / (n_classes * counts.astype(np.float64))
+    return np.where(counts > 0, weights, 0.0)
+
+
 def _update_state(state: TrainingState, model: nn.Module, best: dict[str, torch.Tensor],
-                  loss: float, balanced_accuracy: float, counts: bool = True) -> None:
+                  loss: float, balanced_accuracy: float, counts: bool = True,
+                  select_by: str = "balanced_accuracy") -> None:
     """Record one epoch: the lowest validation loss, the patience counter (only an epoch that
-    ``counts``, i.e. ends after ``min_steps``, adds to it) and the best model so far."""
+    ``counts``, i.e. ends after ``min_steps``, adds to it) and the best model so far: highest
+    validation balanced accuracy, ties to the lower loss (``select_by="balanced_accuracy"``),
+    or lowest validation loss (``"loss"``, paper 2)."""
     if loss < state.lowest_loss:
         state.lowest_loss, state.epochs_above_lowest = loss, 0
     elif counts:
         state.epochs_above_lowest += 1
     accuracy = -1.0 if np.isnan(balanced_accuracy) else balanced_accuracy
-    if (accuracy, -loss) > (state.best_balanced_accuracy, -state.best_loss):
+    if select_by == "loss":
+        better = loss < state.best_loss
+    else:
+        better = (accuracy, -loss) > (state.best_balanced_accuracy, -state.best_loss)
+    if better:
         state.best_balanced_accuracy, state.best_loss = accuracy, loss
         state.best_epoch = state.next_epoch
         best.update(_state_copy(model))
@@ -133,10 +152,13 @@ def _update_state(state: TrainingState, model: nn.Module, best: dict[str, torch.
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dataset,
                  order: np.ndarray, batch_size: int, device: torch.device,
-                 transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float, int]:
+                 transform: Callable[[torch.Tensor], torch.Tensor],
+                 weights: torch.Tensor | None = None) -> tuple[float, float, int]:
     """One pass over ``data`` in ``order``, each batch passed through ``transform`` (the
     augmentation); returns the mean loss and accuracy seen in training and the number of
-    optimisation steps.
+    optimisation steps. ``weights``: per-class weights of the cross-entropy (each batch's loss
+    is the weighted mean, ``sum w_y l / sum w_y``, as :func:`torch.nn.functional.cross_entropy`
+    defines it).
 
     A trailing batch of a single image is skipped: batch-norm cannot normalise one sample whose
     feature maps have shrunk to one voxel.
@@ -149,7 +171,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Datas
         x, y = transform(x).to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y)
+        loss = nn.functional.cross_entropy(logits, y, weight=weights)
         loss.backward()
         optimizer.step()
         total_loss += loss.item() * len(y)
