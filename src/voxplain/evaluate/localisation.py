@@ -106,7 +106,7 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(u / (n_positive * n_negative))
 
 
-def _within(values: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
+def scored_voxels(values: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
     """Boolean selection of the voxels scored (the brain, or all voxels)."""
     if brain is None:
         return np.ones(np.shape(values), dtype=bool)
@@ -127,7 +127,7 @@ def localisation_auc(relevance_map: np.ndarray, truth: np.ndarray,
                      brain: np.ndarray | None = None) -> float:
     """ROC AUC of ``relevance_map`` against the boolean ``truth`` over ``brain`` voxels."""
     _check_shapes(relevance_map, truth)
-    inside = _within(relevance_map, brain)
+    inside = scored_voxels(relevance_map, brain)
     return roc_auc(np.asarray(relevance_map)[inside], np.asarray(truth, dtype=bool)[inside])
 
 
@@ -142,7 +142,7 @@ def relevance_mass_inside(relevance_map: np.ndarray, truth: np.ndarray,
     values = np.asarray(relevance_map, dtype=np.float64)
     if (values < 0).any():
         raise ValueError("relevance mass needs a non-negative map; use relevance(map, signed)")
-    inside = _within(values, brain)
+    inside = scored_voxels(values, brain)
     total = values[inside].sum()
     if total <= 0:
         return float("nan")
@@ -151,7 +151,7 @@ def relevance_mass_inside(relevance_map: np.ndarray, truth: np.ndarray,
 
 def chance_mass(truth: np.ndarray, brain: np.ndarray | None = None) -> float:
     """Relevance mass inside ``truth`` of a uniform map: the share of scored voxels in it."""
-    inside = _within(truth, brain)
+    inside = scored_voxels(truth, brain)
     return float(np.asarray(truth, dtype=bool)[inside].mean())
 
 
@@ -164,7 +164,7 @@ def pointing_game(relevance_map: np.ndarray, truth: np.ndarray,
     if not truth.any():
         raise ValueError("the ground truth holds no voxel: nothing to point at")
     values = np.asarray(relevance_map, dtype=np.float64)
-    inside = _within(values, brain)
+    inside = scored_voxels(values, brain)
     if not inside.any():
         raise ValueError("the brain mask holds no voxel")
     peaks = inside & (values == values[inside].max())

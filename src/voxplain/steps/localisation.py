@@ -25,7 +25,7 @@ from voxplain.config import LocalisationConfig, LocalisationStepConfig
 from voxplain.data.atlas import Atlas
 from voxplain.data.classes import patient_class
 from voxplain.data.template import brain_mask
-from voxplain.evaluate.localisation import (SESSION_SCORES, _within, atrophied_regions,
+from voxplain.evaluate.localisation import (SESSION_SCORES, atrophied_regions, scored_voxels,
                                             localisation_scores, true_region, truth_on_grid)
 from voxplain.io import read_tsv, write_tsv
 from voxplain.models.serialization import read_model_json
@@ -187,7 +187,7 @@ def evaluate_session_localisation(run: Path, column: str, methods: Sequence[str]
                 truth = truth_on_grid(truths[(session.participant_id, session.session_id)], grid,
                                       train.downsample)
                 brain = brain_mask(grid) if values.ndim == 3 else None
-                voxels = int(true_region(truth, config.truth_fraction)[_within(truth, brain)]
+                voxels = int(true_region(truth, config.truth_fraction)[scored_voxels(truth, brain)]
                              .sum())
                 scores = dict.fromkeys(SESSION_SCORES, float("nan"))
                 if voxels:  # a session without truth (a control's zero atrophy) has no score
