@@ -265,3 +265,32 @@ def test_chance_p_value_is_the_exact_permutation_tail_of_the_balanced_accuracy()
     perfect = np.repeat([0, 1], 8)
     assert chance_p_value(perfect, perfect, n_resamples=999) == pytest.approx(1e-3)
     assert chance_p_value(perfect, np.ones(16, dtype=int)) == 1.0  # one class predicted
+
+
+def test_confusion_matrices_per_model_agree_with_scikit_learn_and_average_by_hand():
+    from sklearn.metrics import confusion_matrix
+
+    from voxplain.evaluate.classification import confusion_matrices
+
+    classes = ["CN", "RRMS", "SPMS"]
+    rng = np.random.default_rng(0)
+    predictions = {}
+    for fold in range(2):
+        truth = rng.choice(classes, 30)
+        scores = rng.dirichlet(np.ones(3), 30)
+        predictions[fold, 0] = pd.DataFrame({"diagnosis": truth, **{
+            f"proba_{c}": scores[:, i] for i, c in enumerate(classes)}})
+    table = confusion_matrices(predictions)
+    expected = []
+    for fold in range(2):
+        frame = predictions[fold, 0]
+        predicted = np.array(classes)[frame[[f"proba_{c}" for c in classes]].to_numpy().argmax(1)]
+        matrix = confusion_matrix(frame.diagnosis, predicted, labels=classes)
+        expected.append(matrix / matrix.sum(1, keepdims=True))
+        got = table[(table.scope == "fold") & (table.fold == fold)].pivot(
+            index="true", columns="predicted", values="count").loc[classes, classes]
+        np.testing.assert_array_equal(got.to_numpy(), matrix)
+    mean = table[table.scope == "mean"].pivot(index="true", columns="predicted",
+                                              values="fraction").loc[classes, classes]
+    np.testing.assert_allclose(mean.to_numpy(), (expected[0] + expected[1]) / 2)
+    np.testing.assert_allclose(mean.sum(1), 1.0)

@@ -211,3 +211,19 @@ def test_the_true_region_is_where_the_truth_reaches_half_its_maximum():
     assert not true_region(np.zeros(4)).any()  # a control: no true region
     mask = np.array([0, 1, 1, 0])  # a binary lesion mask is its own true region
     assert true_region(mask).tolist() == [False, True, True, False]
+
+
+def test_voxels_without_a_value_are_not_scored():
+    from voxplain.evaluate.localisation import localisation_scores
+
+    truth = np.zeros((4, 4, 4))
+    truth[1, 1, 1] = 1.0
+    values = np.zeros((4, 4, 4))
+    values[1, 1, 1] = 1.0
+    values[3, 3, 3] = 5.0  # a larger value, but in a slice that was never read
+    with_nan = values.copy()
+    with_nan[:, :, 3] = np.nan
+    scores = localisation_scores(with_nan, truth, signed=False)
+    assert scores["pointing_game"] == 1.0 and scores["auc"] == 1.0
+    assert scores["chance_mass"] == pytest.approx(1 / 48)  # 48 voxels have a value
+    assert localisation_scores(values, truth, signed=False)["pointing_game"] == 0.0

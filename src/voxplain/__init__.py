@@ -16,15 +16,15 @@ from typing import Any
 #: Public name -> module that defines it.
 _PUBLIC = {
     **dict.fromkeys(
-        ["AtrophyCohortConfig", "LesionCohortConfig", "TrainConfig", "ModelConfig",
-         "PredictConfig", "GroupMaskStepConfig", "SessionMaskStepConfig", "MaskGridConfig",
-         "ExplainStepConfig", "ExplainConfig", "LocalisationStepConfig",
+        ["AtrophyCohortConfig", "LesionCohortConfig", "MSCohortConfig", "TrainConfig",
+         "ModelConfig", "PredictConfig", "GroupMaskStepConfig", "SessionMaskStepConfig",
+         "MaskGridConfig", "ExplainStepConfig", "ExplainConfig", "LocalisationStepConfig",
          "ClassificationEvaluationConfig", "RobustnessConfig", "StatsConfig", "ReportConfig",
          "CyCEStepConfig", "CyCETransferConfig", "StudyMakeConfig", "StudyAnalyseConfig"],
         "voxplain.config"),
     **dict.fromkeys(
-        ["run_generate_atrophy", "run_generate_lesions", "run_train", "run_predict",
-         "run_group_masks", "run_session_masks", "run_mask_grid", "run_explain",
+        ["run_generate_atrophy", "run_generate_lesions", "run_generate_ms", "run_train",
+         "run_predict", "run_group_masks", "run_session_masks", "run_mask_grid", "run_explain",
          "run_localisation", "run_classification", "run_robustness", "run_stats",
          "run_report", "run_cyce_train", "run_cyce_transfer", "run_study_make",
          "run_study_analyse", "run_pipeline", "load_context"],

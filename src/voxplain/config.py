@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field,
-                      field_serializer, field_validator)
+                      field_serializer, field_validator, model_validator)
 
 #: AAL2 regions that lose grey matter in the synthetic patients by default (early Alzheimer's
 #: disease targets: medial temporal lobe, both hemispheres).
@@ -35,8 +35,21 @@ DEFAULT_ATROPHY_REGIONS: tuple[str, ...] = (
 #: :func:`voxplain.explain.layers.choose_cam_layer`).
 DEFAULT_MIN_LAYER_SIZE = 4
 
-#: Data augmentations of training (see :mod:`voxplain.train.augment`).
-Augmentation = Literal["none", "flip", "dihedral"]
+#: One kind of data augmentation of training (see :mod:`voxplain.train.augment`).
+Augmentation = Literal["none", "flip", "dihedral", "affine", "bias_field", "motion", "ghosting",
+                       "spike"]
+
+
+def _kinds_as_a_list(value: Any) -> Any:
+    # one kind as text is how config.toml recorded the setting before it became a list ("flip"
+    # must still read, and resume, as ["flip"]); commas separate kinds as on the command line
+    return [kind.strip() for kind in value.split(",")] if isinstance(value, str) else value
+
+
+#: Data augmentations applied one after the other; one kind, or kinds separated by commas,
+#: read as the list.
+Augmentations = Annotated[list[Augmentation], BeforeValidator(_kinds_as_a_list),
+                          Field(min_length=1)]
 
 
 # --- shared ----------------------------------------------------------------------------------
@@ -143,27 +156,187 @@ class LesionCohortConfig(Section):
     seed: int = Field(0, ge=0, description="Seed of every random draw of the generator.")
 
 
+#: Where the synthetic MS patients' white-matter lesions lie by default (paper 2, 3.3 and 4: RRMS
+#: Grad-CAM points at the occipital lobe; SPMS at frontal, temporal/parietal and occipital areas).
+DEFAULT_RRMS_LOCATIONS: tuple[str, ...] = ("periventricular", "occipital")
+DEFAULT_SPMS_LOCATIONS: tuple[str, ...] = ("periventricular", "frontal", "temporal", "parietal",
+                                           "occipital")
+#: Where the synthetic MS patients lose grey matter fastest by default (cortex and thalamus).
+DEFAULT_MS_ATROPHY_LOCATIONS: tuple[str, ...] = ("frontal", "temporal", "parietal", "Thalamus_L",
+                                                 "Thalamus_R")
+
+_LOCATIONS_HELP = ("'periventricular' (white matter within 10 mm of the lateral ventricles), a "
+                   "lobe (frontal, parietal, temporal, occipital, limbic, insula, subcortical, "
+                   "cerebellum) or an AAL2 region name: the white matter nearest to it. Each "
+                   "lesion picks one entry at random (an entry listed twice is picked twice as "
+                   "often).")
+
+
+def _ordered_range(value: tuple[float, float]) -> tuple[float, float]:
+    if value[0] > value[1]:
+        raise ValueError(f"a range is (low, high) with low <= high, got {value}")
+    return value
+
+
+def _fraction_range(value: tuple[float, float]) -> tuple[float, float]:
+    if not 0 <= value[0] <= value[1] < 1:
+        raise ValueError(f"must be a range 0 <= low <= high < 1, got {value}")
+    return value
+
+
+class MSCohortConfig(Section):
+    """Synthetic 3D multiple-sclerosis cohort (paper 2): CN, RRMS and SPMS subjects, co-registered
+    T1-, T2- and FLAIR-like volumes with white-matter lesions and atrophy, and their truth."""
+
+    out: Path = Field(description="Folder to write cohort.tsv, the volumes and the ground truth.")
+    subjects: int = Field(60, ge=3, description="Number of subjects, a third each CN, RRMS, "
+                          "SPMS (RRMS, then SPMS, get the remainder).")
+    sessions: int = Field(1, ge=1, description="Sessions per subject, 12 months apart (MS "
+                          "patients gain --new-lesions lesions at each follow-up).")
+    downsample: int = Field(
+        2, ge=1, description="Integer factor applied to the 121x145x121 1.5 mm SPM grid (2: "
+        "61x73x61 voxels of 3 mm)."
+    )
+    voxel_size: float | None = Field(
+        None, gt=0, description="Isotropic voxel size in mm (overrides --downsample)."
+    )
+    rrms_lesions: tuple[int, int] = Field(
+        (2, 10), description="Range (inclusive) of the number of white-matter lesions of an RRMS "
+        "patient at the first session."
+    )
+    spms_lesions: tuple[int, int] = Field(
+        (6, 20), description="Range (inclusive) of the number of lesions of an SPMS patient."
+    )
+    rrms_lesion_radius_mm: tuple[float, float] = Field(
+        (2.5, 5.0), description="Range of the mean semi-axis (mm) of an RRMS lesion (ellipsoid)."
+    )
+    spms_lesion_radius_mm: tuple[float, float] = Field(
+        (3.0, 7.0), description="Range of the mean semi-axis (mm) of an SPMS lesion."
+    )
+    rrms_locations: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_RRMS_LOCATIONS),
+        description="Where RRMS lesions lie: " + _LOCATIONS_HELP,
+    )
+    spms_locations: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SPMS_LOCATIONS),
+        description="Where SPMS lesions lie (as --rrms-locations).",
+    )
+    rrms_atrophy: tuple[float, float] = Field(
+        (0.0, 0.05), description="Range of an RRMS patient's atrophy: the fraction of grey "
+        "matter lost at the peak of the atrophy pattern (30 % of it elsewhere), and of tissue "
+        "lost at the ventricles' wall (ventricular enlargement)."
+    )
+    spms_atrophy: tuple[float, float] = Field(
+        (0.05, 0.2), description="Range of an SPMS patient's atrophy (as --rrms-atrophy)."
+    )
+    atrophy_locations: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_MS_ATROPHY_LOCATIONS),
+        description="Lobes or AAL2 regions where MS patients lose grey matter fastest.",
+    )
+    new_lesions: float = Field(
+        1.0, ge=0, description="Mean number (Poisson) of new lesions of an MS patient at each "
+        "follow-up session."
+    )
+    difficulty: float = Field(
+        0.0, ge=0, le=1, description="Overlap of the two MS classes: pulls the SPMS lesion count, "
+        "lesion size and atrophy ranges towards the RRMS ones by this fraction (0: as set; 1: "
+        "RRMS and SPMS differ only in where their lesions lie)."
+    )
+    lesion_contrast: float = Field(
+        1.0, ge=0, le=1, description="Fraction of the full lesion contrast (bright on T2 and "
+        "FLAIR, dark on T1; 0: lesions invisible, their masks unchanged)."
+    )
+    noise: float = Field(
+        0.03, ge=0, description="Standard deviation of the Rician noise (white matter is 0.75 "
+        "on T1, 0.35 on T2 and FLAIR)."
+    )
+    bias_field: float = Field(
+        0.1, ge=0, lt=1, description="Peak relative amplitude of the smooth multiplicative bias "
+        "field, drawn per sequence and session (0: none)."
+    )
+    deformation_mm: float = Field(
+        2.0, ge=0, description="Amplitude (mm) of the smooth per-subject deformation."
+    )
+    seed: int = Field(0, ge=0, description="Seed of every random draw of the generator.")
+
+    @field_validator("rrms_lesions", "spms_lesions")
+    @classmethod
+    def _counts_are_a_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0:
+            raise ValueError(f"a lesion count cannot be negative, got {value}")
+        return _ordered_range(value)
+
+    @field_validator("rrms_lesion_radius_mm", "spms_lesion_radius_mm")
+    @classmethod
+    def _radii_are_a_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] <= 0:
+            raise ValueError(f"a lesion radius is positive, got {value}")
+        return _ordered_range(value)
+
+    @field_validator("rrms_atrophy", "spms_atrophy")
+    @classmethod
+    def _atrophy_is_a_fraction_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _fraction_range(value)
+
+    @field_validator("rrms_locations", "spms_locations", "atrophy_locations")
+    @classmethod
+    def _at_least_one_location(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one location")
+        return value
+
 # --- train, predict ------------------------------------------------------------------------
 
-ModelName = Literal["cnn", "convnet", "vgg_gap"]
+ModelName = Literal["cnn", "convnet", "vgg_gap", "vgg16", "vgg19", "resnet50"]
+#: Networks with a choice of head (paper 2, table 1), and the fields that set it.
+HEADED_MODELS = ("vgg16", "vgg19", "resnet50")
+HEAD_FIELDS = ("head", "pool_size", "hidden_units")
 
 
 class ModelConfig(Section):
     """Network architecture. ``None`` fields take the network's own published default."""
 
-    name: ModelName = Field("cnn", description="Network: cnn (paper 1), convnet (paper 3), vgg_gap.")
+    name: ModelName = Field("cnn", description="Network: cnn (paper 1), convnet (paper 3), "
+                            "vgg_gap, or paper 2's vgg16, vgg19, resnet50 (torchvision's "
+                            "definitions and names; see --head).")
     channels: list[int] | None = Field(
-        None, description="Output channels of each convolutional block."
+        None, description="Output channels of each convolutional block (vgg16, vgg19: the 5 "
+        "block widths; resnet50: the 4 stage widths, outputs 4x wider)."
     )
     convs_per_block: list[int] | None = Field(
         None, description="Convolutions in each block (paper 1 uses 1 to 3)."
     )
     dropout: float = Field(0.5, ge=0, lt=1, description="Dropout rate before the classifier.")
+    head: Literal["gap", "fc"] | None = Field(
+        None, description="vgg16, vgg19, resnet50: gap (global average pooling + one linear "
+        "layer, what CAM needs) or fc (pooling to --pool-size + two hidden fully connected "
+        "layers, VGG's classifier). Default: the original (vgg: fc, resnet50: gap)."
+    )
+    pool_size: int | None = Field(
+        None, ge=1, description="fc head: voxels per axis of the average pooling before the "
+        "fully connected layers (default: vgg 7 in 2D as published, 3 in 3D; resnet50 1)."
+    )
+    hidden_units: int | None = Field(
+        None, ge=1, description="fc head: units of each hidden layer (default 4096, VGG's)."
+    )
+    weights: Path | None = Field(
+        None, description="Initial weights matched by name and shape (e.g. torchvision's "
+        "ImageNet weights): a .safetensors file or a plain state dict .pt/.pth (read with "
+        "weights_only); read when training starts, not when a trained model is reloaded."
+    )
     in_channels: int = Field(1, ge=1, description="Image channels (set from the cohort).")
     n_classes: int = Field(2, ge=2, description="Number of classes (set from the cohort).")
     input_shape: list[int] | None = Field(
         None, description="Spatial shape of the inputs (set from the cohort)."
     )
+
+    @model_validator(mode="after")
+    def _head_of_a_headed_model(self) -> "ModelConfig":
+        given = [key for key in HEAD_FIELDS if getattr(self, key) is not None]
+        if given and self.name not in HEADED_MODELS:
+            raise ValueError(f"{', '.join(given)} apply to {', '.join(HEADED_MODELS)}, not to "
+                             f"model {self.name!r}")
+        return self
 
 
 class TrainConfig(Section):
@@ -187,9 +360,9 @@ class TrainConfig(Section):
         None,
         description="Diagnoses in class-index order. Default: sorted, with CN first if present.",
     )
-    n_folds: int = Field(5, ge=2, validation_alias=AliasChoices("n_folds", "folds"),
-                         description="Number of cross-validation folds (a count; every other "
-                         "step's --folds selects folds).")
+    n_folds: int = Field(5, ge=1, validation_alias=AliasChoices("n_folds", "folds"),
+                         description="Number of cross-validation folds, or of repeated random "
+                         "splits (a count; every other step's --folds selects folds).")
     split_seed: int = Field(2, description="Seed of the subject-level stratified split.")
     runs: int = Field(1, ge=1, description="Training runs per fold, each with its own seed.")
     seed: int = Field(0, description="Seed of run 0 (run r uses seed + r).")
@@ -216,12 +389,47 @@ class TrainConfig(Section):
     batch_size: int = Field(8, ge=1, description="Images per optimisation step.")
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay.")
-    augmentation: Augmentation = Field(
-        "none", description="Random symmetries of the training images: none, flip (each axis "
-        "mirrored with probability 1/2) or dihedral (flips and permutations of equal-sized axes: "
-        "rotations by 90 degrees, for lesion patches)."
+    augmentation: Augmentations = Field(
+        ["none"], description="Random augmentations of the training images, applied in this "
+        "order (kinds separated by commas): none; flip (each axis mirrored with probability "
+        "1/2); dihedral (flips and permutations of equal-sized axes: rotations by 90 degrees, "
+        "for lesion patches); affine (paper 2: rotation up to 30 degrees, shear 0.2 degrees, "
+        "zoom and shift up to 20 % and 10 %, left-right mirror with probability 1/2; in the "
+        "plane of the first two axes); bias_field, motion, ghosting, spike (TorchIO's MRI "
+        "artefacts, with its defaults)."
     )
     downsample: int = Field(1, ge=1, description="Average-pool the images by this factor.")
+    sequences: list[str] | None = Field(
+        None, description="Cohort TSV columns holding one co-registered image each (e.g. "
+        "t1,t2,flair), stacked as the channels of every image in this order (paper 2); "
+        "default: the path column."
+    )
+    slice_axis: Literal["none", "axial", "coronal", "sagittal"] = Field(
+        "none", description="Train a 2D model on the slices of 3D volumes cut across this "
+        "axis (paper 2: axial), found from the affine; none: use the images as they are."
+    )
+    slice_range: tuple[int, int] | None = Field(
+        None, description="First and last slice kept (voxel indices on the training grid, "
+        "inclusive). Default: the slices that hold brain (--slice-min-foreground)."
+    )
+    slice_min_foreground: float = Field(
+        0.05, ge=0, lt=1, description="Without --slice-range, the top and bottom slices are "
+        "dropped while less than this fraction of their voxels exceeds 10 % of the maximum of "
+        "the cohort's mean image (paper 2: slices without brain)."
+    )
+    slice_size: tuple[int, int] | None = Field(
+        None, description="Resize every slice to this in-plane size (e.g. 256,256; "
+        "bilinear); maps are resized back to the volume's grid."
+    )
+    split: Literal["kfold", "random"] = Field(
+        "kfold", description="kfold: subject-level stratified k-fold cross-validation (paper "
+        "1); random: stratified subject-level train/validation/test splits of "
+        "--split-fractions, drawn n_folds times with new seeds (paper 2)."
+    )
+    split_fractions: tuple[float, float, float] = Field(
+        (0.65, 0.15, 0.20), description="Train, validation and test fractions of the subjects "
+        "of a random split (paper 2: 65/15/20)."
+    )
     qc_threshold: float | None = Field(
         0.95, description="Reject GM maps (3D volumes) whose maximum is below this (paper 1, "
         "2.3.1); 2D images are not checked; 'none' turns the check off."
@@ -241,6 +449,24 @@ class TrainConfig(Section):
     def _write_off_as_none(self, value: float | None) -> float | str:
         # TOML has no null: "none" keeps "off" distinct from "default" in config.toml
         return "none" if value is None else value
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_of_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) < 0 or value[0] <= 0 or value[1] <= 0 or abs(sum(value) - 1) > 1e-6:
+            raise ValueError("split_fractions must be train, validation and test fractions "
+                             f"(train and validation > 0, test >= 0) summing to 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _folds_of_the_split(self) -> "TrainConfig":
+        if self.split == "kfold" and self.n_folds < 2:
+            raise ValueError("k-fold cross-validation needs n_folds >= 2 (one random split: "
+                             "--split random --folds 1)")
+        if self.slice_range is not None and not 0 <= self.slice_range[0] <= self.slice_range[1]:
+            raise ValueError(f"slice_range must be first <= last, both >= 0, got "
+                             f"{self.slice_range}")
+        return self
 
     @field_validator("classes")
     @classmethod
@@ -482,6 +708,10 @@ class ExplainStepConfig(RunStepConfig):
         None, description="cohort.tsv of other sessions to explain (default: each fold's "
         "validation sessions)."
     )
+    subset: Literal["validation", "test"] = Field(
+        "validation", description="Sessions of each fold explained: its validation subjects, "
+        "or the test subjects of a random split (--split random, paper 2)."
+    )
     explain: ExplainConfig
 
 
@@ -619,6 +849,10 @@ class ReportConfig(Section):
     )
     max_sessions_2d: int = Field(
         4, ge=1, description="2D sessions shown as overlays (original and maps side by side)."
+    )
+    compare: list[Path] | None = Field(
+        None, description="Other run folders (e.g. other networks on the same cohort) whose "
+        "classification results are tabulated beside this run's (paper 2, table 1)."
     )
 
 

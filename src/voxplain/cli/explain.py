@@ -27,6 +27,7 @@ def explain(
     run: Path = option(ExplainStepConfig, "run", "--run"),
     method: str = option(ExplainConfig, "method", "--method"),
     cohort: Path = option(ExplainStepConfig, "cohort", "--cohort"),
+    subset: str = option(ExplainStepConfig, "subset", "--subset"),
     target: str = option(ExplainConfig, "target", "--target"),
     layer: str = option(ExplainConfig, "layer", "--layer"),
     min_layer_size: int = option(ExplainConfig, "min_layer_size", "--min-layer-size"),
@@ -37,7 +38,8 @@ def explain(
     device: str = option(ExplainStepConfig, "device", "--device"),
     config: Path = CONFIG_OPTION,
 ) -> None:
-    """Maps of every fold/run's model for its validation sessions (or --cohort) and a group map
+    """Maps of every fold/run's model for its validation (or --subset test) sessions (or
+    --cohort) and a group map
     per diagnosis. --method takes one name or several, comma separated (e.g.
     grad_cam,grad_cam_pp). Score them with `voxplain evaluate localisation`."""
     from voxplain.steps.explain import run_explain
@@ -47,7 +49,7 @@ def explain(
         raise typer.BadParameter("give --method NAME[,NAME...]")
     settings = [build_config(
         ExplainStepConfig, "explain", config, run=absolute(run), cohort=absolute(cohort),
-        folds=split_list(folds, int), device=device,
+        subset=subset, folds=split_list(folds, int), device=device,
         explain=given(method=name, target=target, layer=layer, min_layer_size=min_layer_size,
                       batch_size=batch_size, options=parse_options(options), group=group))
         for name in split_list(method) or [None]]

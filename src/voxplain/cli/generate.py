@@ -1,4 +1,4 @@
-"""``voxplain generate atrophy|lesions``: synthetic cohorts with ground truth."""
+"""``voxplain generate atrophy|lesions|ms``: synthetic cohorts with ground truth."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from pydantic import BaseModel
 
 from voxplain.cli.common import config_command, progress_bar, reported_errors
-from voxplain.config import AtrophyCohortConfig, LesionCohortConfig
+from voxplain.config import AtrophyCohortConfig, LesionCohortConfig, MSCohortConfig
 
 generate = typer.Typer(help="Write synthetic cohorts with ground truth.", no_args_is_help=True)
 
@@ -45,3 +45,19 @@ def generate_lesions(settings: LesionCohortConfig) -> None:
     from voxplain.data.lesions import generate_lesion_cohort
 
     _generate(generate_lesion_cohort, settings, "generating patches")
+
+
+@generate.command("ms")
+@config_command(MSCohortConfig, "generate_ms",
+                ["out", "subjects", "sessions", "downsample", "voxel_size", "rrms_lesions",
+                 "spms_lesions", "rrms_lesion_radius_mm", "spms_lesion_radius_mm",
+                 "rrms_locations", "spms_locations", "rrms_atrophy", "spms_atrophy",
+                 "atrophy_locations", "new_lesions", "difficulty", "lesion_contrast", "noise",
+                 "bias_field", "deformation_mm", "seed"],
+                absolute_paths=False)
+def generate_ms(settings: MSCohortConfig) -> None:
+    """Synthetic 3D T1, T2 and FLAIR volumes of controls, RRMS and SPMS patients (paper 2):
+    white-matter lesions and atrophy, with lesion masks."""
+    from voxplain.data.ms import generate_ms_cohort
+
+    _generate(generate_ms_cohort, settings, "generating sessions")

@@ -10,7 +10,7 @@ from voxplain.cli.common import config_command, console, reported_errors
 from voxplain.config import ReportConfig
 
 
-@config_command(ReportConfig, "report", ["run", "out", "inline", "max_viewers", "dpi"])
+@config_command(ReportConfig, "report", ["run", "out", "inline", "max_viewers", "dpi", "compare"])
 def report(
     settings: ReportConfig,
     open_page: bool = typer.Option(False, "--open", help="Open the report in a web browser."),

@@ -21,12 +21,16 @@ from voxplain.config import PredictConfig, TrainConfig
     ["cohort", "run", "caps", "test", "diagnosis_column", "classes", "n_folds", "runs", "seed",
      "epochs", "patience", "min_steps", "select_by", "class_weights", "batch_size",
      "learning_rate", "weight_decay",
-     "augmentation", "downsample", "qc_threshold", "cache", "device", "model.name",
-     "model.channels", "model.dropout"],
+     "augmentation", "downsample", "sequences", "slice_axis", "slice_range",
+     "slice_min_foreground", "slice_size", "split", "split_fractions", "qc_threshold", "cache", "device", "model.name",
+     "model.channels", "model.dropout", "model.head", "model.pool_size", "model.hidden_units",
+     "model.weights"],
     flags={"run": ("--run", "--out"), "n_folds": ("--n-folds", "--folds"),
            "model.name": "--model"})
 def train(settings: TrainConfig) -> None:
-    """Subject-level cross-validated training; writes models and metrics to the run folder."""
+    """Subject-level cross-validated training (k-fold, or repeated random train/validation/test
+    splits), of volumes, images, or the slices of volumes; writes models and metrics to the run
+    folder."""
     from voxplain.steps.train import run_train
 
     with reported_errors(), progress_bar() as bar:

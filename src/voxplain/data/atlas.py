@@ -31,6 +31,21 @@ from voxplain.data.grid import Grid, resample_to_grid
 AAL2_IMAGE = "atlas_aal.nii.gz"
 AAL2_TABLE = "labels_aal.csv"
 
+#: Lobes as the AAL2 regions whose names start with one of these prefixes (every AAL2 region is
+#: in exactly one lobe). Fusiform gyrus: temporal; cingulate, hippocampal and parahippocampal
+#: gyri and amygdala: limbic; basal ganglia and thalamus: subcortical.
+AAL2_LOBES: dict[str, tuple[str, ...]] = {
+    "frontal": ("Precentral", "Frontal_", "Rolandic_Oper", "Supp_Motor_Area", "Olfactory",
+                "Rectus", "OFC", "Paracentral_Lobule"),
+    "parietal": ("Postcentral", "Parietal_", "SupraMarginal", "Angular", "Precuneus"),
+    "temporal": ("Heschl", "Temporal_", "Fusiform"),
+    "occipital": ("Calcarine", "Cuneus", "Lingual", "Occipital_"),
+    "limbic": ("Cingulate_", "Hippocampus", "ParaHippocampal", "Amygdala"),
+    "insula": ("Insula",),
+    "subcortical": ("Caudate", "Putamen", "Pallidum", "Thalamus"),
+    "cerebellum": ("Cerebelum_", "Vermis_"),
+}
+
 
 @dataclass(frozen=True, eq=False)
 class Atlas:
@@ -122,6 +137,16 @@ class Atlas:
         """
         counts = np.bincount(self.labels.ravel(), minlength=max(self.names) + 1)
         return {self.names[index]: int(counts[index]) for index in sorted(self.names)}
+
+    def lobe_regions(self, lobe: str) -> list[str]:
+        """Names of the regions of an :data:`AAL2_LOBES` lobe, in label order.
+
+        Raises:
+            ValueError: ``lobe`` is not a lobe name.
+        """
+        if lobe not in AAL2_LOBES:
+            raise ValueError(f"unknown lobe {lobe!r}; lobes are {', '.join(AAL2_LOBES)}")
+        return [name for name in self.region_names if name.startswith(AAL2_LOBES[lobe])]
 
     def _unknown_region_message(self, name: str) -> str:
         close = difflib.get_close_matches(name, self.region_names, n=3, cutoff=0.6)

@@ -15,6 +15,11 @@ their spacing is 1 mm unless the TSV gives it in the optional columns ``pixel_sp
 ``pixel_spacing_col`` (mm, DICOM's ``PixelSpacing`` order: between rows, between columns;
 :data:`PIXEL_SPACING_COLUMNS`), as lesion cohorts on CT backgrounds do. The spacing enters the
 cohort's affine, hence the training grid and every map's NIfTI header.
+
+Several sequences per session (paper 2: T1, T2 and FLAIR). With ``sequences`` (names of TSV
+columns, each holding one image per session, paths as in ``path``), the images of a session are
+stacked as channels in that order; every sequence must be on the cohort's grid (same shape and
+affine), otherwise the error names the file. ``path`` then holds the first sequence.
 """
 
 from __future__ import annotations
@@ -81,14 +86,16 @@ class Cohort:
         table: one row per session with ``participant_id``, ``session_id``, ``diagnosis``,
             absolute ``path`` and any extra columns of the TSV.
         source: the TSV the cohort was read from.
-        image_shape: ``(C, *spatial)`` of every image.
+        image_shape: ``(C, *spatial)`` of every image (all sequences' channels together).
         affine: voxel-to-world affine (mm) shared by every image.
+        sequences: TSV columns whose images are the channels, in order (empty: ``path``).
     """
 
     table: pd.DataFrame
     source: Path
     image_shape: tuple[int, ...]
     affine: np.ndarray
+    sequences: tuple[str, ...] = ()
 
     @property
     def spatial_dims(self) -> int:
@@ -105,13 +112,18 @@ class Cohort:
         diagnosis_column: str = "diagnosis",
         caps: str | Path | None = None,
         caps_group: str | None = None,
+        sequences: Sequence[str] | None = None,
     ) -> Cohort:
-        """Read and check a cohort TSV (paths in a ``path`` column, or found in ``caps``)."""
+        """Read and check a cohort TSV (paths in a ``path`` column, or found in ``caps``, or in
+        the ``sequences`` columns, stacked as channels)."""
         tsv = Path(tsv)
-        table = read_cohort_table(tsv, diagnosis_column, caps, caps_group)
+        sequences = tuple(sequences or ())
+        table = read_cohort_table(tsv, diagnosis_column, caps, caps_group, sequences)
         check_intensity_units(table)
         image_shape, affine = check_images(table)
-        return cls(table, tsv, image_shape, affine)
+        for column in sequences[1:]:
+            image_shape = _same_grid(table, column, sequences[0], image_shape, affine)
+        return cls(table, tsv, image_shape, affine, sequences)
 
     def labels(self, classes: Sequence[str]) -> np.ndarray:
         """Class index of every session; an error lists diagnoses that are not in ``classes``."""
@@ -181,16 +193,22 @@ def _bids_labels(ids: pd.Series, column: str, prefix: str) -> pd.Series:
 
 def read_cohort_table(
     tsv: Path, diagnosis_column: str = "diagnosis", caps: str | Path | None = None,
-    caps_group: str | None = None,
+    caps_group: str | None = None, sequences: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """Read a cohort TSV and resolve image paths; errors name the TSV, the column and the row."""
+    """Read a cohort TSV and resolve image paths (``path``, or each of the ``sequences``
+    columns, the first copied to ``path``); errors name the TSV, the column and the row."""
     if not tsv.is_file():
         raise CohortError(f"{tsv}: cohort TSV not found")
     try:
         table = read_tsv(tsv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise CohortError(f"{tsv}: not a readable tab-separated table ({error})") from None
-    required = [*ID_COLUMNS, diagnosis_column] + ([] if caps else ["path"])
+    if sequences and caps:
+        raise CohortError(f"{tsv}: sequences are read from TSV columns, not from a CAPS folder")
+    if len(set(sequences)) != len(sequences):
+        raise CohortError(f"{tsv}: sequence columns named twice: {list(sequences)}")
+    images = list(sequences) or ([] if caps else ["path"])
+    required = [*ID_COLUMNS, diagnosis_column, *images]
     missing = [column for column in required if column not in table.columns]
     if diagnosis_column in missing and diagnosis_column != "diagnosis":
         raise CohortError(f"{tsv}: diagnosis column '{diagnosis_column}' not found; columns are "
@@ -200,7 +218,7 @@ def read_cohort_table(
                           f"{list(table.columns)}")
     if table.empty:
         raise CohortError(f"{tsv}: the table has no sessions")
-    literal = [*ID_COLUMNS, diagnosis_column] + ([] if caps else ["path"])
+    literal = [*ID_COLUMNS, diagnosis_column, *images]
     table[literal] = _read_literal_columns(tsv, literal)
     table = table.rename(columns={diagnosis_column: "diagnosis"})
     _check_filled(tsv, table)
@@ -212,7 +230,11 @@ def read_cohort_table(
         table["path"] = [str(caps_image_path(Path(caps), p, s, caps_group))
                          for p, s in zip(table["participant_id"], table["session_id"])]
     else:
-        table["path"] = [str(_resolve(tsv, path, row)) for row, path in enumerate(table["path"])]
+        for column in images:
+            table[column] = [str(_resolve(tsv, path, row, column))
+                             for row, path in enumerate(table[column])]
+        if sequences:
+            table["path"] = table[sequences[0]]
     return table.reset_index(drop=True)
 
 
@@ -263,9 +285,9 @@ def _label_summary(diagnoses: pd.Series, label: str) -> str:
     return f"{label!r} ({len(rows)} sessions, e.g. row {int(rows[0]) + 2})"
 
 
-def _resolve(tsv: Path, path: object, row: int) -> Path:
+def _resolve(tsv: Path, path: object, row: int, column: str = "path") -> Path:
     if not isinstance(path, str) or not path.strip():
-        raise CohortError(f"{tsv}: row {row + 2}: empty 'path'")
+        raise CohortError(f"{tsv}: row {row + 2}: empty '{column}'")
     resolved = Path(path)
     return resolved if resolved.is_absolute() else (tsv.parent / resolved).resolve()
 
@@ -305,6 +327,37 @@ def check_images(table: pd.DataFrame) -> tuple[tuple[int, ...], np.ndarray]:
                               f"{_compact(other)} differs from the cohort's {_compact(affine)} "
                               f"({shared} of {len(table)} images)")
     return shape, affine
+
+
+def _same_grid(table: pd.DataFrame, column: str, first: str, image_shape: tuple[int, ...],
+               affine: np.ndarray) -> tuple[int, ...]:
+    """The cohort's ``(C, *spatial)`` with ``column``'s channels added, once every image of
+    ``column`` is on the grid of the first sequence (the error names the file)."""
+    channels = None
+    for row in table.itertuples():
+        path = getattr(row, column)
+        with _session_named(row):
+            shape, other = read_header(Path(path))
+        if shape[1:] != image_shape[1:] or not np.allclose(other, affine, atol=AFFINE_TOLERANCE):
+            raise CohortError(f"{row.participant_id} {row.session_id}: {path}: sequence "
+                              f"{column!r} has shape {shape[1:]} and affine {_compact(other)}, "
+                              f"not the grid of {first!r} ({image_shape[1:]}, "
+                              f"{_compact(affine)}); co-register the sequences")
+        if channels is not None and shape[0] != channels:
+            raise CohortError(f"{row.participant_id} {row.session_id}: {path}: {shape[0]} "
+                              f"channels, other {column!r} images have {channels}")
+        channels = shape[0]
+    return (image_shape[0] + (channels or 0), *image_shape[1:])
+
+
+def session_image(row: Any, sequences: Sequence[str] = ()) -> np.ndarray:
+    """The image ``(C, *spatial)`` of a cohort row: ``path``, or its ``sequences`` stacked as
+    channels in order."""
+    with _session_named(row):
+        if not sequences:
+            return read_image(Path(row.path))[0]
+        return np.concatenate([read_image(Path(getattr(row, column)))[0]
+                               for column in sequences])
 
 
 def _header(row: Any) -> tuple[tuple[int, ...], np.ndarray]:
@@ -428,8 +481,7 @@ def load_images(
 
     def fill(array: np.ndarray) -> None:
         for i, row in enumerate(cohort.table.itertuples()):
-            with _session_named(row):
-                image, _ = read_image(Path(row.path))
+            image = session_image(row, cohort.sequences)
             maxima[i] = image.max()
             array[i] = downsample(image, factor, spatial_dims)
             if progress:
@@ -451,9 +503,12 @@ def load_images(
 
 def _cache_file(cohort: Cohort, factor: int, cache_dir: Path) -> Path:
     digest = hashlib.sha1(f"factor={factor}".encode())
-    for path in cohort.table["path"]:
-        stat = Path(path).stat()
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    if cohort.sequences:
+        digest.update(f"sequences={','.join(cohort.sequences)}".encode())
+    for column in cohort.sequences or ("path",):
+        for path in cohort.table[column]:
+            stat = Path(path).stat()
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return cache_dir / f"images-{digest.hexdigest()[:16]}.npy"
 
 

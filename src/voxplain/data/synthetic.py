@@ -55,19 +55,26 @@ Output folder::
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from voxplain.config import AtrophyCohortConfig, with_defaults
+from voxplain.config import AtrophyCohortConfig, MSCohortConfig
 from voxplain.data.atlas import Atlas
+from voxplain.data.generation import (
+    PlannedSession,
+    claim_folder,
+    exists_with_shape,
+    save_if_absent,
+    seeded_rng,
+    sigma_voxels,
+    write_table_once,
+)
 from voxplain.data.grid import (
     SPM_AFFINE,
     SPM_SHAPE,
@@ -78,7 +85,7 @@ from voxplain.data.grid import (
     spm_grid,
 )
 from voxplain.data.template import BRAIN_THRESHOLD, gm_template
-from voxplain.io import save_nifti, write_json, write_tsv
+from voxplain.io import save_nifti
 
 #: The template's 99th percentile inside the brain is rescaled to this value (see module doc).
 SATURATION = 1.1
@@ -106,23 +113,16 @@ _DEMOGRAPHICS, _ANATOMY, _NOISE, _HETEROGENEITY = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
-class SessionPlan:
+class SessionPlan(PlannedSession):
     """One session to generate: identifiers, label, covariates and atrophy severity."""
 
-    subject: int
-    session: int
-    participant_id: str
-    session_id: str
-    diagnosis: str
-    age: float
-    sex: str
     severity: float
     qc_failure: bool
 
     @property
     def filename(self) -> str:
         """``sub-XXX_ses-MYY.nii.gz``."""
-        return f"{self.participant_id}_{self.session_id}.nii.gz"
+        return f"{self.stem}.nii.gz"
 
 
 def generate_atrophy_cohort(
@@ -150,8 +150,9 @@ def generate_atrophy_cohort(
     patterns = region_patterns(atlas, regions)
     pattern = patterns.sum(0)
     plan = plan_sessions(config)
-    _write_once(out / "generator.json", _generator_record(config, regions, grid, plan))
-    _save_if_absent(out / "ground_truth.nii.gz", pattern, grid)
+    claim_folder(out / "generator.json", _generator_record(config, regions, grid, plan),
+                 AtrophyCohortConfig)
+    save_if_absent(out / "ground_truth.nii.gz", pattern, grid)
     anatomy = _saturated_template(cohort_template(config, grid))
     done = 0
     for _, group in itertools.groupby(plan, key=lambda p: p.subject):
@@ -162,11 +163,11 @@ def generate_atrophy_cohort(
             if progress is not None:
                 progress(done, len(plan))
     table = cohort_table(plan)
-    _write_once(out / "cohort.tsv", table)
+    write_table_once(out / "cohort.tsv", table)
     return out / "cohort.tsv"
 
 
-def cohort_grid(config: AtrophyCohortConfig) -> Grid:
+def cohort_grid(config: AtrophyCohortConfig | MSCohortConfig) -> Grid:
     """The cohort's grid: the SPM grid downsampled by ``config.downsample``, or an isotropic MNI
     grid of ``config.voxel_size`` mm covering the SPM bounding box when that is set."""
     if config.voxel_size is not None:
@@ -190,15 +191,17 @@ def isotropic_mni_grid(voxel_size: float) -> Grid:
     return Grid(shape, affine)
 
 
-def cohort_template(config: AtrophyCohortConfig, grid: Grid) -> np.ndarray:
-    """GM template on the cohort grid, ``grid.shape`` float32 in [0, 1].
+def cohort_template(config: AtrophyCohortConfig | MSCohortConfig, grid: Grid,
+                    template: Callable[[Grid], np.ndarray] = gm_template) -> np.ndarray:
+    """A tissue template (default GM; ``template`` is e.g. :func:`voxplain.data.template.
+    wm_template`) on the cohort grid, ``grid.shape`` float32 in [0, 1].
 
     Downsampled grids average blocks of the 1.5 mm SPM-grid template (anti-aliased); an explicit
     ``voxel_size`` resamples the 1 mm template directly (trilinear).
     """
     if config.voxel_size is not None:
-        return gm_template(grid)
-    return downsample(gm_template(spm_grid()), config.downsample)
+        return template(grid)
+    return downsample(template(spm_grid()), config.downsample)
 
 
 def atrophy_pattern(atlas: Atlas, regions: Sequence[str]) -> np.ndarray:
@@ -218,7 +221,7 @@ def atrophy_pattern(atlas: Atlas, regions: Sequence[str]) -> np.ndarray:
         raise ValueError(f"regions {empty} have no voxel on the {atlas.grid.shape} grid; "
                          "use a finer grid (smaller downsample or voxel_size)")
     smoothed = ndimage.gaussian_filter(mask.astype(np.float64),
-                                       _sigma_voxels(atlas.grid, ATROPHY_SMOOTHING_MM))
+                                       sigma_voxels(atlas.grid, ATROPHY_SMOOTHING_MM))
     return (smoothed / smoothed.max()).astype(np.float32)
 
 
@@ -226,7 +229,7 @@ def region_patterns(atlas: Atlas, regions: Sequence[str]) -> np.ndarray:
     """``(R, *grid.shape)`` float32: per region, its smoothed indicator (as in
     :func:`atrophy_pattern`) divided by the maximum of their sum, which is the ground truth A."""
     atrophy_pattern(atlas, regions)  # the same checks: unknown names, regions without voxels
-    sigma = _sigma_voxels(atlas.grid, ATROPHY_SMOOTHING_MM)
+    sigma = sigma_voxels(atlas.grid, ATROPHY_SMOOTHING_MM)
     smoothed = np.stack([ndimage.gaussian_filter(atlas.region_mask([name]).astype(np.float64),
                                                  sigma) for name in regions])
     return (smoothed / smoothed.sum(0).max()).astype(np.float32)
@@ -237,7 +240,7 @@ def region_weights(config: AtrophyCohortConfig, subject: int, regions: int) -> n
     when ``config.heterogeneity`` is 0 (no draw then)."""
     if config.heterogeneity == 0:
         return np.ones(regions, dtype=np.float32)
-    rng = _rng(config.seed, subject, _HETEROGENEITY)
+    rng = seeded_rng(config.seed, subject, _HETEROGENEITY)
     return rng.uniform(1 - config.heterogeneity, 1, regions).astype(np.float32)
 
 
@@ -248,7 +251,7 @@ def plan_sessions(config: AtrophyCohortConfig) -> list[SessionPlan]:
     seeded random order; quality-check failures alternate CN, AD and have one session each.
     """
     regular = ["CN"] * (config.subjects // 2) + ["AD"] * (config.subjects - config.subjects // 2)
-    diagnoses = list(_rng(config.seed).permutation(regular))
+    diagnoses = list(seeded_rng(config.seed).permutation(regular))
     diagnoses += ["CN" if j % 2 == 0 else "AD" for j in range(config.qc_failures)]
     width = max(3, len(str(len(diagnoses))))
     plans = []
@@ -283,7 +286,7 @@ def smooth_displacement(rng: np.random.Generator, grid: Grid, amplitude_mm: floa
         ``(3, *grid.shape)`` float32: per axis, white noise smoothed with sigma
         :data:`DEFORMATION_SMOOTHING_MM` mm and scaled so that it peaks at ``amplitude_mm`` mm.
     """
-    sigma = _sigma_voxels(grid, DEFORMATION_SMOOTHING_MM)
+    sigma = sigma_voxels(grid, DEFORMATION_SMOOTHING_MM)
     fields = []
     for size in grid.voxel_size:
         field = ndimage.gaussian_filter(rng.standard_normal(grid.shape), sigma)
@@ -291,15 +294,17 @@ def smooth_displacement(rng: np.random.Generator, grid: Grid, amplitude_mm: floa
     return np.stack(fields).astype(np.float32)
 
 
-def smooth_intensity_field(rng: np.random.Generator, grid: Grid) -> np.ndarray:
+def smooth_intensity_field(rng: np.random.Generator, grid: Grid,
+                           amplitude: float = INTENSITY_FIELD_AMPLITUDE,
+                           smoothing_mm: float = INTENSITY_FIELD_SMOOTHING_MM) -> np.ndarray:
     """Smooth multiplicative intensity field, ``grid.shape`` float32.
 
-    ``1 + f`` with ``f`` white noise smoothed with sigma :data:`INTENSITY_FIELD_SMOOTHING_MM` mm
-    and scaled to peak at ``|f| = INTENSITY_FIELD_AMPLITUDE``.
+    ``1 + f`` with ``f`` white noise smoothed with sigma ``smoothing_mm`` mm and scaled to peak
+    at ``|f| = amplitude``.
     """
     field = ndimage.gaussian_filter(rng.standard_normal(grid.shape),
-                                    _sigma_voxels(grid, INTENSITY_FIELD_SMOOTHING_MM))
-    return (1 + INTENSITY_FIELD_AMPLITUDE * field / np.abs(field).max()).astype(np.float32)
+                                    sigma_voxels(grid, smoothing_mm))
+    return (1 + amplitude * field / np.abs(field).max()).astype(np.float32)
 
 
 def deform(volume: np.ndarray, displacement: np.ndarray) -> np.ndarray:
@@ -314,8 +319,8 @@ def _generate_subject(config: AtrophyCohortConfig, sessions: Sequence[SessionPla
                       anatomy: np.ndarray, patterns: np.ndarray, grid: Grid, out: Path) -> None:
     """Write the image and atrophy map of each session of one subject not yet on disk."""
     missing = [p for p in sessions
-               if not (_exists_with_shape(out / "images" / p.filename, grid.shape)
-                       and _exists_with_shape(out / "atrophy" / p.filename, grid.shape))]
+               if not (exists_with_shape(out / "images" / p.filename, grid.shape)
+                       and exists_with_shape(out / "atrophy" / p.filename, grid.shape))]
     if not missing:
         return
     subject = missing[0].subject
@@ -328,7 +333,7 @@ def _generate_subject(config: AtrophyCohortConfig, sessions: Sequence[SessionPla
         gm = subject_gm * (1 - atrophy)
         if subject_ageing is not None:
             gm *= 1 - ageing_loss(config.ageing, plan.age) * (1 + subject_ageing) / 2
-        noise_rng = _rng(config.seed, plan.subject, _NOISE, plan.session)
+        noise_rng = seeded_rng(config.seed, plan.subject, _NOISE, plan.session)
         image = _acquire(gm, subject_gm > 0, config.noise, noise_rng)
         if plan.qc_failure:
             image *= QC_FAILURE_MAXIMUM / image.max()
@@ -347,7 +352,7 @@ def _subject_anatomy(config: AtrophyCohortConfig, subject: int, anatomy: np.ndar
                      grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The subject's noiseless GM (before atrophy), its warped atrophy pattern and its warped
     ageing pattern (None without ageing)."""
-    rng = _rng(config.seed, subject, _ANATOMY)
+    rng = seeded_rng(config.seed, subject, _ANATOMY)
     displacement = smooth_displacement(rng, grid, config.deformation_mm)
     field = smooth_intensity_field(rng, grid)
     scale = np.clip(rng.normal(1.0, GM_SCALE_SD), 1 - GM_SCALE_LIMIT, 1 + GM_SCALE_LIMIT)
@@ -372,7 +377,7 @@ def _saturated_template(template: np.ndarray) -> np.ndarray:
 
 def _subject_sessions(config: AtrophyCohortConfig, subject: int, participant_id: str,
                       diagnosis: str, sessions: int, qc_failure: bool) -> list[SessionPlan]:
-    rng = _rng(config.seed, subject, _DEMOGRAPHICS)
+    rng = seeded_rng(config.seed, subject, _DEMOGRAPHICS)
     age = rng.uniform(*AGE_RANGE)
     sex = str(rng.choice(["F", "M"]))
     baseline = rng.uniform(*config.severity) if diagnosis == "AD" else 0.0
@@ -407,51 +412,3 @@ def _generator_record(config: AtrophyCohortConfig, regions: list[str], grid: Gri
             "months_between_sessions": MONTHS_BETWEEN_SESSIONS,
         },
     }
-
-
-def _write_once(path: Path, content: dict | pd.DataFrame) -> None:
-    """Write generator.json or cohort.tsv unless the file already holds this content.
-
-    A generator.json with another configuration (the output folder aside) is an error: the
-    images already there were generated with it and would be silently mixed with new ones.
-    """
-    if isinstance(content, pd.DataFrame):
-        if not (path.is_file() and path.read_text() == content.to_csv(sep="\t", index=False)):
-            write_tsv(path, content)
-        return
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        if existing == json.loads(json.dumps(content)):
-            return
-        _check_same_config(path, existing.get("config", {}), content["config"])
-    write_json(path, content)
-
-
-def _check_same_config(path: Path, existing: dict, requested: dict) -> None:
-    """Settings a later version added count as their default in an older generator.json."""
-    existing = with_defaults(AtrophyCohortConfig, existing)
-    changed = [f"{key}: {existing.get(key)!r} -> {requested[key]!r}" for key in requested
-               if key != "out" and existing.get(key) != requested[key]]
-    if changed:
-        raise ValueError(f"{path.parent} already holds a cohort generated with other settings "
-                         f"({'; '.join(changed)}); choose another folder or delete it")
-
-
-def _save_if_absent(path: Path, array: np.ndarray, grid: Grid) -> None:
-    if not _exists_with_shape(path, grid.shape):
-        save_nifti(path, array, grid.affine)
-
-
-def _exists_with_shape(path: Path, shape: tuple[int, ...]) -> bool:
-    """True if ``path`` is a NIfTI file of this shape (the header alone is read)."""
-    return path.is_file() and tuple(nib.load(path).shape) == tuple(shape)
-
-
-def _rng(seed: int, *key: int) -> np.random.Generator:
-    """Random stream for (seed, *key); negative seeds are taken modulo 2**64."""
-    return np.random.default_rng(np.random.SeedSequence(seed % 2**64, spawn_key=key))
-
-
-def _sigma_voxels(grid: Grid, sigma_mm: float) -> tuple[float, ...]:
-    """A Gaussian sigma in mm converted to voxels along each axis of ``grid``."""
-    return tuple(sigma_mm / size for size in grid.voxel_size)

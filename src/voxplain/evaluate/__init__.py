@@ -4,8 +4,8 @@ bootstrap CIs, localisation against a known truth, faithfulness curves, map simi
 domain transfer (paper 3), misclassified slices."""
 
 from voxplain.evaluate.classification import (bootstrap_metrics, chance_p_value,
-                                              classification_metrics, cross_validation_metrics,
-                                              prediction_metrics)
+                                              classification_metrics, confusion_matrices,
+                                              cross_validation_metrics, prediction_metrics)
 from voxplain.evaluate.faithfulness import faithfulness_curves
 from voxplain.evaluate.localisation import (localisation_auc, localisation_scores, pointing_game,
                                             relevance_mass_inside, truth_on_grid)
@@ -19,7 +19,7 @@ from voxplain.evaluate.stats import (cluster_table, one_sample_ttest, percentile
 from voxplain.evaluate.transfer import transfer_probabilities, transfer_table
 
 __all__ = ["bootstrap_metrics", "chance_p_value", "classification_metrics", "cluster_table",
-           "cosine_matrix", "cross_validation_metrics", "faithfulness_curves",
+           "confusion_matrices", "cosine_matrix", "cross_validation_metrics", "faithfulness_curves",
            "localisation_auc", "localisation_scores", "misclassified_slices",
            "model_randomisation_test", "one_sample_ttest", "passes_model_randomisation",
            "percentile_test", "pointing_game", "prediction_metrics", "prob_cnn",

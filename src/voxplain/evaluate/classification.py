@@ -421,3 +421,48 @@ def _encode(table: pd.DataFrame, classes: list[str],
     else:
         y_pred = y_score.argmax(axis=1)
     return y_true, y_pred, y_score
+
+
+def confusion_matrices(predictions: Mapping[tuple[int, int], pd.DataFrame],
+                       sources: Mapping[tuple[int, int], str] | None = None) -> pd.DataFrame:
+    """Confusion matrices of every model and their average over the models (paper 2, fig. 3:
+    "data averaged from 10 tests"), for any number of classes.
+
+    ``predictions`` maps ``(fold, run)`` to a prediction table (``diagnosis``, ``proba_CLASS``
+    columns, optionally ``predicted``), as :func:`cross_validation_metrics` takes them.
+
+    Returns:
+        A long table, columns ``scope, fold, run, true, predicted, count, fraction``: one row
+        per model (``scope == "fold"``) and cell, ``fraction`` = count / the true class's count
+        (the row-normalised matrix; NaN for a class absent from that model's table); then per
+        cell (``scope == "mean"``, fold and run empty) the mean count and the mean fraction over
+        the models (models without that true class left out of the fraction's mean).
+    """
+    if not predictions:
+        raise ValueError("no prediction table to evaluate")
+    rows, classes = [], None
+    for fold, run in sorted(predictions):
+        table = predictions[fold, run]
+        source = (sources or {}).get((fold, run), f"fold {fold} run {run}")
+        found = _classes_of(table, source, None)
+        if classes is not None and found != classes:
+            raise ValueError(f"{source}: classes {found} differ from the other models' {classes}")
+        classes = found
+        y_true, y_pred, _ = _encode(table, classes, source)
+        counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        np.add.at(counts, (y_true, y_pred), 1)
+        totals = counts.sum(1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fractions = np.where(totals > 0, counts / totals, np.nan)
+        for i, true in enumerate(classes):
+            for j, predicted in enumerate(classes):
+                rows.append({"scope": "fold", "fold": fold, "run": run, "true": true,
+                             "predicted": predicted, "count": int(counts[i, j]),
+                             "fraction": fractions[i, j]})
+    per_model = pd.DataFrame(rows)
+    mean = (per_model.groupby(["true", "predicted"], sort=False)[["count", "fraction"]]
+            .mean().reset_index().assign(scope="mean", fold=pd.NA, run=pd.NA))
+    table = pd.concat([per_model, mean[per_model.columns]], ignore_index=True)
+    table["fold"] = table["fold"].astype("Int64")
+    table["run"] = table["run"].astype("Int64")
+    return table

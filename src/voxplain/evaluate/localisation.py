@@ -18,6 +18,8 @@ an explanation can be *measured*, not only looked at. Conventions, shared by eve
   it (0.999 against the half-maximum region).
 - **Brain.** Scores are computed over brain voxels only (a boolean mask, e.g.
   :func:`voxplain.data.template.brain_mask`); background voxels are neither hits nor misses.
+  Voxels where the map has no value (NaN: the slices a slice model did not read) are left out
+  the same way by :func:`localisation_scores`.
 
 Scores:
 
@@ -222,6 +224,10 @@ def localisation_scores(attribution: np.ndarray, truth: np.ndarray, *, signed: b
     """
     values = relevance(attribution, signed)
     positive = true_region(truth, fraction)
+    mapped = np.isfinite(values)
+    if not mapped.all():  # voxels without a value are not scored
+        brain = mapped if brain is None else np.asarray(brain, dtype=bool) & mapped
+        values = np.where(mapped, values, 0.0)
     top = (top_region_hit_rate(values, atlas, regions, k) if atlas is not None and regions
            else float("nan"))
     return {"auc": localisation_auc(values, positive, brain),

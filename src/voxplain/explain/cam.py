@@ -132,8 +132,10 @@ class CAM(Explainer):
     Needs a network whose logits are ``W @ GAP(A) + b``: exactly one global average pooling
     module (adaptive average pooling to size 1) whose input ``A`` ``(n, K, *spatial)`` feeds one
     linear layer (dropout in between is allowed: it is the identity in eval mode), such as
-    :class:`~voxplain.models.networks.VGGGAP`. The structure is checked when the explainer is
-    built and, numerically, on every call (the logits must equal ``W @ mean(A) + b``).
+    :class:`~voxplain.models.networks.VGGGAP` or paper 2's VGG16, VGG19 and ResNet-50 with
+    their ``gap`` head (:mod:`voxplain.models.imagenet`). The structure is checked when the
+    explainer is built and, numerically, on every call (the logits must equal
+    ``W @ mean(A) + b``).
 
     Paper 2 writes CAM without a ReLU; we keep its positive part, like Grad-CAM, so the three
     maps share one convention (``signed = False``). With it, Grad-CAM at the GAP input equals
@@ -152,7 +154,8 @@ class CAM(Explainer):
         if len(pools) != 1 or len(linears) != 1:
             raise ValueError(
                 f"cam needs a network with global average pooling followed by one linear layer "
-                f"(e.g. vgg_gap); {type(model).__name__} has {len(pools)} global average pooling "
+                f"(e.g. vgg_gap, or vgg16, vgg19, resnet50 with head 'gap'); "
+                f"{type(model).__name__} has {len(pools)} global average pooling "
                 f"and {len(linears)} linear layers. Use grad_cam instead.")
         self.pool, self.linear = pools[0], linears[0]
 

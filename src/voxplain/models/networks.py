@@ -7,6 +7,9 @@
 - :class:`VGGGAP` — VGG-style blocks ending in global average pooling and a linear layer, the
   architecture CAM needs (paper 2, section 2.3).
 
+Paper 2's ImageNet networks (VGG16, VGG19, ResNet-50, torchvision's names) are in
+:mod:`voxplain.models.imagenet`.
+
 Every network exposes ``features`` (the convolutional part, whose modules Grad-CAM can target)
 and ``classifier``, flattens with :func:`torch.flatten` in ``forward`` (Captum's LRP fails on an
 ``nn.Flatten`` module) and returns logits ``(N, n_classes)``.

@@ -4,11 +4,19 @@
 the :class:`~voxplain.config.ModelConfig`, the class names and training metadata. Loading a
 pickle-based ``.pt``/``.pth`` checkpoint is refused unless it passes ``torch.load`` with
 ``weights_only=True``, which rejects arbitrary objects.
+
+Training may start from a local weights file (``ModelConfig.weights``, e.g. torchvision's ImageNet
+weights for paper 2's networks): :func:`initial_model` builds the network and loads the file's
+tensors whose name and shape match (:func:`load_weights_by_name`). :func:`load_model` never
+reads that file: a trained model's own ``model.safetensors`` replaces every tensor.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,8 @@ from torch import nn
 from voxplain.config import ModelConfig
 from voxplain.io import atomic_path, write_json
 from voxplain.models.registry import build_model
+
+log = logging.getLogger("voxplain")
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
@@ -105,15 +115,108 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Weights from a user file: safetensors, or a plain tensor checkpoint (``weights_only``).
 
     A pickle carrying anything but tensors and plain containers is refused by torch's
-    restricted unpickler; the error names the file.
+    restricted unpickler, before any of its code runs; the error names the file and the object
+    it would have had to create.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError or RuntimeError for unsafe files
-        raise ValueError(f"{path}: refused to load: not a plain tensor checkpoint ({error})") from None
+        raise ValueError(f"{path}: refused to load: not a plain tensor checkpoint; reading it "
+                         f"would need full unpickling, which can run any code "
+                         f"({_unpickling_reason(error)}). Save a state dict of tensors "
+                         "(torch.save(model.state_dict(), ...)) or a safetensors file") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
+        found = (f"keys {sorted(map(str, state))[:5]}" if isinstance(state, dict)
+                 else type(state).__name__)
+        raise ValueError(f"{path}: expected a mapping of parameter names to tensors, got {found}")
     return state
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """The line of torch's ``weights_only`` error that says which object was refused."""
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|$)", str(error),
+                      flags=re.MULTILINE)
+    return found.group(1).strip() if found else _first_line(error)
+
+
+@dataclass(frozen=True)
+class MatchedWeights:
+    """What :func:`load_weights_by_name` did: ``loaded`` (names), ``skipped`` (name, the
+    network's shape, the file's shape), ``missing`` (the network's tensors absent from the
+    file: they keep their initial values) and ``unexpected`` (the file's tensors the network
+    has no name for)."""
+
+    path: Path
+    loaded: list[str]
+    skipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    missing: list[str]
+    unexpected: list[str]
+
+    def summary(self) -> str:
+        """One line for the log: the count loaded, then the names skipped, missing, unexpected."""
+        parts = [f"{self.path}: {len(self.loaded)} tensors loaded by name"]
+        if self.skipped:
+            parts.append("skipped (shape differs, network vs file): " + ", ".join(
+                f"{name} {tuple(own)} vs {tuple(theirs)}" for name, own, theirs in self.skipped))
+        if self.missing:
+            parts.append("not in the file (initial values kept): " + ", ".join(self.missing))
+        if self.unexpected:
+            parts.append("not in the network (ignored): " + ", ".join(self.unexpected))
+        return "; ".join(parts)
+
+
+def load_weights_by_name(model: nn.Module, path: Path) -> MatchedWeights:
+    """Copy into ``model`` the tensors of the weights file ``path`` (safetensors, or a plain
+    state dict read with ``weights_only``, see :func:`load_state_dict_file`) whose name *and*
+    shape match one of its parameters or buffers; log (INFO) what was loaded, skipped, missing
+    and unexpected, and return it. A torchvision state dict fits paper 2's networks
+    (:mod:`voxplain.models.imagenet`) but for the tensors that depend on the task: a
+    1000-class head for 3 classes, a 3-channel first convolution for 1 channel.
+
+    Raises ``ValueError`` when no tensor matches (a file of another network), or when the
+    network has convolutions and none of their weights matches (e.g. 2D weights for a 3D
+    network: only biases, batch-norm statistics or hidden linear layers would load).
+    """
+    path = Path(path)
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    fitting = {name: tensor for name, tensor in state.items()
+               if name in own and tensor.shape == own[name].shape}
+    matched = MatchedWeights(  # in the network's order (a safetensors file sorts its names)
+        path, loaded=[name for name in own if name in fitting],
+        skipped=[(name, tuple(own[name].shape), tuple(state[name].shape))
+                 for name in own if name in state and name not in fitting],
+        missing=[name for name in own if name not in state],
+        unexpected=[name for name in state if name not in own])
+    network = type(model).__name__
+    if not fitting:
+        raise ValueError(f"{path}: no tensor matches {network} by name and shape (file: "
+                         f"{len(state)} tensors, e.g. {list(state)[:3]}; network: "
+                         f"{list(own)[:3]}; same names with other shapes: {len(matched.skipped)})")
+    convolutions = [skip for skip in matched.skipped if len(skip[1]) >= 3]
+    if convolutions and not any(own[name].ndim >= 3 for name in fitting):
+        name, ours, theirs = convolutions[0]
+        raise ValueError(f"{path}: no convolution weight of {network} matches by name and shape "
+                         f"(e.g. {name} {ours} vs {theirs} in the file: 2D weights for a 3D "
+                         f"network?); only {len(fitting)} biases, normalisation or fully "
+                         "connected tensors would load")
+    model.load_state_dict(fitting, strict=False)
+    log.info("initial weights %s", matched.summary())
+    return matched
+
+
+def initial_model(config: ModelConfig) -> nn.Module:
+    """The network of ``config`` as training starts from it: :func:`build_model`, then, when
+    ``config.weights`` names a file, its tensors loaded by name (:func:`load_weights_by_name`)."""
+    model = build_model(config)
+    if config.weights is not None:
+        load_weights_by_name(model, config.weights)
+    return model

@@ -233,6 +233,45 @@ def overlays_2d(rows: Sequence[tuple[str, np.ndarray, Mapping[str, np.ndarray]]]
     return figure
 
 
+def slice_strip(images: Sequence[np.ndarray], maps: Mapping[str, Sequence[np.ndarray]],
+                labels: Sequence[str], wrong: Sequence[bool], title: str = "") -> Figure:
+    """Slices of one session (columns) like paper 2 (figs. 5-6): the image, then each method's
+    map over it (rows); a misclassified slice's column is framed in red and its label names the
+    class it went to.
+
+    Args:
+        images: ``(H, W)`` per slice; maps: per method, ``(H, W)`` per slice (NaN: no map);
+        labels: a caption per slice (e.g. ``"45: RRMS 0.81"``); wrong: per slice.
+    """
+    rows = ["image", *maps]
+    styles = {name: map_style(list(slices), name, threshold_fraction=0.05)
+              for name, slices in maps.items()}  # one scale per method over the session
+    figure = Figure(figsize=(1.3 * len(images) + 0.8, 1.35 * len(rows) + 0.5))
+    axes = figure.subplots(len(rows), len(images), squeeze=False)
+    for column, (image, label, bad) in enumerate(zip(images, labels, wrong)):
+        for row, name in enumerate(rows):
+            ax = axes[row, column]
+            ax.imshow(image.T[::-1], cmap="gray", interpolation="nearest")
+            if name != "image":
+                values, style = np.asarray(maps[name][column], dtype=float), styles[name]
+                shown = np.ma.masked_where(~(np.abs(np.nan_to_num(values)) > style.threshold),
+                                           values)
+                ax.imshow(shown.T[::-1], cmap=style.cmap, vmin=style.vmin, vmax=style.vmax,
+                          alpha=0.6, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if row == 0:
+                ax.set_title(label, fontsize=6, color="red" if bad else "black")
+            for spine in ax.spines.values():
+                spine.set_edgecolor("red" if bad else "black")
+                spine.set_linewidth(2.0 if bad else 0.5)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return figure
+
+
 def curves(tables: Mapping[str, pd.DataFrame], panels: Sequence[tuple[str, Sequence[str]]],
            x: str = "epoch") -> Figure:
     """One panel per ``(title, columns)``: each column of each table against ``x``.

@@ -62,6 +62,7 @@ class Section:
     title: str
     blocks: list[Block] = field(default_factory=list)
     note: str = ""
+    applies: bool = True  # False: the section does not concern this run and is left out
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,10 @@ def classification_section(context: ReportContext) -> Section:
     elif cross_validation.is_file():
         section.blocks.append(Block("text", "No evaluation/classification.tsv: bootstrap 95% "
                                     "confidence intervals not computed yet."))
+    for name, what in (("confusion.tsv", "sessions"), ("confusion-slices.tsv", "slices")):
+        path = context.path("evaluation", name)
+        if path.is_file():
+            section.blocks.append(_confusion_block(context, read_tsv(path), name, what))
     found = fold_run_files(context.path("models"), "history.tsv")
     histories = {label: read_tsv(path)
                  for label, (_, _, path) in zip(column_labels(found), found)}
@@ -251,6 +256,63 @@ def classification_section(context: ReportContext) -> Section:
     if not section.blocks:
         section.note = "No trained model yet: `voxplain train` writes models/ and evaluation/."
     return section
+
+
+def _confusion_block(context: ReportContext, table: pd.DataFrame, name: str,
+                     what: str) -> Block:
+    """The confusion matrix averaged over the models (paper 2, fig. 3), row-normalised."""
+    mean = table[table.scope == "mean"]
+    classes = list(dict.fromkeys(mean.true))
+    matrix = mean.pivot(index="true", columns="predicted", values="fraction").loc[
+        classes, classes]
+    models = int((table.scope == "fold").sum() / max(1, len(classes) ** 2))
+    figure = figures.heatmap(matrix, f"{what}: rows true, columns predicted")
+    return context.figure(figure, name.removesuffix(".tsv"), f"Confusion matrix of the {what}, "
+                          f"row-normalised, averaged over {models} model(s) (evaluation/{name}; "
+                          "per fold in the same file).")
+
+
+def networks_section(context: ReportContext) -> Section:
+    """Paper 2's table 1: one row per run folder (this one and ``config.compare``), the
+    network, its head and initialisation, the validation loss and the test accuracy, mean and
+    SD over the folds or random splits."""
+    section = Section("networks", "Networks compared")
+    runs = [context.run.root, *(context.config.compare or [])]
+    if len(runs) < 2:  # one run folder: nothing to compare
+        section.applies = False
+        return section
+    rows = [network_row(Path(run)) for run in runs]
+    section.blocks.append(table_block(pd.DataFrame(rows), "Each run folder's network and "
+                                      "results, mean ± SD over its folds or splits "
+                                      "(evaluation/cross_validation.tsv; slice models: loss and "
+                                      "accuracy per slice, as paper 2's table 1, and the "
+                                      "subjects' soft vote)."))
+    return section
+
+
+def network_row(root: Path) -> dict[str, Any]:
+    """Table 1's row of one run folder (missing results are blank)."""
+    run = RunFolder(root)
+    train = run.read_config().get("train", {}) if run.config_file.is_file() else {}
+    model = train.get("model", {})
+    weights = model.get("weights")
+    row: dict[str, Any] = {"run": str(root), "network": model.get("name", ""),
+                           "head": model.get("head", ""),
+                           "initialisation": Path(weights).name if weights else "random"}
+    path = run.evaluation_file("cross_validation.tsv")
+    table = read_tsv(path) if path.is_file() else pd.DataFrame(columns=["subset"])
+    slices = "validation-slices" in set(table.subset)
+    columns = (("validation loss", "validation-slices" if slices else "validation", "loss"),
+               ("test accuracy", "test-slices" if slices else "test", "accuracy"),
+               ("test accuracy (subjects)" if slices else "", "test", "accuracy"),
+               ("test balanced accuracy", "test", "balanced_accuracy"))
+    for label, subset, metric in columns:
+        values = table.loc[table.subset == subset, metric] if metric in table else []
+        if label and len(values):
+            row[label] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
+        elif label:
+            row[label] = ""
+    return row
 
 
 def _key_label(value: Any) -> Any:
@@ -525,6 +587,98 @@ def _overlay_block(context: ReportContext, root: Path, methods: Sequence[str]) -
                           "(each map scaled by its own largest |value|; blue-red: signed).")
 
 
+# --- slice models (paper 2) ------------------------------------------------------------------
+
+#: Most slices shown per session in the slice figures (misclassified ones first).
+MAX_SLICE_COLUMNS = 12
+
+
+def slices_section(context: ReportContext) -> Section:
+    """Slice models (paper 2, 3.5 and figs. 5-6): per session, which slices went to which class,
+    and a session's slices with every method's maps, misclassified slices framed."""
+    section = Section("slices", "Slices")
+    view = context.run.slice_view()
+    if view is None:  # the models read whole images (no --slice-axis)
+        section.applies = False
+        return section
+    summary = context.path("evaluation", "slices.tsv")
+    if summary.is_file():
+        section.blocks.append(table_block(read_tsv(summary), "Per model and session: the "
+                                          "misclassified slices and the class each went to, and "
+                                          "the majority vote (evaluation/slices.tsv)."))
+    root = context.path("explanations")
+    keys = sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and fold_run_files(p, "slices.tsv")) if root.is_dir() else []
+    if not keys:
+        if not section.blocks:
+            section.note = ("No slice prediction evaluated or explained yet (`voxplain evaluate "
+                            "classification`, `voxplain explain`).")
+        return section
+    fold, run_index, first = fold_run_files(root / keys[0], "slices.tsv")[0]
+    slices = read_tsv(first)
+    for participant, session in _sessions_to_show(slices, context.config.max_sessions_2d):
+        block = _slice_block(context, view, keys, fold, run_index, slices, participant, session)
+        if block is not None:
+            section.blocks.append(block)
+    return section
+
+
+def _sessions_to_show(slices: pd.DataFrame, limit: int) -> list[tuple[str, str]]:
+    """Per diagnosis, the session with the most misclassified slices (then the first)."""
+    counts = (slices.assign(wrong=~slices.correct.astype(bool))
+              .groupby(["diagnosis", "participant_id", "session_id"], sort=True).wrong.sum()
+              .reset_index().sort_values("wrong", ascending=False, kind="stable"))
+    chosen = counts.drop_duplicates("diagnosis")
+    return list(zip(chosen.participant_id, chosen.session_id))[:limit]
+
+
+def _slice_block(context: ReportContext, view: Any, keys: Sequence[str], fold: int,
+                 run_index: int, slices: pd.DataFrame, participant: str,
+                 session: str) -> Block | None:
+    from voxplain.data.cohort import read_cohort_table
+    from voxplain.data.images import read_image
+
+    cohort = read_cohort_table(context.run.cohort_file).set_index(
+        ["participant_id", "session_id"])
+    if (participant, session) not in cohort.index:
+        return None
+    rows = slices[(slices.participant_id == participant) & (slices.session_id == session)]
+    wrong = rows[~rows.correct.astype(bool)]
+    right = rows[rows.correct.astype(bool)]
+    room = max(0, MAX_SLICE_COLUMNS - min(len(wrong), MAX_SLICE_COLUMNS // 2))
+    spread = right.iloc[np.unique(np.linspace(0, len(right) - 1, min(room, len(right)))
+                                  .round().astype(int))] if len(right) else right
+    shown = pd.concat([wrong.head(MAX_SLICE_COLUMNS // 2), spread]).sort_values("slice")
+    factor = int(context.run.read_config().get("train", {}).get("downsample", 1))
+    volume = downsample(read_image(Path(cohort.loc[(participant, session), "path"]))[0],
+                        factor, spatial_dims=3)[0]
+    cut = [np.take(volume, int(k), axis=view.axis) for k in shown.slice]
+    maps = {}
+    for key in keys:
+        folder = context.run.explanation_dir(key, fold, run_index)
+        index = folder / "index.tsv"
+        if not index.is_file():
+            continue
+        table = read_tsv(index)
+        match = table[(table.participant_id == participant) & (table.session_id == session)]
+        if match.empty:
+            continue
+        values = read_map(folder / match.path.iloc[0])[0]
+        maps[key] = [np.take(values, int(k), axis=view.axis) for k in shown.slice]
+    if not maps:
+        return None
+    labels = [f"{k}: {p} {q:.2f}" for k, p, q in zip(shown.slice, shown.predicted,
+                                                     shown.predicted_probability)]
+    figure = figures.slice_strip(cut, maps, labels, list(~shown.correct.astype(bool)),
+                                 f"{participant} {session} ({rows.diagnosis.iloc[0]}), fold "
+                                 f"{fold} run {run_index}")
+    return context.figure(figure, f"slices_{participant}_{session}",
+                          f"{participant} {session}, true class {rows.diagnosis.iloc[0]}: "
+                          f"{len(wrong)} of {len(rows)} slices misclassified (framed in red, "
+                          "label: slice, predicted class, its probability); rows: the first "
+                          "channel, then each explanation's map of that slice.")
+
+
 # --- robustness ----------------------------------------------------------------------------
 
 def matrix_of(table: pd.DataFrame) -> pd.DataFrame | None:
@@ -675,12 +829,13 @@ def findings_section(context: ReportContext) -> Section:
 #: Section order: findings and results first, how the run was made (cohort, configuration,
 #: software versions) last; the interactive viewers go between them (see ``build_report``).
 SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
-    findings_section, classification_section, localisation_section, explanations_section,
-    masks_section, robustness_section, statistics_section)
+    findings_section, classification_section, networks_section, localisation_section,
+    explanations_section, slices_section, masks_section, robustness_section, statistics_section)
 TRAILING_SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
     cohort_section, configuration_section)
 
 
 def all_sections(context: ReportContext, sections: Iterable[Callable[[ReportContext], Section]]
                  = SECTIONS) -> list[Section]:
-    return [build(context) for build in sections]
+    built = [build(context) for build in sections]
+    return [section for section in built if section.applies]

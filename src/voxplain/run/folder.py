@@ -48,6 +48,7 @@ from pydantic import BaseModel, ValidationError
 from voxplain.config import (DEFAULT_MIN_LAYER_SIZE, ExplainConfig, TrainConfig, config_values,
                              is_field, read_toml, to_toml)
 from voxplain.data.grid import Grid, downsample_affine, downsampled_shape
+from voxplain.data.slicing import SliceView
 from voxplain.io import leftover_files, read_tsv, visible, write_json, write_text
 
 log = logging.getLogger("voxplain")
@@ -55,7 +56,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 RECORDED_PACKAGES = ("voxplain", "torch", "numpy", "scipy", "pandas", "scikit-learn", "nibabel",
-                     "nilearn", "captum", "torchmetrics", "safetensors", "pydantic")
+                     "nilearn", "captum", "torchmetrics", "safetensors", "pydantic", "monai",
+                     "torchio")
 #: Settings that may change between a run and its resumption without changing its results
 #: (``run`` is the run folder's own path, which changes when the folder is moved or copied).
 RESUMABLE_FIELDS = frozenset({"device", "folds", "max_sessions", "run"})
@@ -111,6 +113,19 @@ class RunFolder:
         spatial = downsampled_shape(shape[1:], factor) if factor > 1 else tuple(shape[1:])
         affine = downsample_affine(affine, factor, len(spatial)) if factor > 1 else affine
         return Grid(tuple(spatial), np.asarray(affine)), shape[0]
+
+    def slice_view(self) -> SliceView | None:
+        """The slices a slice model reads (``grid.json``'s ``slices``), None for image models."""
+        if not self.grid_file.is_file():
+            return None
+        record = json.loads(self.grid_file.read_text()).get("slices")
+        return None if record is None else SliceView.from_record(record)
+
+    def refuse_slice_models(self, what: str) -> None:
+        """Refuse a step that needs models of whole images on a run of slice models."""
+        if self.slice_view() is not None:
+            raise RunFolderError(f"{self.root}: {what} needs models of whole images; this run's "
+                                 "models classify 2D slices of volumes (--slice-axis)")
 
     def check_training_grid(self, source: str | os.PathLike[str], image_shape: tuple[int, ...],
                             affine: np.ndarray) -> None:
@@ -333,9 +348,9 @@ def fold_run_files(base: str | os.PathLike[str], name: str) -> list[tuple[int, i
 
 
 def explanation_key(explain: ExplainConfig, cohort: str | os.PathLike[str] | None = None,
-                    reads_layer: bool = False) -> str:
+                    reads_layer: bool = False, subset: str = "validation") -> str:
     """Folder name under ``explanations/``: the method, then every setting that changes the
-    maps and differs from the default (layer, method options, target, group, cohort), so that
+    maps and differs from the default (layer, method options, target, group, cohort, subset), so that
     two settings never overwrite each other, e.g. ``grad_cam_layer-features.1.0.0``,
     ``integrated_gradients_n_steps-32_target-predicted``. ``reads_layer``: the method reads
     one layer (a class activation map), so ``min_layer_size`` changes its maps."""
@@ -351,6 +366,8 @@ def explanation_key(explain: ExplainConfig, cohort: str | os.PathLike[str] | Non
         key += f"_group-{explain.group}"
     if cohort is not None:
         key += f"_cohort-{cohort_label(cohort)}"
+    elif subset != "validation":
+        key += f"_subset-{subset}"
     return key
 
 

@@ -1,11 +1,15 @@
 """``voxplain evaluate classification``: metrics with bootstrap CIs of every model of a run
-folder (:func:`voxplain.evaluate.classification.cross_validation_metrics`), and for slice
-models (prediction tables with a ``slice`` column, paper 2, 3.5) the misclassified slices of
-every session (:mod:`voxplain.evaluate.slices`).
+folder (:func:`voxplain.evaluate.classification.cross_validation_metrics`), their confusion
+matrices per fold and averaged over folds (paper 2, fig. 3), and for slice models (prediction
+tables with a ``slice`` column, paper 2, 3.5) the misclassified slices of every session
+(:mod:`voxplain.evaluate.slices`).
 
-Writes ``RUN/evaluation/classification.tsv`` (and ``slices.tsv``, ``misclassified_slices.tsv``
-for slice models); records its settings as ``[evaluate_classification]`` (replaced at each run:
-the outputs are rewritten whole).
+Writes ``RUN/evaluation/classification.tsv`` and ``confusion.tsv`` (for slice models: of the
+sessions' soft votes, and ``classification-slices.tsv``, ``confusion-slices.tsv``,
+``slices.tsv``, ``misclassified_slices.tsv`` from the per-slice predictions
+``predictions-SUBSET-slices.tsv``, or from ``predictions-SUBSET.tsv`` when it has a ``slice``
+column); records its settings as ``[evaluate_classification]`` (replaced at each run: the
+outputs are rewritten whole).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pandas as pd
 from rich.progress import Progress
 
 from voxplain.config import ClassificationEvaluationConfig
-from voxplain.evaluate.classification import cross_validation_metrics
+from voxplain.evaluate.classification import confusion_matrices, cross_validation_metrics
 from voxplain.evaluate.slices import misclassified_slices, slice_summary
 from voxplain.io import read_tsv, write_tsv
 from voxplain.run import RunFolder, RunFolderError, fold_run_files
@@ -41,10 +45,21 @@ def run_classification(config: ClassificationEvaluationConfig,
                              "(run `voxplain train` first)")
     run.record_config("evaluate_classification", config, replace=True)
     predictions = {(fold, index): read_tsv(path) for fold, index, path in found}
+    sources = {(f, r): str(p) for f, r, p in found}
     table = cross_validation_metrics(predictions, config.n_boot, config.seed, config.level,
-                                     positive=config.positive,
-                                     sources={(f, r): str(p) for f, r, p in found})
+                                     positive=config.positive, sources=sources)
     write_tsv(run.evaluation_file("classification.tsv"), table)
+    write_tsv(run.evaluation_file("confusion.tsv"), confusion_matrices(predictions, sources))
+    found = fold_run_files(run.root / "models", f"predictions-{config.subset}-slices.tsv")
+    if found:  # a slice model: the tables above are the soft votes, these every slice
+        per_slice = {(fold, index): read_tsv(path) for fold, index, path in found}
+        sources = {(f, r): str(p) for f, r, p in found}
+        write_tsv(run.evaluation_file("classification-slices.tsv"), cross_validation_metrics(
+            per_slice, config.n_boot, config.seed, config.level, positive=config.positive,
+            sources=sources))
+        write_tsv(run.evaluation_file("confusion-slices.tsv"),
+                  confusion_matrices(per_slice, sources))
+        predictions = per_slice
     if all("slice" in frame.columns for frame in predictions.values()):
         slices = pd.concat([frame.assign(fold=fold, run=index)
                             for (fold, index), frame in predictions.items()], ignore_index=True)

@@ -19,9 +19,11 @@ from torch import nn
 from voxplain.config import TrainConfig
 from voxplain.data.cohort import Cohort, load_images
 from voxplain.data.grid import Grid
+from voxplain.data.slicing import SliceView
 from voxplain.models.device import resolve_device
 from voxplain.models.serialization import load_model
 from voxplain.run import RunFolder, RunFolderError
+from voxplain.train.trainer import Dataset, predict_proba, slice_rows, soft_vote
 
 __all__ = ["IDS", "FoldModel", "RunContext", "load_context", "progress_callback"]
 
@@ -49,6 +51,8 @@ class RunContext:
         grid: that grid (shape and affine).
         device: where the models run.
         source: the cohort TSV the images came from (the run's own ``cohort.tsv`` by default).
+        slices: the slices a slice model reads (paper 2), None when the models read the images
+            as they are; ``images`` and ``grid`` are then the volumes and their grid.
     """
 
     run: RunFolder
@@ -58,6 +62,7 @@ class RunContext:
     grid: Grid
     device: torch.device
     source: Path
+    slices: SliceView | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -81,6 +86,28 @@ class RunContext:
         """The images of ``rows`` (their ``image_index``), contiguous, in row order."""
         return np.ascontiguousarray(self.images[rows.image_index.to_numpy()])
 
+    def model_inputs(self, rows: pd.DataFrame) -> torch.Tensor:
+        """What the models read for ``rows``: their images, or all their kept slices
+        ``(n * S, C, H, W)``, session-major (:meth:`SliceView.to_slices`)."""
+        images = self.images_of(rows)
+        return torch.from_numpy(images) if self.slices is None else self.slices.to_slices(images)
+
+    def predict(self, model: nn.Module, rows: pd.DataFrame, batch_size: int
+                ) -> tuple[np.ndarray, pd.DataFrame | None, np.ndarray | None]:
+        """Class probabilities ``(n, K)`` of the sessions ``rows``; for a slice model the soft
+        vote (mean over the session's slices), with the per-slice rows (``slice`` column) and
+        their probabilities ``(n * S, K)``; otherwise None, None."""
+        if self.slices is None:
+            data = Dataset(rows, self.images, np.zeros(len(rows), dtype=np.int64))
+            return predict_proba(model, data, batch_size, self.device)[0], None, None
+        numbered = rows.assign(image_index=np.arange(len(rows)))
+        table = slice_rows(numbered, self.slices)
+        data = Dataset(table, self.model_inputs(rows).numpy(),
+                       np.zeros(len(table), dtype=np.int64))
+        probabilities = predict_proba(model, data, batch_size, self.device)[0]
+        return soft_vote(table, probabilities)[1], table.assign(image_index=np.repeat(
+            rows["image_index"].to_numpy(), self.slices.n_slices)), probabilities
+
     def models(self, folds: list[int] | None) -> Iterator[tuple[int, int, FoldModel]]:
         """``(fold, run, FoldModel)`` of the selected folds, loaded one at a time. Folds
         without a trained model are named and left out (:meth:`RunFolder.selected_models`)."""
@@ -101,7 +128,8 @@ def load_context(run: RunFolder | Path, device: str, progress: Progress | None =
     run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
     train = run.train_config()
     if cohort is None or isinstance(cohort, (str, Path)):
-        cohort = Cohort.from_tsv(run.cohort_file if cohort is None else Path(cohort))
+        cohort = Cohort.from_tsv(run.cohort_file if cohort is None else Path(cohort),
+                                 sequences=train.sequences)
     stack = load_images(cohort, train.downsample,
                         run.cache_dir if train.cache == "disk" else None,
                         progress_callback(progress, "loading cohort", len(cohort)))
@@ -109,7 +137,7 @@ def load_context(run: RunFolder | Path, device: str, progress: Progress | None =
         run.check_training_grid(cohort.source, stack.array.shape[1:], stack.affine)
     return RunContext(run, train, cohort.table, stack.array,
                       Grid(tuple(stack.array.shape[2:]), stack.affine), resolve_device(device),
-                      cohort.source)
+                      cohort.source, run.slice_view())
 
 
 def progress_callback(progress: Progress | None, description: str,

@@ -47,6 +47,7 @@ def run_cyce_train(config: CyCEStepConfig, progress: Progress | None = None) -> 
     """Train CyCE for every selected fold/run; one summary row per fold/run."""
     run = RunFolder(config.run)
     run.train_config()
+    run.refuse_slice_models("CyCE")
     run.record_config("cyce_train", config)
     context = load_context(run, config.device, progress)
     rows = []
@@ -111,6 +112,7 @@ def _summary(folder: Path, fold: int, run_index: int) -> dict[str, object]:
 def run_cyce_transfer(config: CyCETransferConfig, progress: Progress | None = None) -> pd.DataFrame:
     """Domain transfer (paper 3, 4.1) of every trained fold/run; writes ``transfer.tsv`` each."""
     run = RunFolder(config.run)
+    run.refuse_slice_models("CyCE")
     context = load_context(run, config.device, progress)
     run.record_config("cyce_transfer", config, replace=True)
     tables = []

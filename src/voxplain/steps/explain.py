@@ -36,6 +36,14 @@ Maps are NIfTI on the model's input grid, 2D maps too (one slice ``(H, W, 1)`` w
 holds the images' pixel spacing, :func:`voxplain.run.maps.write_map`), each 2D map with a grey
 PNG preview (:func:`preview`).
 
+Slice models (paper 2): every kept slice of a session is explained with its own target (the
+true class, the slice's own predicted class with ``target = "predicted"``, or a named class),
+and the slice maps are stacked back into one map per session on the volume grid
+(:meth:`voxplain.data.slicing.SliceView.to_volume`; slices that were not kept are NaN), so group
+maps, localisation and the statistics of paper 2 run on volumes. The index's ``predicted`` is
+the session's soft vote; ``slices.tsv`` beside it has one row per slice (``slice``, ``target``,
+``predicted``, probabilities, ``correct``): paper 2's misclassified slices.
+
 Resume: session maps already on disk are not recomputed; ``index.tsv`` is written last and marks
 a fold/run as finished. A fold/run an earlier version left unfinished may hold 2D session maps as
 ``.npy``: they are kept and indexed as they are (:func:`map_file_name`).
@@ -67,16 +75,18 @@ from voxplain.run import FoldSkipped, RunFolder, each_fold
 from voxplain.run.folder import explanation_key as key_of
 from voxplain.run.maps import read_map, write_map
 from voxplain.steps.context import IDS, RunContext, load_context
-from voxplain.train.trainer import Dataset, predict_proba
 
 log = logging.getLogger("voxplain")
 
 INDEX = "index.tsv"
+#: Per-slice predictions and targets of a slice model, beside the index.
+SLICES = "slices.tsv"
 
 
 def explanation_key(config: ExplainStepConfig) -> str:
     """Folder name under ``explanations/`` (:func:`voxplain.run.folder.explanation_key`)."""
-    return key_of(config.explain, config.cohort, reads_layer(config.explain.method))
+    return key_of(config.explain, config.cohort, reads_layer(config.explain.method),
+                  config.subset)
 
 
 def build_explainer(config: ExplainConfig, model: nn.Module,
@@ -150,11 +160,14 @@ def explain_section(key: str) -> str:
 
 def sessions_to_explain(context: RunContext, config: ExplainStepConfig,
                         fold: int) -> pd.DataFrame:
-    """Rows of the cohort table (with ``image_index``): the fold's validation sessions, or the
-    whole given cohort."""
+    """Rows of the cohort table (with ``image_index``): the fold's validation (or test)
+    sessions, or the whole given cohort."""
     if config.cohort is not None:
         return context.table.reset_index(names="image_index")
-    return context.rows(context.run.read_split(fold, "validation"))
+    if not context.run.split_file(fold, config.subset).is_file():
+        raise FoldSkipped(f"no {config.subset} subjects (splits/fold-{fold}/{config.subset}.tsv; "
+                          "test subjects come from --split random)")
+    return context.rows(context.run.read_split(fold, config.subset))
 
 
 def explain_model(context: RunContext, config: ExplainStepConfig, key: str, fold: int,
@@ -169,32 +182,40 @@ def explain_model(context: RunContext, config: ExplainStepConfig, key: str, fold
     rows = sessions_to_explain(context, config, fold)
     if rows.empty:
         raise FoldSkipped("no session to explain")
-    index = _predictions(context, config.explain, model, rows, classes)
+    index, slices = _predictions(context, config.explain, model, rows, classes)
     index.insert(3, "fold", fold)
     index.insert(4, "run", run_index)
-    spatial_dims = context.images.ndim - 2
-    model = for_batches(model, spatial_dims, config.explain.batch_size, context.device)
+    input_shape = tuple(context.model_inputs(rows.iloc[:1]).shape[1:])
+    model = for_batches(model, len(input_shape) - 1, config.explain.batch_size, context.device)
     method = build_explainer(config.explain, model, context.run.cyce_dir(fold, run_index))
     index["method"] = config.explain.method
     index["layer"], index["layer_shape"], index["layer_coarse"] = _layer(
-        method, context.images.shape[1:], f"{key} fold {fold} run {run_index}")
+        method, input_shape, f"{key} fold {fold} run {run_index}")
     index["path"] = [map_file_name(folder, f"{p}_{s}")
                      for p, s in zip(rows.participant_id, rows.session_id)]
     missing = np.flatnonzero([not (folder / path).is_file() for path in index.path])
     task = (progress.add_task(f"{key} fold {fold} run {run_index}", total=len(rows),
                               completed=len(rows) - len(missing)) if progress else None)
-    step = config.explain.batch_size
+    per_slice = 1 if context.slices is None else context.slices.n_slices
+    step = max(1, config.explain.batch_size // per_slice)  # sessions per call
+    targets = (index if slices is None else slices).target_index.to_numpy()
     for start in range(0, len(missing), step):
         chunk = missing[start:start + step]
-        x = torch.from_numpy(np.ascontiguousarray(
-            context.images[rows.image_index.to_numpy()[chunk]]))
-        maps = method.explain(x, torch.as_tensor(index.target_index.to_numpy()[chunk]))
-        for row, values in zip(chunk, maps[:, 0].cpu().numpy()):
+        wanted = (chunk[:, None] * per_slice + np.arange(per_slice)).ravel()
+        maps = method.explain(context.model_inputs(rows.iloc[chunk]),
+                              torch.as_tensor(targets[wanted]))[:, 0]
+        maps = (maps.cpu().numpy() if context.slices is None else
+                context.slices.to_volume(maps))
+        for row, values in zip(chunk, maps):
             _save(context.run.inside(folder / index.path[row]), values, context.grid)
         if progress is not None and task is not None:
             progress.advance(task, len(chunk))
     _group_maps(context.run, folder, index, bool(method.signed), config.explain.group,
                 context.grid)
+    if slices is not None:
+        slices.insert(3, "fold", fold)
+        slices.insert(4, "run", run_index)
+        write_tsv(folder / SLICES, slices.drop(columns="target_index"))
     write_tsv(folder / INDEX, index.drop(columns="target_index"))
     return index.drop(columns="target_index")
 
@@ -221,15 +242,26 @@ def _layer(method: Explainer, image_shape: tuple[int, ...], where: str) -> tuple
 
 
 def _predictions(context: RunContext, config: ExplainConfig, model: nn.Module,
-                 rows: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
-    """Ids, diagnosis, predicted class and probabilities, and the class to explain per row."""
-    data = Dataset(rows, context.images, np.zeros(len(rows), dtype=np.int64))
-    probabilities, _ = predict_proba(model, data, config.batch_size, context.device)
+                 rows: pd.DataFrame, classes: list[str]
+                 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Per session: ids, diagnosis, predicted class (a slice model's soft vote) and
+    probabilities, and the class to explain; for a slice model the same per slice (with
+    ``slice``), else None."""
+    probabilities, slice_rows, slice_probabilities = context.predict(model, rows,
+                                                                     config.batch_size)
+    table = _targets(config, rows, probabilities, classes)
+    if slice_rows is None or slice_probabilities is None:
+        return table, None
+    return table, _targets(config, slice_rows, slice_probabilities, classes)
+
+
+def _targets(config: ExplainConfig, rows: pd.DataFrame, probabilities: np.ndarray,
+             classes: list[str]) -> pd.DataFrame:
     predicted = probabilities.argmax(1)
     targets = np.array([resolve_target(config.target, classes, row.diagnosis, int(p),
                                        f"{row.participant_id} {row.session_id}")
                         for row, p in zip(rows.itertuples(), predicted)], dtype=np.int64)
-    table = rows[IDS].copy()
+    table = rows[IDS + (["slice"] if "slice" in rows else [])].reset_index(drop=True)
     table["target"] = [classes[t] for t in targets]
     table["target_index"] = targets
     table["predicted"] = [classes[p] for p in predicted]

@@ -50,6 +50,7 @@ def read_context(config: MaskStepConfig, section: str,
     """Check ``config`` against the run folder, record it as ``[section]``, load the cohort."""
     run = RunFolder(config.run)
     run.train_config()  # a clear error before anything else when no model was trained
+    run.refuse_slice_models(f"[{section}] (paper 1's masks)")
     for _, _, folder in run.model_dirs():
         classes = read_model_json(folder)["classes"]
         target_class(config.mask, classes, masked_class(config, classes))

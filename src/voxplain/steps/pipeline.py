@@ -43,6 +43,7 @@ from rich.progress import Progress
 from voxplain.config import (AtrophyCohortConfig, ClassificationEvaluationConfig, CyCEStepConfig,
                              CyCETransferConfig, ExplainStepConfig, GroupMaskStepConfig,
                              LesionCohortConfig, LocalisationStepConfig, MaskGridConfig,
+                             MSCohortConfig,
                              PredictConfig, ReportConfig, RobustnessConfig,
                              SessionMaskStepConfig, StatsConfig, StudyAnalyseConfig,
                              StudyExportConfig, StudyMakeConfig, TrainConfig, is_field,
@@ -50,7 +51,7 @@ from voxplain.config import (AtrophyCohortConfig, ClassificationEvaluationConfig
 from voxplain.steps.classification import run_classification
 from voxplain.steps.cyce import run_cyce_train, run_cyce_transfer
 from voxplain.steps.explain import run_explain
-from voxplain.steps.generate import run_generate_atrophy, run_generate_lesions
+from voxplain.steps.generate import run_generate_atrophy, run_generate_lesions, run_generate_ms
 from voxplain.steps.localisation import run_localisation
 from voxplain.steps.masks import run_group_masks, run_mask_grid, run_session_masks
 from voxplain.steps.predict import run_predict
@@ -86,6 +87,7 @@ class Step:
 STEPS: dict[str, Step] = {
     "generate_atrophy": Step(AtrophyCohortConfig, run_generate_atrophy),
     "generate_lesions": Step(LesionCohortConfig, run_generate_lesions),
+    "generate_ms": Step(MSCohortConfig, run_generate_ms),
     "train": Step(TrainConfig, run_train),
     "predict": Step(PredictConfig, run_predict),
     "mask_group": Step(GroupMaskStepConfig, run_group_masks),

@@ -14,7 +14,7 @@ from voxplain.evaluate.classification import classification_metrics
 from voxplain.io import write_tsv
 from voxplain.run import RunFolder, cohort_label
 from voxplain.steps.context import load_context
-from voxplain.train.trainer import Dataset, predict_proba, prediction_table
+from voxplain.train.trainer import prediction_table
 
 log = logging.getLogger("voxplain")
 
@@ -32,19 +32,23 @@ def run_predict(config: PredictConfig, progress: Progress | None = None) -> pd.D
     """
     run = RunFolder(config.run)
     train = run.train_config()
-    cohort = Cohort.from_tsv(config.cohort, train.diagnosis_column, config.caps, train.caps_group)
+    cohort = Cohort.from_tsv(config.cohort, train.diagnosis_column, config.caps, train.caps_group,
+                             train.sequences)
     context = load_context(run, config.device, progress, cohort)
     run.record_config(f"predict_{cohort_label(config.cohort)}", config, replace=True)
-    data = Dataset(cohort.table.assign(image_index=np.arange(len(cohort))), context.images,
-                   np.zeros(len(cohort), dtype=np.int64))
-    tables = []
+    rows = cohort.table.assign(image_index=np.arange(len(cohort)))
+    tables, slice_tables = [], []
     for fold, run_index, fitted in context.models(None):
         classes = fitted.classes
-        probabilities, _ = predict_proba(fitted.model, data, config.batch_size, context.device)
-        table = prediction_table(data, probabilities, classes)
-        table.insert(3, "fold", fold)
-        table.insert(4, "run", run_index)
-        tables.append(table)
+        probabilities, slices, slice_probabilities = context.predict(fitted.model, rows,
+                                                                     config.batch_size)
+        for table, out in ((prediction_table(rows, probabilities, classes), tables),
+                           *([] if slices is None else
+                             [(prediction_table(slices, slice_probabilities, classes),
+                               slice_tables)])):
+            table.insert(3, "fold", fold)
+            table.insert(4, "run", run_index)
+            out.append(table)
         if set(cohort.table["diagnosis"]) <= set(classes):
             scores = classification_metrics(encode_labels(cohort.table, classes, cohort.source),
                                             probabilities)
@@ -53,6 +57,9 @@ def run_predict(config: PredictConfig, progress: Progress | None = None) -> pd.D
     predictions = pd.concat(tables, ignore_index=True)
     out = config.out or run.predictions_file(config.cohort)
     write_tsv(out, predictions)
+    if slice_tables:  # a slice model: the soft vote above, every slice beside it
+        write_tsv(out.with_name(out.name.removesuffix(".tsv") + "-slices.tsv"),
+                  pd.concat(slice_tables, ignore_index=True))
     log.info("predictions of %d model(s) on %d session(s) written to %s", len(tables),
              len(cohort), out)
     return predictions

@@ -55,7 +55,7 @@ def run_stats(config: StatsConfig, progress: Progress | None = None) -> pd.DataF
     if run.config_file.is_file():
         run.record_config(f"stats_{config.method}", config, replace=True)
     grid = map_grid(sessions.path.iloc[0])
-    brain = _brain(grid)
+    brain = _mapped(_brain(grid), sessions.path.iloc[0])
     out = run.stats_dir(config.method)
     moments = {group: VoxelMoments.start(grid.shape, brain) for group in groups}
     records = []
@@ -131,6 +131,17 @@ def _brain(grid: Grid) -> np.ndarray | None:
         log.warning("the MNI brain mask is empty on this grid: every voxel is tested")
         return None
     return brain
+
+
+def _mapped(brain: np.ndarray | None, path: str) -> np.ndarray | None:
+    """``brain`` without the voxels the maps leave undefined (NaN): the slices a slice model
+    did not read (paper 2 drops the slices without brain), which hold no evidence to test."""
+    finite = np.isfinite(read_map(path))
+    if finite.all():
+        return brain
+    log.info("%s: %d voxel(s) without a value (slices the model did not read) are not tested",
+             path, int((~finite).sum()))
+    return finite if brain is None else brain & finite
 
 
 def _enough(moments: VoxelMoments, test: str) -> bool:

@@ -4,6 +4,13 @@ Reads and checks the cohort (quality check of paper 1, 2.3.1), writes ``cohort.t
 ``qc_rejected.tsv``, ``grid.json`` and the subject-level splits, then trains every fold x run
 with :func:`voxplain.train.trainer.train_fold` into ``models/fold-K/run-R``; finished models
 are skipped, an interrupted one resumes from its epoch checkpoint.
+
+Splits: k-fold (``splits/fold-K/{train,validation}.tsv``) or repeated random splits
+(``--split random``: ``fold-K`` is the K-th split, with a ``test.tsv`` too). Slice models
+(``--slice-axis``, paper 2): the volumes are cut into the slices of a :class:`SliceView`
+(recorded in ``grid.json`` under ``slices``: axis, kept indices, resize), every slice of a
+subset's sessions is a sample, and the split files stay per session (a subject's slices are
+never in two subsets).
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ from rich.progress import Progress
 from voxplain.config import TrainConfig
 from voxplain.data.cohort import (Cohort, CohortError, ImageStack, class_counts, class_names,
                                   encode_labels, load_images, quality_check)
+from voxplain.data.slicing import SliceView, foreground_slices, slice_axis_index
 from voxplain.io import read_tsv, write_json, write_tsv
 from voxplain.models.checkpoint import remove_checkpoint
 from voxplain.models.device import resolve_device
 from voxplain.run import RunFolder
 from voxplain.steps.context import IDS, progress_callback
-from voxplain.train.splits import baseline_sessions, subject_folds
-from voxplain.train.trainer import Dataset, train_fold
+from voxplain.train.splits import Fold, baseline_sessions, random_splits, subject_folds
+from voxplain.train.trainer import Dataset, slice_rows, train_fold
 
 log = logging.getLogger("voxplain")
 
@@ -45,7 +53,8 @@ class PreparedCohort:
 def prepare_cohort(config: TrainConfig, run: RunFolder, progress: Progress | None) -> PreparedCohort:
     """Read, check, load and quality-check the training cohort; nothing is written to the run
     folder (but the image cache), so a cohort that fails its checks leaves no record."""
-    cohort = Cohort.from_tsv(config.cohort, config.diagnosis_column, config.caps, config.caps_group)
+    cohort = Cohort.from_tsv(config.cohort, config.diagnosis_column, config.caps, config.caps_group,
+                             config.sequences)
     stack = _load(cohort, config, run, progress, "training cohort")
     table = cohort.table.assign(image_index=np.arange(len(cohort)), max_value=stack.maxima)
     passed = quality_check(stack.maxima, _qc_threshold(config, cohort))
@@ -65,9 +74,10 @@ def prepare_cohort(config: TrainConfig, run: RunFolder, progress: Progress | Non
     return PreparedCohort(kept, stack, classes, rejected)
 
 
-def write_cohort_tables(config: TrainConfig, run: RunFolder, prepared: PreparedCohort) -> None:
-    """``cohort.tsv`` (kept sessions), ``qc_rejected.tsv`` and ``grid.json`` (the grid the
-    models take: spatial shape and affine after downsampling, channels)."""
+def write_cohort_tables(config: TrainConfig, run: RunFolder, prepared: PreparedCohort,
+                        view: SliceView | None = None) -> None:
+    """``cohort.tsv`` (kept sessions), ``qc_rejected.tsv`` and ``grid.json`` (the images' grid
+    after downsampling: spatial shape, affine, channels; and the slices a slice model reads)."""
     write_tsv(run.qc_rejected_file, prepared.rejected)
     if len(prepared.rejected):
         log.warning("quality check: %d session(s) with maximum < %s rejected (%s)",
@@ -75,7 +85,49 @@ def write_cohort_tables(config: TrainConfig, run: RunFolder, prepared: PreparedC
     write_tsv(run.cohort_file, prepared.cohort.table.drop(columns="image_index"))
     write_json(run.grid_file, {"shape": list(prepared.stack.array.shape[2:]),
                                "channels": int(prepared.stack.array.shape[1]),
-                               "affine": np.asarray(prepared.stack.affine).tolist()})
+                               "affine": np.asarray(prepared.stack.affine).tolist(),
+                               **({"slices": view.record()} if view else {})})
+
+
+def slice_view(config: TrainConfig, stack: ImageStack, rows: pd.DataFrame) -> SliceView | None:
+    """The slices a slice model reads (None without ``slice_axis``): the axis found from the
+    affine, ``slice_range`` or the slices holding brain in the mean image of ``rows``."""
+    if config.slice_axis == "none":
+        return None
+    if stack.array.ndim != 5:
+        raise CohortError(f"{config.cohort}: --slice-axis cuts 3D volumes; the images are 2D")
+    axis = slice_axis_index(config.slice_axis, stack.affine)
+    extent = stack.array.shape[2 + axis]
+    if config.slice_range is not None:
+        first, last = config.slice_range
+        if last >= extent:
+            raise CohortError(f"{config.cohort}: slice range {first}-{last} leaves the "
+                              f"{extent} {config.slice_axis} slices of the training grid")
+        indices = list(range(first, last + 1))
+    else:
+        mean = np.zeros(stack.array.shape[2:])
+        for index in rows["image_index"]:
+            mean += np.asarray(stack.array[index], dtype=np.float64).mean(0)
+        indices = foreground_slices(mean, axis, config.slice_min_foreground)
+    view = SliceView(axis, tuple(indices), tuple(stack.array.shape[2:]),  # type: ignore[arg-type]
+                     config.slice_size)
+    log.info("%s slices %d-%d of %d (voxel axis %d), %s per slice", config.slice_axis,
+             indices[0], indices[-1], extent, axis, "x".join(map(str, view.slice_shape)))
+    return view
+
+
+def splits(config: TrainConfig, table: pd.DataFrame) -> list[Fold]:
+    """The subject-level folds of ``config.split``."""
+    if config.split == "random":
+        return random_splits(table, config.n_folds, config.split_fractions, config.split_seed)
+    return subject_folds(table, config.n_folds, config.split_seed)
+
+
+def _sliced(fold: Fold, view: SliceView | None) -> Fold:
+    if view is None:
+        return fold
+    return Fold(fold.index, slice_rows(fold.train, view), slice_rows(fold.validation, view),
+                None if fold.test is None else slice_rows(fold.test, view))
 
 
 def _qc_threshold(config: TrainConfig, cohort: Cohort) -> float | None:
@@ -100,20 +152,26 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> pd.DataF
     device = resolve_device(config.device)
     prepared = prepare_cohort(config, run, progress)
     cohort, stack, classes = prepared.cohort, prepared.stack, prepared.classes
-    folds = subject_folds(cohort.table, config.n_folds, config.split_seed)
-    test = _test_dataset(config, run, cohort, classes, progress)
+    if config.split == "random" and config.test is not None:
+        raise CohortError(f"{config.test}: random splits hold out their own test subjects; "
+                          "classify another cohort with `voxplain predict` instead")
+    folds = splits(config, cohort.table)
+    view = slice_view(config, stack, cohort.table)
+    test = _test_dataset(config, run, cohort, classes, progress, view)
     # recorded once the inputs are known to be usable: a failed command leaves no record that
     # would refuse the corrected one; a resumed run is checked before anything is rewritten
     run.record_config("train", config)
     for folder in (run.root / "models", run.root / "splits", run.evaluation_dir):
         run.remove_leftovers(folder)
-    write_cohort_tables(config, run, prepared)
+    write_cohort_tables(config, run, prepared, view)
     for fold in folds:
-        write_tsv(run.split_file(fold.index, "train"), fold.train[SPLIT_COLUMNS])
-        write_tsv(run.split_file(fold.index, "validation"), fold.validation[SPLIT_COLUMNS])
+        for subset in ("train", "validation", "test"):
+            if getattr(fold, subset) is not None:
+                write_tsv(run.split_file(fold.index, subset), getattr(fold, subset)[SPLIT_COLUMNS])
+    images = stack.array if view is None else view.to_slices(stack.array).numpy()
     model_config = config.model.model_copy(update={
         "in_channels": cohort.image_shape[0], "n_classes": len(classes),
-        "input_shape": list(stack.array.shape[2:])})
+        "input_shape": list(images.shape[2:])})
     for fold in folds:
         for run_index in range(config.runs):
             folder = run.model_dir(fold.index, run_index)
@@ -121,19 +179,30 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> pd.DataF
                 log.info("fold %d run %d already trained: skipped", fold.index, run_index)
                 remove_checkpoint(folder)  # left by a kill between metrics.tsv and its removal
                 continue
-            train_fold(config, model_config, classes, fold, run_index, stack.array, folder,
-                       device, test, progress)
+            train_fold(config, model_config, classes, _sliced(fold, view), run_index, images,
+                       folder, device, test or _fold_test(fold, view, images, classes, config),
+                       progress)
     summary = pd.concat([read_tsv(folder / "metrics.tsv") for _, _, folder in run.model_dirs()],
                         ignore_index=True)
     write_tsv(run.evaluation_file("cross_validation.tsv"), summary)
     return summary
 
 
+def _fold_test(fold: Fold, view: SliceView | None, images: np.ndarray, classes: list[str],
+               config: TrainConfig) -> Dataset | None:
+    """The test subjects of a random split (None for k-fold)."""
+    if fold.test is None:
+        return None
+    table = fold.test if view is None else slice_rows(fold.test, view)
+    return Dataset(table, images, encode_labels(table, classes, config.cohort))
+
+
 def _test_dataset(config: TrainConfig, run: RunFolder, cohort: Cohort, classes: list[str],
-                  progress: Progress | None) -> Dataset | None:
+                  progress: Progress | None, view: SliceView | None = None) -> Dataset | None:
     if config.test is None:
         return None
-    test = Cohort.from_tsv(config.test, config.diagnosis_column, config.caps, config.caps_group)
+    test = Cohort.from_tsv(config.test, config.diagnosis_column, config.caps, config.caps_group,
+                           config.sequences)
     if test.image_shape != cohort.image_shape or not np.allclose(test.affine, cohort.affine,
                                                                   atol=1e-4):
         raise CohortError(f"{config.test}: images have shape {test.image_shape[1:]} and affine "
@@ -146,4 +215,7 @@ def _test_dataset(config: TrainConfig, run: RunFolder, cohort: Cohort, classes: 
     passed = quality_check(stack.maxima, _qc_threshold(config, test))
     table = test.table.assign(image_index=np.arange(len(test)))[passed]
     table = baseline_sessions(table).reset_index(drop=True)
+    if view is not None:
+        return Dataset(slice_rows(table, view), view.to_slices(stack.array).numpy(),
+                       encode_labels(slice_rows(table, view), classes, config.test))
     return Dataset(table, stack.array, encode_labels(table, classes, config.test))

@@ -1,4 +1,5 @@
-"""Subject-level stratified k-fold cross-validation (paper 1, section 2.2.1).
+"""Subject-level stratified splits: k-fold cross-validation (paper 1, section 2.2.1) and
+repeated random train/validation/test splits (paper 2, section 2.2: 65/15/20, ten times).
 
 Subjects, not sessions, are split, so no subject is in two subsets. Stratification uses each
 subject's baseline diagnosis (its earliest session, see :func:`session_order`). Training uses
@@ -12,16 +13,18 @@ import re
 from dataclasses import dataclass
 
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 
 @dataclass(frozen=True)
 class Fold:
-    """Sessions of one fold: ``train`` (all sessions) and ``validation`` (baseline only)."""
+    """Sessions of one fold: ``train`` (all sessions), ``validation`` (baseline only) and, for
+    a random split, ``test`` (baseline only; None for k-fold)."""
 
     index: int
     train: pd.DataFrame
     validation: pd.DataFrame
+    test: pd.DataFrame | None = None
 
 
 def session_order(session_id: str) -> tuple[tuple[str | int, ...], str]:
@@ -56,10 +59,8 @@ def subject_folds(table: pd.DataFrame, n_folds: int, seed: int = 2) -> list[Fold
     Raises:
         ValueError: a diagnosis has fewer subjects than folds.
     """
-    subjects = baseline_sessions(table)
+    subjects = _two_diagnoses(table)
     counts = subjects["diagnosis"].value_counts()
-    if len(counts) < 2:
-        raise ValueError(f"cross-validation needs two diagnoses; all subjects are {counts.index[0]}")
     if counts.min() < n_folds:
         raise ValueError(f"{n_folds}-fold cross-validation needs at least {n_folds} subjects per "
                          f"diagnosis; subjects per diagnosis: {counts.to_dict()}")
@@ -74,3 +75,60 @@ def subject_folds(table: pd.DataFrame, n_folds: int, seed: int = 2) -> list[Fold
             validation=subjects.iloc[validation_idx].sort_index(),
         ))
     return folds
+
+
+def random_splits(table: pd.DataFrame, n_splits: int,
+                  fractions: tuple[float, float, float] = (0.65, 0.15, 0.20),
+                  seed: int = 2) -> list[Fold]:
+    """``n_splits`` stratified subject-level train/validation/test splits (paper 2: 65/15/20,
+    "splitting the whole dataset 10 times consecutively, each with a new portion of samples but
+    the same sample size"); split ``i`` is drawn with ``random_state = seed + i``.
+
+    Each subset is stratified by the subjects' baseline diagnosis; test fraction 0 gives
+    train/validation splits only (``test`` None).
+
+    Raises:
+        ValueError: fractions that do not sum to 1, or a diagnosis with too few subjects to put
+            one in every subset.
+    """
+    train_fraction, validation_fraction, test_fraction = fractions
+    if abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    subjects = _two_diagnoses(table)
+    counts = subjects["diagnosis"].value_counts()
+    needed = 2 + (test_fraction > 0)
+    if counts.min() < needed:
+        raise ValueError(f"a random split needs at least {needed} subjects per diagnosis (one "
+                         f"per subset); subjects per diagnosis: {counts.to_dict()}")
+    folds = []
+    for index in range(n_splits):
+        state = seed + index
+        rest, test = (subjects, None) if test_fraction == 0 else train_test_split(
+            subjects, test_size=_at_least_one(test_fraction, subjects),
+            stratify=subjects["diagnosis"], random_state=state)
+        share = validation_fraction / (train_fraction + validation_fraction)
+        train, validation = train_test_split(
+            rest, test_size=_at_least_one(share, rest), stratify=rest["diagnosis"],
+            random_state=state)
+        folds.append(Fold(
+            index=index,
+            train=table[table["participant_id"].isin(set(train["participant_id"]))],
+            validation=validation.sort_index(),
+            test=None if test is None else test.sort_index(),
+        ))
+    return folds
+
+
+def _at_least_one(fraction: float, subjects: pd.DataFrame) -> int:
+    """A subset size: ``fraction`` of the subjects, rounded, and at least one per diagnosis
+    (stratification needs it)."""
+    n_classes = subjects["diagnosis"].nunique()
+    return max(n_classes, int(round(fraction * len(subjects))))
+
+
+def _two_diagnoses(table: pd.DataFrame) -> pd.DataFrame:
+    subjects = baseline_sessions(table)
+    counts = subjects["diagnosis"].value_counts()
+    if len(counts) < 2:
+        raise ValueError(f"cross-validation needs two diagnoses; all subjects are {counts.index[0]}")
+    return subjects

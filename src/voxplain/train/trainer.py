@@ -12,6 +12,13 @@ told from chance (permutation p-value of its validation balanced accuracy above
 ``chance_alpha``) is flagged (``at_chance`` in metrics.tsv) and named in a warning. Every
 fold/run is resumable: finished ones are skipped, an interrupted one continues from its last
 epoch checkpoint.
+
+Slice models (paper 2): a :class:`Dataset` may hold one row per slice (a ``slice`` column, the
+slice's voxel index in its volume); training, early stopping and model selection then work on
+slices, and the evaluation of a subset reports both levels: ``predictions-SUBSET-slices.tsv``
+and the metrics of subset ``SUBSET-slices`` per slice, ``predictions-SUBSET.tsv`` and the
+metrics of ``SUBSET`` per session by soft vote (the mean of the class probabilities over the
+session's slices, :func:`soft_vote`).
 """
 
 from __future__ import annotations
@@ -31,11 +38,11 @@ from torch import nn
 
 from voxplain.config import ModelConfig, TrainConfig
 from voxplain.data.cohort import encode_labels
+from voxplain.data.slicing import SliceView
 from voxplain.evaluate.classification import chance_p_value, classification_metrics
 from voxplain.io import write_tsv
 from voxplain.models.layout import for_batches
-from voxplain.models.registry import build_model
-from voxplain.models.serialization import save_model
+from voxplain.models.serialization import initial_model, save_model
 from voxplain.train.augment import augment
 from voxplain.models.checkpoint import (TrainingState, load_checkpoint, remove_checkpoint,
                                        save_checkpoint)
@@ -64,13 +71,44 @@ class Dataset:
             yield torch.from_numpy(images), torch.from_numpy(self.labels[rows])
 
 
+def slice_rows(table: pd.DataFrame, view: SliceView) -> pd.DataFrame:
+    """One row per kept slice of each session of ``table`` (session-major, slices in order),
+    with ``slice`` (voxel index in the volume) and ``image_index`` pointing into
+    ``view.to_slices`` of the volumes ``table.image_index`` pointed to."""
+    n = view.n_slices
+    repeated = table.loc[table.index.repeat(n)].copy()
+    repeated["slice"] = np.tile(np.asarray(view.indices, dtype=np.int64), len(table))
+    repeated["image_index"] = (np.repeat(table["image_index"].to_numpy(), n) * n
+                               + np.tile(np.arange(n), len(table)))
+    return repeated
+
+
+def slice_dataset(data: Dataset, view: SliceView, images: np.ndarray) -> Dataset:
+    """``data`` (one row per session) as one row per slice, reading ``images``, the slices
+    ``view.to_slices(volumes)`` of the volumes ``data`` reads."""
+    return Dataset(slice_rows(data.table, view), images, np.repeat(data.labels, view.n_slices))
+
+
+def soft_vote(table: pd.DataFrame, probabilities: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-session rows (first row of each session, without ``slice``) and the mean class
+    probabilities ``(sessions, K)`` over each session's slices, in the table's session order."""
+    keys = ["participant_id", "session_id"]
+    codes, _ = pd.MultiIndex.from_frame(table[keys]).factorize()
+    counts = np.bincount(codes)
+    sums = np.zeros((len(counts), probabilities.shape[1]))
+    np.add.at(sums, codes, probabilities)
+    first = table.drop(columns=[c for c in ("slice",) if c in table]).iloc[
+        np.unique(codes, return_index=True)[1]]
+    return first.reset_index(drop=True), sums / counts[:, None]
+
+
 def train_fold(config: TrainConfig, model_config: ModelConfig, classes: list[str], fold: Fold,
                run_index: int, images: np.ndarray, folder: Path, device: torch.device,
                test: Dataset | None = None, progress: Progress | None = None) -> None:
     """Train one model of one fold, resuming from ``folder``'s checkpoint if there is one."""
     seed = config.seed + run_index
     torch.manual_seed(seed)
-    model = for_batches(build_model(model_config).to(device), images.ndim - 2,
+    model = for_batches(initial_model(model_config).to(device), images.ndim - 2,
                         config.batch_size, device)  # channels-last on the CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
                                  weight_decay=config.weight_decay)
@@ -91,7 +129,7 @@ def train_fold(config: TrainConfig, model_config: ModelConfig, classes: list[str
         order = rng.permutation(len(train.table))
         train_loss, train_accuracy, steps = _train_epoch(
             model, optimizer, train, order, config.batch_size, device,
-            partial(augment, kind=config.augmentation, rng=rng), weights)
+            partial(augment, kinds=config.augmentation, rng=rng), weights)
         state.steps += steps
         probabilities, validation_loss = predict_proba(model, validation, config.batch_size,
                                                        device)
@@ -194,13 +232,23 @@ def predict_proba(model: nn.Module, data: Dataset, batch_size: int,
     return np.concatenate(outputs), total_loss / len(data.table)
 
 
-def prediction_table(data: Dataset, probabilities: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Per-session probabilities: ids, diagnosis, ``proba_CLASS`` columns, ``predicted``."""
-    table = data.table[SPLIT_COLUMNS].reset_index(drop=True).copy()
+def prediction_table(data: Dataset | pd.DataFrame, probabilities: np.ndarray,
+                     classes: list[str]) -> pd.DataFrame:
+    """Per-session (or per-slice: with ``slice``) probabilities: ids, diagnosis, ``slice``,
+    ``proba_CLASS`` columns, ``predicted``."""
+    rows = data.table if isinstance(data, Dataset) else data
+    columns = SPLIT_COLUMNS + (["slice"] if "slice" in rows else [])
+    table = rows[columns].reset_index(drop=True).copy()
     for i, name in enumerate(classes):
         table[f"proba_{name}"] = probabilities[:, i]
     table["predicted"] = [classes[i] for i in probabilities.argmax(axis=1)]
     return table
+
+
+def _cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of probabilities (clipped away from 0)."""
+    picked = probabilities[np.arange(len(labels)), labels]
+    return float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
 
 
 def _finish(folder: Path, model: nn.Module, model_config: ModelConfig, classes: list[str],
@@ -212,18 +260,29 @@ def _finish(folder: Path, model: nn.Module, model_config: ModelConfig, classes: 
         "best_epoch": state.best_epoch, "downsample": config.downsample})
     write_tsv(folder / "history.tsv", pd.DataFrame(state.history))
     rows = []
+
+    def evaluated(subset: str, table: pd.DataFrame, labels: np.ndarray,
+                  probabilities: np.ndarray, loss: float) -> None:
+        write_tsv(folder / f"predictions-{subset}.tsv", prediction_table(table, probabilities,
+                                                                         classes))
+        p_value = chance_p_value(labels, probabilities.argmax(1), seed=config.seed)
+        rows.append({"fold": fold.index, "run": run_index, "subset": subset,
+                     "best_epoch": state.best_epoch, "epochs": len(state.history),
+                     "steps": state.steps, "loss": loss,
+                     **classification_metrics(labels, probabilities),
+                     "chance_p": p_value, "at_chance": not p_value <= config.chance_alpha})
+
     for subset, data in (("validation", validation), ("test", test)):
         if data is None:
             continue
         probabilities, loss = predict_proba(model, data, config.batch_size, device)
-        write_tsv(folder / f"predictions-{subset}.tsv", prediction_table(data, probabilities,
-                                                                         classes))
-        p_value = chance_p_value(data.labels, probabilities.argmax(1), seed=config.seed)
-        rows.append({"fold": fold.index, "run": run_index, "subset": subset,
-                     "best_epoch": state.best_epoch, "epochs": len(state.history),
-                     "steps": state.steps, "loss": loss,
-                     **classification_metrics(data.labels, probabilities),
-                     "chance_p": p_value, "at_chance": not p_value <= config.chance_alpha})
+        if "slice" not in data.table:
+            evaluated(subset, data.table, data.labels, probabilities, loss)
+            continue
+        sessions, voted = soft_vote(data.table, probabilities)
+        labels = encode_labels(sessions, classes, config.cohort)
+        evaluated(subset, sessions, labels, voted, _cross_entropy(voted, labels))
+        evaluated(f"{subset}-slices", data.table, data.labels, probabilities, loss)
     write_tsv(folder / "metrics.tsv", pd.DataFrame(rows))
     remove_checkpoint(folder)
     validation_row = rows[0]
