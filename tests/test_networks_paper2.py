@@ -55,6 +55,21 @@ def test_parameter_counts_are_torchvisions_in_2d_with_the_original_heads(name):
     assert parameter_count(model) == TORCHVISION_PARAMETERS[name]
 
 
+def test_batch_norm_vggs_are_torchvisions_vgg_bn_in_count_and_names():
+    # torchvision's published counts of vgg16_bn and vgg19_bn (3 channels, 1000 classes)
+    counts = {"vgg16": 138_365_992, "vgg19": 143_678_248}
+    for name, count in counts.items():
+        model = on_meta(name=name, batch_norm=True, input_shape=[224, 224], in_channels=3,
+                        n_classes=1000)
+        assert parameter_count(model) == count
+    keys = on_meta(name="vgg16", batch_norm=True, input_shape=[64, 64], n_classes=3).state_dict()
+    # vgg16_bn: conv 0, bn 1, relu 2, conv 3, bn 4, relu 5, pool 6, conv 7, ...
+    assert {"features.0.weight", "features.1.running_var", "features.3.weight",
+            "features.4.weight", "features.7.weight", "features.41.weight"} <= set(keys)
+    with pytest.raises(ValueError, match="batch_norm applies to vgg16 and vgg19"):
+        ModelConfig(name="resnet50", batch_norm=True)
+
+
 def test_the_other_heads_count_what_they_add_to_the_convolutions():
     convolutions = {"vgg16": 14_714_688, "vgg19": 20_024_384}  # features of torchvision's VGGs
     for name, features in convolutions.items():

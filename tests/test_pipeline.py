@@ -34,6 +34,27 @@ def test_the_demo_pipeline_is_valid_and_runs_the_steps_in_file_order(monkeypatch
     assert planned[3].config.folds == [0] and planned[3].config.max_sessions == 8
 
 
+def test_the_paper_2_pipeline_is_valid_and_trains_each_network_into_its_own_run(monkeypatch,
+                                                                                tmp_path):
+    monkeypatch.chdir(tmp_path)
+    planned = read_pipeline(REPOSITORY / "pipelines" / "paper2.toml")
+    trains = [step.config for step in planned if step.name == "train"]
+    assert [(t.model.name, t.model.head) for t in trains] == [
+        ("vgg19", "gap"), ("vgg16", "gap"), ("vgg19", "fc"), ("resnet50", "gap"),
+        ("resnet50", "fc")]
+    assert len({t.run for t in trains}) == 5
+    for train in trains:
+        assert train.sequences == ["t1", "t2", "flair"] and train.slice_axis == "axial"
+        assert train.split == "random" and train.split_fractions == (0.65, 0.15, 0.2)
+    explain = [step.config for step in planned if step.name == "explain"]
+    assert {e.explain.method for e in explain} == {"cam", "grad_cam", "grad_cam_pp"}
+    assert all(e.subset == "test" and e.run == tmp_path / "paper2" / "vgg19_gap"
+               for e in explain)
+    report = planned[-1].config
+    assert report.compare == [tmp_path / "paper2" / n for n in
+                              ("vgg16_gap", "vgg19_fc", "resnet50_gap", "resnet50_fc")]
+
+
 def test_tables_named_verb_suffix_run_that_verb():
     assert step_name("explain_grad_cam_layer-features.1") == "explain"
     assert step_name("stats_integrated_gradients") == "stats"

@@ -319,6 +319,10 @@ class ModelConfig(Section):
     hidden_units: int | None = Field(
         None, ge=1, description="fc head: units of each hidden layer (default 4096, VGG's)."
     )
+    batch_norm: bool | None = Field(
+        None, description="vgg16, vgg19: batch-norm after every convolution (torchvision's "
+        "vgg16_bn, vgg19_bn; trains from random weights where plain VGG stalls)."
+    )
     weights: Path | None = Field(
         None, description="Initial weights matched by name and shape (e.g. torchvision's "
         "ImageNet weights): a .safetensors file or a plain state dict .pt/.pth (read with "
@@ -336,6 +340,9 @@ class ModelConfig(Section):
         if given and self.name not in HEADED_MODELS:
             raise ValueError(f"{', '.join(given)} apply to {', '.join(HEADED_MODELS)}, not to "
                              f"model {self.name!r}")
+        if self.batch_norm is not None and self.name not in ("vgg16", "vgg19"):
+            raise ValueError(f"batch_norm applies to vgg16 and vgg19 (the other networks have "
+                             f"their own normalisation), not to model {self.name!r}")
         return self
 
 

@@ -24,6 +24,7 @@ from voxplain.config import PredictConfig, TrainConfig
      "augmentation", "downsample", "sequences", "slice_axis", "slice_range",
      "slice_min_foreground", "slice_size", "split", "split_fractions", "qc_threshold", "cache", "device", "model.name",
      "model.channels", "model.dropout", "model.head", "model.pool_size", "model.hidden_units",
+     "model.batch_norm",
      "model.weights"],
     flags={"run": ("--run", "--out"), "n_folds": ("--n-folds", "--folds"),
            "model.name": "--model"})

@@ -104,7 +104,9 @@ class VGG(nn.Module):
     ``channels``: the 5 block widths (default 64, 128, 256, 512, 512); ``convs_per_block`` must
     be the configuration's own (None). ``head``: ``"fc"`` (default, the original) or ``"gap"``.
     ``pool_size`` (fc head): output size per axis of ``avgpool`` (default 7 in 2D, 3 in 3D);
-    ``hidden_units`` (fc head): default 4096. Every axis of ``input_shape`` needs at least 32
+    ``hidden_units`` (fc head): default 4096. ``batch_norm``: a batch-norm between every
+    convolution and its ReLU (torchvision's ``vgg16_bn``/``vgg19_bn``, same indices, so their
+    weights load by name). Every axis of ``input_shape`` needs at least 32
     voxels with the fc head (5 max-pools of 2), 16 with the gap head (4).
     """
 
@@ -116,7 +118,7 @@ class VGG(nn.Module):
     def __init__(self, input_shape: Sequence[int], in_channels: int = 3, n_classes: int = 1000,
                  channels: Sequence[int] | None = None, convs_per_block: Sequence[int] | None = None,
                  dropout: float = 0.5, head: str | None = None, pool_size: int | None = None,
-                 hidden_units: int | None = None) -> None:
+                 hidden_units: int | None = None, batch_norm: bool = False) -> None:
         super().__init__()
         spatial_dims = len(input_shape)
         _check_dims(spatial_dims)
@@ -136,7 +138,8 @@ class VGG(nn.Module):
         previous = in_channels
         for width, count in zip(widths, self.convs):
             for _ in range(count):
-                layers += [_CONV[spatial_dims](previous, width, 3, padding=1), nn.ReLU()]
+                layers += [_CONV[spatial_dims](previous, width, 3, padding=1),
+                           *([_NORM[spatial_dims](width)] if batch_norm else []), nn.ReLU()]
                 previous = width
             layers.append(_MAXPOOL[spatial_dims](2, 2))
         self.features = nn.Sequential(*(layers if head == "fc" else layers[:-1]))
@@ -152,7 +155,7 @@ class VGG(nn.Module):
                                                    hidden_units or DEFAULT_HIDDEN_UNITS,
                                                    n_classes, dropout)
         self.head = head
-        _init_convolutions(self.features)
+        _init_convolutions(self.features)  # batch-norm weights 1, biases 0 (torchvision)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, n_classes)`` of images ``(N, C, *spatial)``."""

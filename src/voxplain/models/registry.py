@@ -24,7 +24,8 @@ def build_model(config: ModelConfig) -> nn.Module:
     if config.input_shape is None:
         raise ValueError("model config needs input_shape (the spatial shape of the images)")
     # passed only when set: the networks without a choice of head do not take them
-    heads = {key: getattr(config, key) for key in HEAD_FIELDS if getattr(config, key) is not None}
+    heads = {key: getattr(config, key) for key in (*HEAD_FIELDS, "batch_norm")
+             if getattr(config, key) is not None}
     return NETWORKS[config.name](
         input_shape=config.input_shape, in_channels=config.in_channels,
         n_classes=config.n_classes, channels=config.channels,

@@ -623,6 +623,16 @@ def slices_section(context: ReportContext) -> Section:
     return section
 
 
+def _short_label(context: ReportContext, key: str) -> str:
+    """A row label of a figure: the method and, when not the true class, its target."""
+    described = context.path("explanations", key, "explanation.json")
+    if not described.is_file():
+        return key
+    record = json.loads(described.read_text())
+    target = record.get("target", "true")
+    return record["method"] + ("" if target == "true" else f"\n({target})")
+
+
 def _sessions_to_show(slices: pd.DataFrame, limit: int) -> list[tuple[str, str]]:
     """Per diagnosis, the session with the most misclassified slices (then the first)."""
     counts = (slices.assign(wrong=~slices.correct.astype(bool))
@@ -654,7 +664,8 @@ def _slice_block(context: ReportContext, view: Any, keys: Sequence[str], fold: i
                         factor, spatial_dims=3)[0]
     cut = [np.take(volume, int(k), axis=view.axis) for k in shown.slice]
     maps = {}
-    for key in keys:
+    labels = {key: _short_label(context, key) for key in keys}
+    for key in sorted(keys, key=lambda k: ("\n" in labels[k], labels[k])):  # true class first
         folder = context.run.explanation_dir(key, fold, run_index)
         index = folder / "index.tsv"
         if not index.is_file():
@@ -664,12 +675,12 @@ def _slice_block(context: ReportContext, view: Any, keys: Sequence[str], fold: i
         if match.empty:
             continue
         values = read_map(folder / match.path.iloc[0])[0]
-        maps[key] = [np.take(values, int(k), axis=view.axis) for k in shown.slice]
+        maps[labels[key]] = [np.take(values, int(k), axis=view.axis) for k in shown.slice]
     if not maps:
         return None
-    labels = [f"{k}: {p} {q:.2f}" for k, p, q in zip(shown.slice, shown.predicted,
-                                                     shown.predicted_probability)]
-    figure = figures.slice_strip(cut, maps, labels, list(~shown.correct.astype(bool)),
+    captions = [f"{k}: {p} {q:.2f}" for k, p, q in zip(shown.slice, shown.predicted,
+                                                       shown.predicted_probability)]
+    figure = figures.slice_strip(cut, maps, captions, list(~shown.correct.astype(bool)),
                                  f"{participant} {session} ({rows.diagnosis.iloc[0]}), fold "
                                  f"{fold} run {run_index}")
     return context.figure(figure, f"slices_{participant}_{session}",
