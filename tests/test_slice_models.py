@@ -4,6 +4,7 @@ soft vote, and the steps end to end on a tiny three-class cohort."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -307,3 +308,11 @@ def test_the_report_compares_networks_in_table_1s_layout(slice_run, tmp_path):
     assert "Networks compared" in page.read_text()
     alone = build_report(ReportConfig(run=run, out=tmp_path / "alone", dpi=40)).read_text()
     assert "Networks compared" not in alone
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    pd.DataFrame({"key": ["grad_cam", "grad_cam", "grad_cam", "cam", "grad_cam_target-predicted"],
+                  "method": ["grad_cam", "grad_cam", "grad_cam", "cam", "grad_cam"],
+                  "diagnosis": ["RRMS", "SPMS", "CN", "RRMS", "RRMS"],
+                  "auc": [0.6, 0.8, np.nan, 0.1, 0.2]}).to_csv(
+        copy / "evaluation" / "localisation_sessions.tsv", sep="\t", index=False)
+    assert network_row(copy)["Grad-CAM localisation AUC"] == "0.700 (n=2)"

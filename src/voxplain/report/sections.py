@@ -286,12 +286,15 @@ def networks_section(context: ReportContext) -> Section:
                                       "results, mean ± SD over its folds or splits "
                                       "(evaluation/cross_validation.tsv; slice models: loss and "
                                       "accuracy per slice, as paper 2's table 1, and the "
-                                      "subjects' soft vote)."))
+                                      "subjects' soft vote); the Grad-CAM maps' localisation "
+                                      "against each session's ground truth where scored "
+                                      "(evaluation/localisation_sessions.tsv)."))
     return section
 
 
 def network_row(root: Path) -> dict[str, Any]:
-    """Table 1's row of one run folder (missing results are blank)."""
+    """Table 1's row of one run folder (missing results are blank), with the mean session
+    localisation AUC of its Grad-CAM maps of the true class where they were scored."""
     run = RunFolder(root)
     train = run.read_config().get("train", {}) if run.config_file.is_file() else {}
     model = train.get("model", {})
@@ -312,6 +315,13 @@ def network_row(root: Path) -> dict[str, Any]:
             row[label] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
         elif label:
             row[label] = ""
+    scored = run.evaluation_file("localisation_sessions.tsv")
+    if scored.is_file():  # paper 2: better classifiers, better heatmaps?
+        table = read_tsv(scored)
+        # maps of the true class: keys without a target setting (explanation_key)
+        grad_cam = table[(table.method == "grad_cam") & ~table.key.str.contains("_target-")]
+        auc = grad_cam.auc.dropna()
+        row["Grad-CAM localisation AUC"] = f"{auc.mean():.3f} (n={len(auc)})" if len(auc) else ""
     return row
 
 
