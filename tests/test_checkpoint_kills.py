@@ -262,13 +262,15 @@ def test_training_killed_at_any_rename_resumes_to_the_uninterrupted_result(kill_
 
 @pytest.mark.slow
 def test_group_mask_killed_at_any_rename_resumes_to_the_uninterrupted_result(kill_trials):
-    # config.toml, environment.json, 3 epoch checkpoints, mask.nii.gz, loss, image_losses,
-    # qc_flags, summary.json (the marker) and its rewrite by the run-level quality check; killed
-    # after each, and before the first checkpoint and the marker
+    # config.toml, environment.json, 3 epoch checkpoints (of the first pass, in first/: QC
+    # step 2 may re-optimise without a flagged image; none is flagged here, so there is no
+    # second pass and the first pass's results land in the fold's folder), mask.nii.gz, loss,
+    # image_losses, qc_flags, summary.json (the marker) and its rewrite by the run-level quality
+    # check; killed after each, and before the first checkpoint and the marker
     record = _assert_resumed_runs_equal_the_uninterrupted_one(kill_trials, "group_mask",
                                                               ignored={"environment.json"})
     renames = record["renames"]
-    assert renames[2:5] == ["masks/group/fold-0/run-0/checkpoint.safetensors"] * 3
+    assert renames[2:5] == ["masks/group/fold-0/run-0/first/checkpoint.safetensors"] * 3
     assert renames[9] == "masks/group/fold-0/run-0/summary.json" and len(renames) == 11
     assert len(record["trials"]) == len(renames) + len(BEFORE["group_mask"])
 

@@ -69,22 +69,58 @@ def test_session_masks_cover_validation_subjects_only(trained_run):
 def test_one_at_a_time_grid_varies_each_hyperparameter_around_the_mask_settings(tmp_path):
     config = MaskGridConfig(run=tmp_path, l1=[1e-3, 1e-4], l2=[1e-3, 1e-2], b1=[0.1, 2.0],
                             b2=[1.0, 3.0], design="one-at-a-time", mask={"l2": 1e-3})
-    # centre (1e-4, 1e-3, 0.1, 1) once, then one hyperparameter away from it at a time
-    assert grid_settings(config) == [(1e-3, 1e-3, 0.1, 1.0), (1e-4, 1e-3, 0.1, 1.0),
-                                     (1e-4, 1e-2, 0.1, 1.0), (1e-4, 1e-3, 2.0, 1.0),
-                                     (1e-4, 1e-3, 0.1, 3.0)]
+    # centre (1e-4, 1e-3, 0.1, 1) once, then one hyperparameter away from it at a time, at the
+    # [mask] learning rate
+    assert grid_settings(config) == [(1e-3, 1e-3, 0.1, 1.0, 0.1), (1e-4, 1e-3, 0.1, 1.0, 0.1),
+                                     (1e-4, 1e-2, 0.1, 1.0, 0.1), (1e-4, 1e-3, 2.0, 1.0, 0.1),
+                                     (1e-4, 1e-3, 0.1, 3.0, 0.1)]
     full = grid_settings(config.model_copy(update={"design": "full"}))
-    assert len(full) == 2**4 and (1e-3, 1e-2, 2.0, 3.0) in full
+    assert len(full) == 2**4 and (1e-3, 1e-2, 2.0, 3.0, 0.1) in full
+    rates = config.model_copy(update={"learning_rate": [0.1, 0.01]})
+    assert grid_settings(rates)[-1] == (1e-4, 1e-3, 0.1, 1.0, 0.01)
+    assert len(grid_settings(rates.model_copy(update={"design": "full"}))) == 2**5
 
 
 def test_grid_keys_masks_by_their_hyperparameters(trained_run):
+    """Paper 1, fig. 4: a learning rate of 0.01 beside the [mask] one (0.1); the settings at
+    the [mask] learning rate keep the folder names of grids without that dimension."""
+    from voxplain.run import RunFolder
+    from voxplain.run.maps import grid_masks
+
     config = MaskGridConfig(run=trained_run, folds=[2], device="cpu", b1=[0.1, 1.0],
-                            mask={"max_epochs": 2, "batch_size": 8})
+                            learning_rate=[0.1, 0.01], mask={"max_epochs": 2, "batch_size": 8})
     table = run_mask_grid(config)
-    assert sorted(table.b1) == [0.1, 1.0]
-    for setting in ("l1-0.0001_l2-0.01_b1-0.1_b2-1", "l1-0.0001_l2-0.01_b1-1_b2-1"):
-        assert (trained_run / "masks/grid" / setting / "fold-2/run-0/mask.nii.gz").is_file()
-    assert (trained_run / "masks/grid/summary.tsv").is_file()
+    assert sorted(table.b1) == [0.1, 0.1, 1.0, 1.0]
+    assert sorted(table.learning_rate) == [0.01, 0.01, 0.1, 0.1]
+    grid = trained_run / "masks/grid"
+    for setting in ("l1-0.0001_l2-0.01_b1-0.1_b2-1", "l1-0.0001_l2-0.01_b1-1_b2-1",
+                    "l1-0.0001_l2-0.01_b1-0.1_b2-1_lr-0.01", "l1-0.0001_l2-0.01_b1-1_b2-1_lr-0.01"):
+        assert (grid / setting / "fold-2/run-0/mask.nii.gz").is_file()
+    slow, fast = (nib.load(grid / setting / "fold-2/run-0/mask.nii.gz").get_fdata()
+                  for setting in ("l1-0.0001_l2-0.01_b1-0.1_b2-1_lr-0.01",
+                                  "l1-0.0001_l2-0.01_b1-0.1_b2-1"))
+    assert not np.array_equal(slow, fast)
+    assert (grid / "summary.tsv").is_file()
+    found = grid_masks(RunFolder(trained_run))
+    assert sorted(zip(found.b1, found.learning_rate)) == [(0.1, 0.01), (0.1, 0.1), (1.0, 0.01),
+                                                          (1.0, 0.1)]
+
+
+def test_grid_folders_without_a_learning_rate_read_as_the_recorded_one(tmp_path):
+    """A grid written before the learning rate was a dimension: its folders used the [mask]
+    learning rate of [mask_grid]."""
+    from voxplain.run import RunFolder
+    from voxplain.run.maps import grid_masks
+
+    run = tmp_path / "run"
+    for setting in ("l1-0.0001_l2-0.01_b1-0.1_b2-1", "l1-0.0001_l2-0.1_b1-0.1_b2-1_lr-0.01"):
+        path = _summary(run, f"grid/{setting}", 0, 0.01)
+        (path.parent / "mask.nii.gz").write_bytes(b"")  # listed, not read
+    found = grid_masks(RunFolder(run))
+    assert found[["l2", "learning_rate"]].values.tolist() == [[0.01, 0.1], [0.1, 0.01]]
+    (run / "config.toml").write_text("[mask_grid]\nrun = \"run\"\n\n[mask_grid.mask]\n"
+                                     "learning_rate = 0.05\n")
+    assert grid_masks(RunFolder(run)).learning_rate.tolist() == [0.05, 0.01]
 
 
 def test_a_target_index_outside_the_classes_is_refused(trained_run):

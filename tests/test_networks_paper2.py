@@ -185,12 +185,12 @@ def test_settings_that_do_not_apply_are_refused_with_the_reason():
 
 
 @pytest.mark.parametrize(("name", "layer"), [("vgg19", "features.35"), ("vgg16", "features.29"),
-                                             ("resnet50", "layer4.2")])
+                                             ("resnet50", "layer4.2.relu3")])
 @pytest.mark.parametrize("head", ["gap", "fc"])
 def test_the_default_cam_layer_is_the_activated_output_of_the_last_block(name, layer, head):
     """Paper 2, fig. 1: VGG19 ``block5_conv4`` (with its ReLU) at 16x16 for 256x256 inputs. For
-    ResNet-50 the last bottleneck's output, after its final ReLU (that ReLU module runs three
-    times per block, so the block itself is named)."""
+    ResNet-50 the last bottleneck's output, after its final ReLU (``relu3``, whose output is
+    the block's)."""
     model = on_meta(name=name, head=head, input_shape=[256, 256], in_channels=3, n_classes=3)
     grid = (8, 8) if name == "resnet50" else (16, 16)
     assert choose_cam_layer(model, (256, 256), 3) == LayerChoice(layer, grid, False)
@@ -202,8 +202,10 @@ def test_the_default_cam_layer_on_real_tensors_at_the_smallest_fine_grids(one_th
     vgg = build_model(ModelConfig(name="vgg19", head="gap", input_shape=[64, 64]))
     assert choose_cam_layer(vgg, (64, 64), 1) == LayerChoice("features.35", (4, 4), False)
     resnet = build_model(ModelConfig(name="resnet50", input_shape=[128, 128]))
-    assert choose_cam_layer(resnet, (128, 128), 1) == LayerChoice("layer4.2", (4, 4), False)
-    assert choose_cam_layer(resnet, (64, 64), 1) == LayerChoice("layer3.5", (4, 4), False)
+    assert choose_cam_layer(resnet, (128, 128), 1) == LayerChoice("layer4.2.relu3", (4, 4), False)
+    # at 64x64 the last stage is 2x2: the deepest activated map of 4x4 is the first block of
+    # layer 4 before its strided 3x3 convolution (relu1), deeper than layer 3's output
+    assert choose_cam_layer(resnet, (64, 64), 1) == LayerChoice("layer4.0.relu1", (4, 4), False)
 
 
 def test_grad_cam_at_the_last_bottleneck_agrees_with_captum(one_thread):
@@ -394,3 +396,16 @@ def test_training_starts_from_the_weights_file(cohort_tsv, tmp_path, one_thread)
     assert len(convolutions) == 13
     for key in convolutions:  # one epoch at a learning rate of 1e-9 leaves the file's weights
         torch.testing.assert_close(trained[key], source[key], atol=1e-6, rtol=0)
+
+
+def test_deeplift_shap_runs_on_resnet50_whose_relus_are_not_reused():
+    # Captum's DeepLift refuses a ReLU module called several times in one forward pass (the
+    # torchvision Bottleneck's single `relu`); three modules keep torchvision's state dict
+    from voxplain.explain.methods import explainer
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="resnet50", channels=SMALL["resnet50"], input_shape=[32, 32],
+                                    in_channels=3, n_classes=3, dropout=0.0)).eval()
+    maps = explainer("deeplift_shap", model).explain(torch.rand(2, 3, 32, 32), target=[0, 1])
+    assert maps.shape == (2, 1, 32, 32) and torch.isfinite(maps).all()
+    assert not any(key.endswith("relu.weight") for key in model.state_dict())

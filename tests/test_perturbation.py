@@ -55,13 +55,14 @@ def test_regularisers_do_not_depend_on_the_number_of_voxels():
     assert smoothness_term(constant, 1.0, 1e-3).item() == 0
 
 
-def test_smoothness_term_is_the_mean_of_gradient_norms_to_the_b2():
+def test_isotropic_smoothness_term_is_the_mean_of_euclidean_gradient_norms_to_the_b2():
     mask = torch.tensor([[0.0, 1.0, 1.0], [2.0, 4.0, 0.0], [1.0, 1.0, 1.0]])[None, None]
     # forward differences on the 2x2 interior: (d_row, d_col) per voxel
     pairs = [(2.0, 1.0), (3.0, 0.0), (-1.0, 2.0), (-3.0, -4.0)]
     norms = [math.hypot(a, b) for a, b in pairs]
-    assert smoothness_term(mask, 1.0, EPS).item() == pytest.approx(sum(norms) / 4, rel=1e-6)
-    assert smoothness_term(mask, 2.0, EPS).item() == pytest.approx(
+    assert smoothness_term(mask, 1.0, EPS, "isotropic").item() == pytest.approx(
+        sum(norms) / 4, rel=1e-6)
+    assert smoothness_term(mask, 2.0, EPS, "isotropic").item() == pytest.approx(
         sum(n ** 2 for n in norms) / 4, rel=1e-6)
 
 
@@ -326,7 +327,8 @@ def test_closed_form_gradients_of_the_regularisers_agree_with_finite_differences
 
 @pytest.mark.parametrize("exponent", [0.1, 1.0, 3.0])
 def test_closed_form_gradients_equal_autograd_of_the_smoothed_powers(exponent):
-    """Reference: the same terms written with autograd through power_of_root."""
+    """Reference: the same terms written with autograd through power_of_root (the isotropic
+    smoothness; the anisotropic one in tests/test_mask_smoothness.py)."""
     epsilon = 1e-2
     mask = _away_from_the_kink((3, 1, 6, 5, 4), epsilon, seed=7).requires_grad_(True)
     mask.data[0] = 1.0  # one mask at its starting point, where every voxel is below epsilon
@@ -334,7 +336,8 @@ def test_closed_form_gradients_equal_autograd_of_the_smoothed_powers(exponent):
     steps = spatial_gradient(mask)
     reference_smoothness = power_of_root(steps.square().sum(1), exponent, epsilon).flatten(1).mean(1)
     for ours, reference in ((sparsity_term(mask, exponent, epsilon), reference_sparsity),
-                            (smoothness_term(mask, exponent, epsilon), reference_smoothness)):
+                            (smoothness_term(mask, exponent, epsilon, "isotropic"),
+                             reference_smoothness)):
         torch.testing.assert_close(ours, reference)
         expected, = torch.autograd.grad(reference.sum(), mask, retain_graph=True)
         actual, = torch.autograd.grad(ours.sum(), mask, retain_graph=True)

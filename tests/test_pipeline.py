@@ -48,9 +48,12 @@ def test_the_paper_2_pipeline_is_valid_and_trains_each_network_into_its_own_run(
         assert train.split == "random" and train.split_fractions == (0.65, 0.15, 0.2)
     explain = [step.config for step in planned if step.name == "explain"]
     assert {e.explain.method for e in explain} == {"cam", "grad_cam", "grad_cam_pp"}
-    assert all(e.subset == "test" and e.run == tmp_path / "paper2" / "vgg19_gap"
-               for e in explain)
-    report = planned[-1].config
+    assert all(e.subset == "test" and e.explain.min_layer_size == 3 for e in explain)
+    on_vgg19 = [e.explain.method for e in explain if e.run == tmp_path / "paper2" / "vgg19_gap"]
+    assert sorted(on_vgg19) == sorted(["cam", "grad_cam", "grad_cam_pp"] * 2)
+    grad_cam_runs = {e.run.name for e in explain if e.explain.method == "grad_cam"}
+    assert grad_cam_runs == {t.run.name for t in trains}  # Grad-CAM on every network
+    report = [step.config for step in planned if step.name == "report"][0]
     assert report.compare == [tmp_path / "paper2" / n for n in
                               ("vgg16_gap", "vgg19_fc", "resnet50_gap", "resnet50_fc")]
 

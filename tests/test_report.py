@@ -361,3 +361,38 @@ def test_the_mean_over_folds_row_of_the_ci_table_reads_all():
             for row in re.findall(r"<tr>(.*?)</tr>", body, re.DOTALL)]
     assert rows == [["fold", "0", "0", "0.900 [0.800, 1.000]", "0.500 [0.300, 0.700]"],
                     ["mean", "all", "0", "0.850 [0.700, 0.950]", "0.400 [0.200, 0.600]"]]
+
+
+def test_masks_section_shows_the_first_pass_beside_the_final_mask_and_every_grid_mask(tmp_path):
+    """Quality check step 2's two masks side by side with the removed image named; paper 1's
+    figs. 3-4: one panel per grid setting (learning rate included)."""
+    from voxplain.report.sections import ReportContext, masks_section
+    from voxplain.run import RunFolder
+
+    run = tmp_path / "run"
+    rng = np.random.default_rng(2)
+    group = run / "masks/group/fold-0/run-0"
+    _save(group / "mask.nii.gz", 1 - _smooth(rng, False).clip(0, 1))
+    _save(group / "first/mask.nii.gz", 1 - _smooth(rng, False).clip(0, 1))
+    (group / "summary.json").write_text(json.dumps({
+        "fold": 0, "run": 0, "diagnosis": "AD", "probability_before": 0.9,
+        "probability_after": 0.01, "masked_fraction": 0.1, "top_regions": [],
+        "removed": ["sub-01_ses-M00"], "flagged": False, "flag_reasons": []}))
+    pd.DataFrame({"participant_id": ["sub-01", "sub-03"], "session_id": ["ses-M00"] * 2,
+                  "excess": [0.5, 0.0], "robust_z": [40.0, 0.0], "flagged": [True, False],
+                  "removed": [True, False]}).to_csv(group / "qc_flags.tsv", sep="\t",
+                                                    index=False)
+    settings = ("l1-0.0001_l2-0.01_b1-0.1_b2-1", "l1-0.0001_l2-0.1_b1-0.1_b2-1_lr-0.01",
+                "l1-0.001_l2-0.01_b1-0.1_b2-1")
+    for setting in settings:
+        _save(run / "masks/grid" / setting / "fold-0/run-0/mask.nii.gz",
+              1 - _smooth(rng, False).clip(0, 1))
+    context = ReportContext(RunFolder(run), ReportConfig(run=run), tmp_path / "figures")
+    section = masks_section(context)
+    texts = [block.content for block in section.blocks if block.kind == "text"]
+    assert any("removed sub-01_ses-M00" in text and "first/" in text for text in texts)
+    captions = {str(block.content).rsplit("/", 1)[-1]: block.caption for block in section.blocks
+                if block.kind == "figure"}
+    assert "first pass" in captions["group_mask_qc_step2_fold-0_run-0.png"]
+    assert "one panel per setting" in captions["grid_masks.png"]
+    assert (tmp_path / "figures/grid_masks.png").stat().st_size > 1000

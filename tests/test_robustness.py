@@ -174,6 +174,23 @@ def test_grid_tables_have_the_layout_of_paper_1_tables_2_and_3(tmp_path):
     assert not any("b2 neighbours" in e for e in summary.experiment)  # one b2 value only
 
 
+def test_grid_tables_compare_masks_of_one_learning_rate(tmp_path):
+    """Paper 1, fig. 4: masks at lr 0.01 beside those at the mask's lr; tables never mix the
+    two, and name theirs."""
+    run = tmp_path / "run"
+    for suffix, masks in (("", {0.1: hiding(Hippocampus_L=1.0), 1.0: hiding(Amygdala_L=1.0)}),
+                          ("_lr-0.01", {0.1: hiding(Precentral_L=1.0),
+                                        1.0: hiding(Precentral_L=1.0)})):
+        for b1, mask in masks.items():
+            write_group_mask(run, 0, 0, mask, f"grid/{grid_setting(1e-4, 1e-3, b1, 1)}{suffix}")
+    run_robustness(RobustnessConfig(run=run))
+    folder = run / "evaluation/robustness/mask"
+    for rate, similarity in (("0.1", 0.0), ("0.01", 1.0)):
+        table = pd.read_csv(folder / f"grid_fold-0_run-0_b1_at_l1-0.0001_l2-0.001_b2-1_lr-{rate}"
+                            ".tsv", sep="\t")
+        assert table.iloc[0, 2] == pytest.approx(similarity)
+
+
 def test_missing_parts_of_the_run_folder_are_skipped_with_a_message(tmp_path, caplog):
     run = tmp_path / "run"
     write_sessions(run / "masks" / "session", 0, {("sub-01", "ses-M00"): hiding(Hippocampus_L=1.0),

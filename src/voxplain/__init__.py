@@ -17,13 +17,15 @@ from typing import Any
 _PUBLIC = {
     **dict.fromkeys(
         ["AtrophyCohortConfig", "LesionCohortConfig", "MSCohortConfig", "TrainConfig",
-         "ModelConfig", "PredictConfig", "GroupMaskStepConfig", "SessionMaskStepConfig",
+         "ModelConfig", "SearchConfig", "SearchSpaceConfig", "PredictConfig",
+         "GroupMaskStepConfig", "SessionMaskStepConfig",
          "MaskGridConfig", "ExplainStepConfig", "ExplainConfig", "LocalisationStepConfig",
          "ClassificationEvaluationConfig", "RobustnessConfig", "StatsConfig", "ReportConfig",
          "CyCEStepConfig", "CyCETransferConfig", "StudyMakeConfig", "StudyAnalyseConfig"],
         "voxplain.config"),
     **dict.fromkeys(
-        ["run_generate_atrophy", "run_generate_lesions", "run_generate_ms", "run_train",
+        ["run_generate_atrophy", "run_generate_lesions", "run_generate_ms", "run_search",
+         "run_train",
          "run_predict", "run_group_masks", "run_session_masks", "run_mask_grid", "run_explain",
          "run_localisation", "run_classification", "run_robustness", "run_stats",
          "run_report", "run_cyce_train", "run_cyce_transfer", "run_study_make",

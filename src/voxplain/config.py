@@ -16,8 +16,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field,
-                      field_serializer, field_validator, model_validator)
+from pydantic import (AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict,
+                      Field, field_serializer, field_validator, model_validator)
 
 #: AAL2 regions that lose grey matter in the synthetic patients by default (early Alzheimer's
 #: disease targets: medial temporal lobe, both hemispheres).
@@ -291,6 +291,8 @@ ModelName = Literal["cnn", "convnet", "vgg_gap", "vgg16", "vgg19", "resnet50"]
 #: Networks with a choice of head (paper 2, table 1), and the fields that set it.
 HEADED_MODELS = ("vgg16", "vgg19", "resnet50")
 HEAD_FIELDS = ("head", "pool_size", "hidden_units")
+#: Fields of paper 1's CNN that its random search varies (2.2.2) and other networks do not take.
+CNN_FIELDS = ("reduction", "fc_layers")
 
 
 class ModelConfig(Section):
@@ -304,9 +306,19 @@ class ModelConfig(Section):
         "block widths; resnet50: the 4 stage widths, outputs 4x wider)."
     )
     convs_per_block: list[int] | None = Field(
-        None, description="Convolutions in each block (paper 1 uses 1 to 3)."
+        None, description="Convolutions in each block: one value for every block, or one "
+        "per block (paper 1 uses 1 to 3)."
     )
     dropout: float = Field(0.5, ge=0, lt=1, description="Dropout rate before the classifier.")
+    reduction: Literal["maxpool", "stride"] | None = Field(
+        None, description="cnn: how each block halves the image, by a max-pool of 2 (paper 1, "
+        "fig. 1; the default) or by stride 2 in its last convolution (paper 1's random search)."
+    )
+    fc_layers: int | None = Field(
+        None, ge=1, description="cnn: fully connected layers after the dropout (default 1, "
+        "paper 1's fig. 1); hidden widths shrink geometrically from the flattened features to "
+        "the classes."
+    )
     head: Literal["gap", "fc"] | None = Field(
         None, description="vgg16, vgg19, resnet50: gap (global average pooling + one linear "
         "layer, what CAM needs) or fc (pooling to --pool-size + two hidden fully connected "
@@ -340,6 +352,10 @@ class ModelConfig(Section):
         if given and self.name not in HEADED_MODELS:
             raise ValueError(f"{', '.join(given)} apply to {', '.join(HEADED_MODELS)}, not to "
                              f"model {self.name!r}")
+        given = [key for key in CNN_FIELDS if getattr(self, key) is not None]
+        if given and self.name != "cnn":
+            raise ValueError(f"{', '.join(given)} apply to model 'cnn' (paper 1), not to model "
+                             f"{self.name!r}")
         if self.batch_norm is not None and self.name not in ("vgg16", "vgg19"):
             raise ValueError(f"batch_norm applies to vgg16 and vgg19 (the other networks have "
                              f"their own normalisation), not to model {self.name!r}")
@@ -483,6 +499,104 @@ class TrainConfig(Section):
         return value
 
 
+def _low_high(value: tuple[float, float]) -> tuple[float, float]:
+    if value[0] > value[1]:
+        raise ValueError(f"a range is (low, high) with low <= high, got {value}")
+    return value
+
+
+def _positive_low_high(value: tuple[float, float]) -> tuple[float, float]:
+    if value[0] <= 0:
+        raise ValueError(f"a range searched on a log scale needs low > 0, got {value}")
+    return _low_high(value)
+
+
+#: An inclusive range of integers ``[low, high]`` searched uniformly (equal bounds fix it).
+IntRange = Annotated[tuple[int, int], AfterValidator(_low_high)]
+#: A range of reals ``[low, high]`` searched on a log scale (learning rate, weight decay).
+LogRange = Annotated[tuple[float, float], AfterValidator(_positive_low_high)]
+
+
+class SearchSpaceConfig(Section):
+    """Paper 1's random search space (2.2.2), one entry per dimension. The paper names the
+    dimensions but not their ranges: the defaults below are ours. A range with equal bounds or
+    a list of one choice fixes a dimension. Paper 1 also searched the data preprocessing and
+    the intensity normalisation; voxplain has no choice of intensity normalisation, so they are
+    not searched."""
+
+    blocks: IntRange = Field((3, 7), description="Convolutional blocks (fig. 1: 7).")
+    first_channels: list[int] = Field(
+        [4, 8, 16, 32], min_length=1, description="Choices of the width of the first block; "
+        "every next block doubles it, up to max_channels."
+    )
+    max_channels: int = Field(512, ge=1, description="Widest block.")
+    convs_per_block: IntRange = Field(
+        (1, 3), description="Convolutions of each block, drawn block by block (fig. 1: 1 to 3)."
+    )
+    reduction: list[Literal["maxpool", "stride"]] = Field(
+        ["maxpool", "stride"], min_length=1, description="Choices of the reduction of a block: "
+        "max-pool of 2, or stride 2 in its last convolution."
+    )
+    fc_layers: IntRange = Field((1, 3), description="Fully connected layers (fig. 1: 1).")
+    dropout: tuple[float, float] = Field((0.0, 0.9), description="Dropout rate, uniform "
+                                         "(fig. 1: 0.79).")
+    learning_rate: LogRange = Field((1e-5, 1e-2), description="Adam learning rate, log scale.")
+    weight_decay: LogRange = Field((1e-6, 1e-2), description="Adam weight decay, log scale.")
+    batch_size: list[int] = Field([4, 8, 16, 32], min_length=1,
+                                  description="Choices of the batch size.")
+
+    @field_validator("blocks", "convs_per_block", "fc_layers")
+    @classmethod
+    def _at_least_one(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 1:
+            raise ValueError(f"the range must start at 1 or more, got {value}")
+        return value
+
+    @field_validator("dropout")
+    @classmethod
+    def _a_rate(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] <= value[1] < 1:
+            raise ValueError(f"dropout rates are a range (low, high) with 0 <= low <= high < 1, "
+                             f"got {value}")
+        return value
+
+    @field_validator("first_channels", "batch_size")
+    @classmethod
+    def _positive_choices(cls, value: list[int]) -> list[int]:
+        if min(value) < 1:
+            raise ValueError(f"choices must be 1 or more, got {value}")
+        return value
+
+
+class SearchConfig(TrainConfig):
+    """Paper 1's random search (2.2.2): the training settings of ``voxplain train`` are the
+    base of every trial; a trial draws the CNN and the optimisation settings of ``space``,
+    which replace the base's ``batch_size``, ``learning_rate``, ``weight_decay`` and the CNN's
+    ``channels``, ``convs_per_block``, ``reduction``, ``fc_layers`` and ``dropout``."""
+
+    #: A resumed search may ask for more trials.
+    resumable: ClassVar[frozenset[str]] = TrainConfig.resumable | {"n_trials"}
+
+    n_trials: int = Field(20, ge=1, description="Finished trials wanted; a resumed search runs "
+                          "only the missing ones.")
+    sampler: Literal["random", "tpe"] = Field(
+        "random", description="Optuna sampler: random (paper 1) or tpe.")
+    sampler_seed: int = Field(0, description="Seed of the sampler (trial n draws with seed + n).")
+    objective: Literal["balanced_accuracy", "loss"] = Field(
+        "balanced_accuracy", description="Objective of a trial: validation balanced accuracy "
+        "(maximised; paper 1) or validation loss (minimised), averaged over its models.")
+    trial_folds: Literal["first", "all"] = Field(
+        "first", description="Folds trained per trial: the first split only (paper 1) or all.")
+    space: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
+
+    @model_validator(mode="after")
+    def _space_of_the_cnn(self) -> "SearchConfig":
+        if self.model.name != "cnn":
+            raise ValueError(f"the search space describes paper 1's CNN (model 'cnn'), not "
+                             f"model {self.model.name!r}")
+        return self
+
+
 class PredictConfig(Section):
     """Per-session probabilities of every model of a run folder."""
 
@@ -494,7 +608,30 @@ class PredictConfig(Section):
     batch_size: int = Field(16, ge=1, description="Images per forward pass.")
 
 
+class SplitTestConfig(Section):
+    """``voxplain split test``: a held-out test set matched on age and sex (paper 1, 2.2.1)."""
+
+    cohort: Path = Field(description="cohort.tsv to split (participant_id, session_id, "
+                         "diagnosis and the matched columns).")
+    out: Path = Field(description="Folder to write test.tsv (baseline sessions of the test "
+                      "subjects), train.tsv (every session of the others) and balance.tsv.")
+    n_per_class: int = Field(100, ge=1, description="Test subjects per diagnosis (paper 1: 100).")
+    match: list[str] = Field(default_factory=lambda: ["age", "sex"], description="Columns the "
+                             "test set is matched on (numeric: t-test or ANOVA; others: "
+                             "chi-squared).")
+    diagnosis_column: str = Field("diagnosis", description="Column of the TSV holding the label.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Every balance test must have p above "
+                         "this.")
+    max_draws: int = Field(10_000, ge=1, description="Random draws tried before giving up.")
+    seed: int = Field(2, ge=0, description="Seed of the first draw (draw k: seed + k).")
+
+
 # --- masks (paper 1) ----------------------------------------------------------------------
+
+#: The smoothness term of eq. 2 (paper 1): ``sum_i |d_i m(u)|^b2`` as written (anisotropic), or
+#: ``||grad m(u)||_2^b2`` (isotropic, voxplain's form before it followed the paper).
+Smoothness = Literal["anisotropic", "isotropic"]
+
 
 class MaskConfig(Section):
     """Meaningful-perturbation mask (paper 1, 2.3, eq. 1-2), shared by session and group level.
@@ -503,10 +640,21 @@ class MaskConfig(Section):
     so the defaults do not depend on the number of voxels.
     """
 
+    #: Settings a run folder recorded before they existed, read with the value its masks were
+    #: made with rather than today's default (see ``voxplain.run.folder``): a missing
+    #: ``smoothness`` means isotropic, so a resumed step does not mix the two forms.
+    absent_in_records: ClassVar[dict[str, Any]] = {"smoothness": "isotropic"}
+
     l1: float = Field(1e-4, ge=0, description="Weight of the sparsity term mean |1 - m|^b1.")
-    l2: float = Field(1e-2, ge=0, description="Weight of the smoothness term mean ||grad m||^b2.")
+    l2: float = Field(1e-2, ge=0,
+                      description="Weight of the smoothness term mean ||grad m||_b2^b2.")
     b1: float = Field(0.1, gt=0, description="Exponent of the sparsity term.")
     b2: float = Field(1.0, gt=0, description="Exponent of the gradient norm.")
+    smoothness: Smoothness = Field(
+        "anisotropic", description="Smoothness term: 'anisotropic' sum_i |d_i m|^b2 (paper 1, "
+        "eq. 2 as written), or 'isotropic' ||grad m||_2^b2 (voxplain's earlier form; the "
+        "same at b2 = 2)."
+    )
     learning_rate: float = Field(0.1, gt=0, description="Adam learning rate.")
     threshold: float = Field(0.95, gt=0, le=1, description="Mask values above it are set to 1.")
     perturbation: Literal["constant", "blur", "mean"] = Field(
@@ -546,12 +694,21 @@ class SessionMaskConfig(MaskConfig):
 class GroupMaskConfig(MaskConfig):
     """One mask for the correctly classified patients of a fold (paper 1, 2.3.3)."""
 
+    #: A run folder recorded before ``qc_step2`` existed only flagged the images of quality
+    #: check step 2; it resumes so (``voxplain.steps.masks``), never re-optimising its masks.
+    absent_in_records: ClassVar[dict[str, Any]] = {**MaskConfig.absent_in_records,
+                                                   "qc_step2": "flag"}
+
     tolerance: float = Field(0.05, ge=0, description="Relative distance above the lowest "
                              "validation loss that counts towards patience (paper 1, 2.3.5).")
     patience: int = Field(5, ge=1, description="Epochs in a row with the validation loss more "
                           "than the tolerance above its lowest before stopping.")
     max_epochs: int = Field(150, ge=1, description="Maximum number of epochs.")
     batch_size: int = Field(1, ge=1, description="Images per mask update (paper: 1).")
+    qc_step2: Literal["remove", "flag"] = Field(
+        "remove", description="Quality check step 2 (paper 1, 2.3.1): 'remove': the training "
+        "images whose loss jumps are removed and the group mask is optimised again without them "
+        "(the first mask is kept in first/); 'flag': they are only listed in qc_flags.tsv.")
     qc_z: float = Field(
         3.5, gt=0, description="Quality check step 2: robust z-score of an image's mean loss "
         "above which it is flagged (with qc_min_excess); a group mask whose masked fraction has "
@@ -604,12 +761,22 @@ class MaskGridConfig(MaskStepConfig):
     l2: list[float] = Field(default_factory=lambda: [1e-2], description="Values of l2.")
     b1: list[float] = Field(default_factory=lambda: [0.1], description="Values of b1.")
     b2: list[float] = Field(default_factory=lambda: [1.0], description="Values of b2.")
+    learning_rate: list[float] | None = Field(
+        None, description="Values of the Adam learning rate (default: mask.learning_rate "
+        "only; paper 1, fig. 4 uses 0.01 where 0.1 did not converge).")
     design: Literal["full", "one-at-a-time"] = Field(
         "full", description="'full': every combination of the values; 'one-at-a-time': each "
         "hyperparameter over its values with the others at the [mask] settings (paper 1, "
         "tables 2-3)."
     )
     mask: GroupMaskConfig = Field(default_factory=GroupMaskConfig)
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive_learning_rates(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or min(value) <= 0):
+            raise ValueError(f"learning_rate needs positive values, got {value}")
+        return value
 
 
 # --- CyCE (paper 3) -----------------------------------------------------------------------

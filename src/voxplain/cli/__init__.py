@@ -17,6 +17,7 @@ from voxplain.cli import generate as _generate
 from voxplain.cli import masks as _masks
 from voxplain.cli import pipeline as _pipeline
 from voxplain.cli import report as _report
+from voxplain.cli import search as _search
 from voxplain.cli import study as _study
 from voxplain.cli import summary as _summary
 from voxplain.cli import train as _train
@@ -27,6 +28,8 @@ app = typer.Typer(help="Train, explain and measure deep classifiers of medical i
 app.command("run")(_pipeline.run)
 app.add_typer(_generate.generate, name="generate")
 app.command("bids-ids")(_cohort.bids_ids)
+app.add_typer(_cohort.split, name="split")
+app.command()(_search.search)
 app.command()(_train.train)
 app.command()(_train.predict)
 app.add_typer(_masks.mask, name="mask")

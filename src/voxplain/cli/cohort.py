@@ -1,4 +1,5 @@
-"""``voxplain bids-ids``: map a cohort's source ids to BIDS labels before using it."""
+"""``voxplain bids-ids`` and ``voxplain split test``: prepare a cohort before training (BIDS
+labels; a matched held-out test set)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,26 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from voxplain.cli.common import console, reported_errors
+from voxplain.cli.common import config_command, console, print_table, reported_errors
+from voxplain.config import SplitTestConfig
+
+split = typer.Typer(help="Split a cohort before training.", no_args_is_help=True)
+
+
+@split.command("test")
+@config_command(SplitTestConfig, "split_test",
+                ["cohort", "out", "n_per_class", "match", "diagnosis_column", "alpha",
+                 "max_draws", "seed"], absolute_paths=False)
+def split_test(settings: SplitTestConfig) -> None:
+    """Draw a held-out test set of N subjects per diagnosis matched on age and sex (paper 1,
+    2.2.1); write test.tsv, train.tsv and balance.tsv."""
+    from voxplain.steps.split import run_split_test
+
+    with reported_errors():
+        tests = run_split_test(settings)
+    print_table("Balance tests (every p must exceed alpha)", tests,
+                ["comparison", "column", "test", "statistic", "p"])
+    typer.echo(settings.out)
 
 
 def bids_ids(

@@ -20,8 +20,9 @@ _STEP = ["run", "folds", "diagnosis", "device"]
 
 @mask.command("group")
 @config_command(GroupMaskStepConfig, "mask_group",
-                _STEP + ["mask.l1", "mask.l2", "mask.b1", "mask.b2", "mask.perturbation",
-                         "mask.max_epochs", "mask.patience", "mask.batch_size"])
+                _STEP + ["mask.l1", "mask.l2", "mask.b1", "mask.b2", "mask.smoothness",
+                         "mask.perturbation",
+                         "mask.max_epochs", "mask.patience", "mask.batch_size", "mask.qc_step2"])
 def mask_group(settings: GroupMaskStepConfig) -> None:
     """One mask per fold for its correctly classified patients (training set; validation set
     for early stopping)."""
@@ -31,12 +32,13 @@ def mask_group(settings: GroupMaskStepConfig) -> None:
         summary = run_group_masks(settings, progress=bar)
     print_table("Group masks", summary, ["fold", "run", "n_train", "n_validation", "best_epoch",
                                           "probability_before", "probability_after",
-                                          "top_regions"])
+                                          "removed", "top_regions"])
 
 
 @mask.command("session")
 @config_command(SessionMaskStepConfig, "mask_session",
-                _STEP + ["max_sessions", "mask.l1", "mask.l2", "mask.perturbation",
+                _STEP + ["max_sessions", "mask.l1", "mask.l2", "mask.smoothness",
+                         "mask.perturbation",
                          "mask.max_iterations", "mask.patience", "mask.batch_size"])
 def mask_session(settings: SessionMaskStepConfig) -> None:
     """One mask per correctly classified session of each fold's validation subjects, batched."""
@@ -50,13 +52,14 @@ def mask_session(settings: SessionMaskStepConfig) -> None:
 
 @mask.command("grid")
 @config_command(MaskGridConfig, "mask_grid",
-                _STEP + ["l1", "l2", "b1", "b2", "design", "mask.max_epochs"])
+                _STEP + ["l1", "l2", "b1", "b2", "learning_rate", "mask.smoothness", "design",
+                         "mask.max_epochs", "mask.qc_step2"])
 def mask_grid_command(settings: MaskGridConfig) -> None:
-    """Group masks over a grid of l1, l2, b1, b2 (paper 1, 2.3.2; every combination or one
-    hyperparameter at a time), keyed by setting."""
+    """Group masks over a grid of l1, l2, b1, b2 and learning rate (paper 1, 2.3.2 and fig. 4;
+    every combination or one hyperparameter at a time), keyed by setting."""
     from voxplain.steps.masks import run_mask_grid
 
     with reported_errors(), progress_bar() as bar:
         summary = run_mask_grid(settings, progress=bar)
-    print_table("Mask grid", summary, ["l1", "l2", "b1", "b2", "fold", "run",
+    print_table("Mask grid", summary, ["l1", "l2", "b1", "b2", "learning_rate", "fold", "run",
                                         "probability_after", "top_regions"])

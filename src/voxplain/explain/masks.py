@@ -57,7 +57,7 @@ def make_reference(config: MaskConfig, voxel_size: tuple[float, ...] = (),
 def weights_of(config: MaskConfig, factor: float = 1.0) -> MaskWeights:
     """Eq. 2 coefficients; session masks multiply l1 and l2 by ``factor`` (paper: 100)."""
     return MaskWeights(config.l1 * factor, config.l2 * factor, config.b1, config.b2,
-                       config.epsilon)
+                       config.epsilon, config.smoothness)
 
 
 @dataclass(frozen=True)

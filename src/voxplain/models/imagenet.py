@@ -181,8 +181,11 @@ class Bottleneck(nn.Module):
     ReLU(bn3(conv3 1x1(ReLU(bn2(conv2 3x3, stride(ReLU(bn1(conv1 1x1(x)))))))) + shortcut(x)),
     the shortcut being ``downsample`` (1x1 conv, stride + batch-norm) where the shape changes.
 
-    One ``relu`` module runs three times, as in torchvision: a class activation map reads the
-    block's output (the block itself), not its ReLU.
+    Three ReLU modules (``relu1``, ``relu2``, ``relu3``) where torchvision runs one ``relu``
+    three times: they hold no parameter, so the state dict is torchvision's, and a method that
+    hooks modules one call at a time (Captum's DeepLift, whose rules refuse a module reused
+    within one forward pass) works. A class activation map reads the block's output, which is
+    ``relu3``'s.
     """
 
     expansion = 4
@@ -196,17 +199,17 @@ class Bottleneck(nn.Module):
         self.bn2 = norm(width)
         self.conv3 = conv(width, out_channels, 1, bias=False)
         self.bn3 = norm(out_channels)
-        self.relu = nn.ReLU()
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
         self.downsample = (nn.Sequential(conv(in_channels, out_channels, 1, stride=stride,
                                               bias=False), norm(out_channels))
                            if stride != 1 or in_channels != out_channels else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        return self.relu3(out + shortcut)
 
 
 class ResNet50(nn.Module):

@@ -1,7 +1,9 @@
 """Classifiers of papers 1-3, each one definition for 2D and 3D (``spatial_dims`` = 2 or 3).
 
 - :class:`CNN` — paper 1, fig. 1: blocks of [conv 3 + batch-norm + leaky ReLU] x 1..3 followed
-  by a max-pool of 2, then dropout and one fully connected layer.
+  by a max-pool of 2, then dropout and one fully connected layer. Paper 1's random search (2.2.2)
+  also varies the reduction (max-pool, or stride 2 in the block's last convolution: both halve
+  every axis, rounding up) and the number of fully connected layers.
 - :class:`ConvNet` — paper 3, section 3.1: four blocks of [conv 3 + batch-norm + ReLU] with 32,
   64, 128, 256 kernels, stride 1 in the first block and 2 afterwards, flatten, one linear layer.
 - :class:`VGGGAP` — VGG-style blocks ending in global average pooling and a linear layer, the
@@ -51,6 +53,25 @@ def pooled_block(spatial_dims: int, in_channels: int, out_channels: int, convs: 
     return nn.Sequential(*units, _MAXPOOL[spatial_dims](2, ceil_mode=True))
 
 
+def strided_block(spatial_dims: int, in_channels: int, out_channels: int, convs: int,
+                  activation: type[nn.Module] = nn.LeakyReLU) -> nn.Sequential:
+    """``convs`` conv units, the last with stride 2: a size n becomes ceil(n / 2), as after
+    :func:`pooled_block`'s ceil-mode max-pool (paper 1, 2.2.2: "setting the stride of the last
+    convolutional layer of the convolutional block to 2")."""
+    return nn.Sequential(*[conv_unit(spatial_dims, in_channels if i == 0 else out_channels,
+                                     out_channels, stride=2 if i == convs - 1 else 1,
+                                     activation=activation) for i in range(convs)])
+
+
+def fc_widths(flat: int, n_classes: int, layers: int) -> list[int]:
+    """Output widths of ``layers`` fully connected layers from ``flat`` features to ``n_classes``:
+    the hidden widths shrink geometrically, layer i (1-based) has round(flat (n_classes / flat)
+    ^ (i / layers)) units (at least ``n_classes``), the last has ``n_classes``."""
+    hidden = [max(n_classes, round(flat * (n_classes / flat) ** (i / layers)))
+              for i in range(1, layers)]
+    return [*hidden, n_classes]
+
+
 def _per_block(values: Sequence[int] | None, default: Sequence[int], blocks: int,
                name: str) -> list[int]:
     values = list(default if values is None else values)
@@ -74,12 +95,18 @@ class FlattenClassifier(nn.Module):
     """Convolutional ``features`` -> flatten -> dropout -> one linear layer (papers 1 and 3)."""
 
     def _build_head(self, features: nn.Sequential, in_channels: int, input_shape: Sequence[int],
-                    n_classes: int, dropout: float) -> None:
+                    n_classes: int, dropout: float, fc_layers: int = 1) -> None:
+        """Dropout, then ``fc_layers`` linear layers (widths: :func:`fc_widths`) with a leaky
+        ReLU between two of them; one layer keeps the state dict of the paper's head
+        (``classifier.1``)."""
         self.features = features
-        self.classifier = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(_flat_size(features, in_channels, input_shape), n_classes),
-        )
+        previous = _flat_size(features, in_channels, input_shape)
+        layers: list[nn.Module] = [nn.Dropout(dropout)]
+        for i, width in enumerate(fc_widths(previous, n_classes, fc_layers)):
+            layers += [nn.LeakyReLU()] if i else []
+            layers.append(nn.Linear(previous, width))
+            previous = width
+        self.classifier = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, n_classes)`` of images ``(N, C, *spatial)``."""
@@ -87,24 +114,37 @@ class FlattenClassifier(nn.Module):
 
 
 class CNN(FlattenClassifier):
-    """Paper-1 CNN (fig. 1) for inputs ``(N, C, *input_shape)``."""
+    """Paper-1 CNN (fig. 1) for inputs ``(N, C, *input_shape)``.
+
+    One block per entry of ``channels`` (its width), each of ``convs_per_block`` conv units
+    (one value for all blocks, or one per block) and a reduction by 2: ``"maxpool"`` (fig. 1)
+    or ``"stride"`` (stride 2 in the block's last convolution). Then dropout and ``fc_layers``
+    fully connected layers (fig. 1: one). The defaults are voxplain's small CNN; fig. 1 has 7
+    blocks and dropout 0.79 (the poster's figure).
+    """
 
     default_channels = (8, 16, 32, 64, 128)
     default_convs = (1,)
 
     def __init__(self, input_shape: Sequence[int], in_channels: int = 1, n_classes: int = 2,
                  channels: Sequence[int] | None = None, convs_per_block: Sequence[int] | None = None,
-                 dropout: float = 0.5) -> None:
+                 dropout: float = 0.5, reduction: str = "maxpool", fc_layers: int = 1) -> None:
         super().__init__()
         spatial_dims = len(input_shape)
         _check_dims(spatial_dims)
+        if reduction not in ("maxpool", "stride"):
+            raise ValueError(f"reduction must be 'maxpool' or 'stride', got {reduction!r}")
+        if fc_layers < 1:
+            raise ValueError(f"fc_layers must be at least 1, got {fc_layers}")
+        block = pooled_block if reduction == "maxpool" else strided_block
         widths = list(channels or self.default_channels)
         convs = _per_block(convs_per_block, self.default_convs, len(widths), "convs_per_block")
         blocks, previous = [], in_channels
         for width, count in zip(widths, convs):
-            blocks.append(pooled_block(spatial_dims, previous, width, count))
+            blocks.append(block(spatial_dims, previous, width, count))
             previous = width
-        self._build_head(nn.Sequential(*blocks), in_channels, input_shape, n_classes, dropout)
+        self._build_head(nn.Sequential(*blocks), in_channels, input_shape, n_classes, dropout,
+                         fc_layers)
 
 
 class ConvNet(FlattenClassifier):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from voxplain.config import HEAD_FIELDS, ModelConfig
+from voxplain.config import CNN_FIELDS, HEAD_FIELDS, ModelConfig
 from voxplain.models.imagenet import VGG16, VGG19, ResNet50
 from voxplain.models.networks import CNN, VGGGAP, ConvNet
 
@@ -24,7 +24,7 @@ def build_model(config: ModelConfig) -> nn.Module:
     if config.input_shape is None:
         raise ValueError("model config needs input_shape (the spatial shape of the images)")
     # passed only when set: the networks without a choice of head do not take them
-    heads = {key: getattr(config, key) for key in (*HEAD_FIELDS, "batch_norm")
+    heads = {key: getattr(config, key) for key in (*HEAD_FIELDS, *CNN_FIELDS, "batch_norm")
              if getattr(config, key) is not None}
     return NETWORKS[config.name](
         input_shape=config.input_shape, in_channels=config.in_channels,

@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from voxplain.io import atomic_path
@@ -161,6 +162,31 @@ def coronal_montage(maps: Mapping[str, np.ndarray], affine: np.ndarray,
     _colorbar(figure, image, axes, style)
     if title:
         figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def one_cut(maps: Mapping[str, np.ndarray], affine: np.ndarray, template: np.ndarray | None,
+            style: MapStyle, view: str = "coronal", columns: int = 6, title: str = "") -> Figure:
+    """One panel per map, all cut by the same ``view`` plane through the peak of their mean
+    (paper 1, figs. 3-4: one panel per hyperparameter setting), ``columns`` panels a row."""
+    axis = dict(VIEWS)[view]
+    oriented = {name: canonical(values, affine) for name, values in maps.items()}
+    zooms = next(iter(oriented.values()))[1]
+    background = canonical(template, affine)[0] if template is not None else None
+    index = peak_cut([values for values, _ in oriented.values()])[axis]
+    columns = min(columns, len(maps))
+    rows = -(-len(maps) // columns)
+    figure = Figure(figsize=(PANEL_INCHES * columns + 0.9, (PANEL_INCHES + 0.3) * rows + 0.5))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    image = None
+    for ax, (name, (values, _)) in zip(axes.ravel(), oriented.items()):
+        image = _overlay(ax, None if background is None else _cut(background, axis, index),
+                         _cut(values, axis, index), style, _aspect(zooms, axis))
+        ax.set_title(name, fontsize=7)
+    for ax in axes.ravel()[len(maps):]:
+        ax.set_visible(False)
+    _colorbar(figure, image, axes, style)
+    figure.suptitle(title or f"{view} slice {index}", fontsize=10)
     return figure
 
 
@@ -337,6 +363,48 @@ def box_plot(groups: Mapping[str, np.ndarray], ylabel: str, title: str = "") -> 
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    return figure
+
+
+def parallel_coordinates(table: pd.DataFrame, axes: Sequence[str], value: str,
+                         log_axes: Sequence[str] = ()) -> Figure:
+    """One line per row of ``table`` across the ``axes`` columns, each scaled to its own range
+    (``log_axes`` on a log scale; text columns as their sorted categories), coloured by the
+    ``value`` column, which is the last axis (e.g. a search's trials against their objective).
+    """
+    scaled, labels = [], []
+    for column in [*axes, value]:
+        raw = table[column]
+        if pd.api.types.is_numeric_dtype(raw):
+            values = np.log10(raw.to_numpy(float)) if column in log_axes else raw.to_numpy(float)
+            low, high = np.nanmin(values), np.nanmax(values)
+            shown = (raw.min(), raw.max())
+            labels.append((f"{shown[0]:.3g}", f"{shown[1]:.3g}"))
+        else:
+            categories = sorted(raw.dropna().astype(str).unique())
+            values = raw.astype(str).map({c: i for i, c in enumerate(categories)}).to_numpy(float)
+            low, high = 0.0, max(len(categories) - 1, 1)
+            labels.append((categories[0], categories[-1]) if categories else ("", ""))
+        scaled.append((values - low) / (high - low) if high > low else np.full(len(raw), 0.5))
+    lines = np.stack(scaled, axis=1)
+    figure = Figure(figsize=(max(5.0, 0.9 * lines.shape[1] + 1.5), 3.4))
+    ax = figure.subplots()
+    colour = table[value].to_numpy(float)
+    finite = colour[np.isfinite(colour)]
+    norm = (colour - finite.min()) / (np.ptp(finite) or 1.0) if finite.size else colour
+    palette = colormaps["viridis"]
+    for row, shade in zip(lines, norm):
+        ax.plot(range(lines.shape[1]), row, color=palette(shade if np.isfinite(shade) else 0.0),
+                alpha=0.8, linewidth=1.2)
+    names = [*axes, value]
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
+    for i, (bottom, top) in enumerate(labels):
+        ax.axvline(i, color="grey", linewidth=0.6)
+        ax.text(i, -0.06, bottom, ha="center", va="top", fontsize=6)
+        ax.text(i, 1.04, top, ha="center", va="bottom", fontsize=6)
+    ax.set_yticks([])
+    ax.set_ylim(-0.15, 1.12)
     figure.tight_layout()
     return figure
 

@@ -29,7 +29,7 @@ from voxplain.io import read_tsv, visible
 from voxplain.report import figures
 from voxplain.report.trust import findings_table, method_findings, run_findings
 from voxplain.run import RunFolder
-from voxplain.run.maps import map_grid, read_map_on_grid
+from voxplain.run.maps import grid_masks, map_grid, read_map_on_grid
 
 log = logging.getLogger("voxplain")
 
@@ -272,6 +272,50 @@ def _confusion_block(context: ReportContext, table: pd.DataFrame, name: str,
                           "per fold in the same file).")
 
 
+# --- random search -----------------------------------------------------------------------------
+
+#: Parameters of a search trial drawn on a log scale (:mod:`voxplain.train.search`).
+SEARCH_LOG_PARAMETERS = ("learning_rate", "weight_decay")
+SEARCH_COLUMNS = ("number", "state", "value", "seconds", "folder", "convs_per_block")
+
+
+def search_section(context: ReportContext) -> Section:
+    """Paper 1's random search (``voxplain search``): the trials, the best one, and a parallel
+    coordinates figure of the parameters against the objective; left out without a search."""
+    section = Section("search", "Random search (paper 1, 2.2.2)")
+    trials_file = context.run.search_dir / "trials.tsv"
+    if not trials_file.is_file():
+        section.applies = False
+        return section
+    trials = read_tsv(trials_file)
+    settings = context.run.read_config().get("search", {})
+    objective = settings.get("objective", "balanced_accuracy")
+    section.blocks.append(table_block(trials, f"Trials (search/trials.tsv); value: validation "
+                                      f"{objective} of each trial's models."))
+    finished = trials[trials.state == "COMPLETE"]
+    if finished.empty:
+        section.note = "No finished trial yet."
+        return section
+    best = finished.loc[finished["value"].idxmin() if objective == "loss"
+                        else finished["value"].idxmax()]
+    best_file = context.run.search_dir / "best_train.toml"
+    section.blocks.append(Block("text", f"Best trial {int(best['number'])}: {objective} "
+                                f"{best['value']:.3f} ({best.get('folder', '')}). Train it on "
+                                f"every fold: voxplain train --config {best_file}"))
+    if best_file.is_file():
+        section.blocks.append(Block("code", best_file.read_text(), "search/best_train.toml"))
+    parameters = [c for c in finished.columns if c not in SEARCH_COLUMNS
+                  and finished[c].notna().all()]
+    if len(finished) >= 2 and parameters:
+        figure = figures.parallel_coordinates(finished, parameters, "value",
+                                              log_axes=SEARCH_LOG_PARAMETERS)
+        section.blocks.append(context.figure(
+            figure, "search_parallel_coordinates", f"Finished trials: each line a trial "
+            f"across its parameters (convolutions per block left out), coloured by its "
+            f"{objective}.", vector=True))
+    return section
+
+
 def networks_section(context: ReportContext) -> Section:
     """Paper 2's table 1: one row per run folder (this one and ``config.compare``), the
     network, its head and initialisation, the validation loss and the test accuracy, mean and
@@ -446,19 +490,75 @@ def masks_section(context: ReportContext) -> Section:
         flagged = pd.concat(flags, ignore_index=True)
         flagged = flagged[flagged["flagged"].astype(bool)] if "flagged" in flagged else flagged
         section.blocks.append(
-            table_block(flagged, "Images flagged by the group-mask quality check (QC step 2).")
+            table_block(flagged, "Images flagged by the group-mask quality check (QC step 2; "
+                        "removed: the group mask was optimised again without them).")
             if len(flagged) else Block("text", "Group-mask quality check (QC step 2): no image "
                                        "flagged."))
+    section.blocks.extend(_qc_step2_blocks(context, summaries))
     section.blocks.extend(_session_mask_blocks(context))
     grid_summary = context.path("masks", "grid", "summary.tsv")
     if grid_summary.is_file():
         section.blocks.append(table_block(read_tsv(grid_summary),
                                           "Group masks over the hyperparameter grid "
                                           "(masks/grid/summary.tsv)."))
+    section.blocks.extend(_grid_mask_blocks(context))
     if not section.blocks:
         section.note = "No mask in the run folder: `voxplain mask group` and `voxplain mask " \
                        "session` write masks/."
     return section
+
+
+def _qc_step2_blocks(context: ReportContext, summaries: list[dict]) -> list[Block]:
+    """Each group mask that quality check step 2 optimised again, beside its first pass (with
+    the removed images), over the whole image: a defect may lie outside the brain."""
+    blocks = []
+    for summary in summaries:
+        if not summary.get("removed"):
+            continue
+        fold, run = summary["fold"], summary["run"]
+        folder = context.run.mask_dir("group", fold, run)
+        removed = ", ".join(summary["removed"])
+        blocks.append(Block("text", f"Quality check step 2 (paper 1, 2.3.1) removed {removed} "
+                            f"from the group mask of fold {fold} run {run}: the mask was "
+                            "optimised again without them; the first one is kept in "
+                            f"{folder.relative_to(context.run.root)}/first/."))
+        maps, affine = {}, None
+        for label, path in (("first pass", folder / "first" / "mask.nii.gz"),
+                            (f"without {removed}", folder / "mask.nii.gz")):
+            values, affine = read_map(path)
+            maps[f"fold {fold} run {run}, {label}"] = 1.0 - values
+        style = figures.map_style(list(maps.values()), "1 - mask", signed=False,
+                                  threshold_fraction=0.0)
+        figure = (figures.panels_2d(maps, style) if affine is None else figures.orthogonal_slices(
+            maps, affine, template_for(next(iter(maps.values())), affine), style))
+        blocks.append(context.figure(figure, f"group_mask_qc_step2_fold-{fold}_run-{run}",
+                                     "Group mask (1 - m) with the images quality check step 2 "
+                                     "flagged (first pass) and without them (the mask every "
+                                     "other result uses), whole image."))
+    return blocks
+
+
+def _grid_mask_blocks(context: ReportContext) -> list[Block]:
+    """Paper 1, figs. 3-4: the grid masks of one fold/run, one panel per setting, one cut."""
+    table = grid_masks(context.run)
+    if table.empty:
+        return []
+    fold, run = min(zip(table.fold, table.run))
+    chosen = table[(table.fold == fold) & (table.run == run)].sort_values(
+        ["l1", "l2", "b1", "b2", "learning_rate"])
+    maps, affine = {}, None
+    for row in chosen.itertuples():
+        values, affine = read_map(Path(row.path))
+        label = (f"l1 {row.l1:g}, l2 {row.l2:g}\nb1 {row.b1:g}, b2 {row.b2:g}, "
+                 f"lr {row.learning_rate:g}{' (flagged)' if row.flagged else ''}")
+        maps[label] = 1.0 - values
+    style = figures.map_style(list(maps.values()), "1 - mask", signed=False,
+                              threshold_fraction=0.0)
+    figure = (figures.panels_2d(maps, style) if affine is None else figures.one_cut(
+        maps, affine, template_for(next(iter(maps.values())), affine), style))
+    return [context.figure(figure, "grid_masks", f"Group masks (1 - m) of fold {fold} run {run} "
+                           "over the hyperparameter grid, one panel per setting, the same "
+                           "coronal slice (paper 1, figs. 3-4).")]
 
 
 def _session_mask_blocks(context: ReportContext) -> list[Block]:
@@ -850,7 +950,8 @@ def findings_section(context: ReportContext) -> Section:
 #: Section order: findings and results first, how the run was made (cohort, configuration,
 #: software versions) last; the interactive viewers go between them (see ``build_report``).
 SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
-    findings_section, classification_section, networks_section, localisation_section,
+    findings_section, classification_section, search_section, networks_section,
+    localisation_section,
     explanations_section, slices_section, masks_section, robustness_section, statistics_section)
 TRAILING_SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
     cohort_section, configuration_section)

@@ -11,13 +11,14 @@
       models/fold-K/run-R/{model.safetensors, model.json, history.tsv, metrics.tsv,
                            predictions-validation.tsv, predictions-test.tsv}
       masks/group/fold-K/run-R/{mask.nii.gz, loss.tsv, image_losses.tsv, qc_flags.tsv,
-                                summary.json}
+                                summary.json, first/ (the mask before QC step 2 removed images)}
       masks/session/fold-K/run-R/{sub-X_ses-Y.nii.gz, index.tsv}
-      masks/grid/l1-A_l2-B_b1-C_b2-D/fold-K/run-R/...   (same files as masks/group)
+      masks/grid/l1-A_l2-B_b1-C_b2-D[_lr-E]/fold-K/run-R/...   (same files as masks/group)
       explanations/KEY/fold-K/run-R/{sub-X_ses-Y.nii.gz, group_<DIAGNOSIS>.nii.gz, index.tsv}
       cyce/fold-K/run-R/{generators.safetensors, generators.json, loss.tsv, transfer.tsv}
       evaluation/{cross_validation.tsv, classification.tsv, localisation.tsv, robustness/}
       stats/METHOD/   report/index.html   predictions/NAME.tsv
+      search/{study.db, trials.tsv, best_train.toml, trial-NNN/}   (a run folder per trial)
 
 Every step reads what earlier steps wrote, skips work already done and writes atomically.
 """
@@ -144,6 +145,11 @@ class RunFolder:
                 f"{source}: the images' affine {_compact(affine)} differs from the training "
                 f"grid's {_compact(grid.affine)} (flipped, shifted or resampled images are not "
                 "in the space the models learned); resample them to the training grid")
+
+    @property
+    def search_dir(self) -> Path:
+        """``search/``: paper 1's random search (:mod:`voxplain.steps.search`)."""
+        return self.root / "search"
 
     @property
     def cache_dir(self) -> Path:
@@ -422,13 +428,28 @@ def _with_defaults(schema: type[BaseModel], recorded: dict[str, Any]) -> dict[st
     settings it lacks (added by a later version) at their defaults, settings renamed since
     under their new names, settings removed since (or moved to another step's section, such as
     the localisation scoring of ``[explain_*]``) left out -- they no longer change this step's
-    results -- so that a folder made by an earlier version resumes. As recorded when it does not
-    validate (the comparison then names the difference)."""
+    results -- so that a folder made by an earlier version resumes. A setting whose default
+    changed what the step computes is read as the earlier version computed it (a section's
+    ``absent_in_records``, e.g. a mask without ``smoothness`` was isotropic), so that such a
+    folder resumes only with that setting given. As recorded when it does not validate (the
+    comparison then names the difference)."""
     known = {key: value for key, value in recorded.items() if is_field(schema, key)}
     try:
-        return config_values(schema.model_validate(known))
+        return config_values(schema.model_validate(_absent_as_recorded(schema, known)))
     except ValidationError:
         return recorded
+
+
+def _absent_as_recorded(schema: type[BaseModel], recorded: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` with the settings it lacks from ``schema.absent_in_records`` (and from that
+    of every nested section it holds) at the value an earlier version used."""
+    values = {**getattr(schema, "absent_in_records", {}), **recorded}
+    for name, field in schema.model_fields.items():
+        nested = field.annotation
+        if (isinstance(values.get(name), dict) and isinstance(nested, type)
+                and issubclass(nested, BaseModel)):
+            values[name] = _absent_as_recorded(nested, values[name])
+    return values
 
 
 def environment() -> dict[str, Any]:

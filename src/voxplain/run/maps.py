@@ -7,7 +7,8 @@ attribution method that wrote ``explanations/METHOD/``:
   ``explanations/METHOD/fold-K/run-R/index.tsv``, one row per map file;
 - group maps: ``masks/group/fold-K/run-R/mask.nii.gz`` (its diagnosis in ``summary.json``) or
   ``explanations/METHOD/fold-K/run-R/group_<DIAGNOSIS>.nii.gz``;
-- grid masks: ``masks/grid/l1-A_l2-B_b1-C_b2-D/fold-K/run-R/mask.nii.gz``.
+- grid masks: ``masks/grid/l1-A_l2-B_b1-C_b2-D/fold-K/run-R/mask.nii.gz``, the setting ending
+  with ``_lr-E`` when the learning rate is not the ``[mask_grid]`` one.
 
 For a mask ``m`` the quantity compared and tested is what it hides, ``1 - m``
 (:func:`evidence`); an attribution map is used as it is.
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from voxplain.config import MaskConfig
 from voxplain.data.grid import Grid
 from voxplain.data.images import read_header, read_image
 from voxplain.io import read_tsv, save_map
@@ -39,7 +41,8 @@ MASK = "mask"
 SESSION_COLUMNS = ["participant_id", "session_id", "diagnosis", "fold", "run", "path", "flagged"]
 GROUP_COLUMNS = ["fold", "run", "diagnosis", "path", "flagged"]
 GRID_PARAMETERS = ("l1", "l2", "b1", "b2")
-_GRID_SETTING = re.compile(r"^l1-(?P<l1>[^_]+)_l2-(?P<l2>[^_]+)_b1-(?P<b1>[^_]+)_b2-(?P<b2>[^_]+)$")
+_GRID_SETTING = re.compile(r"^l1-(?P<l1>[^_]+)_l2-(?P<l2>[^_]+)_b1-(?P<b1>[^_]+)_b2-(?P<b2>[^_]+)"
+                           r"(?:_lr-(?P<learning_rate>[^_]+))?$")
 
 
 def map_kind(method: str) -> str:
@@ -149,20 +152,25 @@ def _without_flagged(table: pd.DataFrame, include_flagged: bool, what: str) -> p
 
 
 def grid_masks(run: RunFolder, include_flagged: bool = True) -> pd.DataFrame:
-    """Group masks of the hyperparameter grid: ``l1, l2, b1, b2, fold, run, path, flagged``
-    (flagged masks left out unless ``include_flagged``, as in :func:`group_maps`)."""
+    """Group masks of the hyperparameter grid: ``l1, l2, b1, b2, learning_rate, fold, run,
+    path, flagged`` (flagged masks left out unless ``include_flagged``, as in
+    :func:`group_maps`). A setting without ``_lr-E`` used the ``[mask_grid]`` learning rate."""
+    recorded = run.read_config().get("mask_grid", {}).get("mask", {})
+    default_rate = recorded.get("learning_rate", MaskConfig.model_fields["learning_rate"].default)
     rows = []
     found = [(folder.name, *entry) for folder in sorted((run.masks_dir / "grid").glob("*/"))
              for entry in fold_run_files(folder, "mask.nii.gz")]
     for setting, fold, run_index, path in found:
         match = _GRID_SETTING.match(setting)
         if match is None:
-            raise ValueError(f"{path}: grid setting {setting!r} is not l1-A_l2-B_b1-C_b2-D")
-        rows.append({**{k: float(v) for k, v in match.groupdict().items()}, "fold": fold,
+            raise ValueError(f"{path}: grid setting {setting!r} is not l1-A_l2-B_b1-C_b2-D "
+                             "(optionally _lr-E)")
+        values = {k: float(v) for k, v in match.groupdict(str(default_rate)).items()}
+        rows.append({**values, "fold": fold,
                      "run": run_index, "path": str(path),
                      "flagged": bool(_summary(path.parent).get("flagged", False))})
-    return _without_flagged(pd.DataFrame(rows, columns=[*GRID_PARAMETERS, "fold", "run", "path",
-                                                        "flagged"]),
+    return _without_flagged(pd.DataFrame(rows, columns=[*GRID_PARAMETERS, "learning_rate", "fold",
+                                                        "run", "path", "flagged"]),
                             include_flagged, "grid masks")
 
 

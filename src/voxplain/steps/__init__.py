@@ -18,6 +18,7 @@ from voxplain.steps.pipeline import STEPS, read_pipeline, run_pipeline
 from voxplain.steps.predict import run_predict
 from voxplain.steps.report import run_report
 from voxplain.steps.robustness import run_robustness
+from voxplain.steps.search import run_search
 from voxplain.steps.stats import run_stats
 from voxplain.steps.study import run_study_analyse, run_study_export, run_study_make
 from voxplain.steps.train import run_train
@@ -26,5 +27,5 @@ __all__ = ["STEPS", "RunContext", "load_context", "read_pipeline", "run_classifi
            "run_cyce_train", "run_cyce_transfer", "run_explain", "run_generate_atrophy",
            "run_generate_lesions", "run_generate_ms", "run_group_masks", "run_localisation",
            "run_mask_grid", "run_pipeline", "run_predict", "run_report", "run_robustness",
-           "run_session_masks", "run_stats", "run_study_analyse", "run_study_export",
+           "run_search", "run_session_masks", "run_stats", "run_study_analyse", "run_study_export",
            "run_study_make", "run_train"]

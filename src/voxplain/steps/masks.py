@@ -3,10 +3,12 @@
 Each fold/run's model masks images it classifies correctly, of one diagnosis (default: the
 patient class, e.g. AD) towards the loss of that class's probability:
 
-- group: the fold's training sessions train the mask, its validation sessions stop it;
+- group: the fold's training sessions train the mask, its validation sessions stop it; the
+  images that make its loss jump (quality check step 2) are removed and the mask optimised again
+  without them (``qc_step2 = "remove"``, the first mask kept in ``first/``) or only flagged;
 - session: every session of the fold's validation subjects (never seen in training), one mask
   each, optimised as batches;
-- grid: group masks for every combination of l1, l2, b1, b2.
+- grid: group masks for every combination of l1, l2, b1, b2 and learning rate.
 
 Outputs follow :mod:`voxplain.run`; finished fold/runs are skipped, a group mask interrupted
 mid-way resumes from its epoch checkpoint.
@@ -31,7 +33,7 @@ from voxplain.data.atlas import Atlas
 from voxplain.data.classes import patient_class, resolve_target
 from voxplain.data.cohort import encode_labels
 from voxplain.data.regions import top_regions
-from voxplain.explain.masks import (Reference, make_reference, optimise_group_mask,
+from voxplain.explain.masks import (GroupMask, Reference, make_reference, optimise_group_mask,
                                     optimise_session_masks, outliers, qc_flags, robust_z)
 from voxplain.explain.perturbation import perturb, target_probability
 from voxplain.io import read_tsv, write_json, write_tsv
@@ -101,15 +103,36 @@ def run_group_masks(config: GroupMaskStepConfig, progress: Progress | None = Non
     """One group mask per selected fold/run; returns a summary row per fold/run.
 
     Each fold/run writes ``masks/group/fold-K/run-R/``: ``mask.nii.gz`` (thresholded),
-    ``loss.tsv`` (per epoch), ``image_losses.tsv``, ``qc_flags.tsv`` and ``summary.json``
-    (validation probability of the masked class without/with the mask, top-5 AAL2 regions).
+    ``loss.tsv`` (per epoch), ``image_losses.tsv``, ``qc_flags.tsv`` (quality check step 2:
+    ``flagged`` and ``removed`` images) and ``summary.json`` (validation probability of the
+    masked class without/with the mask, top-5 AAL2 regions, ``removed`` images). When step 2
+    removes images (``mask.qc_step2 = "remove"``), the mask optimised with them is kept in
+    ``first/`` (``mask.nii.gz``, ``loss.tsv``, ``image_losses.tsv``, ``qc_flags.tsv``) and the
+    files above are those of the mask optimised again without them.
     """
+    config = qc_step2_as_recorded(config, "mask_group")
     context = read_context(config, "mask_group", progress)
     summaries = _group_masks(context, config, config.mask, "group", progress)
     flags = flag_group_masks(context.run, config.mask)
     return summaries.drop(columns=["flagged", "flag_reasons"], errors="ignore").merge(
         flags.loc[flags.level == "group", ["fold", "run", "flagged", "flag_reasons"]],
         how="left")
+
+
+def qc_step2_as_recorded(config: GroupMaskStepConfig | MaskGridConfig,
+                         section: str) -> GroupMaskStepConfig | MaskGridConfig:
+    """``config`` with ``mask.qc_step2 = "flag"`` when it resumes a ``[section]`` recorded before
+    the setting existed and does not give it: such a run folder's masks were optimised once,
+    with the flagged images, and its unfinished folds must be too (giving ``qc_step2 =
+    "remove"`` there is refused as another setting, :meth:`RunFolder.record_config`)."""
+    recorded = RunFolder(config.run).read_config().get(section, {}).get("mask")
+    if (recorded is None or "qc_step2" in recorded
+            or "qc_step2" in config.mask.model_fields_set):
+        return config
+    log.info("[%s] was recorded before quality check step 2 could remove images: its masks "
+             "keep the flagged images (qc_step2 = flag)", section)
+    return config.model_copy(update={"mask": config.mask.model_copy(
+        update={"qc_step2": "flag"})})
 
 
 def flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
@@ -184,9 +207,18 @@ def _group_masks(context: RunContext, config: MaskStepConfig, mask: GroupMaskCon
     return pd.DataFrame(each_fold(context.models(config.folds), one, f"{level} masks"))
 
 
+#: Subfolder of a group mask's folder holding its first pass when quality check step 2 removed
+#: images (its ``qc_flags.tsv``, written last, marks that pass done).
+FIRST_PASS = "first"
+
+
 def _group_mask(context: RunContext, config: MaskStepConfig, mask: GroupMaskConfig, fold: int,
                 run_index: int, model: nn.Module, classes: list[str], folder: Path,
                 progress: Progress | None) -> pd.Series:
+    """One fold/run's group mask, in one pass, or two when quality check step 2 removes images
+    (paper 1, 2.3.1: "one image was removed after training a group mask"). The first pass of a
+    ``remove`` run checkpoints in ``first/``, so a second pass interrupted in ``folder``
+    resumes without redoing it."""
     diagnosis = masked_class(config, classes)
     splits = {name: context.run.read_split(fold, name) for name in ("train", "validation")}
     train = correctly_classified(context, model, splits["train"], classes, diagnosis)
@@ -196,36 +228,73 @@ def _group_mask(context: RunContext, config: MaskStepConfig, mask: GroupMaskConf
                           "group mask on")
     target = target_class(mask, classes, diagnosis)
     reference = reference_for(context, mask, classes, splits["train"])
-    task = (progress.add_task(f"group mask fold {fold} run {run_index}", total=mask.max_epochs)
-            if progress else None)
-    result = optimise_group_mask(
-        model, context.images_of(train), np.full(len(train), target),
-        context.images_of(validation), np.full(len(validation), target), reference, mask,
-        context.device, checkpoint=folder,
-        progress=(lambda done, total: progress.update(task, completed=done)) if progress else None)
+    first = folder / FIRST_PASS
+
+    def optimise(images: pd.DataFrame, checkpoint: Path, name: str):
+        task = (progress.add_task(f"{name} fold {fold} run {run_index}", total=mask.max_epochs)
+                if progress else None)
+        return optimise_group_mask(
+            model, context.images_of(images), np.full(len(images), target),
+            context.images_of(validation), np.full(len(validation), target), reference, mask,
+            context.device, checkpoint=checkpoint, progress=(
+                lambda done, total: progress.update(task, completed=done)) if progress else None)
+
+    if (first / "qc_flags.tsv").is_file():  # the first pass removed images: resume the second
+        flags = read_tsv(first / "qc_flags.tsv")
+        result = None
+    else:
+        result = optimise(train, first if mask.qc_step2 == "remove" else folder, "group mask")
+        flags = qc_flags(result.image_losses, mask.qc_z, mask.qc_min_excess).merge(
+            train[IDS].reset_index(names="image")).drop(columns="image")
+        if flags.flagged.any():
+            log.warning("fold %d run %d: %d image(s) flagged by the group-mask quality check "
+                        "(step 2): %s", fold, run_index, int(flags.flagged.sum()),
+                        ", ".join(_session_names(flags[flags.flagged])))
+        if mask.qc_step2 == "remove" and flags.flagged.any():
+            _write_pass(first, result, train, context)
+            write_tsv(first / "qc_flags.tsv", flags)  # last: the first pass is done
+            result = None
+        remove_state(first)
+        if first.is_dir() and not any(first.iterdir()):
+            first.rmdir()  # held only the checkpoint of a pass that removed nothing
+    flags["removed"] = flags.flagged.astype(bool) & (result is None)
+    if result is None:
+        removed = flags[flags.removed]
+        train = train[~_session_names(train).isin(_session_names(removed))].reset_index(drop=True)
+        if train.empty:
+            raise FoldSkipped("quality check step 2 removed every training session")
+        log.warning("fold %d run %d: group mask optimised again without %s (first pass kept in "
+                    "%s)", fold, run_index, ", ".join(_session_names(removed)), first)
+        result = optimise(train, folder, "group mask without flagged images")
     mask_array = result.mask[0, 0].cpu().numpy()
-    write_map(folder / "mask", mask_array, context.grid)
-    write_tsv(folder / "loss.tsv", result.history)
-    losses = result.image_losses.merge(train[IDS].reset_index(names="image"), on="image")
-    write_tsv(folder / "image_losses.tsv", losses)
-    flags = qc_flags(result.image_losses, mask.qc_z, mask.qc_min_excess).merge(
-        train[IDS].reset_index(names="image"))
-    write_tsv(folder / "qc_flags.tsv", flags.drop(columns="image"))
-    if flags.flagged.any():
-        log.warning("fold %d run %d: %d image(s) flagged by the group-mask quality check (%s)",
-                    fold, run_index, int(flags.flagged.sum()), folder / "qc_flags.tsv")
+    _write_pass(folder, result, train, context)
+    write_tsv(folder / "qc_flags.tsv", flags)
     summary = {"fold": fold, "run": run_index, "diagnosis": diagnosis, "n_train": len(train),
                "n_validation": len(validation), "best_epoch": result.best_epoch,
                "epochs": len(result.history), **_masked_probability(
                    model, context, validation, target, result.mask, reference),
                "masked_fraction": float((mask_array < 1).mean()),
-               "top_regions": _top_regions(context, 1 - mask_array)}
+               "top_regions": _top_regions(context, 1 - mask_array),
+               "removed": _session_names(flags[flags.removed]).tolist()}
     write_json(folder / "summary.json", summary)
     remove_state(folder)  # summary.json marks the mask done: its checkpoint is no longer needed
     log.info("%s mask fold %d run %d: validation probability of %s %.3f -> %.3f; top regions %s",
              folder.parent.parent.name, fold, run_index, diagnosis, summary["probability_before"],
              summary["probability_after"], ", ".join(summary["top_regions"]))
     return pd.Series(summary)
+
+
+def _write_pass(folder: Path, result: GroupMask, train: pd.DataFrame, context: RunContext) -> None:
+    """``mask.nii.gz``, ``loss.tsv`` and ``image_losses.tsv`` of one optimisation pass."""
+    write_map(folder / "mask", result.mask[0, 0].cpu().numpy(), context.grid)
+    write_tsv(folder / "loss.tsv", result.history)
+    write_tsv(folder / "image_losses.tsv",
+              result.image_losses.merge(train[IDS].reset_index(names="image"), on="image"))
+
+
+def _session_names(rows: pd.DataFrame) -> pd.Series:
+    """``sub-X_ses-Y`` of each row."""
+    return rows.participant_id.astype(str) + "_" + rows.session_id.astype(str)
 
 
 @torch.no_grad()
@@ -319,16 +388,27 @@ def _session_masks(context: RunContext, config: SessionMaskStepConfig, fold: int
     return index
 
 
-def grid_setting(l1: float, l2: float, b1: float, b2: float) -> str:
-    """Folder name of one grid point, e.g. ``l1-0.0001_l2-0.01_b1-0.1_b2-1``."""
-    return f"l1-{l1:g}_l2-{l2:g}_b1-{b1:g}_b2-{b2:g}"
+def grid_setting(l1: float, l2: float, b1: float, b2: float,
+                 learning_rate: float | None = None) -> str:
+    """Folder name of one grid point, e.g. ``l1-0.0001_l2-0.01_b1-0.1_b2-1``, ending with
+    ``_lr-0.01`` when the learning rate is not the ``[mask]`` one (``learning_rate`` given), so
+    that the folders of grids without a learning-rate dimension keep their names."""
+    name = f"l1-{l1:g}_l2-{l2:g}_b1-{b1:g}_b2-{b2:g}"
+    return name if learning_rate is None else f"{name}_lr-{learning_rate:g}"
 
 
-def grid_settings(config: MaskGridConfig) -> list[tuple[float, float, float, float]]:
-    """The (l1, l2, b1, b2) of the grid: every combination (``design = "full"``), or each
-    hyperparameter over its values with the others at ``config.mask``'s (``"one-at-a-time"``,
-    the layout of paper 1's tables 2-3), in order and without repeats."""
-    values = {name: getattr(config, name) for name in ("l1", "l2", "b1", "b2")}
+#: The dimensions of the mask grid: fields of :class:`~voxplain.config.MaskGridConfig` holding
+#: the values of the ``[mask]`` setting of the same name.
+GRID_DIMENSIONS = ("l1", "l2", "b1", "b2", "learning_rate")
+
+
+def grid_settings(config: MaskGridConfig) -> list[tuple[float, float, float, float, float]]:
+    """The (l1, l2, b1, b2, learning rate) of the grid: every combination (``design =
+    "full"``), or each hyperparameter over its values with the others at ``config.mask``'s
+    (``"one-at-a-time"``, the layout of paper 1's tables 2-3), in order and without repeats.
+    Without ``learning_rate`` values the grid uses the ``[mask]`` learning rate."""
+    values = {name: getattr(config, name) for name in GRID_DIMENSIONS}
+    values["learning_rate"] = values["learning_rate"] or [config.mask.learning_rate]
     if config.design == "full":
         return list(itertools.product(*values.values()))
     centre = {name: getattr(config.mask, name) for name in values}
@@ -338,20 +418,26 @@ def grid_settings(config: MaskGridConfig) -> list[tuple[float, float, float, flo
 
 
 def run_mask_grid(config: MaskGridConfig, progress: Progress | None = None) -> pd.DataFrame:
-    """Group masks for every (l1, l2, b1, b2) of the grid, under ``masks/grid/SETTING``."""
+    """Group masks for every (l1, l2, b1, b2, learning rate) of the grid, under
+    ``masks/grid/SETTING`` (:func:`grid_setting`)."""
+    config = qc_step2_as_recorded(config, "mask_grid")
     context = read_context(config, "mask_grid", progress)
+
+    def setting(l1: float, l2: float, b1: float, b2: float, learning_rate: float) -> str:
+        own = None if learning_rate == config.mask.learning_rate else learning_rate
+        return grid_setting(l1, l2, b1, b2, own)
+
     summaries = []
-    for l1, l2, b1, b2 in grid_settings(config):
-        mask = config.mask.model_copy(update={"l1": l1, "l2": l2, "b1": b1, "b2": b2})
-        summary = _group_masks(context, config, mask, f"grid/{grid_setting(l1, l2, b1, b2)}",
-                               progress)
-        summaries.append(summary.assign(l1=l1, l2=l2, b1=b1, b2=b2))
+    for values in grid_settings(config):
+        mask = config.mask.model_copy(update=dict(zip(GRID_DIMENSIONS, values)))
+        summary = _group_masks(context, config, mask, f"grid/{setting(*values)}", progress)
+        summaries.append(summary.assign(**dict(zip(GRID_DIMENSIONS, values))))
     table = pd.concat(summaries, ignore_index=True).drop(columns=["flagged", "flag_reasons"],
                                                           errors="ignore")
     flags = flag_group_masks(context.run, config.mask)
     flags = flags[flags.level.str.startswith("grid/")].assign(
         setting=lambda frame: frame.level.str.removeprefix("grid/"))
-    table["setting"] = [grid_setting(*row) for row in table[["l1", "l2", "b1", "b2"]].to_numpy()]
+    table["setting"] = [setting(*row) for row in table[list(GRID_DIMENSIONS)].to_numpy()]
     table = table.merge(flags[["setting", "fold", "run", "flagged", "flag_reasons"]], how="left")
     write_tsv(context.run.masks_dir / "grid" / "summary.tsv", table)
     return table

@@ -44,8 +44,8 @@ from voxplain.config import (AtrophyCohortConfig, ClassificationEvaluationConfig
                              CyCETransferConfig, ExplainStepConfig, GroupMaskStepConfig,
                              LesionCohortConfig, LocalisationStepConfig, MaskGridConfig,
                              MSCohortConfig,
-                             PredictConfig, ReportConfig, RobustnessConfig,
-                             SessionMaskStepConfig, StatsConfig, StudyAnalyseConfig,
+                             PredictConfig, ReportConfig, RobustnessConfig, SearchConfig,
+                             SessionMaskStepConfig, SplitTestConfig, StatsConfig, StudyAnalyseConfig,
                              StudyExportConfig, StudyMakeConfig, TrainConfig, is_field,
                              read_toml)
 from voxplain.steps.classification import run_classification
@@ -57,6 +57,8 @@ from voxplain.steps.masks import run_group_masks, run_mask_grid, run_session_mas
 from voxplain.steps.predict import run_predict
 from voxplain.steps.report import run_report
 from voxplain.steps.robustness import run_robustness
+from voxplain.steps.search import run_search
+from voxplain.steps.split import run_split_test
 from voxplain.steps.stats import run_stats
 from voxplain.steps.study import run_study_analyse, run_study_export, run_study_make
 from voxplain.steps.train import run_train
@@ -88,6 +90,8 @@ STEPS: dict[str, Step] = {
     "generate_atrophy": Step(AtrophyCohortConfig, run_generate_atrophy),
     "generate_lesions": Step(LesionCohortConfig, run_generate_lesions),
     "generate_ms": Step(MSCohortConfig, run_generate_ms),
+    "split_test": Step(SplitTestConfig, run_split_test),
+    "search": Step(SearchConfig, run_search),
     "train": Step(TrainConfig, run_train),
     "predict": Step(PredictConfig, run_predict),
     "mask_group": Step(GroupMaskStepConfig, run_group_masks),

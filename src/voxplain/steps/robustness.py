@@ -229,7 +229,11 @@ def grid_experiments(run: RunFolder, out: Path, include_flagged: bool = False) -
         log.info("robustness mask: no mask grid (masks/grid): hyperparameter tables skipped")
         return []
     rows = []
-    for (fold, run_index), masks in table.groupby(["fold", "run"], sort=True):
+    # masks of one learning rate are compared (the grid's other dimensions at a time); the
+    # tables of a grid with several learning rates name theirs
+    several_rates = table.learning_rate.nunique() > 1
+    for (fold, run_index, rate), masks in table.groupby(["fold", "run", "learning_rate"],
+                                                        sort=True):
         masks = masks.reset_index(drop=True)
         labels = [f"l1-{a:g}_l2-{b:g}_b1-{c:g}_b2-{d:g}"
                   for a, b, c, d in masks[list(GRID_PARAMETERS)].itertuples(index=False)]
@@ -246,6 +250,7 @@ def grid_experiments(run: RunFolder, out: Path, include_flagged: bool = False) -
                 matrix = grid_table(subset[parameter].tolist(), parameter,
                                     similarity[np.ix_(subset.index, subset.index)])
                 setting = "_".join(f"{p}-{v:g}" for p, v in zip(others, fixed))
+                setting += f"_lr-{rate:g}" if several_rates else ""
                 name = f"grid_fold-{fold}_run-{run_index}_{parameter}_at_{setting}.tsv"
                 write_tsv(out / MASK / name, matrix)
                 neighbours = np.diag(matrix.iloc[:, 1:].to_numpy(float), k=1)

@@ -16,6 +16,7 @@ never in two subsets).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,20 +143,29 @@ def _load(cohort: Cohort, config: TrainConfig, run: RunFolder, progress: Progres
                        progress_callback(progress, f"loading {what}", len(cohort)))
 
 
-def run_train(config: TrainConfig, progress: Progress | None = None) -> pd.DataFrame:
+def run_train(config: TrainConfig, progress: Progress | None = None, *,
+              folds: Sequence[int] | None = None,
+              prepared: PreparedCohort | None = None) -> pd.DataFrame:
     """Train every fold x run of ``config``; return (and write) the metrics of every model.
+
+    ``folds`` trains only those folds of the ``n_folds`` splits (all split files are written);
+    ``prepared`` reuses a cohort already read by :func:`prepare_cohort` with the same settings
+    (a search trains many run folders from one cohort, :mod:`voxplain.steps.search`).
 
     Returns one row per fold, run and evaluated subset (validation, test) with the metrics of
     :func:`~voxplain.evaluate.classification.classification_metrics`.
     """
     run = RunFolder(config.run)
     device = resolve_device(config.device)
-    prepared = prepare_cohort(config, run, progress)
+    prepared = prepared or prepare_cohort(config, run, progress)
     cohort, stack, classes = prepared.cohort, prepared.stack, prepared.classes
     if config.split == "random" and config.test is not None:
         raise CohortError(f"{config.test}: random splits hold out their own test subjects; "
                           "classify another cohort with `voxplain predict` instead")
-    folds = splits(config, cohort.table)
+    selected, folds = folds, splits(config, cohort.table)
+    unknown = sorted(set(selected or ()) - {fold.index for fold in folds})
+    if unknown:
+        raise ValueError(f"folds {unknown} do not exist: the run has {len(folds)} splits")
     view = slice_view(config, stack, cohort.table)
     test = _test_dataset(config, run, cohort, classes, progress, view)
     # recorded once the inputs are known to be usable: a failed command leaves no record that
@@ -173,6 +183,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> pd.DataF
         "in_channels": cohort.image_shape[0], "n_classes": len(classes),
         "input_shape": list(images.shape[2:])})
     for fold in folds:
+        if selected is not None and fold.index not in selected:
+            continue
         for run_index in range(config.runs):
             folder = run.model_dir(fold.index, run_index)
             if (folder / "metrics.tsv").is_file():

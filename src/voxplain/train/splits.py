@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
@@ -132,3 +133,106 @@ def _two_diagnoses(table: pd.DataFrame) -> pd.DataFrame:
     if len(counts) < 2:
         raise ValueError(f"cross-validation needs two diagnoses; all subjects are {counts.index[0]}")
     return subjects
+
+
+def matched_test_split(table: pd.DataFrame, n_per_class: int, match: list[str], seed: int = 2,
+                       alpha: float = 0.05, max_draws: int = 10_000
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """A held-out test set of ``n_per_class`` subjects per diagnosis, matched on ``match``
+    columns (paper 1, 2.2.1: "100 randomly chosen age- and sex-matched subjects for each
+    diagnostic class ... age and sex distributions between training/validation and test sets
+    were not significantly different").
+
+    Subjects (their baseline session's values) are drawn at random, stratified by diagnosis,
+    until every balance test has p > ``alpha`` (:func:`balance_tests`): between the classes of
+    the test set, and, per class, between its test and remaining subjects. Numeric columns are
+    compared with a t-test (two groups) or a one-way ANOVA (more), others with a chi-squared
+    test of their contingency table. Draw ``k`` uses ``random_state = seed + k``; the first draw
+    that passes is kept.
+
+    Returns:
+        ``(test, rest, tests)``: the test subjects' baseline sessions, every session of the other
+        subjects, and the balance tests of the kept draw (``comparison, column, test,
+        statistic, p``).
+
+    Raises:
+        ValueError: a ``match`` column is missing or has empty cells, a diagnosis has fewer than
+            ``n_per_class`` subjects plus one, or no draw passes within ``max_draws`` (the
+            message gives the best draw's smallest p-value).
+    """
+    subjects = _two_diagnoses(table)
+    for column in match:
+        if column not in subjects.columns:
+            raise ValueError(f"no column {column!r} to match on; columns are "
+                             f"{list(table.columns)}")
+        if subjects[column].isna().any():
+            row = subjects[subjects[column].isna()].iloc[0]
+            raise ValueError(f"{row.participant_id} {row.session_id}: empty {column!r}; every "
+                             "subject needs a value to be matched")
+    counts = subjects["diagnosis"].value_counts()
+    if counts.min() <= n_per_class:
+        raise ValueError(f"{n_per_class} test subjects per diagnosis leave none to train on; "
+                         f"subjects per diagnosis: {counts.to_dict()}")
+    best: tuple[float, pd.DataFrame, pd.DataFrame] | None = None
+    for draw in range(max_draws):
+        test = subjects.groupby("diagnosis", group_keys=False).sample(
+            n=n_per_class, random_state=seed + draw)
+        tests = balance_tests(subjects, set(test["participant_id"]), match)
+        smallest = float(tests["p"].min()) if len(tests) else 1.0
+        if best is None or smallest > best[0]:
+            best = (smallest, test, tests)
+        if smallest > alpha:
+            break
+    else:
+        raise ValueError(f"no draw of {n_per_class} subjects per diagnosis in {max_draws} is "
+                         f"balanced on {match} at p > {alpha} (best draw: smallest p "
+                         f"{best[0]:.3g}); lower n_per_class or alpha, or draw more")
+    assert best is not None
+    _, test, tests = best
+    chosen = set(test["participant_id"])
+    rest = table[~table["participant_id"].isin(chosen)]
+    return test.sort_index(), rest, tests.reset_index(drop=True)
+
+
+def balance_tests(subjects: pd.DataFrame, test: set[str], match: list[str]) -> pd.DataFrame:
+    """Balance tests of one draw: each ``match`` column between the test set's diagnoses, and
+    per diagnosis between its test and remaining subjects (see :func:`matched_test_split`)."""
+    from scipy import stats
+
+    in_test = subjects["participant_id"].isin(test)
+    rows = []
+
+    def compare(comparison: str, column: str, groups: list[pd.Series]) -> None:
+        numeric = all(pd.api.types.is_numeric_dtype(g) for g in groups)
+        if numeric:
+            values = [g.to_numpy(dtype=float) for g in groups]
+            if len(values) == 2:
+                result = stats.ttest_ind(*values)
+                name = "t-test"
+            else:
+                result = stats.f_oneway(*values)
+                name = "one-way ANOVA"
+            statistic, p = float(result.statistic), float(result.pvalue)
+        else:
+            labels = sorted(set().union(*(set(g.astype(str)) for g in groups)))
+            table = np.array([[int((g.astype(str) == label).sum()) for label in labels]
+                              for g in groups])
+            table = table[:, table.sum(0) > 0]
+            if table.shape[1] < 2:  # one category everywhere: nothing can differ
+                statistic, p, name = 0.0, 1.0, "chi-squared"
+            else:
+                statistic, p = (float(v) for v in stats.chi2_contingency(table)[:2])
+                name = "chi-squared"
+        rows.append({"comparison": comparison, "column": column, "test": name,
+                     "statistic": statistic, "p": 1.0 if np.isnan(p) else p})
+
+    diagnoses = sorted(subjects["diagnosis"].unique())
+    for column in match:
+        compare("test: " + " vs ".join(diagnoses), column,
+                [subjects.loc[in_test & (subjects["diagnosis"] == d), column] for d in diagnoses])
+        for diagnosis in diagnoses:
+            of_class = subjects["diagnosis"] == diagnosis
+            compare(f"{diagnosis}: test vs rest", column,
+                    [subjects.loc[of_class & in_test, column],
+                     subjects.loc[of_class & ~in_test, column]])
+    return pd.DataFrame(rows)
