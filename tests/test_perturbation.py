@@ -28,15 +28,17 @@ def _model(shape=(12, 12, 12)):
     return model.eval().requires_grad_(False)
 
 
-def test_spatial_gradient_is_the_forward_difference_on_every_axis():
+def test_spatial_gradient_is_the_forward_difference_on_every_axis_and_0_beyond_the_grid():
     mask = torch.tensor([[0.0, 1.0], [2.0, 4.0]])[None, None]
     gradient = spatial_gradient(mask)
-    assert gradient.shape == (1, 2, 1, 1)
-    assert gradient[0, :, 0, 0].tolist() == [2.0, 1.0]  # m(1,0)-m(0,0), m(0,1)-m(0,0)
+    assert gradient.shape == (1, 2, 2, 2)
+    assert gradient[0, 0].tolist() == [[2.0, 3.0], [0.0, 0.0]]  # m(1,c) - m(0,c); last row 0
+    assert gradient[0, 1].tolist() == [[1.0, 0.0], [2.0, 0.0]]  # m(r,1) - m(r,0); last col 0
     volume = torch.arange(27.0).reshape(1, 1, 3, 3, 3)
     steps = spatial_gradient(volume)
-    assert steps.shape == (1, 3, 2, 2, 2)
+    assert steps.shape == (1, 3, 3, 3, 3)
     assert steps[0, :, 0, 0, 0].tolist() == [9.0, 3.0, 1.0]
+    assert steps[0, :, 2, 1, 1].tolist() == [0.0, 3.0, 1.0]  # last slice along axis 0
 
 
 def test_sparsity_term_is_the_mean_of_one_minus_m_to_the_b1():
@@ -57,13 +59,14 @@ def test_regularisers_do_not_depend_on_the_number_of_voxels():
 
 def test_isotropic_smoothness_term_is_the_mean_of_euclidean_gradient_norms_to_the_b2():
     mask = torch.tensor([[0.0, 1.0, 1.0], [2.0, 4.0, 0.0], [1.0, 1.0, 1.0]])[None, None]
-    # forward differences on the 2x2 interior: (d_row, d_col) per voxel
-    pairs = [(2.0, 1.0), (3.0, 0.0), (-1.0, 2.0), (-3.0, -4.0)]
+    # (d_row, d_col) per voxel, 0 beyond the last row / column; the 3 voxels of the last row
+    # have d_row = 0 and d_col = 0, 0
+    pairs = [(2.0, 1.0), (3.0, 0.0), (-1.0, 0.0), (-1.0, 2.0), (-3.0, -4.0), (1.0, 0.0)]
     norms = [math.hypot(a, b) for a, b in pairs]
     assert smoothness_term(mask, 1.0, EPS, "isotropic").item() == pytest.approx(
-        sum(norms) / 4, rel=1e-6)
+        sum(norms) / 9, rel=1e-6)
     assert smoothness_term(mask, 2.0, EPS, "isotropic").item() == pytest.approx(
-        sum(n ** 2 for n in norms) / 4, rel=1e-6)
+        sum(n ** 2 for n in norms) / 9, rel=1e-6)
 
 
 def test_the_power_at_zero_has_a_finite_gradient_and_is_exact_beyond_epsilon():
