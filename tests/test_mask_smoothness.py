@@ -214,3 +214,27 @@ def test_a_dip_on_the_last_face_costs_what_it_costs_on_the_first(form):
     assert costs[1] == pytest.approx(3 / 25)
     if form == "anisotropic":  # forward differences in the isotropic norm are not symmetric
         assert costs[0] == pytest.approx(costs[1])
+
+
+@pytest.mark.parametrize("section, schema", STEPS)
+def test_a_mask_step_resumes_an_old_record_with_the_settings_it_was_made_with(tmp_path, section,
+                                                                               schema):
+    from voxplain.steps.masks import as_recorded
+
+    run = RunFolder(tmp_path)
+    old = schema(run=tmp_path)
+    values = config_values(old)
+    del values["mask"]["smoothness"]
+    values["mask"].pop("qc_step2", None)
+    run.config_file.write_text(to_toml({section: values}))
+    resumed = as_recorded(schema(run=tmp_path), section)
+    assert resumed.mask.smoothness == "isotropic"
+    if section != "mask_session":
+        assert resumed.mask.qc_step2 == "flag"
+    run.record_config(section, resumed)  # accepted: the same settings as recorded
+    given = as_recorded(schema(run=tmp_path, mask={"smoothness": "anisotropic"}), section)
+    assert given.mask.smoothness == "anisotropic"  # explicit: kept, and then refused
+    with pytest.raises(RunFolderError, match=r"mask\.smoothness"):
+        run.record_config(section, given)
+    fresh = as_recorded(schema(run=tmp_path / "new"), section)  # nothing recorded: defaults
+    assert fresh.mask.smoothness == "anisotropic"

@@ -19,7 +19,8 @@ The smoothness term is the paper's as written: the b2-norm of the gradient to th
 keeps the Euclidean form ``(sum_i d_i m(u)^2)^(b2/2)`` that voxplain computed before (rotation
 invariant, ``sqrt(dx^2 + dy^2 + dz^2)`` at b2 = 1); the two agree at b2 = 2 only. A run folder
 recorded before the option existed has no ``smoothness`` key and reads as isotropic
-(:attr:`voxplain.config.MaskConfig.absent_in_records`), so a resumed step never mixes forms.
+(:attr:`voxplain.config.MaskConfig.absent_in_records`); the mask steps resume it so unless told
+otherwise (:func:`voxplain.steps.masks.as_recorded`), so a resumed step never mixes forms.
 
 Two choices the paper leaves open, stated here:
 

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,9 @@ from voxplain.run import FoldSkipped, RunFolder, each_fold, fold_run_files
 from voxplain.run.maps import write_map
 from voxplain.steps.context import IDS, FoldModel, RunContext, load_context
 from voxplain.train.trainer import Dataset, predict_proba
+
+#: A mask step's settings (group, session or grid).
+MaskStepT = TypeVar("MaskStepT", GroupMaskStepConfig, SessionMaskStepConfig, MaskGridConfig)
 
 log = logging.getLogger("voxplain")
 
@@ -110,7 +114,7 @@ def run_group_masks(config: GroupMaskStepConfig, progress: Progress | None = Non
     ``first/`` (``mask.nii.gz``, ``loss.tsv``, ``image_losses.tsv``, ``qc_flags.tsv``) and the
     files above are those of the mask optimised again without them.
     """
-    config = qc_step2_as_recorded(config, "mask_group")
+    config = as_recorded(config, "mask_group")
     context = read_context(config, "mask_group", progress)
     summaries = _group_masks(context, config, config.mask, "group", progress)
     flags = flag_group_masks(context.run, config.mask)
@@ -119,20 +123,22 @@ def run_group_masks(config: GroupMaskStepConfig, progress: Progress | None = Non
         how="left")
 
 
-def qc_step2_as_recorded(config: GroupMaskStepConfig | MaskGridConfig,
-                         section: str) -> GroupMaskStepConfig | MaskGridConfig:
-    """``config`` with ``mask.qc_step2 = "flag"`` when it resumes a ``[section]`` recorded before
-    the setting existed and does not give it: such a run folder's masks were optimised once,
-    with the flagged images, and its unfinished folds must be too (giving ``qc_step2 =
-    "remove"`` there is refused as another setting, :meth:`RunFolder.record_config`)."""
+def as_recorded(config: MaskStepT, section: str) -> MaskStepT:
+    """``config`` with the mask settings a ``[section]`` recorded before they existed was made
+    with (``absent_in_records`` of its mask config: ``smoothness = "isotropic"``, and for group
+    masks ``qc_step2 = "flag"``), where ``config`` does not give them: such a run folder's
+    unfinished folds are computed as its finished ones were. A value given explicitly that
+    differs is refused as another setting (:meth:`RunFolder.record_config`)."""
     recorded = RunFolder(config.run).read_config().get(section, {}).get("mask")
-    if (recorded is None or "qc_step2" in recorded
-            or "qc_step2" in config.mask.model_fields_set):
+    if recorded is None:
         return config
-    log.info("[%s] was recorded before quality check step 2 could remove images: its masks "
-             "keep the flagged images (qc_step2 = flag)", section)
-    return config.model_copy(update={"mask": config.mask.model_copy(
-        update={"qc_step2": "flag"})})
+    earlier = {key: value for key, value in type(config.mask).absent_in_records.items()
+               if key not in recorded and key not in config.mask.model_fields_set}
+    if not earlier:
+        return config
+    log.info("[%s] was recorded before %s existed: its masks keep %s", section,
+             ", ".join(earlier), ", ".join(f"{k} = {v}" for k, v in earlier.items()))
+    return config.model_copy(update={"mask": config.mask.model_copy(update=earlier)})
 
 
 def flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
@@ -333,6 +339,7 @@ def run_session_masks(config: SessionMaskStepConfig, progress: Progress | None =
     others (robust z about 50), 99 % of voxels below 0.95; run on, it leaves the plateau after
     about 450 iterations at loss 0.0055.
     """
+    config = as_recorded(config, "mask_session")
     context = read_context(config, "mask_session", progress)
 
     def one(fold: int, run_index: int, fitted: FoldModel) -> pd.DataFrame:
@@ -420,7 +427,7 @@ def grid_settings(config: MaskGridConfig) -> list[tuple[float, float, float, flo
 def run_mask_grid(config: MaskGridConfig, progress: Progress | None = None) -> pd.DataFrame:
     """Group masks for every (l1, l2, b1, b2, learning rate) of the grid, under
     ``masks/grid/SETTING`` (:func:`grid_setting`)."""
-    config = qc_step2_as_recorded(config, "mask_grid")
+    config = as_recorded(config, "mask_grid")
     context = read_context(config, "mask_grid", progress)
 
     def setting(l1: float, l2: float, b1: float, b2: float, learning_rate: float) -> str:
