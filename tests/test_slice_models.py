@@ -242,6 +242,10 @@ def test_predict_on_a_slice_run_writes_votes_and_slices(slice_run, tmp_path):
     assert len(table) == 18
     slices = read_tsv(tmp_path / "p-slices.tsv")
     assert len(slices) == 18 * 8 and set(slices.slice) == set(range(1, 9))
+    columns = [f"proba_{c}" for c in CLASSES]
+    means = slices.groupby("participant_id")[columns].mean()  # the soft vote, by hand
+    np.testing.assert_allclose(table.set_index("participant_id").loc[means.index, columns],
+                               means, atol=1e-5)
 
 
 def test_masks_are_refused_on_a_slice_run(slice_run):

@@ -100,13 +100,20 @@ class RunContext:
         if self.slices is None:
             data = Dataset(rows, self.images, np.zeros(len(rows), dtype=np.int64))
             return predict_proba(model, data, batch_size, self.device)[0], None, None
-        numbered = rows.assign(image_index=np.arange(len(rows)))
-        table = slice_rows(numbered, self.slices)
-        data = Dataset(table, self.model_inputs(rows).numpy(),
-                       np.zeros(len(table), dtype=np.int64))
-        probabilities = predict_proba(model, data, batch_size, self.device)[0]
-        return soft_vote(table, probabilities)[1], table.assign(image_index=np.repeat(
-            rows["image_index"].to_numpy(), self.slices.n_slices)), probabilities
+        # the slices of a few sessions at a time: a cohort's slices at once would not fit in
+        # memory (100 sessions x 135 slices x 3 x 256 x 256 float32: 10 GB)
+        per_call = max(1, batch_size // self.slices.n_slices)
+        parts = []
+        for start in range(0, len(rows), per_call):
+            chunk = rows.iloc[start:start + per_call]
+            slices = self.model_inputs(chunk).numpy()
+            data = Dataset(slice_rows(chunk.assign(image_index=np.arange(len(chunk))),
+                                      self.slices), slices, np.zeros(len(slices), dtype=np.int64))
+            parts.append(predict_proba(model, data, batch_size, self.device)[0])
+        probabilities = np.concatenate(parts)
+        table = slice_rows(rows, self.slices).assign(image_index=np.repeat(
+            rows["image_index"].to_numpy(), self.slices.n_slices))
+        return soft_vote(table, probabilities)[1], table, probabilities
 
     def models(self, folds: list[int] | None) -> Iterator[tuple[int, int, FoldModel]]:
         """``(fold, run, FoldModel)`` of the selected folds, loaded one at a time. Folds
