@@ -387,8 +387,12 @@ def test_a_ct_background_s_pixel_spacing_reaches_every_explanation_map_header(le
 
 def test_every_session_map_is_scored_against_its_own_lesion_mask(lesion_run):
     run, tsv = lesion_run
-    table = evaluate_session_localisation(run, "mask_path")
-    assert len(table) == 8 and table.method.unique().tolist() == ["test_signed_probe"]
+    scored = evaluate_session_localisation(run, "mask_path")
+    baselines = ["random", "input", "edge", "t_map", "linear_weights", "linear_pattern"]
+    assert scored.method.unique().tolist() == ["test_signed_probe", *(
+        f"baseline:{name}" for name in baselines)]  # scored on the same sessions, 2D too
+    assert (scored.groupby("method").size() == 8).all()
+    table = scored[scored.method == "test_signed_probe"]
     for row in table.itertuples():
         name = f"{row.participant_id}_{row.session_id}.npy"
         relevance = np.abs(np.load(tsv.parent / "images" / name)[0] - 0.5)  # the probe's |map|
@@ -398,7 +402,7 @@ def test_every_session_map_is_scored_against_its_own_lesion_mask(lesion_run):
         assert row.chance_mass == pytest.approx(mask.mean())
         assert row.pointing_game == float(mask[relevance == relevance.max()].all())
     written = pd.read_csv(run / "evaluation/localisation_sessions.tsv", sep="\t")
-    assert len(written) == len(table)
+    assert len(written) == len(scored)
 
 
 def test_session_truths_of_another_cohort_resolve_from_its_folder_and_errors_name_the_file(

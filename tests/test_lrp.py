@@ -146,9 +146,13 @@ def test_mixed_targets_in_one_batch_equal_single_sample_results(method):
     model, x, targets = network("cnn", 3), images(3, 3), [1, 0, 1]
     explainer = method(model, batch_size=3)
     batched = explainer.explain(x, targets)
+    # float32 convolutions of a batch of 3 and of 1 take different kernels (oneDNN picks by
+    # shape and CPU): the z+ rule's divisions amplify their rounding to ~3e-4 relative on some
+    # machines; a wrong target per sample changes the map entirely (last assertion)
+    scale = batched.abs().max().item()
     for i, target in enumerate(targets):
         torch.testing.assert_close(batched[i:i + 1], explainer.explain(x[i:i + 1], target),
-                                   rtol=1e-4, atol=1e-6)
+                                   rtol=1e-3, atol=1e-3 * scale)
     assert not torch.allclose(explainer.explain(x[:1], 0), explainer.explain(x[:1], 1))
 
 

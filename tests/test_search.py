@@ -217,7 +217,8 @@ def test_a_killed_search_resumes_without_retraining_finished_trials(tmp_path, mo
 def test_the_report_shows_the_trials_the_best_one_and_their_parameters(tmp_path,
                                                                          fake_training):
     from voxplain.config import ReportConfig
-    from voxplain.report.sections import SECTIONS, ReportContext, search_section
+    from voxplain.report.order import SECTIONS
+    from voxplain.report.sections import ReportContext, search_section
 
     run = tmp_path / "run"
     context = ReportContext(RunFolder(run), ReportConfig(run=run), tmp_path / "figures")

@@ -287,7 +287,8 @@ class MSCohortConfig(Section):
 
 # --- train, predict ------------------------------------------------------------------------
 
-ModelName = Literal["cnn", "convnet", "vgg_gap", "vgg16", "vgg19", "resnet50"]
+ModelName = Literal["cnn", "convnet", "vgg_gap", "vgg16", "vgg19", "resnet50",
+                    "clinicadl_conv5_fc3", "clinicadl_conv4_fc3", "monai"]
 #: Networks with a choice of head (paper 2, table 1), and the fields that set it.
 HEADED_MODELS = ("vgg16", "vgg19", "resnet50")
 HEAD_FIELDS = ("head", "pool_size", "hidden_units")
@@ -300,7 +301,16 @@ class ModelConfig(Section):
 
     name: ModelName = Field("cnn", description="Network: cnn (paper 1), convnet (paper 3), "
                             "vgg_gap, or paper 2's vgg16, vgg19, resnet50 (torchvision's "
-                            "definitions and names; see --head).")
+                            "definitions and names; see --head); imported models (`voxplain "
+                            "import`): clinicadl_conv5_fc3, clinicadl_conv4_fc3, monai.")
+    network: str | None = Field(
+        None, description="monai: the class (or factory) of monai.networks.nets, e.g. "
+        "DenseNet121, resnet18, SEResNet50, EfficientNetBN."
+    )
+    arguments: dict[str, Any] | None = Field(
+        None, description="monai: the network's constructor arguments (JSON values), e.g. "
+        '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2}.'
+    )
     channels: list[int] | None = Field(
         None, description="Output channels of each convolutional block (vgg16, vgg19: the 5 "
         "block widths; resnet50: the 4 stage widths, outputs 4x wider)."
@@ -359,7 +369,32 @@ class ModelConfig(Section):
         if self.batch_norm is not None and self.name not in ("vgg16", "vgg19"):
             raise ValueError(f"batch_norm applies to vgg16 and vgg19 (the other networks have "
                              f"their own normalisation), not to model {self.name!r}")
+        if (self.name == "monai") != (self.network is not None):
+            raise ValueError("network names the MONAI class of model 'monai' (and only of it)")
+        if self.arguments is not None and self.name != "monai":
+            raise ValueError(f"arguments apply to model 'monai', not to model {self.name!r}")
         return self
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments_fit_toml(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # recorded in config.toml: TOML has no null and no table inside an array
+        def check(item: Any, where: str) -> None:
+            if item is None:
+                raise ValueError(f"arguments {where}: null cannot be recorded; leave the "
+                                 "argument out to take the network's default")
+            if isinstance(item, dict):
+                for key, inner in item.items():
+                    check(inner, f"{where}.{key}" if where else key)
+            elif isinstance(item, (list, tuple)):
+                for inner in item:
+                    if isinstance(inner, dict):
+                        raise ValueError(f"arguments {where}: a mapping inside a list cannot "
+                                         "be recorded in config.toml")
+                    check(inner, where)
+        if value is not None:
+            check(value, "")
+        return value
 
 
 class TrainConfig(Section):
@@ -497,6 +532,58 @@ class TrainConfig(Section):
         if value is not None and len(set(value)) < 2:
             raise ValueError(f"classes must name at least two distinct diagnoses, got {value}")
         return value
+
+
+# --- import: models voxplain did not train --------------------------------------------------
+
+class ImportConfig(Section):
+    """``voxplain import``: a run folder around trained models from elsewhere, which every step
+    over a run folder then takes as it takes one of `voxplain train`. The models read the
+    cohort's images as they are (no resampling, no intensity normalisation)."""
+
+    resumable: ClassVar[frozenset[str]] = frozenset({"device", "run", "batch_size"})
+
+    cohort: Path = Field(description="cohort.tsv of the sessions (participant_id, session_id, "
+                         "diagnosis, path), preprocessed as the models were trained; it must "
+                         "hold every session of the splits.")
+    run: Path = Field(validation_alias=AliasChoices("run", "out"),
+                      description="Run folder to create.")
+    diagnosis_column: str = Field("diagnosis", description="Column of the TSV holding the label.")
+    batch_size: int = Field(8, ge=1, description="Images per forward pass (validation "
+                            "predictions).")
+    device: Device = Field("auto", description="Where to run the models.")
+
+
+class ClinicaDLImportConfig(ImportConfig):
+    """``voxplain import clinicadl``: the image-level CNNs of a ClinicaDL MAPS folder."""
+
+    maps: Path = Field(description="ClinicaDL MAPS folder (maps.json, groups/train/split-K/, "
+                       "split-K/best-METRIC/model.pth.tar).")
+    selection_metric: Literal["loss", "balanced_accuracy"] = Field(
+        "loss", description="Which of each split's best models: best-loss or "
+        "best-balanced_accuracy.")
+    folds: list[int] | None = Field(None, description="Splits to import (default: all).")
+
+
+class MonaiImportConfig(ImportConfig):
+    """``voxplain import monai``: a MONAI network by name, one weights file per fold."""
+
+    network: str = Field(description="Class (or factory) of monai.networks.nets, e.g. "
+                         "DenseNet121, resnet18, SEResNet50, EfficientNetBN.")
+    arguments: dict[str, Any] = Field(
+        default_factory=dict, description="Constructor arguments as JSON, e.g. "
+        '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2}.')
+    weights: list[Path] = Field(
+        min_length=1, description="One weights file per fold, in fold order: safetensors or a "
+        "weights-only checkpoint (a state dict, bare or under 'model' or 'state_dict').")
+    splits: Path | None = Field(
+        None, description="Folder of split-K/{train,validation}.tsv (or fold-K/...), one per "
+        "weights file; default: voxplain's subject-level k-fold split with as many folds as "
+        "weights files.")
+    split_seed: int = Field(2, description="Seed of the split made when --splits is not given.")
+    classes: list[str] | None = Field(
+        None, description="Diagnoses in the order of the network's outputs. Default: sorted, "
+        "with CN first if present.")
 
 
 def _low_high(value: tuple[float, float]) -> tuple[float, float]:
@@ -739,10 +826,41 @@ class MaskStepConfig(RunStepConfig):
     mask: MaskConfig = Field(default_factory=MaskConfig)
 
 
-class GroupMaskStepConfig(MaskStepConfig):
-    """``voxplain mask group``: one mask per fold/run for its correctly classified patients."""
+def external_cohort_field() -> Any:
+    """``cohort`` of a mask step: masks of the run's models on another cohort (paper 1, 3.2.1)."""
+    return Field(
+        None, description="cohort.tsv of another cohort on the training grid (an external test "
+        "cohort, e.g. AIBL for models trained on ADNI): its correctly classified sessions are "
+        "masked instead of the run's own, written under masks/cohort-LABEL/ (paper 1, 3.2.1)."
+    )
 
+
+#: Group-mask settings that differ when the images come from an external cohort (paper 1,
+#: 2.3.5: "for the group level masking on AIBL, the patience was increased to 25 and the
+#: maximum number of epochs to 300 as the number of AD subjects is smaller").
+EXTERNAL_GROUP_MASK: dict[str, Any] = {"patience": 25, "max_epochs": 300}
+
+
+class GroupMaskStepConfig(MaskStepConfig):
+    """``voxplain mask group``: one mask per fold/run for its correctly classified patients.
+
+    With ``cohort``, each fold/run's mask is trained on every correctly classified session of
+    the masked diagnosis in that cohort and stopped on the fold's own validation patients (the
+    paper's AIBL masks); ``mask.patience`` and ``mask.max_epochs`` then default to 25 and 300
+    (:data:`EXTERNAL_GROUP_MASK`) unless given."""
+
+    cohort: Path | None = external_cohort_field()
     mask: GroupMaskConfig = Field(default_factory=GroupMaskConfig)
+
+    @model_validator(mode="after")
+    def _external_defaults(self) -> "GroupMaskStepConfig":
+        if self.cohort is not None:
+            unset = {key: value for key, value in EXTERNAL_GROUP_MASK.items()
+                     if key not in self.mask.model_fields_set}
+            if unset:
+                self.mask = self.mask.model_copy(update=unset)
+                self.mask.model_fields_set.update(unset)
+        return self
 
 
 class SessionMaskStepConfig(MaskStepConfig):
@@ -751,6 +869,7 @@ class SessionMaskStepConfig(MaskStepConfig):
     max_sessions: int | None = Field(
         None, ge=1, description="At most this many sessions per fold/run (default: all)."
     )
+    cohort: Path | None = external_cohort_field()
     mask: SessionMaskConfig = Field(default_factory=SessionMaskConfig)
 
 
@@ -924,6 +1043,14 @@ class LocalisationStepConfig(LocalisationConfig):
     diagnosis: str | None = Field(
         None, description="Class whose group maps are scored (default: the patient class)."
     )
+    baselines: bool = Field(
+        True, description="Score baselines beside the methods, as rows baseline:random, "
+        "baseline:input, baseline:edge (the image and its gradient magnitude), baseline:t_map "
+        "(Welch t of the fold's training set), baseline:linear_weights and "
+        "baseline:linear_pattern (an L2 logistic regression on its voxels); see "
+        "voxplain.evaluate.baselines."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the random and linear baselines.")
 
 
 class ClassificationEvaluationConfig(Section):
@@ -936,6 +1063,11 @@ class ClassificationEvaluationConfig(Section):
     level: float = Field(0.95, gt=0, lt=1, description="Level of the confidence intervals.")
     positive: str | None = Field(
         None, description="Positive class of binary metrics (default: class 1, e.g. AD)."
+    )
+    cohort: Path | None = Field(
+        None, description="Evaluate the run's models on another cohort instead: the "
+        "predictions `voxplain predict --cohort` wrote (RUN/predictions/LABEL.tsv), per fold, "
+        "into RUN/evaluation/cohort-LABEL/ (paper 1's AIBL)."
     )
 
 

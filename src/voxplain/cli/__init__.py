@@ -14,6 +14,7 @@ from voxplain.cli import cyce as _cyce
 from voxplain.cli import evaluate as _evaluate
 from voxplain.cli import explain as _explain
 from voxplain.cli import generate as _generate
+from voxplain.cli import imports as _imports
 from voxplain.cli import masks as _masks
 from voxplain.cli import pipeline as _pipeline
 from voxplain.cli import report as _report
@@ -32,6 +33,7 @@ app.add_typer(_cohort.split, name="split")
 app.command()(_search.search)
 app.command()(_train.train)
 app.command()(_train.predict)
+app.add_typer(_imports.imports, name="import")
 app.add_typer(_masks.mask, name="mask")
 app.add_typer(_cyce.cyce, name="cyce")
 app.command()(_explain.explain)

@@ -19,18 +19,23 @@ evaluate = typer.Typer(help="Classification metrics, localisation and robustness
 
 @evaluate.command("classification")
 @config_command(ClassificationEvaluationConfig, "evaluate_classification",
-                ["run", "subset", "n_boot", "seed", "level", "positive"])
+                ["run", "subset", "cohort", "n_boot", "seed", "level", "positive"])
 def evaluate_classification(settings: ClassificationEvaluationConfig) -> None:
     """Metrics with bootstrap CIs per fold and over folds -> RUN/evaluation/classification.tsv
-    (slice models: also the misclassified slices of every session, slices.tsv)."""
+    (slice models: also the misclassified slices of every session, slices.tsv); with --cohort,
+    of the predictions on that cohort -> RUN/evaluation/cohort-LABEL/classification.tsv."""
+    from voxplain.run import COHORT_PREFIX, cohort_label
     from voxplain.steps.classification import run_classification
 
     with reported_errors():
         table = run_classification(settings)
     path = settings.run / "evaluation" / "classification.tsv"
+    if settings.cohort is not None:
+        path = (settings.run / "evaluation" / f"{COHORT_PREFIX}{cohort_label(settings.cohort)}"
+                / "classification.tsv")
     means = table[table.scope == "mean"].assign(
         ci=lambda t: [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(t.ci_low, t.ci_high)])
-    print_table(f"Classification ({settings.subset}, mean over folds, "
+    print_table(f"Classification ({settings.cohort or settings.subset}, mean over folds, "
                 f"{settings.level:.0%} bootstrap CI)", means,
                 ["run", "metric", "value", "ci", "per_fold"])
     console.print(f"written {path}")
@@ -39,7 +44,8 @@ def evaluate_classification(settings: ClassificationEvaluationConfig) -> None:
 @evaluate.command("localisation")
 @config_command(LocalisationStepConfig, "evaluate_localisation",
                 ["run", "against", "session_truth", "methods", "diagnosis", "truth_fraction",
-                 "tolerance", "top_k"])
+                 "tolerance", "top_k", "baselines", "seed"],
+                flags={"baselines": "--baselines/--no-baselines"})
 def evaluate_localisation_command(settings: LocalisationStepConfig) -> None:
     """Explanations scored against a known truth: the patient-class group maps against
     --against FILE (-> RUN/evaluation/localisation.tsv), every session map against its own

@@ -20,7 +20,7 @@ _STEP = ["run", "folds", "diagnosis", "device"]
 
 @mask.command("group")
 @config_command(GroupMaskStepConfig, "mask_group",
-                _STEP + ["mask.l1", "mask.l2", "mask.b1", "mask.b2", "mask.smoothness",
+                _STEP + ["cohort", "mask.l1", "mask.l2", "mask.b1", "mask.b2", "mask.smoothness",
                          "mask.perturbation",
                          "mask.max_epochs", "mask.patience", "mask.batch_size", "mask.qc_step2"])
 def mask_group(settings: GroupMaskStepConfig) -> None:
@@ -37,7 +37,7 @@ def mask_group(settings: GroupMaskStepConfig) -> None:
 
 @mask.command("session")
 @config_command(SessionMaskStepConfig, "mask_session",
-                _STEP + ["max_sessions", "mask.l1", "mask.l2", "mask.smoothness",
+                _STEP + ["max_sessions", "cohort", "mask.l1", "mask.l2", "mask.smoothness",
                          "mask.perturbation",
                          "mask.max_iterations", "mask.patience", "mask.batch_size"])
 def mask_session(settings: SessionMaskStepConfig) -> None:

@@ -52,6 +52,11 @@ evaluate_session_localisation` scores every session map against its session's tr
 (``voxplain evaluate localisation --session-truth mask_path``) and
 writes ``evaluation/localisation_sessions.tsv``: one row per map, same scores and conventions
 (2D maps are scored over the whole image).
+
+Both tables also score maps no explanation method made (a random map, the input, its edge
+filter, the training set's t-map and a linear classifier's weights and pattern; method names
+``baseline:NAME``, :mod:`voxplain.evaluate.baselines`), so that a score can be read against
+what these reach on the same sessions.
 """
 
 from __future__ import annotations

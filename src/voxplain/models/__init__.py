@@ -1,6 +1,7 @@
 """Classifiers: the networks of the papers, their safetensors files, checkpoints and devices."""
 
 from voxplain.models.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from voxplain.models.clinicadl import Conv4FC3, Conv5FC3
 from voxplain.models.device import resolve_device
 from voxplain.models.imagenet import VGG16, VGG19, ResNet50
 from voxplain.models.layout import for_batches
@@ -14,7 +15,8 @@ from voxplain.models.serialization import (
     save_model,
 )
 
-__all__ = ["CNN", "VGG16", "VGG19", "VGGGAP", "ConvNet", "ResNet50", "TrainingState",
+__all__ = ["CNN", "VGG16", "VGG19", "VGGGAP", "Conv4FC3", "Conv5FC3", "ConvNet", "ResNet50",
+           "TrainingState",
            "build_model", "for_batches", "initial_model", "load_checkpoint", "load_model",
            "load_weights_by_name", "read_model_json", "resolve_device", "save_checkpoint",
            "save_model"]

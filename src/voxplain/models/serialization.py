@@ -126,17 +126,62 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    state = _load_weights_only(path)
+    if not _is_state_dict(state):
+        found = (f"keys {sorted(map(str, state))[:5]}" if isinstance(state, dict)
+                 else type(state).__name__)
+        raise ValueError(f"{path}: expected a mapping of parameter names to tensors, got {found}")
+    return state
+
+
+#: Keys under which training scripts store the state dict in a checkpoint (ClinicaDL: model).
+STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
+
+
+def load_checkpoint_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict of a trained model's weights file, and the checkpoint's other plain
+    entries (e.g. ``epoch``; empty for a bare state dict or a safetensors file).
+
+    The file is safetensors, or a checkpoint read with ``weights_only`` (never unpickled: see
+    :func:`load_state_dict_file`) holding a state dict bare or under one of
+    :data:`STATE_DICT_KEYS`. A ``module.`` prefix on every name (a model saved inside
+    ``DataParallel``) is removed.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors" or not path.is_file():
+        return _without_module_prefix(load_state_dict_file(path)), {}
+    checkpoint = _load_weights_only(path)
+    if _is_state_dict(checkpoint):
+        return _without_module_prefix(checkpoint), {}
+    if isinstance(checkpoint, dict):
+        for key in STATE_DICT_KEYS:
+            if _is_state_dict(checkpoint.get(key)):
+                extras = {name: value for name, value in checkpoint.items() if name != key
+                          and isinstance(value, (int, float, str, bool))}
+                return _without_module_prefix(checkpoint[key]), extras
+    found = (f"keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict)
+             else type(checkpoint).__name__)
+    raise ValueError(f"{path}: no state dict found (a mapping of parameter names to tensors, "
+                     f"bare or under {', '.join(map(repr, STATE_DICT_KEYS))}); got {found}")
+
+
+def _load_weights_only(path: Path) -> Any:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError or RuntimeError for unsafe files
         raise ValueError(f"{path}: refused to load: not a plain tensor checkpoint; reading it "
                          f"would need full unpickling, which can run any code "
                          f"({_unpickling_reason(error)}). Save a state dict of tensors "
                          "(torch.save(model.state_dict(), ...)) or a safetensors file") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        found = (f"keys {sorted(map(str, state))[:5]}" if isinstance(state, dict)
-                 else type(state).__name__)
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors, got {found}")
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _without_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if all(name.startswith("module.") for name in state):
+        return {name.removeprefix("module."): tensor for name, tensor in state.items()}
     return state
 
 

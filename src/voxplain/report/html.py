@@ -24,8 +24,9 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from voxplain.config import ReportConfig
 from voxplain.io import write_json, write_text
-from voxplain.report.sections import (TRAILING_SECTIONS, Block, ReportContext, Section,
-                                      ViewerCandidate, all_sections, template_for)
+from voxplain.report.order import TRAILING_SECTIONS, all_sections
+from voxplain.report.sections import (Block, ReportContext, Section, ViewerCandidate,
+                                      template_for)
 from voxplain.run import RunFolder, RunFolderError
 
 log = logging.getLogger("voxplain")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -906,25 +906,66 @@ def statistics_section(context: ReportContext) -> Section:
 # --- ground truth --------------------------------------------------------------------------
 
 def localisation_section(context: ReportContext) -> Section:
-    from voxplain.evaluate.localisation import session_localisation_summary
+    from voxplain.evaluate.localisation import localisation_summary, session_localisation_summary
 
     section = Section("localisation", "Ground-truth localisation")
     path = context.path("evaluation", "localisation.tsv")
     if path.is_file():
-        section.blocks.append(table_block(read_tsv(path), "How well each "
-                                          "explanation points at the known atrophy "
-                                          "(evaluation/localisation.tsv)."))
+        table = read_tsv(path)
+        if {"key", "method", "layer"} <= set(table.columns):  # as the step writes it
+            table = table.assign(layer=table.layer.astype(object).fillna(""))  # "" reads as NaN
+            shown, caption = localisation_summary(table), "mean over the fold/runs (each: "
+        else:
+            shown, caption = table, "("
+        section.blocks.append(table_block(_baselines_labelled(shown), "How well each "
+                                          "explanation points at the known atrophy, beside "
+                                          "the baselines that no explanation method made, "
+                                          f"{caption}evaluation/localisation.tsv)."))
+        section.blocks.extend(_edge_filter_verdict(table, "group maps, mean over fold/runs"))
     sessions = context.path("evaluation", "localisation_sessions.tsv")
     if sessions.is_file():
+        table = read_tsv(sessions)
         section.blocks.append(table_block(
-            session_localisation_summary(read_tsv(sessions)), "How well each explanation points at every "
-            "session's own ground truth, mean per diagnosis (per map: "
-            "evaluation/localisation_sessions.tsv)."))
+            _baselines_labelled(session_localisation_summary(table)), "How well each "
+            "explanation points at every session's own ground truth, beside the baselines, "
+            "mean per diagnosis (per map: evaluation/localisation_sessions.tsv)."))
+        section.blocks.extend(_edge_filter_verdict(table, "session maps with a truth"))
     if not section.blocks:
         section.note = "No evaluation/localisation.tsv or localisation_sessions.tsv: they are " \
                        "written for cohorts with a ground truth (voxplain evaluate " \
                        "localisation --against / --session-truth)."
     return section
+
+
+def _baselines_labelled(table: pd.DataFrame) -> pd.DataFrame:
+    """A localisation table with a first column ``row`` telling the explanations from the
+    baselines (``baseline:NAME``, :mod:`voxplain.evaluate.baselines`), these last."""
+    from voxplain.evaluate.baselines import is_baseline
+
+    if "method" not in table:
+        return table
+    baseline = table["method"].astype(str).map(is_baseline)
+    labelled = table.assign(row=np.where(baseline, "baseline", "explanation"))
+    ordered = pd.concat([labelled[~baseline], labelled[baseline]])
+    return ordered[["row", *table.columns]]
+
+
+def _edge_filter_verdict(table: pd.DataFrame, what: str) -> list[Block]:
+    """A sentence naming the explanations whose localisation AUC does not beat the edge filter
+    of the input on the same maps (none without baseline rows)."""
+    from voxplain.evaluate.baselines import compare_with_baseline
+
+    compared = compare_with_baseline(table, "edge", "auc")
+    if compared is None or compared.empty:
+        return []
+    below = compared[~compared.beats]
+    if below.empty:
+        return [Block("text", f"Every explanation beats the edge filter of the input "
+                              f"(baseline:edge) in localisation AUC ({what}).")]
+    named = ", ".join(f"{key} ({row.auc:.3f}, edge filter {row.baseline:.3f})"
+                      for key, row in below.iterrows())
+    return [Block("warning", f"Not better than an edge filter of the input (baseline:edge) in "
+                             f"localisation AUC on the same maps ({what}): {named}.")]
 
 
 # --- findings ------------------------------------------------------------------------------
@@ -945,19 +986,3 @@ def findings_section(context: ReportContext) -> Section:
                                       "explanations and masks (rules: voxplain.report.trust).",
                                       prose=True))
     return section
-
-
-#: Section order: findings and results first, how the run was made (cohort, configuration,
-#: software versions) last; the interactive viewers go between them (see ``build_report``).
-SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
-    findings_section, classification_section, search_section, networks_section,
-    localisation_section,
-    explanations_section, slices_section, masks_section, robustness_section, statistics_section)
-TRAILING_SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
-    cohort_section, configuration_section)
-
-
-def all_sections(context: ReportContext, sections: Iterable[Callable[[ReportContext], Section]]
-                 = SECTIONS) -> list[Section]:
-    built = [build(context) for build in sections]
-    return [section for section in built if section.applies]

@@ -10,6 +10,7 @@ it; the layers below take arrays, tensors, models and grids.
 """
 
 from voxplain.run.folder import (
+    COHORT_PREFIX,
     RESUMABLE_FIELDS,
     FoldSkipped,
     RunFolder,
@@ -19,9 +20,10 @@ from voxplain.run.folder import (
     environment,
     fold_run,
     fold_run_files,
+    mask_level,
     parse_fold_run,
 )
 
-__all__ = ["RESUMABLE_FIELDS", "FoldSkipped", "RunFolder", "RunFolderError", "cohort_label",
-           "each_fold", "environment", "fold_run", "fold_run_files",
-           "parse_fold_run"]
+__all__ = ["COHORT_PREFIX", "RESUMABLE_FIELDS", "FoldSkipped", "RunFolder", "RunFolderError",
+           "cohort_label", "each_fold", "environment", "fold_run", "fold_run_files",
+           "mask_level", "parse_fold_run"]

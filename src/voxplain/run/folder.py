@@ -14,9 +14,11 @@
                                 summary.json, first/ (the mask before QC step 2 removed images)}
       masks/session/fold-K/run-R/{sub-X_ses-Y.nii.gz, index.tsv}
       masks/grid/l1-A_l2-B_b1-C_b2-D[_lr-E]/fold-K/run-R/...   (same files as masks/group)
+      masks/cohort-LABEL/{group,session}/...   the run's models on another cohort (--cohort)
       explanations/KEY/fold-K/run-R/{sub-X_ses-Y.nii.gz, group_<DIAGNOSIS>.nii.gz, index.tsv}
       cyce/fold-K/run-R/{generators.safetensors, generators.json, loss.tsv, transfer.tsv}
-      evaluation/{cross_validation.tsv, classification.tsv, localisation.tsv, robustness/}
+      evaluation/{cross_validation.tsv, classification.tsv, localisation.tsv, robustness/,
+                  cohort-LABEL/{classification.tsv, confusion.tsv}}
       stats/METHOD/   report/index.html   predictions/NAME.tsv
       search/{study.db, trials.tsv, best_train.toml, trial-NNN/}   (a run folder per trial)
 
@@ -188,8 +190,15 @@ class RunFolder:
         return self.root / "predictions" / f"{cohort_label(cohort)}.tsv"
 
     def mask_dir(self, level: str, fold: int, run: int) -> Path:
-        """``masks/LEVEL/fold-K/run-R`` (LEVEL: group, session, or grid/SETTING)."""
+        """``masks/LEVEL/fold-K/run-R`` (LEVEL: group, session, grid/SETTING, or
+        cohort-LABEL/group|session: :func:`mask_level`)."""
         return self.masks_dir / level / fold_run(fold, run)
+
+    def external_cohorts(self) -> list[str]:
+        """Labels (:func:`cohort_label`) of the other cohorts this folder holds masks of
+        (``masks/cohort-LABEL/``), sorted."""
+        return sorted(path.name.removeprefix(COHORT_PREFIX)
+                      for path in self.masks_dir.glob(f"{COHORT_PREFIX}*/") if path.is_dir())
 
     def explanation_dir(self, key: str, fold: int | None = None, run: int | None = None) -> Path:
         """``explanations/KEY`` or ``explanations/KEY/fold-K/run-R``."""
@@ -375,6 +384,16 @@ def explanation_key(explain: ExplainConfig, cohort: str | os.PathLike[str] | Non
     elif subset != "validation":
         key += f"_subset-{subset}"
     return key
+
+
+#: Prefix of the folders holding what a run's models give on another cohort.
+COHORT_PREFIX = "cohort-"
+
+
+def mask_level(level: str, label: str | None = None) -> str:
+    """``LEVEL`` (group, session) of the run's own cohort, or ``cohort-LABEL/LEVEL`` for the
+    masks of another cohort (``label``: its :func:`cohort_label`)."""
+    return level if label is None else f"{COHORT_PREFIX}{label}/{level}"
 
 
 def cohort_label(cohort: str | os.PathLike[str]) -> str:

@@ -8,7 +8,10 @@ attribution method that wrote ``explanations/METHOD/``:
 - group maps: ``masks/group/fold-K/run-R/mask.nii.gz`` (its diagnosis in ``summary.json``) or
   ``explanations/METHOD/fold-K/run-R/group_<DIAGNOSIS>.nii.gz``;
 - grid masks: ``masks/grid/l1-A_l2-B_b1-C_b2-D/fold-K/run-R/mask.nii.gz``, the setting ending
-  with ``_lr-E`` when the learning rate is not the ``[mask_grid]`` one.
+  with ``_lr-E`` when the learning rate is not the ``[mask_grid]`` one;
+- another cohort's maps (the run's models applied to it): masks under
+  ``masks/cohort-LABEL/{group,session}`` (``cohort=LABEL`` below), explanations under their
+  own key ``explanations/METHOD..._cohort-LABEL`` (:func:`cohort_methods`).
 
 For a mask ``m`` the quantity compared and tested is what it hides, ``1 - m``
 (:func:`evidence`); an attribution map is used as it is.
@@ -33,7 +36,7 @@ from voxplain.config import MaskConfig
 from voxplain.data.grid import Grid
 from voxplain.data.images import read_header, read_image
 from voxplain.io import read_tsv, save_map
-from voxplain.run.folder import RunFolder, fold_run_files
+from voxplain.run.folder import RunFolder, fold_run_files, mask_level
 
 log = logging.getLogger("voxplain")
 
@@ -55,6 +58,17 @@ def method_root(run: RunFolder, method: str) -> Path:
     return run.masks_dir if method == MASK else run.explanation_dir(method)
 
 
+def cohort_methods(run: RunFolder, method: str) -> dict[str, str]:
+    """The maps of ``method`` on other cohorts: ``{label: method}`` for a mask (when
+    ``masks/cohort-LABEL/`` exists), ``{label: KEY}`` for every explanation key
+    ``METHOD_cohort-LABEL`` (``voxplain explain --cohort``)."""
+    if method == MASK:
+        return {label: MASK for label in run.external_cohorts()}
+    marker = f"{method}_cohort-"
+    return {key.removeprefix(marker): key for key in explanation_methods(run)
+            if key.startswith(marker)}
+
+
 def explanation_methods(run: RunFolder) -> list[str]:
     """Attribution methods with at least one map folder under ``explanations/``."""
     root = run.explanations_dir
@@ -67,15 +81,16 @@ def available_methods(run: RunFolder) -> list[str]:
     return ([MASK] if has_masks else []) + explanation_methods(run)
 
 
-def session_maps(run: RunFolder, method: str) -> pd.DataFrame:
+def session_maps(run: RunFolder, method: str, cohort: str | None = None) -> pd.DataFrame:
     """Every session map of ``method``: ``participant_id, session_id, diagnosis, fold, run,
     path`` (absolute), ``flagged`` (session masks flagged as not converged by
     :func:`~voxplain.steps.masks.run_session_masks`; False where the index has no flag), in
     fold, run, subject, session order; empty when there is none.
 
-    A diagnosis missing from an index is taken from the run's ``cohort.tsv``.
+    A diagnosis missing from an index is taken from the run's ``cohort.tsv``. ``cohort``: the
+    label of another cohort whose session masks to read.
     """
-    root = method_root(run, method) / ("session" if method == MASK else "")
+    root = method_root(run, method) / (mask_level("session", cohort) if method == MASK else "")
     tables = []
     for fold, run_index, index in fold_run_files(root, "index.tsv"):
         table = read_tsv(index)
@@ -97,10 +112,11 @@ def session_maps(run: RunFolder, method: str) -> pd.DataFrame:
                                                ignore_index=True)
 
 
-def converged_session_maps(run: RunFolder, method: str, include_flagged: bool = False) -> pd.DataFrame:
+def converged_session_maps(run: RunFolder, method: str, include_flagged: bool = False,
+                           cohort: str | None = None) -> pd.DataFrame:
     """:func:`session_maps` without the masks flagged as not converged (unless
     ``include_flagged``), with a logged message naming what is left out."""
-    table = session_maps(run, method)
+    table = session_maps(run, method, cohort)
     flagged = table.flagged.astype(bool)
     if include_flagged or not flagged.any():
         return table
@@ -111,15 +127,18 @@ def converged_session_maps(run: RunFolder, method: str, include_flagged: bool = 
     return table[~flagged].reset_index(drop=True)
 
 
-def group_maps(run: RunFolder, method: str, include_flagged: bool = True) -> pd.DataFrame:
+def group_maps(run: RunFolder, method: str, include_flagged: bool = True,
+               cohort: str | None = None) -> pd.DataFrame:
     """Every group map of ``method``: ``fold, run, diagnosis, path, flagged`` (empty when none).
 
     ``flagged``: a group mask whose ``summary.json`` flags it (see
     :func:`voxplain.steps.masks.flag_group_masks`); left out, with a message naming it,
-    unless ``include_flagged``. Explanation group maps are never flagged here."""
+    unless ``include_flagged``. Explanation group maps are never flagged here. ``cohort``: the
+    label of another cohort whose group masks to read (masks only)."""
     rows = []
     if method == MASK:
-        for fold, run_index, path in fold_run_files(run.masks_dir / "group", "mask.nii.gz"):
+        for fold, run_index, path in fold_run_files(run.masks_dir / mask_level("group", cohort),
+                                                    "mask.nii.gz"):
             summary = _summary(path.parent)
             rows.append((fold, run_index, summary.get("diagnosis", ""), str(path),
                          bool(summary.get("flagged", False))))

@@ -10,6 +10,10 @@ sessions' soft votes, and ``classification-slices.tsv``, ``confusion-slices.tsv`
 ``predictions-SUBSET-slices.tsv``, or from ``predictions-SUBSET.tsv`` when it has a ``slice``
 column); records its settings as ``[evaluate_classification]`` (replaced at each run: the
 outputs are rewritten whole).
+
+With ``cohort`` (another cohort the run's models classified with ``voxplain predict``: an
+external test set), the same tables of ``predictions/LABEL.tsv``, one model per fold/run, go to
+``RUN/evaluation/cohort-LABEL/`` (settings in ``[evaluate_classification_cohort-LABEL]``).
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ from voxplain.config import ClassificationEvaluationConfig
 from voxplain.evaluate.classification import confusion_matrices, cross_validation_metrics
 from voxplain.evaluate.slices import misclassified_slices, slice_summary
 from voxplain.io import read_tsv, write_tsv
-from voxplain.run import RunFolder, RunFolderError, fold_run_files
+from voxplain.run import COHORT_PREFIX, RunFolder, RunFolderError, cohort_label, fold_run_files
 
 log = logging.getLogger("voxplain")
 
-__all__ = ["run_classification"]
+__all__ = ["cohort_classification", "run_classification"]
 
 
 def run_classification(config: ClassificationEvaluationConfig,
@@ -39,6 +43,8 @@ def run_classification(config: ClassificationEvaluationConfig,
         RunFolderError: no model of the run folder has a ``predictions-SUBSET.tsv``.
     """
     run = RunFolder(config.run)
+    if config.cohort is not None:
+        return cohort_classification(run, config)
     found = fold_run_files(run.root / "models", f"predictions-{config.subset}.tsv")
     if not found:
         raise RunFolderError(f"{run.root}: no models/fold-K/run-R/predictions-{config.subset}.tsv "
@@ -68,3 +74,33 @@ def run_classification(config: ClassificationEvaluationConfig,
         log.info("slice models: misclassified slices per session in %s",
                  run.evaluation_file("slices.tsv"))
     return table
+
+
+def cohort_classification(run: RunFolder, config: ClassificationEvaluationConfig) -> pd.DataFrame:
+    """Metrics with CIs and confusion matrices of every model on ``config.cohort``, from
+    ``predictions/LABEL.tsv`` (its ``fold`` and ``run`` columns name the models), written to
+    ``evaluation/cohort-LABEL/{classification,confusion}.tsv``; returns the metrics.
+
+    Raises:
+        RunFolderError: the cohort has no predictions yet, or they lack fold/run columns.
+    """
+    path = run.predictions_file(config.cohort)
+    if not path.is_file():
+        raise RunFolderError(f"{path}: no predictions of {config.cohort} (run `voxplain predict "
+                             f"--run {run.root} --cohort {config.cohort}` first)")
+    table = read_tsv(path)
+    missing = {"fold", "run"} - set(table.columns)
+    if missing:
+        raise RunFolderError(f"{path}: needs columns fold and run (missing {sorted(missing)})")
+    label = cohort_label(config.cohort)
+    run.record_config(f"evaluate_classification_{COHORT_PREFIX}{label}", config, replace=True)
+    predictions = {(int(fold), int(index)): rows.drop(columns=["fold", "run"])
+                   for (fold, index), rows in table.groupby(["fold", "run"], sort=True)}
+    sources = {key: f"{path} (fold {key[0]} run {key[1]})" for key in predictions}
+    metrics = cross_validation_metrics(predictions, config.n_boot, config.seed, config.level,
+                                       positive=config.positive, sources=sources)
+    out = run.evaluation_dir / f"{COHORT_PREFIX}{label}"
+    write_tsv(out / "classification.tsv", metrics)
+    write_tsv(out / "confusion.tsv", confusion_matrices(predictions, sources))
+    log.info("metrics of %d model(s) on %s written to %s", len(predictions), config.cohort, out)
+    return metrics

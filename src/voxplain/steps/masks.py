@@ -10,6 +10,13 @@ patient class, e.g. AD) towards the loss of that class's probability:
   each, optimised as batches;
 - grid: group masks for every combination of l1, l2, b1, b2 and learning rate.
 
+Group and session masks also run on another cohort on the training grid (``cohort``: an
+external test cohort, paper 1's AIBL): the run's models mask that cohort's correctly classified
+sessions; a group mask is trained on all of them and stopped on the fold's own validation
+patients (paper 1, 2.3.3), with patience 25 and at most 300 epochs unless given. They are
+written under ``masks/cohort-LABEL/{group,session}`` (:func:`voxplain.run.mask_level`) and
+compared with the run's own by ``voxplain evaluate robustness`` (across datasets).
+
 Outputs follow :mod:`voxplain.run`; finished fold/runs are skipped, a group mask interrupted
 mid-way resumes from its epoch checkpoint.
 """
@@ -40,7 +47,8 @@ from voxplain.explain.perturbation import perturb, target_probability
 from voxplain.io import read_tsv, write_json, write_tsv
 from voxplain.models.checkpoint import remove_state
 from voxplain.models.serialization import read_model_json
-from voxplain.run import FoldSkipped, RunFolder, each_fold, fold_run_files
+from voxplain.run import (FoldSkipped, RunFolder, cohort_label, each_fold, fold_run_files,
+                          mask_level)
 from voxplain.run.maps import write_map
 from voxplain.steps.context import IDS, FoldModel, RunContext, load_context
 from voxplain.train.trainer import Dataset, predict_proba
@@ -49,6 +57,22 @@ from voxplain.train.trainer import Dataset, predict_proba
 MaskStepT = TypeVar("MaskStepT", GroupMaskStepConfig, SessionMaskStepConfig, MaskGridConfig)
 
 log = logging.getLogger("voxplain")
+
+
+def step_section(name: str, config: MaskStepConfig) -> str:
+    """``[name]`` of the run's own cohort, ``[name_cohort-LABEL]`` for another cohort's masks."""
+    cohort = getattr(config, "cohort", None)
+    return name if cohort is None else f"{name}_cohort-{cohort_label(cohort)}"
+
+
+def external_context(context: RunContext, config: MaskStepConfig,
+                     progress: Progress | None = None) -> RunContext | None:
+    """The cohort ``config.cohort`` on the training grid (None when the step masks the run's
+    own images)."""
+    cohort = getattr(config, "cohort", None)
+    if cohort is None:
+        return None
+    return load_context(context.run, config.device, progress, Path(cohort))
 
 
 def read_context(config: MaskStepConfig, section: str,
@@ -84,7 +108,7 @@ def correctly_classified(context: RunContext, model: nn.Module, sessions: pd.Dat
     rows = rows[rows.diagnosis == diagnosis].reset_index(drop=True)
     if rows.empty:
         return rows
-    data = Dataset(rows, context.images, encode_labels(rows, classes, context.run.cohort_file))
+    data = Dataset(rows, context.images, encode_labels(rows, classes, context.source))
     probabilities, _ = predict_proba(model, data, context.train.batch_size, context.device)
     return rows[probabilities.argmax(1) == classes.index(diagnosis)].reset_index(drop=True)
 
@@ -113,13 +137,20 @@ def run_group_masks(config: GroupMaskStepConfig, progress: Progress | None = Non
     removes images (``mask.qc_step2 = "remove"``), the mask optimised with them is kept in
     ``first/`` (``mask.nii.gz``, ``loss.tsv``, ``image_losses.tsv``, ``qc_flags.tsv``) and the
     files above are those of the mask optimised again without them.
+
+    With ``config.cohort`` the masks are those of that cohort, in ``masks/cohort-LABEL/group``;
+    their ``summary.json`` names the cohort (``cohort``) and gives the masked class's mean
+    probability on its masked images too (``cohort_probability_before/after``).
     """
-    config = as_recorded(config, "mask_group")
-    context = read_context(config, "mask_group", progress)
-    summaries = _group_masks(context, config, config.mask, "group", progress)
+    section = step_section("mask_group", config)
+    config = as_recorded(config, section)
+    context = read_context(config, section, progress)
+    external = external_context(context, config, progress)
+    level = mask_level("group", None if external is None else cohort_label(external.source))
+    summaries = _group_masks(context, config, config.mask, level, progress, external)
     flags = flag_group_masks(context.run, config.mask)
     return summaries.drop(columns=["flagged", "flag_reasons"], errors="ignore").merge(
-        flags.loc[flags.level == "group", ["fold", "run", "flagged", "flag_reasons"]],
+        flags.loc[flags.level == level, ["fold", "run", "flagged", "flag_reasons"]],
         how="left")
 
 
@@ -157,15 +188,23 @@ def flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
     Returns one row per mask: ``level``, ``fold``, ``run``, ``masked_fraction``,
     ``robust_z``, ``flagged``, ``flag_reasons``. Flagged masks are left out of the robustness
     comparisons unless asked for and marked in the report.
+
+    The masks of another cohort (``masks/cohort-LABEL/group``) are compared among themselves,
+    not with the run's own.
     """
     with run.lock():  # rewrites the summaries of every level: one step at a time
-        return _flag_group_masks(run, config)
+        own = [path for _, _, path in fold_run_files(run.masks_dir / "group", "summary.json")]
+        own += [path for setting in sorted(run.masks_dir.glob("grid/*/"))
+                for _, _, path in fold_run_files(setting, "summary.json")]
+        pools = [own] + [[path for _, _, path in fold_run_files(
+            run.masks_dir / mask_level("group", label), "summary.json")]
+            for label in run.external_cohorts()]
+        frames = [_flag_group_masks(run, config, paths) for paths in pools]
+        return pd.concat([frame for frame in frames if len(frame)] or frames[:1],
+                         ignore_index=True)
 
 
-def _flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
-    paths = [path for _, _, path in fold_run_files(run.masks_dir / "group", "summary.json")]
-    paths += [path for setting in sorted(run.masks_dir.glob("grid/*/"))
-              for _, _, path in fold_run_files(setting, "summary.json")]
+def _flag_group_masks(run: RunFolder, config: GroupMaskConfig, paths: list[Path]) -> pd.DataFrame:
     records = [json.loads(path.read_text()) for path in paths]
     if not records:
         return pd.DataFrame(columns=["level", "fold", "run", "masked_fraction", "robust_z",
@@ -199,7 +238,7 @@ def _flag_group_masks(run: RunFolder, config: GroupMaskConfig) -> pd.DataFrame:
 
 
 def _group_masks(context: RunContext, config: MaskStepConfig, mask: GroupMaskConfig, level: str,
-                 progress: Progress | None) -> pd.DataFrame:
+                 progress: Progress | None, external: RunContext | None = None) -> pd.DataFrame:
     def one(fold: int, run_index: int, fitted: FoldModel) -> pd.Series:
         folder = context.run.mask_dir(level, fold, run_index)
         context.run.remove_leftovers(folder)
@@ -208,7 +247,7 @@ def _group_masks(context: RunContext, config: MaskStepConfig, mask: GroupMaskCon
             log.info("%s mask fold %d run %d already computed: skipped", level, fold, run_index)
             return pd.Series(json.loads((folder / "summary.json").read_text()))
         return _group_mask(context, config, mask, fold, run_index, fitted.model, fitted.classes,
-                           folder, progress)
+                           folder, progress, external)
 
     return pd.DataFrame(each_fold(context.models(config.folds), one, f"{level} masks"))
 
@@ -220,18 +259,23 @@ FIRST_PASS = "first"
 
 def _group_mask(context: RunContext, config: MaskStepConfig, mask: GroupMaskConfig, fold: int,
                 run_index: int, model: nn.Module, classes: list[str], folder: Path,
-                progress: Progress | None) -> pd.Series:
+                progress: Progress | None, external: RunContext | None = None) -> pd.Series:
     """One fold/run's group mask, in one pass, or two when quality check step 2 removes images
     (paper 1, 2.3.1: "one image was removed after training a group mask"). The first pass of a
     ``remove`` run checkpoints in ``first/``, so a second pass interrupted in ``folder``
-    resumes without redoing it."""
+    resumes without redoing it. With ``external``, the mask is trained on that cohort's
+    correctly classified sessions of the masked diagnosis (all of them) and stopped on the
+    fold's validation patients."""
     diagnosis = masked_class(config, classes)
     splits = {name: context.run.read_split(fold, name) for name in ("train", "validation")}
-    train = correctly_classified(context, model, splits["train"], classes, diagnosis)
+    source = context if external is None else external
+    train = correctly_classified(source, model, splits["train"] if external is None
+                                 else external.table, classes, diagnosis)
     validation = correctly_classified(context, model, splits["validation"], classes, diagnosis)
     if train.empty:
-        raise FoldSkipped(f"no correctly classified {diagnosis} training session to optimise a "
-                          "group mask on")
+        raise FoldSkipped(f"no correctly classified {diagnosis} "
+                          + ("training session" if external is None
+                             else f"session of {external.source}") + " to optimise a group mask on")
     target = target_class(mask, classes, diagnosis)
     reference = reference_for(context, mask, classes, splits["train"])
     first = folder / FIRST_PASS
@@ -240,7 +284,7 @@ def _group_mask(context: RunContext, config: MaskStepConfig, mask: GroupMaskConf
         task = (progress.add_task(f"{name} fold {fold} run {run_index}", total=mask.max_epochs)
                 if progress else None)
         return optimise_group_mask(
-            model, context.images_of(images), np.full(len(images), target),
+            model, source.images_of(images), np.full(len(images), target),
             context.images_of(validation), np.full(len(validation), target), reference, mask,
             context.device, checkpoint=checkpoint, progress=(
                 lambda done, total: progress.update(task, completed=done)) if progress else None)
@@ -282,6 +326,10 @@ def _group_mask(context: RunContext, config: MaskStepConfig, mask: GroupMaskConf
                "masked_fraction": float((mask_array < 1).mean()),
                "top_regions": _top_regions(context, 1 - mask_array),
                "removed": _session_names(flags[flags.removed]).tolist()}
+    if external is not None:
+        summary["cohort"] = str(external.source)
+        summary.update({f"cohort_{key}": value for key, value in _masked_probability(
+            model, external, train, target, result.mask, reference).items()})
     write_json(folder / "summary.json", summary)
     remove_state(folder)  # summary.json marks the mask done: its checkpoint is no longer needed
     log.info("%s mask fold %d run %d: validation probability of %s %.3f -> %.3f; top regions %s",
@@ -329,7 +377,8 @@ def run_session_masks(config: SessionMaskStepConfig, progress: Progress | None =
     Writes ``masks/session/fold-K/run-R/SESSION.nii.gz`` (thresholded) and an ``index.tsv``
     (loss, iterations, probability of the masked class without/with the mask, ``robust_z`` of
     the lowest loss among the fold/run's masks and ``flagged`` = above ``qc_z``); returns the
-    concatenated index.
+    concatenated index. With ``config.cohort``: every correctly classified session of the
+    masked diagnosis in that cohort, under ``masks/cohort-LABEL/session``.
 
     The flag catches masks that stopped on the dense plateau Adam can reach in its first steps
     (lr 0.1 moves every voxel by about 0.1 at once): such a mask can hold the masked-class
@@ -339,16 +388,20 @@ def run_session_masks(config: SessionMaskStepConfig, progress: Progress | None =
     others (robust z about 50), 99 % of voxels below 0.95; run on, it leaves the plateau after
     about 450 iterations at loss 0.0055.
     """
-    config = as_recorded(config, "mask_session")
-    context = read_context(config, "mask_session", progress)
+    section = step_section("mask_session", config)
+    config = as_recorded(config, section)
+    context = read_context(config, section, progress)
+    external = external_context(context, config, progress)
+    level = mask_level("session", None if external is None else cohort_label(external.source))
 
     def one(fold: int, run_index: int, fitted: FoldModel) -> pd.DataFrame:
-        folder = context.run.mask_dir("session", fold, run_index)
+        folder = context.run.mask_dir(level, fold, run_index)
         context.run.remove_leftovers(folder)
         if (folder / "index.tsv").is_file():
             log.info("session masks fold %d run %d already computed: skipped", fold, run_index)
             return read_tsv(folder / "index.tsv")
-        return _session_masks(context, config, fold, run_index, fitted, folder, progress)
+        return _session_masks(context, config, fold, run_index, fitted, folder, progress,
+                              external)
 
     return pd.concat(each_fold(context.models(config.folds), one, "session masks"),
                      ignore_index=True)
@@ -356,19 +409,26 @@ def run_session_masks(config: SessionMaskStepConfig, progress: Progress | None =
 
 def _session_masks(context: RunContext, config: SessionMaskStepConfig, fold: int,
                    run_index: int, fitted: FoldModel, folder: Path,
-                   progress: Progress | None) -> pd.DataFrame:
-    """The session masks of one fold/run and their index."""
+                   progress: Progress | None, external: RunContext | None = None) -> pd.DataFrame:
+    """The session masks of one fold/run and their index: of the fold's validation subjects,
+    or of every session of ``external``'s cohort."""
     model, classes = fitted.model, fitted.classes
     diagnosis = masked_class(config, classes)
-    subjects = context.run.read_split(fold, "validation")
-    sessions = context.table[context.table.participant_id.isin(subjects.participant_id)]
-    rows = correctly_classified(context, model, sessions, classes, diagnosis)
+    if external is None:
+        source = context
+        subjects = context.run.read_split(fold, "validation")
+        sessions = context.table[context.table.participant_id.isin(subjects.participant_id)]
+    else:
+        source, sessions = external, external.table
+    rows = correctly_classified(source, model, sessions, classes, diagnosis)
     rows = rows.iloc[:config.max_sessions]
     if rows.empty:
-        raise FoldSkipped(f"no correctly classified {diagnosis} validation session to mask")
+        raise FoldSkipped(f"no correctly classified {diagnosis} "
+                          + ("validation session" if external is None
+                             else f"session of {external.source}") + " to mask")
     splits_train = context.run.read_split(fold, "train")
     reference = reference_for(context, config.mask, classes, splits_train)
-    images = torch.from_numpy(context.images_of(rows)).to(context.device)
+    images = torch.from_numpy(source.images_of(rows)).to(context.device)
     targets = torch.full((len(rows),), target_class(config.mask, classes, diagnosis),
                          device=context.device)
     task = (progress.add_task(f"session masks fold {fold} run {run_index}", total=len(rows))

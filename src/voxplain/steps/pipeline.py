@@ -40,10 +40,11 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from rich.progress import Progress
 
-from voxplain.config import (AtrophyCohortConfig, ClassificationEvaluationConfig, CyCEStepConfig,
+from voxplain.config import (AtrophyCohortConfig, ClassificationEvaluationConfig,
+                             ClinicaDLImportConfig, CyCEStepConfig,
                              CyCETransferConfig, ExplainStepConfig, GroupMaskStepConfig,
                              LesionCohortConfig, LocalisationStepConfig, MaskGridConfig,
-                             MSCohortConfig,
+                             MonaiImportConfig, MSCohortConfig,
                              PredictConfig, ReportConfig, RobustnessConfig, SearchConfig,
                              SessionMaskStepConfig, SplitTestConfig, StatsConfig, StudyAnalyseConfig,
                              StudyExportConfig, StudyMakeConfig, TrainConfig, is_field,
@@ -52,6 +53,7 @@ from voxplain.steps.classification import run_classification
 from voxplain.steps.cyce import run_cyce_train, run_cyce_transfer
 from voxplain.steps.explain import run_explain
 from voxplain.steps.generate import run_generate_atrophy, run_generate_lesions, run_generate_ms
+from voxplain.steps.imports import run_import_clinicadl, run_import_monai
 from voxplain.steps.localisation import run_localisation
 from voxplain.steps.masks import run_group_masks, run_mask_grid, run_session_masks
 from voxplain.steps.predict import run_predict
@@ -93,6 +95,8 @@ STEPS: dict[str, Step] = {
     "split_test": Step(SplitTestConfig, run_split_test),
     "search": Step(SearchConfig, run_search),
     "train": Step(TrainConfig, run_train),
+    "import_clinicadl": Step(ClinicaDLImportConfig, run_import_clinicadl),
+    "import_monai": Step(MonaiImportConfig, run_import_monai),
     "predict": Step(PredictConfig, run_predict),
     "mask_group": Step(GroupMaskStepConfig, run_group_masks),
     "mask_session": Step(SessionMaskStepConfig, run_session_masks),

@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 from rich.progress import Progress
 
-from voxplain.config import PredictConfig
+from voxplain.config import ClassificationEvaluationConfig, PredictConfig
 from voxplain.data.cohort import Cohort, encode_labels
 from voxplain.evaluate.classification import classification_metrics
 from voxplain.io import write_tsv
 from voxplain.run import RunFolder, cohort_label
+from voxplain.steps.classification import cohort_classification
 from voxplain.steps.context import load_context
 from voxplain.train.trainer import prediction_table
 
@@ -24,7 +25,9 @@ def run_predict(config: PredictConfig, progress: Progress | None = None) -> pd.D
 
     Returns (and writes to ``config.out``, default :meth:`RunFolder.predictions_file`) one row per
     session and model: ids, diagnosis, ``fold``, ``run``, ``proba_CLASS``, ``predicted``. When
-    the cohort's diagnoses are all known classes, metrics per model are logged.
+    the cohort's diagnoses are all known classes, metrics per model are logged and, without
+    ``config.out``, written with bootstrap CIs to ``evaluation/cohort-LABEL/``
+    (:func:`~voxplain.steps.classification.cohort_classification`).
 
     Raises:
         RunFolderError: the cohort's images, after the run's downsampling, are not on the grid
@@ -62,4 +65,7 @@ def run_predict(config: PredictConfig, progress: Progress | None = None) -> pd.D
                   pd.concat(slice_tables, ignore_index=True))
     log.info("predictions of %d model(s) on %d session(s) written to %s", len(tables),
              len(cohort), out)
+    if config.out is None and set(cohort.table["diagnosis"]) <= set(classes):
+        cohort_classification(run, ClassificationEvaluationConfig(run=run.root,
+                                                                  cohort=config.cohort))
     return predictions

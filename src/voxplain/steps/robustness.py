@@ -12,8 +12,12 @@ Every experiment compares maps by pairs and reports the mean of the pairs (paper
   setting of the three others, a square table of the masks obtained with its values (rows and
   columns: the same values, betas ascending, lambdas descending as in the paper; diagonal
   blank); neighbours are consecutive values of that order;
-- **across datasets** (3.2.1): group maps of the same fold/run in this run folder and in another
-  one (the same models applied to another cohort).
+- **across datasets** (3.2.1, fig. 5): group maps of the same fold/run on the run's cohort and
+  on another cohort the run's models were applied to (``voxplain mask group --cohort``,
+  ``voxplain explain --cohort``), fold by fold in ``METHOD/datasets_cohort-LABEL.tsv``; for
+  masks with ``prob_cnn`` also each dataset's mask applied to the other dataset's images (the
+  fold's correctly classified validation patients, the other cohort's correctly classified
+  patients). Or, with ``other_run``, the group maps of the same fold/run in another run folder.
 
 Metrics: ROI cosine (:func:`~voxplain.evaluate.similarity.roi_cosine_similarity`, AAL2, 3D maps)
 for every method; Spearman rank correlation over the brain for attribution maps; prob_CNN
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -45,8 +50,9 @@ from voxplain.evaluate.similarity import (cosine_matrix, masked_probabilities, p
                                           rank_correlation_matrix, roi_vectors)
 from voxplain.io import write_tsv
 from voxplain.run import RunFolder
-from voxplain.run.maps import (GRID_PARAMETERS, MASK, available_methods, converged_session_maps,
-                               grid_masks, group_maps, map_grid, map_kind, read_map)
+from voxplain.run.maps import (GRID_PARAMETERS, MASK, available_methods, cohort_methods,
+                               converged_session_maps, grid_masks, group_maps, map_grid, map_kind,
+                               read_map)
 from voxplain.steps.context import RunContext, load_context
 from voxplain.steps.masks import correctly_classified, reference_for
 
@@ -69,9 +75,11 @@ def run_robustness(config: RobustnessConfig, progress: Progress | None = None) -
         log.warning("robustness: %s holds no mask and no explanation yet: nothing to compare",
                     run.root)
     rows: list[dict] = []
+    contexts = Contexts(run, config.device)
     for method in methods:
         rows += group_experiments(run, method, out, config.include_flagged)
         rows += session_experiments(run, method, out, config.include_flagged)
+        rows += cohort_experiments(run, method, out, config, contexts)
         if config.other_run is not None:
             rows += dataset_experiment(run, RunFolder(config.other_run), method, out)
     if config.methods is None or MASK in config.methods:
@@ -293,6 +301,90 @@ def dataset_experiment(run: RunFolder, other: RunFolder, method: str, out: Path)
                  f"{method}/datasets.tsv", diagnosis=diagnosis)
             for diagnosis, rows in table.groupby("diagnosis", sort=True)
             for metric in table.columns if metric in ("roi_cosine", "rank_correlation")]
+
+
+class Contexts:
+    """The run's cohort and other cohorts on the training grid, each loaded once when first
+    needed (forward passes of prob_CNN)."""
+
+    def __init__(self, run: RunFolder, device: str) -> None:
+        self.run, self.device = run, device
+        self._loaded: dict[str | None, RunContext] = {}
+
+    def __call__(self, cohort: str | None = None) -> RunContext:
+        """The run's own cohort (None) or the cohort TSV ``cohort``."""
+        if cohort not in self._loaded:
+            self._loaded[cohort] = load_context(self.run, self.device, None,
+                                                None if cohort is None else Path(cohort))
+        return self._loaded[cohort]
+
+
+def cohort_experiments(run: RunFolder, method: str, out: Path, config: RobustnessConfig,
+                       contexts: Contexts) -> list[dict]:
+    """Across datasets in one run folder (paper 1, 3.2.1, fig. 5): each fold/run's group map
+    on the run's cohort against its group map on every other cohort the folder holds maps of.
+
+    Writes ``METHOD/datasets_cohort-LABEL.tsv``: fold, run, diagnosis, the similarity metrics
+    and, for masks with ``config.prob_cnn``, ``prob_cnn_cohort_mask`` (the model's probability
+    of the masked class on its correctly classified validation patients masked by the other
+    cohort's mask), ``prob_cnn_run_mask`` (the other cohort's correctly classified patients
+    masked by the run's mask) and ``prob_cnn``, their mean. Flagged masks are left out unless
+    ``config.include_flagged``."""
+    rows = []
+    ours = group_maps(run, method, config.include_flagged)
+    for label, key in cohort_methods(run, method).items():
+        theirs = group_maps(run, key, config.include_flagged,
+                            cohort=label if method == MASK else None)
+        pairs = ours.merge(theirs, on=["fold", "run", "diagnosis"], suffixes=("", "_other"))
+        if pairs.empty:
+            log.info("robustness %s: no group map of one fold/run on both the run's cohort and "
+                     "cohort %s: across datasets skipped", method, label)
+            continue
+        records = []
+        for row in pairs.itertuples():
+            compared = compare_maps([row.path, row.path_other], ["this", "other"], method)
+            record = {"fold": row.fold, "run": row.run, "diagnosis": row.diagnosis,
+                      **{metric: m[0, 1] for metric, m in compared.matrices.items()}}
+            if method == MASK and config.prob_cnn:
+                record.update(_cross_dataset_prob_cnn(contexts, row, config))
+            records.append(record)
+        table = pd.DataFrame(records)
+        name = f"{method}/datasets_cohort-{label}.tsv"
+        write_tsv(out / name, table)
+        rows += [_row(method, f"across datasets ({label})", metric, frame[metric].to_numpy(),
+                      2 * len(frame), name, diagnosis=diagnosis)
+                 for diagnosis, frame in table.groupby("diagnosis", sort=True)
+                 for metric in table.columns
+                 if metric in ("roi_cosine", "rank_correlation", "prob_cnn")]
+    return rows
+
+
+def _cross_dataset_prob_cnn(contexts: Contexts, pair, config: RobustnessConfig) -> dict:
+    """prob_CNN of one fold/run's masks on the run's cohort and on another cohort, each applied
+    to the other dataset's correctly classified images of the masked diagnosis."""
+    summary = Path(pair.path_other).parent / "summary.json"
+    source = json.loads(summary.read_text()).get("cohort") if summary.is_file() else None
+    if source is None or not Path(source).is_file():
+        log.warning("prob_CNN across datasets: %s names no readable cohort TSV: skipped", summary)
+        return {}
+    own, other = contexts(), contexts(source)
+    model, classes = next((fitted.model, fitted.classes) for fold, run_index, fitted
+                          in own.models([pair.fold]) if run_index == pair.run)
+    target = classes.index(pair.diagnosis)
+    own_images = correctly_classified(own, model, own.run.read_split(pair.fold, "validation"),
+                                      classes, pair.diagnosis)
+    other_images = correctly_classified(other, model, other.table, classes, pair.diagnosis)
+    if own_images.empty or other_images.empty:
+        return {}
+    reference = reference_for(own, _mask_settings(own.run, "mask_group"), classes,
+                              own.run.read_split(pair.fold, "train"))
+    options = {"perturbation": reference, "batch_size": config.batch_size, "device": own.device}
+    on_own = prob_cnn(model, read_map(pair.path_other), own.images_of(own_images), target,
+                      **options)
+    on_other = prob_cnn(model, read_map(pair.path), other.images_of(other_images), target,
+                        **options)
+    return {"prob_cnn_cohort_mask": on_own, "prob_cnn_run_mask": on_other,
+            "prob_cnn": (on_own + on_other) / 2}
 
 
 def prob_cnn_experiments(run: RunFolder, config: RobustnessConfig, out: Path) -> list[dict]:

@@ -154,8 +154,15 @@ def run_train(config: TrainConfig, progress: Progress | None = None, *,
 
     Returns one row per fold, run and evaluated subset (validation, test) with the metrics of
     :func:`~voxplain.evaluate.classification.classification_metrics`.
+
+    A run folder of imported models (``voxplain import``: its ``[train]`` section describes
+    them) is left as it is, so that replaying its ``config.toml`` never replaces their splits.
     """
     run = RunFolder(config.run)
+    if any(section.startswith("import_") for section in run.read_config()):
+        run.record_config("train", config)  # other settings: an error naming them
+        log.info("%s: models imported by `voxplain import`: nothing to train", run.root)
+        return read_tsv(run.evaluation_file("cross_validation.tsv"))
     device = resolve_device(config.device)
     prepared = prepared or prepare_cohort(config, run, progress)
     cohort, stack, classes = prepared.cohort, prepared.stack, prepared.classes

@@ -1,0 +1,311 @@
+"""``voxplain import``: a run folder around models voxplain did not train.
+
+Two routes, one result: the run folder `voxplain train` writes (``config.toml`` with a
+``[train]`` section describing the models, ``cohort.tsv``, ``grid.json``,
+``splits/fold-K/{train,validation}.tsv``, ``models/fold-K/run-0/{model.safetensors,
+model.json, metrics.tsv, predictions-validation.tsv}``), so that every later step (explain,
+masks, evaluate, report, summary) takes it unchanged.
+
+- :func:`run_import_clinicadl`: a ClinicaDL MAPS folder (:mod:`voxplain.models.clinicadl_maps`):
+  its architecture rebuilt by :mod:`voxplain.models.clinicadl`, its splits, the
+  ``best-<metric>`` checkpoint of each split (read with ``weights_only``).
+- :func:`run_import_monai`: a network of ``monai.networks.nets`` by name and arguments, one
+  weights file per fold (safetensors or a weights-only checkpoint), the splits from a folder of
+  ``split-K/{train,validation}.tsv`` or made by voxplain's subject-level k-fold.
+
+Input: the models read the cohort's images as they are, on the cohort's grid (no resampling,
+no intensity normalisation: give a cohort preprocessed as the models' training data was).
+``model.json`` records it (``input``); a later cohort on another grid is refused by
+:meth:`~voxplain.run.RunFolder.check_training_grid`. Models with one output (a sigmoid) are
+refused: every step reads one logit per class.
+
+Each fold's model is evaluated on its validation sessions (``metrics.tsv``, with
+``best_epoch`` from the checkpoint where it says, else -1); nothing is trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from voxplain.config import (ClinicaDLImportConfig, ImportConfig, ModelConfig, MonaiImportConfig,
+                             TrainConfig)
+from voxplain.data.cohort import Cohort, CohortError, class_names, encode_labels, load_images
+from voxplain.evaluate.classification import chance_p_value, classification_metrics
+from voxplain.io import read_tsv, write_json, write_tsv
+from voxplain.models.clinicadl_maps import read_clinicadl_checkpoint, read_maps
+from voxplain.models.device import resolve_device
+from voxplain.models.registry import build_model
+from voxplain.models.serialization import load_checkpoint_state, save_model
+from voxplain.run import RunFolder
+from voxplain.steps.context import IDS, progress_callback
+from voxplain.train.splits import subject_folds
+from voxplain.train.trainer import Dataset, predict_proba, prediction_table
+
+log = logging.getLogger("voxplain")
+
+__all__ = ["run_import_clinicadl", "run_import_monai"]
+
+#: What ``model.json`` says an imported model reads.
+INPUT = {"resampled": False, "normalised": False,
+         "reads": "the cohort's images as they are, on the grid of grid.json"}
+
+
+@dataclass(frozen=True)
+class ImportedFold:
+    """One fold of an imported model: its sessions (cohort rows with ``image_index``), its
+    network with the weights loaded, and where they came from."""
+
+    index: int
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    model: nn.Module
+    source: dict[str, Any]
+
+
+def run_import_clinicadl(config: ClinicaDLImportConfig,
+                         progress: Progress | None = None) -> pd.DataFrame:
+    """Import the image-level CNN of every selected split of a ClinicaDL MAPS; returns (and
+    writes to ``evaluation/cross_validation.tsv``) the validation metrics of each fold."""
+    maps = read_maps(config.maps, config.selection_metric, config.folds)
+    cohort, images = _load_cohort(config, progress)
+    channels, spatial = images.shape[1], list(images.shape[2:])
+    expected = maps.parameters.get("input_size")
+    if isinstance(expected, list) and expected != [channels, *spatial]:
+        raise CohortError(f"{config.cohort}: images are {tuple(spatial)} (channels {channels}); "
+                          f"the MAPS's models take {tuple(expected[1:])} (channels "
+                          f"{expected[0]}, maps.json input_size)")
+    dropout = maps.parameters.get("dropout", 0.5)
+    model_config = ModelConfig(name=maps.model_name, in_channels=channels,
+                               n_classes=len(maps.classes), input_shape=spatial,
+                               dropout=dropout if isinstance(dropout, float) and 0 <= dropout < 1
+                               else 0.5)
+    folds = []
+    for split in maps.splits:
+        where = maps.root / "groups" / "train" / f"split-{split.index}"
+        train, validation = (_cohort_rows(cohort, table, where / f"{subset}.tsv", maps.label)
+                             for subset, table in (("train", split.train),
+                                                   ("validation", split.validation)))
+        state, extras = read_clinicadl_checkpoint(split.checkpoint)
+        _check_flat_features(state, model_config, split.checkpoint)
+        model = _with_weights(build_model(model_config), state, split.checkpoint)
+        folds.append(ImportedFold(split.index, train, validation, model, {
+            "from": "clinicadl", "maps": str(maps.root), "checkpoint": str(split.checkpoint),
+            "architecture": maps.parameters["architecture"],
+            "selection_metric": config.selection_metric,
+            **{key: extras[key] for key in ("epoch", "name") if key in extras}}))
+    return _write_run(config, "import_clinicadl", cohort, images, maps.classes, model_config,
+                      folds)
+
+
+def run_import_monai(config: MonaiImportConfig, progress: Progress | None = None) -> pd.DataFrame:
+    """Import a MONAI network (one weights file per fold); returns (and writes to
+    ``evaluation/cross_validation.tsv``) the validation metrics of each fold."""
+    cohort, images = _load_cohort(config, progress)
+    classes = config.classes or class_names(cohort.table["diagnosis"])
+    model_config = ModelConfig(name="monai", network=config.network, arguments=config.arguments,
+                               in_channels=images.shape[1], n_classes=len(classes),
+                               input_shape=list(images.shape[2:]))
+    _check_outputs(build_model(model_config), images, classes, config.network)
+    splits = _monai_splits(config, cohort)
+    folds = []
+    for (index, train, validation), weights in zip(splits, config.weights):
+        state, extras = load_checkpoint_state(weights)
+        model = _with_weights(build_model(model_config), state, weights)
+        folds.append(ImportedFold(index, train, validation, model, {
+            "from": "monai", "weights": str(weights),
+            **{key: extras[key] for key in ("epoch",) if key in extras}}))
+    return _write_run(config, "import_monai", cohort, images, classes, model_config, folds)
+
+
+def _load_cohort(config: ImportConfig, progress: Progress | None) -> tuple[Cohort, np.ndarray]:
+    cohort = Cohort.from_tsv(config.cohort, config.diagnosis_column)
+    stack = load_images(cohort, 1, None, progress_callback(progress, "loading cohort",
+                                                           len(cohort)))
+    return cohort, stack.array
+
+
+def _cohort_rows(cohort: Cohort, sessions: pd.DataFrame, source: Path,
+                 label: str | None = None) -> pd.DataFrame:
+    """The cohort rows (with ``image_index``) of ``sessions``, in their order; a session missing
+    from the cohort, or labelled otherwise there (its ``label`` column, when it has one), is an
+    error naming it."""
+    table = cohort.table.reset_index(names="image_index")
+    split = sessions[IDS[:2]].assign(split_label=sessions[label] if label in sessions else None)
+    rows = split.merge(table, on=IDS[:2], how="left", indicator=True)
+    missing = rows[rows["_merge"] == "left_only"]
+    if len(missing):
+        first = missing.iloc[0]
+        raise CohortError(f"{source}: {first.participant_id} {first.session_id} is not in "
+                          f"{cohort.source} ({len(missing)} session(s) of the split are not); "
+                          "the cohort must hold every session of the splits")
+    labelled = rows[rows["split_label"].notna()]
+    differ = labelled[labelled["split_label"].astype(str) != labelled["diagnosis"].astype(str)]
+    if len(differ):
+        first = differ.iloc[0]
+        raise CohortError(f"{source}: {first.participant_id} {first.session_id} is "
+                          f"{first.split_label!r} there but {first.diagnosis!r} in "
+                          f"{cohort.source}")
+    return rows[[*IDS, "image_index"]]
+
+
+def _check_flat_features(state: dict[str, torch.Tensor], config: ModelConfig,
+                         checkpoint: Path) -> None:
+    """A ClinicaDL CNN's first linear layer fixes its input grid: refuse a cohort whose images
+    would give another number of features, with both grids' numbers."""
+    weight = state.get("fc.2.weight")
+    ours = build_model(config).fc[2].in_features
+    if weight is not None and weight.ndim == 2 and weight.shape[1] != ours:
+        raise CohortError(f"{checkpoint}: the model's first linear layer takes {weight.shape[1]} "
+                          f"features; images of shape {tuple(config.input_shape or ())} give "
+                          f"{ours}: the cohort is not on the grid the model was trained on")
+
+
+def _with_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """``model`` with ``state`` loaded strictly (every name and shape must match), in eval
+    mode; an error names the file and the first differences."""
+    own = model.state_dict()
+    missing = [name for name in own if name not in state]
+    unexpected = [name for name in state if name not in own]
+    shapes = [f"{name} {tuple(state[name].shape)} vs {tuple(own[name].shape)}"
+              for name in own if name in state and state[name].shape != own[name].shape]
+    if missing or unexpected or shapes:
+        problems = [f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                    for label, names in (("missing", missing), ("not in the network", unexpected),
+                                         ("shape (file vs network)", shapes)) if names]
+        raise ValueError(f"{path}: the weights do not fit {type(model).__name__} "
+                         f"({'; '.join(problems)})")
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
+def _check_outputs(model: nn.Module, images: np.ndarray, classes: list[str],
+                   network: str) -> None:
+    """One forward pass of the first image: the network must take the cohort's images and
+    return one logit per class ``(1, K)``."""
+    try:
+        with torch.no_grad():
+            output = model.eval()(torch.from_numpy(np.ascontiguousarray(images[:1])))
+    except RuntimeError as error:
+        raise ValueError(f"{network} does not take the cohort's images {images.shape[1:]} "
+                         f"(channels, *spatial): {str(error).splitlines()[0]}") from None
+    if not isinstance(output, torch.Tensor) or output.ndim != 2:
+        found = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"{network} returns {found}; voxplain needs logits (N, classes)")
+    if output.shape[1] == 1:
+        raise ValueError(f"{network} has a single output (a sigmoid classifier); voxplain needs "
+                         f"one logit per class: build it with {len(classes)} outputs (e.g. "
+                         "out_channels=2, softmax), or turn a logit z into the two logits "
+                         "(0, z), which give the same probabilities")
+    if output.shape[1] != len(classes):
+        raise ValueError(f"{network} has {output.shape[1]} outputs but there are "
+                         f"{len(classes)} classes {classes}; give --classes in output order")
+
+
+def _monai_splits(config: MonaiImportConfig,
+                  cohort: Cohort) -> list[tuple[int, pd.DataFrame, pd.DataFrame]]:
+    """``(fold, train rows, validation rows)``: from ``config.splits`` (``split-K`` or
+    ``fold-K`` folders, in K order), or voxplain's subject-level k-fold of the cohort; one per
+    weights file."""
+    n = len(config.weights)
+    if config.splits is None:
+        if n < 2:
+            raise ValueError("one weights file: give its split with --splits DIR "
+                             "(split-0/{train,validation}.tsv); voxplain's k-fold needs "
+                             "at least 2 folds")
+        folds = subject_folds(cohort.table, n, config.split_seed)
+        return [(fold.index, _cohort_rows(cohort, fold.train, config.cohort),
+                 _cohort_rows(cohort, fold.validation, config.cohort)) for fold in folds]
+    found = sorted((int(path.name.split("-")[1]), path) for path in Path(config.splits).iterdir()
+                   if path.is_dir() and path.name.split("-")[0] in ("split", "fold")
+                   and path.name.split("-")[-1].isdigit())
+    if len(found) != n:
+        raise ValueError(f"{config.splits}: {len(found)} split folders (split-K or fold-K) for "
+                         f"{n} weights file(s); give one weights file per split, in order")
+    splits = []
+    for index, folder in found:
+        tables = []
+        for subset in ("train", "validation"):
+            path = folder / f"{subset}.tsv"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: split file not found")
+            tables.append(_cohort_rows(cohort, read_tsv(path), path, "diagnosis"))
+        splits.append((index, *tables))
+    return splits
+
+
+def _write_run(config: ImportConfig, section: str, cohort: Cohort, images: np.ndarray,
+               classes: list[str], model_config: ModelConfig,
+               folds: Sequence[ImportedFold]) -> pd.DataFrame:
+    """Write the run folder of the imported ``folds`` (see the module docstring)."""
+    run = RunFolder(config.run)
+    device = resolve_device(config.device)
+    table = cohort.table
+    outside = sorted(set(table["diagnosis"]) - set(classes))
+    if outside:
+        log.warning("%s: sessions of diagnoses %s are not classes of the models %s: left out "
+                    "of the run's cohort", config.cohort, outside, classes)
+    for fold in folds:
+        for subset in (fold.train, fold.validation):
+            encode_labels(subset, classes, config.cohort)  # split sessions must be classes
+    # what later steps read of [train]: the model, the classes, the grid (no downsampling, no
+    # slices), the batch size; n_folds is at least the 2 a k-fold section validates with (the
+    # import's own section holds what was imported)
+    train = TrainConfig(cohort=config.cohort, run=config.run, n_folds=max(2, len(folds)),
+                        split="kfold", classes=classes, qc_threshold=None, device=config.device,
+                        batch_size=config.batch_size, diagnosis_column=config.diagnosis_column,
+                        model=model_config)
+    run.record_config(section, config)
+    run.record_config("train", train)
+    for folder in (run.root / "models", run.root / "splits", run.evaluation_dir):
+        run.remove_leftovers(folder)
+    write_tsv(run.cohort_file, table[table["diagnosis"].isin(classes)])
+    write_tsv(run.qc_rejected_file, pd.DataFrame(columns=[*IDS, "path", "max_value"]))
+    write_json(run.grid_file, {"shape": list(images.shape[2:]), "channels": int(images.shape[1]),
+                               "affine": np.asarray(cohort.affine).tolist()})
+    for fold in folds:
+        for subset in ("train", "validation"):
+            write_tsv(run.split_file(fold.index, subset), getattr(fold, subset)[IDS])
+        folder = run.model_dir(fold.index, 0)
+        if (folder / "metrics.tsv").is_file():
+            log.info("fold %d already imported: skipped", fold.index)
+            continue
+        _write_model(folder, fold, model_config, classes, images, config, device)
+    summary = pd.concat([read_tsv(folder / "metrics.tsv") for _, _, folder in run.model_dirs()],
+                        ignore_index=True)
+    write_tsv(run.evaluation_file("cross_validation.tsv"), summary)
+    return summary
+
+
+def _write_model(folder: Path, fold: ImportedFold, model_config: ModelConfig,
+                 classes: list[str], images: np.ndarray, config: ImportConfig,
+                 device: torch.device) -> None:
+    """``model.safetensors`` and ``model.json``, the validation predictions, and, last (it marks
+    the fold done), ``metrics.tsv``."""
+    epoch = fold.source.get("epoch", -1)
+    save_model(folder, fold.model, model_config, classes, {
+        "fold": fold.index, "run": 0, "best_epoch": epoch, "downsample": 1,
+        "imported": fold.source, "input": INPUT})
+    validation = Dataset(fold.validation, images,
+                         encode_labels(fold.validation, classes, config.cohort))
+    probabilities, loss = predict_proba(fold.model.to(device), validation, config.batch_size,
+                                        device)
+    write_tsv(folder / "predictions-validation.tsv",
+              prediction_table(validation, probabilities, classes))
+    p_value = chance_p_value(validation.labels, probabilities.argmax(1))
+    metrics = {"fold": fold.index, "run": 0, "subset": "validation", "best_epoch": epoch,
+               "loss": loss, **classification_metrics(validation.labels, probabilities),
+               "chance_p": p_value, "at_chance": not p_value <= TrainConfig.model_fields[
+                   "chance_alpha"].default}
+    write_tsv(folder / "metrics.tsv", pd.DataFrame([metrics]))
+    log.info("fold %d: imported; validation balanced accuracy %.3f", fold.index,
+             metrics["balanced_accuracy"])
