@@ -227,3 +227,19 @@ def test_voxels_without_a_value_are_not_scored():
     assert scores["pointing_game"] == 1.0 and scores["auc"] == 1.0
     assert scores["chance_mass"] == pytest.approx(1 / 48)  # 48 voxels have a value
     assert localisation_scores(values, truth, signed=False)["pointing_game"] == 0.0
+
+
+def test_resolution_ceiling_hand_computed_cases():
+    from voxplain.evaluate.localisation import resolution_ceiling
+
+    truth = np.array([[0.0, 1.0, 0.0, 0.0]])  # one true pixel, the second
+    # layer 1x2: cells [0.5, 0]; linear upsampling (align_corners=False) back to 4 pixels:
+    # 0.5, 0.375, 0.125, 0 -> the true pixel (0.375) beats 2 of the 3 others
+    assert resolution_ceiling(truth, (1, 2)) == pytest.approx(2 / 3)
+    assert resolution_ceiling(truth, (1, 1)) == pytest.approx(0.5)  # one cell: all tied
+    assert resolution_ceiling(truth, (1, 4)) == pytest.approx(1.0)  # the input's own grid
+    volume = np.zeros((4, 4, 4))
+    volume[:2] = 1.0
+    assert resolution_ceiling(volume, (2, 2, 2)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="dimensions"):
+        resolution_ceiling(volume, (2, 2))

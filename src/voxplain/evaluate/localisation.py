@@ -209,6 +209,34 @@ def atrophied_regions(truth_path: Path, truth: np.ndarray | None = None,
     return list(means.index[means.to_numpy() >= 0.5])
 
 
+def resolution_ceiling(truth: np.ndarray, layer_shape: Sequence[int],
+                       brain: np.ndarray | None = None, fraction: float = 0.5) -> float:
+    """Localisation AUC of the ground truth itself seen at a layer's resolution: ``truth``
+    averaged over each cell of a ``layer_shape`` grid (adaptive average pooling), then upsampled
+    back as a class activation map is (linear interpolation, ``align_corners=False``,
+    :mod:`voxplain.explain.cam`), scored against the true region of ``truth``.
+
+    A CAM-family map is drawn on the layer's grid and upsampled the same way; this map is what
+    such a map would be if the layer saw exactly the truth, so a CAM's AUC well above it is
+    unlikely and a CAM's AUC near it is as good as its layer allows (an approximate ceiling,
+    not a bound: another pattern on the coarse grid can rank voxels differently). At the
+    input's own resolution it is 1 (a truth with a true region and voxels outside it).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    values = torch.as_tensor(np.asarray(truth, dtype=np.float32))[None, None]
+    spatial = tuple(values.shape[2:])
+    if len(layer_shape) != len(spatial):
+        raise ValueError(f"layer grid {tuple(layer_shape)} and truth {spatial} differ in "
+                         "dimensions")
+    pool = F.adaptive_avg_pool3d if len(spatial) == 3 else F.adaptive_avg_pool2d
+    coarse = pool(values, tuple(int(n) for n in layer_shape))
+    seen = F.interpolate(coarse, size=spatial, align_corners=False,
+                         mode="trilinear" if len(spatial) == 3 else "bilinear")[0, 0].numpy()
+    return localisation_auc(seen, true_region(truth, fraction), brain)
+
+
 def localisation_scores(attribution: np.ndarray, truth: np.ndarray, *, signed: bool,
                         brain: np.ndarray | None = None, fraction: float = 0.5,
                         tolerance: float = 0.0, atlas: Atlas | None = None,
@@ -287,7 +315,8 @@ def session_localisation_summary(table: pd.DataFrame) -> pd.DataFrame:
 def localisation_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean of each score over the fold/runs of every explanation (one row per method key)."""
     scores = [column for column in table.columns
-              if column in ("auc", "mass_inside", "chance_mass", "pointing_game")
+              if column in ("auc", "mass_inside", "chance_mass", "pointing_game",
+                            "auc_at_layer_resolution")
               or (column.startswith("top") and column.endswith("_hit"))]
     grouped = table.groupby(["key", "method", "layer"], sort=False)
     summary = grouped[scores].mean().reset_index()

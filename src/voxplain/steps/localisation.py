@@ -47,7 +47,8 @@ from voxplain.evaluate.baselines import (BASELINE_PREFIX, SESSION_BASELINES, SIG
                                          TRAINING_BASELINES, baseline_method, edge_map,
                                          input_map, random_map, training_maps)
 from voxplain.evaluate.localisation import (SESSION_SCORES, atrophied_regions, scored_voxels,
-                                            localisation_scores, true_region, truth_on_grid)
+                                            localisation_scores, resolution_ceiling, true_region,
+                                            truth_on_grid)
 from voxplain.io import read_tsv, write_tsv
 from voxplain.models.serialization import read_model_json
 from voxplain.run import RunFolder, RunFolderError
@@ -106,8 +107,12 @@ def evaluate_localisation(run: Path, truth_path: Path, methods: Sequence[str] | 
 
     Returns:
         One row per explanation (then baseline) and fold/run (method, layer, fold, run,
-        diagnosis, n_sessions, auc, mass_inside, chance_mass, pointing_game, top{k}_hit, key);
-        also written to ``RUN/evaluation/localisation.tsv``.
+        diagnosis, n_sessions, auc, mass_inside, chance_mass, pointing_game, top{k}_hit,
+        auc_at_layer_resolution, key); also written to ``RUN/evaluation/localisation.tsv``.
+        ``auc_at_layer_resolution``: for a method that reads a layer (the CAM family), the AUC
+        of the truth itself seen at that layer's grid
+        (:func:`~voxplain.evaluate.localisation.resolution_ceiling`), what its AUC can
+        hardly exceed; NaN for other methods and the baselines.
     """
     config = config or LocalisationConfig()
     folder = RunFolder(Path(run))
@@ -132,7 +137,8 @@ def evaluate_localisation(run: Path, truth_path: Path, methods: Sequence[str] | 
         rows += _group_baseline_rows(_BaselineMaps(folder, names, seed), truth_path, explained,
                                      diagnosis, config)
     columns = ["method", "layer", "fold", "run", "diagnosis", "n_sessions", "auc", "mass_inside",
-               "chance_mass", "pointing_game", f"top{config.top_k}_hit", "key"]
+               "chance_mass", "pointing_game", f"top{config.top_k}_hit",
+               "auc_at_layer_resolution", "key"]
     table = pd.DataFrame(rows, columns=columns)
     write_tsv(folder.evaluation_file("localisation.tsv"), table)
     return table
@@ -179,8 +185,14 @@ def _score_group_map(folder: Path, patient: str, record: dict, truth_path: Path,
         fraction=config.truth_fraction, tolerance=config.tolerance, atlas=atlas,
         regions=regions, k=config.top_k)
     layer = str(index.layer.iloc[0]) if "layer" in index and index.layer.notna().any() else ""
+    ceiling = float("nan")
+    if layer and "layer_shape" in index and isinstance(index.layer_shape.iloc[0], str):
+        ceiling = resolution_ceiling(truth, [int(n) for n in index.layer_shape.iloc[0].split("x")],
+                                     brain_mask(grid) if three_d else None,
+                                     config.truth_fraction)
     return ({"method": record["method"], "layer": layer, "diagnosis": patient,
-             "n_sessions": len(kept), **scores}, kept[IDS[:2]])
+             "n_sessions": len(kept), **scores, "auc_at_layer_resolution": ceiling},
+            kept[IDS[:2]])
 
 
 def _group_baseline_rows(maps: _BaselineMaps, truth_path: Path,
