@@ -12,9 +12,11 @@ Sections (``--sections``, each a function below returning table rows):
   masks and scaled to M.
 
 The voxel-wise t-tests of the heatmap statistics (issue 5, item 4) get their own section
-function here (``SECTIONS["ttest"]``), added by that module's author.
+function here (``SECTIONS["ttest"]``), added by that module's author, and so do their
+permutation tests (``SECTIONS["permutation"]``, issue 22).
 
-Run: ``.venv/bin/python benchmarks/evaluation.py [--sections roi] [--maps 100] [--grid full|demo]``.
+Run: ``.venv/bin/python benchmarks/evaluation.py [--sections roi] [--maps 100] [--grid full|demo]``
+(``--sections permutation --maps 50 --grid demo`` for the permutation tests, not run by default).
 """
 
 from __future__ import annotations
@@ -136,9 +138,46 @@ def ttest_section(n_maps: int, grid_name: str) -> list[str]:
     ]
 
 
+def permutation_section(n_maps: int, grid_name: str) -> list[str]:
+    """Permutation tests of the heatmap statistics (issue 22, item 3) over the MNI brain voxels:
+    max-T with 1000 permutations, two-sample ``n`` vs ``n`` maps and one-sample on ``2 n``, and
+    the two-sample test with TFCE, timed on 20 permutations and scaled to 1000 (TFCE of every
+    permutation dominates). The maps are random, each thresholded at its own 95th percentile as
+    ``voxplain stats`` does, so nearly every brain voxel varies over the maps: an upper bound on
+    maps that share their bright regions. Floor: one float64 pass over the ``(2n, V)`` maps.
+    """
+    from voxplain.data.template import brain_mask
+    from voxplain.evaluate.permutation import permutation_test
+    from voxplain.evaluate.stats import threshold_at_percentile
+
+    grid = grid_of(grid_name)
+    brain = brain_mask(grid)
+    rng = np.random.default_rng(0)
+    maps = np.stack([threshold_at_percentile(rng.random(grid.shape, dtype=np.float32),
+                                             brain)[brain] for _ in range(2 * n_maps)])
+    group = np.r_[np.ones(n_maps), np.zeros(n_maps)]
+    two = seconds(lambda: permutation_test(maps, group, brain, n_permutations=1000))
+    one = seconds(lambda: permutation_test(maps, np.ones(2 * n_maps), brain,
+                                           n_permutations=1000))
+    tfce = seconds(lambda: permutation_test(maps, group, brain, n_permutations=20,
+                                            tfce=True)) * 50
+    floor = seconds(lambda: maps.astype(np.float64).max())
+    shape = "x".join(map(str, grid.shape))
+    voxels = f"{int(brain.sum())} brain voxels"
+    return [
+        f"| permutation max-T: two-sample, {n_maps} vs {n_maps} maps, {shape} ({voxels}), "
+        f"1000 permutations | {two:.2f} | {floor:.3f} | {two / floor:.0f} | | {_peak_mb():.0f} |",
+        f"| permutation max-T: one-sample, {2 * n_maps} maps, 1000 sign flips | {one:.2f} "
+        f"| {floor:.3f} | {one / floor:.0f} | | {_peak_mb():.0f} |",
+        f"| permutation TFCE: two-sample, 1000 permutations (20 timed x 50) | {tfce:.1f} "
+        f"| {floor:.3f} | {tfce / floor:.0f} | | {_peak_mb():.0f} |",
+    ]
+
+
 #: Sections by name. Each takes (number of maps, grid name) and returns Markdown table rows.
 SECTIONS: dict[str, Callable[[int, str], list[str]]] = {"roi": roi_section,
-                                                        "ttest": ttest_section}
+                                                        "ttest": ttest_section,
+                                                        "permutation": permutation_section}
 
 
 def _peak_mb() -> float:
@@ -147,7 +186,8 @@ def _peak_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS))
+    # permutation only when asked: TFCE at the full grid takes hours
+    parser.add_argument("--sections", default="roi,ttest")
     parser.add_argument("--maps", type=int, default=100, help="maps per section")
     parser.add_argument("--grid", default="full", choices=["full", "demo"])
     arguments = parser.parse_args()

@@ -188,7 +188,9 @@ def test_heatmap_statistics_of_a_run_folder_find_each_groups_region(tmp_path):
     maps = _write_explanations(tmp_path, grid, atlas,
                                {"AD": "Frontal_Sup_2_L", "CN": "Precentral_L"})
     summary = run_stats(StatsConfig(run=tmp_path, method="grad_cam"))
-    assert summary.test.tolist() == ["one-sample_AD", "one-sample_CN", "two-sample_AD-CN"]
+    assert summary.test.tolist() == ["one-sample_AD", "one-sample_CN", "two-sample_AD-CN",
+                                     "permutation_one-sample_AD", "permutation_one-sample_CN",
+                                     "permutation_two-sample_AD-CN"]
     out = tmp_path / "stats" / "grad_cam"
     clusters = pd.read_csv(out / "clusters.tsv", sep="\t")
     two = clusters[clusters.test == "two-sample_AD-CN"]
@@ -220,7 +222,8 @@ def test_heatmap_statistics_of_one_group_skip_the_group_comparison(tmp_path):
     grid = Grid(downsampled_shape(spm_grid().shape, 8), downsample_affine(spm_grid().affine, 8))
     _write_explanations(tmp_path, grid, Atlas.aal2(grid), {"AD": "Frontal_Sup_2_L",
                                                            "CN": "Precentral_L"})
-    summary = run_stats(StatsConfig(run=tmp_path, method="grad_cam", groups=["AD"]))
+    summary = run_stats(StatsConfig(run=tmp_path, method="grad_cam", groups=["AD"],
+                                    permutations=0))
     assert summary.test.tolist() == ["one-sample_AD"]
     assert not (tmp_path / "stats" / "grad_cam" / "percentile_test.tsv").exists()
     with pytest.raises(ValueError, match="no grad_cam session map of diagnosis"):

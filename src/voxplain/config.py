@@ -12,6 +12,7 @@ against the same models. A run folder keeps every step's resolved model in ``con
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -72,6 +73,37 @@ def _digits_are_a_class_index(value: Any) -> Any:
 #: prediction, a class name, or a class index ("1" on the command line is the index 1).
 Target = Annotated[Literal["true", "predicted"] | int | str,
                    BeforeValidator(_digits_are_a_class_index)]
+
+
+class ExecutorConfig(Section):
+    """Where the independent units of a step (training's folds x runs, the mask steps' fold/runs
+    and grid settings) run: one after the other in this process (``local``), or as tasks of a
+    Ray cluster (``ray``) that share the run folder (:mod:`voxplain.run.executor`). Where a unit
+    runs never changes its results."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: one unit after the other in this process; ray: units as "
+        "Ray tasks (voxplain's 'ray' extra), the run folder on a shared file system.")
+    address: str | None = Field(
+        None, description="Ray cluster to join: 'auto' (the one `ray start` runs on this "
+        "machine) or HOST:PORT; default: start one on this machine.")
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="CPUs (torch threads) of each unit; default: the CPUs available "
+        "to this process (local), 1 (ray).")
+    gpus_per_task: float = Field(
+        0, ge=0, description="GPUs Ray reserves for each unit (0.5: two units share a GPU).")
+    max_retries: int = Field(
+        3, ge=0, description="Ray: times a unit whose worker died (killed, out of memory) is run "
+        "again; it resumes from what it wrote.")
+
+
+def _kind_as_an_executor(value: Any) -> Any:
+    # ``executor = "ray"`` in a TOML file is short for ``[executor] kind = "ray"``
+    return {"kind": value} if isinstance(value, str) else value
+
+
+#: The executor section of a step, also given as its kind alone.
+Executor = Annotated[ExecutorConfig, BeforeValidator(_kind_as_an_executor)]
 
 
 class RunStepConfig(Section):
@@ -288,12 +320,16 @@ class MSCohortConfig(Section):
 # --- train, predict ------------------------------------------------------------------------
 
 ModelName = Literal["cnn", "convnet", "vgg_gap", "vgg16", "vgg19", "resnet50",
-                    "clinicadl_conv5_fc3", "clinicadl_conv4_fc3", "monai"]
+                    "clinicadl_conv5_fc3", "clinicadl_conv4_fc3", "monai", "program", "python"]
 #: Networks with a choice of head (paper 2, table 1), and the fields that set it.
 HEADED_MODELS = ("vgg16", "vgg19", "resnet50")
 HEAD_FIELDS = ("head", "pool_size", "hidden_units")
 #: Fields of paper 1's CNN that its random search varies (2.2.2) and other networks do not take.
 CNN_FIELDS = ("reduction", "fc_layers")
+
+
+#: ``package.module:attribute.path`` of a model factory of model ``python``.
+FACTORY_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class ModelConfig(Section):
@@ -302,14 +338,21 @@ class ModelConfig(Section):
     name: ModelName = Field("cnn", description="Network: cnn (paper 1), convnet (paper 3), "
                             "vgg_gap, or paper 2's vgg16, vgg19, resnet50 (torchvision's "
                             "definitions and names; see --head); imported models (`voxplain "
-                            "import`): clinicadl_conv5_fc3, clinicadl_conv4_fc3, monai.")
+                            "import`): clinicadl_conv5_fc3, clinicadl_conv4_fc3, monai, program "
+                            "(a torch.export program stored beside the weights), python (a "
+                            "factory of your own code, see factory).")
     network: str | None = Field(
         None, description="monai: the class (or factory) of monai.networks.nets, e.g. "
         "DenseNet121, resnet18, SEResNet50, EfficientNetBN."
     )
+    factory: str | None = Field(
+        None, description="python: 'package.module:function' (or a class) that returns the "
+        "network, called with arguments. Importing it runs that module's code: name only code "
+        "you trust."
+    )
     arguments: dict[str, Any] | None = Field(
-        None, description="monai: the network's constructor arguments (JSON values), e.g. "
-        '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2}.'
+        None, description="monai, python: the network's constructor arguments (JSON values), "
+        'e.g. {"spatial_dims": 3, "in_channels": 1, "out_channels": 2}.'
     )
     channels: list[int] | None = Field(
         None, description="Output channels of each convolutional block (vgg16, vgg19: the 5 "
@@ -371,8 +414,15 @@ class ModelConfig(Section):
                              f"their own normalisation), not to model {self.name!r}")
         if (self.name == "monai") != (self.network is not None):
             raise ValueError("network names the MONAI class of model 'monai' (and only of it)")
-        if self.arguments is not None and self.name != "monai":
-            raise ValueError(f"arguments apply to model 'monai', not to model {self.name!r}")
+        if (self.name == "python") != (self.factory is not None):
+            raise ValueError("factory names the 'package.module:function' of model 'python' "
+                             "(and only of it)")
+        if self.factory is not None and not FACTORY_PATTERN.fullmatch(self.factory):
+            raise ValueError(f"factory must read 'package.module:function', got "
+                             f"{self.factory!r}")
+        if self.arguments is not None and self.name not in ("monai", "python"):
+            raise ValueError(f"arguments apply to models 'monai' and 'python', not to model "
+                             f"{self.name!r}")
         return self
 
     @field_validator("arguments")
@@ -401,9 +451,10 @@ class TrainConfig(Section):
     """Subject-level cross-validated training (paper 1, section 2.2)."""
 
     #: Settings a resumed training may change (they do not change the results): the device,
-    #: the image cache, and the run folder's own path (a moved or copied folder resumes). The
-    #: number of folds is *not* among them: it defines the splits the models were trained on.
-    resumable: ClassVar[frozenset[str]] = frozenset({"device", "cache", "run"})
+    #: the executor, the image cache, and the run folder's own path (a moved or copied folder
+    #: resumes). The number of folds is *not* among them: it defines the splits the models were
+    #: trained on.
+    resumable: ClassVar[frozenset[str]] = frozenset({"device", "cache", "executor", "run"})
 
     cohort: Path = Field(description="cohort.tsv (participant_id, session_id, diagnosis, path).")
     run: Path = Field(validation_alias=AliasChoices("run", "out"),
@@ -496,6 +547,7 @@ class TrainConfig(Section):
         "memory", description="Keep decoded images in memory or in a memory-mapped file."
     )
     device: Device = Field("auto", description="Where to train.")
+    executor: Executor = Field(default_factory=ExecutorConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
 
     @field_validator("qc_threshold", mode="before")
@@ -580,6 +632,44 @@ class MonaiImportConfig(ImportConfig):
         None, description="Folder of split-K/{train,validation}.tsv (or fold-K/...), one per "
         "weights file; default: voxplain's subject-level k-fold split with as many folds as "
         "weights files.")
+    split_seed: int = Field(2, description="Seed of the split made when --splits is not given.")
+    classes: list[str] | None = Field(
+        None, description="Diagnoses in the order of the network's outputs. Default: sorted, "
+        "with CN first if present.")
+
+
+class ProgramImportConfig(ImportConfig):
+    """``voxplain import program``: one torch.export program (``.pt2``) per fold, loaded
+    without unpickling (:mod:`voxplain.models.programs`)."""
+
+    programs: list[Path] = Field(
+        min_length=1, description="One torch.export program (.pt2, torch.export.save) per "
+        "fold, in fold order. TorchScript files are refused (torch.jit.load unpickles).")
+    splits: Path | None = Field(
+        None, description="Folder of split-K/{train,validation}.tsv (or fold-K/...), one per "
+        "program; default: voxplain's subject-level k-fold split with as many folds as "
+        "programs.")
+    split_seed: int = Field(2, description="Seed of the split made when --splits is not given.")
+    classes: list[str] | None = Field(
+        None, description="Diagnoses in the order of the network's outputs. Default: sorted, "
+        "with CN first if present.")
+
+
+class PythonImportConfig(ImportConfig):
+    """``voxplain import python``: a network built by a factory of your own code
+    (``package.module:function``), one weights file per fold. Importing the factory runs its
+    module: only for code you trust."""
+
+    factory: str = Field(description="'package.module:function' (or class) returning the "
+                         "network; its module must be importable (on sys.path).")
+    arguments: dict[str, Any] = Field(
+        default_factory=dict, description="The factory's keyword arguments as JSON.")
+    weights: list[Path] = Field(
+        min_length=1, description="One weights file per fold, in fold order: safetensors or a "
+        "weights-only checkpoint (a state dict, bare or under 'model' or 'state_dict').")
+    splits: Path | None = Field(
+        None, description="Folder of split-K/{train,validation}.tsv (or fold-K/...), one per "
+        "weights file; default: voxplain's subject-level k-fold split.")
     split_seed: int = Field(2, description="Seed of the split made when --splits is not given.")
     classes: list[str] | None = Field(
         None, description="Diagnoses in the order of the network's outputs. Default: sorted, "
@@ -817,13 +907,15 @@ class GroupMaskConfig(MaskConfig):
 
 
 class MaskStepConfig(RunStepConfig):
-    """Which models and images of a run folder a mask step works on."""
+    """Which models and images of a run folder a mask step works on, and where its fold/runs
+    (and grid settings) run."""
 
     diagnosis: str | None = Field(
         None, description="Diagnosis of the images to mask (default: the patient class: the "
         "only class that is not a control label, else class 1)."
     )
     mask: MaskConfig = Field(default_factory=MaskConfig)
+    executor: Executor = Field(default_factory=ExecutorConfig)
 
 
 def external_cohort_field() -> Any:
@@ -1071,6 +1163,21 @@ class ClassificationEvaluationConfig(Section):
     )
 
 
+class RandomisationConfig(RunStepConfig):
+    """``voxplain evaluate randomisation``: the model- and data-randomisation sanity checks of
+    Adebayo et al. (2018) for explanation methods, fold by fold."""
+
+    methods: list[str] = Field(description="Explanation methods tested (e.g. grad_cam, "
+                               "integrated_gradients).")
+    sessions: int = Field(8, ge=1, description="Validation sessions of each fold explained "
+                          "(the first in cohort order).")
+    data: bool = Field(True, description="Also the data-randomisation test: train the run's "
+                       "models again on permuted diagnoses (RUN/randomisation/data) and compare "
+                       "their maps; costs one more training of every fold.")
+    seed: int = Field(0, ge=0, description="Seed of the layer re-initialisations and of the "
+                      "label permutation.")
+
+
 class RobustnessConfig(Section):
     """``voxplain evaluate robustness``: similarity of maps across folds, runs, sessions,
     hyperparameters and datasets (paper 1, 3.2-3.3)."""
@@ -1128,6 +1235,25 @@ class StatsConfig(Section):
         "subject", description="Unit of observation: one map per subject (mean of its sessions; "
         "sessions of a subject are not independent) or per session."
     )
+    permutations: int = Field(
+        1000, ge=0, description="Permutations of the permutation tests (nilearn permuted_ols: "
+        "max-T FWE; TFCE and cluster FWE with --tfce, --cluster-threshold) beside the "
+        "parametric ones, on the same thresholded maps; 0: none. Needs unit 'subject'."
+    )
+    covariates: list[str] = Field(
+        default_factory=list, description="Cohort columns adjusted for in the permutation tests "
+        "(e.g. age, sex, site; text columns dummy-coded)."
+    )
+    tfce: bool = Field(False, description="Also TFCE FWE p-values (permutation tests).")
+    cluster_threshold: float | None = Field(
+        None, gt=0, lt=1, description="Cluster-forming two-sided p of the cluster-size and "
+        "cluster-mass FWE p-values (permutation tests; e.g. 0.001); none: no cluster inference."
+    )
+    paired_sessions: list[str] | None = Field(
+        None, description="Two sessions (e.g. ses-M00,ses-M12): per group, a paired permutation "
+        "test of the second minus the first, over the subjects with both."
+    )
+    seed: int = Field(0, description="Random state of the permutations.")
 
 
 # --- report ------------------------------------------------------------------------------

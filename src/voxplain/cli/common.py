@@ -52,6 +52,12 @@ def option(model: type[BaseModel], field: str, *flags: str) -> Any:
     return typer.Option(None, *flags, help=f"{info.description}{suffix}", show_default=False)
 
 
+#: Where the units of a step that fans out run (:class:`voxplain.config.ExecutorConfig`):
+#: ``--executor ray [--address auto|HOST:PORT] [--cpus-per-task N] [--gpus-per-task X]``.
+EXECUTOR_FIELDS = ["executor.kind", "executor.address", "executor.cpus_per_task",
+                   "executor.gpus_per_task"]
+EXECUTOR_FLAGS = {"executor.kind": "--executor"}
+
 CONFIG_OPTION = typer.Option(None, "--config", help="TOML file of settings; flags override it.")
 
 

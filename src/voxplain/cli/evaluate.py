@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from voxplain.cli.common import config_command, console, print_table, reported_errors
+from voxplain.cli.common import (config_command, console, print_table, progress_bar,
+                                 reported_errors)
 from voxplain.config import (
     ClassificationEvaluationConfig,
     LocalisationStepConfig,
+    RandomisationConfig,
     RobustnessConfig,
     StatsConfig,
 )
@@ -100,13 +102,32 @@ def evaluate_robustness_command(settings: RobustnessConfig) -> None:
     console.print(f"written {settings.run / 'evaluation' / 'robustness'}")
 
 
+@evaluate.command("randomisation")
+@config_command(RandomisationConfig, "evaluate_randomisation",
+                ["run", "methods", "folds", "sessions", "data", "seed", "device"],
+                flags={"data": "--data/--no-data"})
+def evaluate_randomisation_command(settings: RandomisationConfig) -> None:
+    """Model and data randomisation sanity checks (Adebayo et al. 2018) of each method, fold by
+    fold -> RUN/evaluation/randomisation/ (the data test trains every fold again on permuted
+    diagnoses in RUN/randomisation/data)."""
+    from voxplain.steps.randomisation import run_randomisation
+
+    with reported_errors(), progress_bar() as bar:
+        summary = run_randomisation(settings, progress=bar)
+    print_table("Randomisation tests (rank correlation with the trained model's maps; passes "
+                "below 0.5)", summary,
+                ["test", "method", "fold", "run", "spearman_abs", "ssim", "roi_cosine", "passes"])
+    console.print(f"written {settings.run / 'evaluation' / 'randomisation'}")
+
+
 @config_command(StatsConfig, "stats",
                 ["run", "method", "groups", "folds", "percentile", "correction", "alpha",
-                 "equal_var", "connectivity", "unit", "include_flagged"],
-                flags={"equal_var": "--equal-var/--welch"})
+                 "equal_var", "connectivity", "unit", "include_flagged", "permutations",
+                 "covariates", "tfce", "cluster_threshold", "paired_sessions", "seed"],
+                flags={"equal_var": "--equal-var/--welch", "tfce": "--tfce/--no-tfce"})
 def stats(settings: StatsConfig) -> None:
     """Heatmap statistics (paper 2, 2.4): 95th-percentile group test, voxel-wise t-tests,
-    clusters -> RUN/stats/METHOD/."""
+    clusters, permutation FWE tests (--permutations) -> RUN/stats/METHOD/."""
     from voxplain.steps.stats import run_stats
 
     with reported_errors():

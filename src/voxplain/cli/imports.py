@@ -1,5 +1,5 @@
-"""``voxplain import clinicadl`` and ``voxplain import monai``: a run folder around models
-voxplain did not train, which every later verb (explain, mask, evaluate, report) takes."""
+"""``voxplain import clinicadl|monai|program|python``: a run folder around models voxplain did
+not train, which every later verb (explain, mask, evaluate, report) takes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import typer
 from pydantic import ValidationError
 
 from voxplain.cli.common import config_command, print_table, progress_bar, reported_errors
-from voxplain.config import ClinicaDLImportConfig, ModelConfig, MonaiImportConfig
+from voxplain.config import (ClinicaDLImportConfig, ModelConfig, MonaiImportConfig,
+                             ProgramImportConfig, PythonImportConfig)
 
 imports = typer.Typer(help="Import trained models into a run folder.", no_args_is_help=True)
 
@@ -54,6 +55,48 @@ def monai(settings: MonaiImportConfig,
             settings.arguments = parse_arguments(args)
     with reported_errors(), progress_bar() as bar:
         summary = run_import_monai(settings, progress=bar)
+    print_table("Imported models (validation)", summary, _SUMMARY)
+    typer.echo(settings.run)
+
+
+@imports.command("program")
+@config_command(ProgramImportConfig, "import_program",
+                ["programs", "cohort", "run", "splits", "split_seed", "classes",
+                 "diagnosis_column", "batch_size", "device"],
+                flags={"run": ("--run", "--out"), "programs": ("--program", "--programs")})
+def program(settings: ProgramImportConfig) -> None:
+    """One torch.export program per fold (--program fold-0.pt2,fold-1.pt2, saved with
+    torch.export.save), loaded without unpickling: TorchScript and archives holding pickled
+    objects or compiled code are refused. The folds from --splits DIR
+    (split-K/{train,validation}.tsv) or voxplain's subject-level k-fold. LRP, Deep Taylor,
+    CAM and DeepLift-SHAP need the network's modules and refuse a program."""
+    from voxplain.steps.imports import run_import_program
+
+    with reported_errors(), progress_bar() as bar:
+        summary = run_import_program(settings, progress=bar)
+    print_table("Imported models (validation)", summary, _SUMMARY)
+    typer.echo(settings.run)
+
+
+@imports.command("python")
+@config_command(PythonImportConfig, "import_python",
+                ["factory", "weights", "cohort", "run", "splits", "split_seed", "classes",
+                 "diagnosis_column", "batch_size", "device"],
+                flags={"run": ("--run", "--out")})
+def python(settings: PythonImportConfig,
+           args: str = typer.Option(None, "--args", help="The factory's keyword arguments as "
+                                    "a JSON object.")) -> None:
+    """A network of your own code: --factory package.module:function (its module must be on
+    PYTHONPATH; importing it runs that code, here and in every later step: only for code you
+    trust), --args JSON, one weights file per fold (--weights), the folds from --splits DIR or
+    voxplain's subject-level k-fold."""
+    from voxplain.steps.imports import run_import_python
+
+    with reported_errors():
+        if args is not None:
+            settings.arguments = parse_arguments(args)
+    with reported_errors(), progress_bar() as bar:
+        summary = run_import_python(settings, progress=bar)
     print_table("Imported models (validation)", summary, _SUMMARY)
     typer.echo(settings.run)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from voxplain.cli.common import (
+    EXECUTOR_FIELDS,
+    EXECUTOR_FLAGS,
     config_command,
     print_table,
     progress_bar,
@@ -22,7 +24,9 @@ _STEP = ["run", "folds", "diagnosis", "device"]
 @config_command(GroupMaskStepConfig, "mask_group",
                 _STEP + ["cohort", "mask.l1", "mask.l2", "mask.b1", "mask.b2", "mask.smoothness",
                          "mask.perturbation",
-                         "mask.max_epochs", "mask.patience", "mask.batch_size", "mask.qc_step2"])
+                         "mask.max_epochs", "mask.patience", "mask.batch_size", "mask.qc_step2",
+                         *EXECUTOR_FIELDS],
+                flags=EXECUTOR_FLAGS)
 def mask_group(settings: GroupMaskStepConfig) -> None:
     """One mask per fold for its correctly classified patients (training set; validation set
     for early stopping)."""
@@ -39,7 +43,9 @@ def mask_group(settings: GroupMaskStepConfig) -> None:
 @config_command(SessionMaskStepConfig, "mask_session",
                 _STEP + ["max_sessions", "cohort", "mask.l1", "mask.l2", "mask.smoothness",
                          "mask.perturbation",
-                         "mask.max_iterations", "mask.patience", "mask.batch_size"])
+                         "mask.max_iterations", "mask.patience", "mask.batch_size",
+                         *EXECUTOR_FIELDS],
+                flags=EXECUTOR_FLAGS)
 def mask_session(settings: SessionMaskStepConfig) -> None:
     """One mask per correctly classified session of each fold's validation subjects, batched."""
     from voxplain.steps.masks import run_session_masks
@@ -53,7 +59,8 @@ def mask_session(settings: SessionMaskStepConfig) -> None:
 @mask.command("grid")
 @config_command(MaskGridConfig, "mask_grid",
                 _STEP + ["l1", "l2", "b1", "b2", "learning_rate", "mask.smoothness", "design",
-                         "mask.max_epochs", "mask.qc_step2"])
+                         "mask.max_epochs", "mask.qc_step2", *EXECUTOR_FIELDS],
+                flags=EXECUTOR_FLAGS)
 def mask_grid_command(settings: MaskGridConfig) -> None:
     """Group masks over a grid of l1, l2, b1, b2 and learning rate (paper 1, 2.3.2 and fig. 4;
     every combination or one hyperparameter at a time), keyed by setting."""

@@ -7,6 +7,8 @@ from typing import Any
 import typer
 
 from voxplain.cli.common import (
+    EXECUTOR_FIELDS,
+    EXECUTOR_FLAGS,
     config_command,
     console,
     print_table,
@@ -26,9 +28,9 @@ from voxplain.config import PredictConfig, TrainConfig
      "model.channels", "model.convs_per_block", "model.reduction", "model.fc_layers",
      "model.dropout", "model.head", "model.pool_size", "model.hidden_units",
      "model.batch_norm",
-     "model.weights"],
+     "model.weights", *EXECUTOR_FIELDS],
     flags={"run": ("--run", "--out"), "n_folds": ("--n-folds", "--folds"),
-           "model.name": "--model"})
+           "model.name": "--model", **EXECUTOR_FLAGS})
 def train(settings: TrainConfig) -> None:
     """Subject-level cross-validated training (k-fold, or repeated random train/validation/test
     splits), of volumes, images, or the slices of volumes; writes models and metrics to the run

@@ -57,6 +57,7 @@ from voxplain.explain.layers import (
     choose_cam_layer,
     named_cam_layer,
 )
+from voxplain.models.programs import is_program, program_refusal
 
 _LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 _GAP_TYPES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -148,6 +149,10 @@ class CAM(Explainer):
     def __init__(self, model: nn.Module, *, normalise: bool = True, batch_size: int = 8) -> None:
         super().__init__(model, batch_size=batch_size)
         self.normalise = normalise
+        if is_program(model):
+            raise ValueError(program_refusal("cam", model, "its global average pooling and "
+                                             "linear layer as nn modules (to read the linear "
+                                             "layer's weights)"))
         pools = [m for m in model.modules() if isinstance(m, _GAP_TYPES)
                  and all(size == 1 for size in _as_tuple(m.output_size))]
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

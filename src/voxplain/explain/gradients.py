@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from voxplain.explain.api import Explainer
+from voxplain.models.programs import is_program, program_refusal
 
 MEMORY_MB = 1024.0
 """Default bound (MiB) on the activations of one batch sent through the model by Captum."""
@@ -371,6 +372,9 @@ class DeepLiftShapExplainer(Explainer):
     def __init__(self, model: nn.Module, *, baselines: torch.Tensor | None = None,
                  n_baselines: int = SHAP_BASELINES, batch_size: int = 8) -> None:
         super().__init__(model, batch_size=batch_size)
+        if is_program(model):
+            raise ValueError(program_refusal(self.name, model, "the network's activations as "
+                                             "nn modules (DeepLift's rescale rule hooks them)"))
         _check_distribution(baselines, 2)
         if n_baselines < 2:
             raise ValueError(f"deeplift_shap needs at least 2 baselines, got n_baselines={n_baselines}")

@@ -103,7 +103,8 @@ class _DryPass:
         same = (self.last_leaf is not None and output is self.last_leaf[0]
                 and (leaf or self.leaves_run > start))
         activated = (bool(same and self.last_leaf[1])
-                     or (leaf and isinstance(module, ACTIVATION_TYPES)))
+                     or (leaf and (isinstance(module, ACTIVATION_TYPES)
+                                  or _graph_output_op(module) in GRAPH_ACTIVATIONS)))
         if same:
             tensor = self.last_leaf[2]
         else:
@@ -112,8 +113,34 @@ class _DryPass:
             self.leaves_run += 1
             self.last_leaf = (output, activated, tensor)
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
-        self.calls.append((self.names[module], shape, activated,
-                           isinstance(module, CONV_TYPES), tensor))
+        convolution = (isinstance(module, CONV_TYPES)
+                       or (leaf and _graph_output_op(module) in GRAPH_CONVOLUTIONS))
+        self.calls.append((self.names[module], shape, activated, convolution, tensor))
+
+
+#: ATen operators (by name) whose output is an activated feature map, and convolutions: how the
+#: leaves of an exported program (``torch.export.unflatten``: graph modules, not ``nn.ReLU`` or
+#: ``nn.Conv3d``) are told apart, by the operator that computes their output.
+GRAPH_ACTIVATIONS = frozenset({"relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "prelu",
+                               "_prelu_kernel", "rrelu", "elu", "elu_", "selu", "celu", "gelu",
+                               "silu", "silu_", "mish", "hardswish", "softplus"})
+GRAPH_CONVOLUTIONS = frozenset({"conv1d", "conv2d", "conv3d", "convolution"})
+
+
+def _graph_output_op(module: nn.Module) -> str | None:
+    """The name of the operator that computes a graph module's output (``leaky_relu`` of
+    ``aten.leaky_relu.default``), None for other modules."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return None
+    outputs = [node for node in graph.nodes if node.op == "output"]
+    if len(outputs) != 1 or not outputs[0].args:
+        return None
+    node = outputs[0].args[0]
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0]
 
 
 def trace_layer_outputs(model: nn.Module, input_shape: Sequence[int],

@@ -47,6 +47,7 @@ from torch import nn
 from voxplain.explain.api import Explainer
 from voxplain.explain.gradients import channel_sum
 from voxplain.models.folding import FOLDABLE, fold_batch_norm
+from voxplain.models.programs import is_program, program_refusal
 
 WEIGHTED = FOLDABLE
 POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -98,6 +99,10 @@ class LRPExplainer(Explainer):
 
     def __init__(self, model: nn.Module, *, batch_size: int = 8) -> None:
         super().__init__(model, batch_size=batch_size)
+        if is_program(model):
+            raise ValueError(program_refusal(self.name, model, "the network's layers as nn "
+                                             "modules (convolutions, linear layers, pooling, "
+                                             "activations) to give each its LRP rule"))
         self.lrp_model = _without_eval_identities(fold_batch_norm(self.model))
         for parameter in self.lrp_model.parameters():
             parameter.requires_grad_(False)

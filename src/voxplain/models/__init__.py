@@ -6,6 +6,7 @@ from voxplain.models.device import resolve_device
 from voxplain.models.imagenet import VGG16, VGG19, ResNet50
 from voxplain.models.layout import for_batches
 from voxplain.models.networks import CNN, VGGGAP, ConvNet
+from voxplain.models.programs import export_program, is_program, load_program
 from voxplain.models.registry import build_model
 from voxplain.models.serialization import (
     initial_model,
@@ -17,6 +18,7 @@ from voxplain.models.serialization import (
 
 __all__ = ["CNN", "VGG16", "VGG19", "VGGGAP", "Conv4FC3", "Conv5FC3", "ConvNet", "ResNet50",
            "TrainingState",
-           "build_model", "for_batches", "initial_model", "load_checkpoint", "load_model",
+           "build_model", "export_program", "for_batches", "initial_model", "is_program",
+           "load_checkpoint", "load_model", "load_program",
            "load_weights_by_name", "read_model_json", "resolve_device", "save_checkpoint",
            "save_model"]

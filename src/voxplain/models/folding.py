@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from voxplain.models.programs import copy_program, is_program
+
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -28,6 +30,8 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     Batch-norm layers in any other position are left as they are; one without running statistics
     (it normalises with the batch's statistics even in eval mode) raises a ``ValueError``.
     """
+    if is_program(model):  # a graph of operators: no module to fold into, and no deepcopy
+        return copy_program(model).eval()
     folded = copy.deepcopy(model).eval()
     for container_name, container in folded.named_modules():
         if not isinstance(container, nn.Sequential):

@@ -13,6 +13,7 @@ from voxplain.models.clinicadl import Conv4FC3, Conv5FC3
 from voxplain.models.imagenet import VGG16, VGG19, ResNet50
 from voxplain.models.monai_networks import monai_network
 from voxplain.models.networks import CNN, VGGGAP, ConvNet
+from voxplain.models.programs import python_network
 
 NETWORKS: dict[str, type[nn.Module]] = {"cnn": CNN, "convnet": ConvNet, "vgg_gap": VGGGAP,
                                         "vgg16": VGG16, "vgg19": VGG19, "resnet50": ResNet50}
@@ -22,6 +23,10 @@ IMPORTED: dict[str, type[nn.Module]] = {"clinicadl_conv5_fc3": Conv5FC3,
                                         "clinicadl_conv4_fc3": Conv4FC3}
 #: Imported networks built from their own constructor arguments (``network``, ``arguments``).
 BY_ARGUMENTS = {"monai": monai_network}
+#: Imported networks that are not built by name: ``python`` calls the user's factory
+#: (``factory``, ``arguments``; importing it runs the user's code), ``program`` is a torch.export
+#: program read from the run folder (:func:`~voxplain.models.serialization.load_model`).
+EXTERNAL = ("python", "program")
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -29,9 +34,15 @@ def build_model(config: ModelConfig) -> nn.Module:
     initialised (``config.weights`` is not read here)."""
     if config.name in BY_ARGUMENTS:
         return BY_ARGUMENTS[config.name](config.network, config.arguments or {})
+    if config.name == "python":
+        return python_network(config.factory or "", config.arguments or {})
+    if config.name == "program":
+        raise ValueError("model 'program' is a torch.export program: it is read from its file "
+                         "(load_model of a run folder's model, or load_program), not built; it "
+                         "cannot be trained")
     if config.name not in NETWORKS and config.name not in IMPORTED:
         raise ValueError(f"unknown model '{config.name}'; choose one of "
-                         f"{sorted([*NETWORKS, *IMPORTED, *BY_ARGUMENTS])}")
+                         f"{sorted([*NETWORKS, *IMPORTED, *BY_ARGUMENTS, *EXTERNAL])}")
     if config.input_shape is None:
         raise ValueError("model config needs input_shape (the spatial shape of the images)")
     if config.name in IMPORTED:

@@ -9,6 +9,12 @@ Training may start from a local weights file (``ModelConfig.weights``, e.g. torc
 weights for paper 2's networks): :func:`initial_model` builds the network and loads the file's
 tensors whose name and shape match (:func:`load_weights_by_name`). :func:`load_model` never
 reads that file: a trained model's own ``model.safetensors`` replaces every tensor.
+
+Imported models (:mod:`voxplain.steps.imports`) add two kinds: ``program``, a torch.export
+program copied into the folder as ``model.pt2`` and loaded without unpickling
+(:mod:`voxplain.models.programs`; ``model.safetensors`` then holds its tensors), and ``python``,
+a factory of the user's own code (``package.module:function``), imported when the model is
+loaded: that runs the user's code, on purpose.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ from torch import nn
 
 from voxplain.config import ModelConfig
 from voxplain.io import atomic_path, write_json
+from voxplain.models.programs import PROGRAM, ProgramError, load_program
 from voxplain.models.registry import build_model
 
 log = logging.getLogger("voxplain")
@@ -37,8 +45,15 @@ CONFIG = "model.json"
 
 
 def save_model(folder: Path, model: nn.Module, config: ModelConfig, classes: list[str],
-               metadata: dict[str, Any] | None = None) -> None:
-    """Write ``folder/model.safetensors`` and ``folder/model.json`` (each atomically)."""
+               metadata: dict[str, Any] | None = None, program: Path | None = None) -> None:
+    """Write ``folder/model.safetensors`` and ``folder/model.json`` (each atomically); for model
+    ``program``, first a copy of the exported ``program`` file (``folder/model.pt2``), which
+    :func:`load_model` reads back (and then loads ``model.safetensors`` into)."""
+    if (config.name == "program") != (program is not None):
+        raise ValueError("a program file goes with model 'program' (and only with it)")
+    if program is not None:
+        with atomic_path(Path(folder) / PROGRAM) as temporary:
+            shutil.copyfile(program, temporary)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     with atomic_path(Path(folder) / WEIGHTS) as temporary:
         save_file(state, str(temporary))
@@ -52,7 +67,13 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
     description = read_model_json(folder)
     path = folder / CONFIG
     try:
-        model = build_model(ModelConfig(**description["model"]))
+        config = ModelConfig(**description["model"])
+        # a program is read from its copy in the folder, without unpickling (models.programs);
+        # a 'python' factory is imported, which runs the user's own code
+        model = (load_program(folder / PROGRAM) if config.name == "program"
+                 else build_model(config))
+    except (FileNotFoundError, ProgramError):
+        raise
     except (ValidationError, ValueError, TypeError) as error:
         raise ValueError(f"{path}: 'model' does not describe a network voxplain can build "
                          f"({_first_line(error)})") from None

@@ -109,10 +109,11 @@ def _mask_blocks(context: ReportContext, label: str) -> list[Block]:
     affine = None
     for column, (fold, run, path) in zip(labels, other):
         values, affine = read_map(path)
-        rows[label][column + _flag(path)] = 1.0 - values
+        rows[label][f"{column}: {label}{_flag(path)}"] = 1.0 - values
         if (fold, run) in own:
             own_values = read_map(own[fold, run])[0]
-            rows["run's cohort"][column + _flag(own[fold, run])] = 1.0 - own_values
+            rows["run's cohort"][f"{column}: run's cohort{_flag(own[fold, run])}"] = \
+                1.0 - own_values
     maps = [values for row in rows.values() for values in row.values()]
     style = figures.map_style(maps, "1 - mask", signed=False, threshold_fraction=0.0)
     for name, row in rows.items():

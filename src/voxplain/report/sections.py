@@ -868,13 +868,16 @@ def statistics_section(context: ReportContext) -> Section:
         section.blocks.append(Block("heading", label))
         maps = visible(p for p in folder.iterdir() if p.name.endswith(MAP_SUFFIXES))
         t_maps = [p for p in maps if map_stem(p).endswith("_T")]
-        for path in t_maps[: context.config.max_columns]:
+        permuted = [p for p in t_maps if map_stem(p).startswith("permutation_")]
+        for path in [p for p in t_maps if p not in permuted][: context.config.max_columns]:
             values, affine = read_map(path)
             stem = map_stem(path)
             style = figures.map_style([values], "T", signed=True)
             section.blocks.extend(map_figures(context, f"stats_{label}_{stem}",
                                               f"{label}: {stem} (T statistic)", {stem: values},
                                               affine, style, viewer=False))
+        for path in permuted[: context.config.max_columns]:
+            section.blocks.extend(_permutation_figure(context, label, path))
         others = [p.name for p in maps if p not in t_maps]
         if others:
             section.blocks.append(Block("text", f"Other maps in stats/{label}: "
@@ -901,6 +904,37 @@ def statistics_section(context: ReportContext) -> Section:
         section.note = "No stats/ in the run folder: the statistics step writes T-maps, " \
                        "clusters.tsv and the 95th-percentile comparison there."
     return section
+
+
+def _permutation_figure(context: ReportContext, label: str, t_path: Path) -> list[Block]:
+    """One figure of a permutation test: its T where the FWE p of each inference written
+    beside it (``_logp-TAG`` maps, -log10 p) is below the summary's alpha, a column each."""
+    stem = map_stem(t_path)[: -len("_T")]
+    summary = t_path.parent / "summary.tsv"
+    alpha = 0.05
+    if summary.is_file():
+        rows = read_tsv(summary)
+        rows = rows[rows.test == stem] if "test" in rows else rows.head(0)
+        alpha = float(rows.alpha.iloc[0]) if len(rows) and "alpha" in rows else alpha
+    t, affine = read_map(t_path)
+    columns = {}
+    for tag, inference in (("maxt", "max-T"), ("tfce", "TFCE"), ("cluster-size", "cluster-size"),
+                           ("cluster-mass", "cluster-mass")):
+        path = next(iter(t_path.parent.glob(f"{stem}_logp-{tag}.*")), None)
+        if path is not None:
+            logp, _ = read_map(path)
+            with np.errstate(invalid="ignore"):
+                columns[inference] = np.where(logp > -np.log10(alpha), t, 0.0)
+    if not columns:
+        return []
+    style = figures.map_style(list(columns.values()), "T", signed=True)
+    title = f"{label}: {stem}, T at the voxels with FWE p < {alpha:g}, one column per inference"
+    if affine is None:
+        return [context.figure(figures.panels_2d(columns, style), f"stats_{label}_{stem}_panels",
+                               f"{title}.")]
+    return [context.figure(figures.orthogonal_slices(columns, affine, template_for(t, affine),
+                                                     style), f"stats_{label}_{stem}_ortho",
+                           f"{title}, over the MNI GM template.")]
 
 
 # --- ground truth --------------------------------------------------------------------------

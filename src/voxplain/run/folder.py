@@ -48,11 +48,12 @@ if TYPE_CHECKING:
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from voxplain.config import (DEFAULT_MIN_LAYER_SIZE, ExplainConfig, TrainConfig, config_values,
-                             is_field, read_toml, to_toml)
+from voxplain.config import (DEFAULT_MIN_LAYER_SIZE, ExecutorConfig, ExplainConfig, TrainConfig,
+                             config_values, is_field, read_toml, to_toml)
 from voxplain.data.grid import Grid, downsample_affine, downsampled_shape
 from voxplain.data.slicing import SliceView
 from voxplain.io import leftover_files, read_tsv, visible, write_json, write_text
+from voxplain.run.executor import NoUnitProcessed, Unit, UnitSkipped, map_units
 
 log = logging.getLogger("voxplain")
 T = TypeVar("T")
@@ -62,15 +63,16 @@ RECORDED_PACKAGES = ("voxplain", "torch", "numpy", "scipy", "pandas", "scikit-le
                      "nilearn", "captum", "torchmetrics", "safetensors", "pydantic", "monai",
                      "torchio")
 #: Settings that may change between a run and its resumption without changing its results
-#: (``run`` is the run folder's own path, which changes when the folder is moved or copied).
-RESUMABLE_FIELDS = frozenset({"device", "folds", "max_sessions", "run"})
+#: (``executor``: where the units run; ``run`` is the run folder's own path, which changes when
+#: the folder is moved or copied).
+RESUMABLE_FIELDS = frozenset({"device", "executor", "folds", "max_sessions", "run"})
 
 
 class RunFolderError(ValueError):
     """A run folder that does not match the step asked of it."""
 
 
-class FoldSkipped(RunFolderError):
+class FoldSkipped(RunFolderError, UnitSkipped):
     """One fold/run cannot serve a step (no trained model, no correctly classified patient):
     the step names it in a warning and goes on with the other folds."""
 
@@ -427,19 +429,28 @@ def _differences(old: dict[str, Any], new: dict[str, Any], resumable: frozenset[
 
 def each_fold(units: Iterable[tuple[int, int, T]], work: Callable[[int, int, T], R],
               step: str) -> list[R]:
-    """``work(fold, run, unit)`` for every unit; a unit that raises :class:`FoldSkipped` is named
-    in a warning and the others go on. Raises :class:`RunFolderError` when no unit could be
-    processed (the message gives every reason)."""
-    results, reasons = [], []
-    for fold, run, unit in units:
-        try:
-            results.append(work(fold, run, unit))
-        except FoldSkipped as reason:
-            log.warning("%s: fold %d run %d skipped: %s", step, fold, run, reason)
-            reasons.append(f"fold {fold} run {run}: {reason}")
-    if reasons and not results:
-        raise RunFolderError(f"{step}: no fold could be processed ({'; '.join(reasons)})")
-    return results
+    """``work(fold, run, unit)`` for every unit, in this process; a unit that raises
+    :class:`FoldSkipped` is named in a warning and the others go on. Raises
+    :class:`RunFolderError` when no unit could be processed (the message gives every reason).
+    Units that may run elsewhere go through :func:`map_fold_units`."""
+    named = (Unit(fold_unit_name(fold, run), (fold, run, unit)) for fold, run, unit in units)
+    return map_fold_units(named, lambda argument: work(*argument), ExecutorConfig(), step)
+
+
+def map_fold_units(units: Iterable[Unit[T]], work: Callable[[T], R], executor: ExecutorConfig,
+                   step: str) -> list[R]:
+    """:func:`~voxplain.run.executor.map_units` of a step over folds: when every unit is
+    skipped, a :class:`RunFolderError` that gives every reason."""
+    try:
+        return map_units(units, work, executor, step)
+    except NoUnitProcessed as error:
+        raise RunFolderError(f"{step}: no fold could be processed "
+                             f"({'; '.join(error.reasons)})") from None
+
+
+def fold_unit_name(fold: int, run: int) -> str:
+    """``fold K run R``: how messages name a fold/run's unit."""
+    return f"fold {fold} run {run}"
 
 
 def _with_defaults(schema: type[BaseModel], recorded: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from voxplain.models.serialization import load_model
 from voxplain.run import RunFolder, RunFolderError
 from voxplain.train.trainer import Dataset, predict_proba, slice_rows, soft_vote
 
-__all__ = ["IDS", "FoldModel", "RunContext", "load_context", "progress_callback"]
+__all__ = ["IDS", "FoldModel", "RunContext", "load_context", "progress_callback",
+           "release_contexts", "shared_context"]
 
 #: Columns that name a session and its label in every table of a run folder.
 IDS = ["participant_id", "session_id", "diagnosis"]
@@ -119,8 +120,12 @@ class RunContext:
         """``(fold, run, FoldModel)`` of the selected folds, loaded one at a time. Folds
         without a trained model are named and left out (:meth:`RunFolder.selected_models`)."""
         for fold, run_index, folder in self.run.selected_models(folds):
-            model, description = load_model(folder, self.device)
-            yield fold, run_index, FoldModel(model.requires_grad_(False), description["classes"])
+            yield fold, run_index, self.model(fold, run_index)
+
+    def model(self, fold: int, run: int) -> FoldModel:
+        """The classifier of ``models/fold-K/run-R``."""
+        model, description = load_model(self.run.model_dir(fold, run), self.device)
+        return FoldModel(model.requires_grad_(False), description["classes"])
 
 
 def load_context(run: RunFolder | Path, device: str, progress: Progress | None = None,
@@ -145,6 +150,33 @@ def load_context(run: RunFolder | Path, device: str, progress: Progress | None =
     return RunContext(run, train, cohort.table, stack.array,
                       Grid(tuple(stack.array.shape[2:]), stack.affine), resolve_device(device),
                       cohort.source, run.slice_view())
+
+
+#: Contexts loaded by :func:`shared_context` in this process, by what they were loaded from.
+_SHARED: dict[tuple, RunContext] = {}
+
+
+def shared_context(run: Path, device: str, cohort: Path | None = None,
+                   progress: Progress | None = None) -> RunContext:
+    """:func:`load_context`, loaded once per process: the units of a step (run here, or as
+    tasks of one Ray worker) share it. A context is reloaded when its cohort TSV, the run's
+    ``cohort.tsv`` or its ``grid.json`` changed on disk; at most two are kept (a run's own
+    cohort and another one), until :func:`release_contexts`."""
+    folder = RunFolder(Path(run))
+    sources = [folder.cohort_file, folder.grid_file] + ([Path(cohort)] if cohort else [])
+    key = (str(Path(run).resolve()), device, str(cohort and Path(cohort).resolve()),
+           tuple(path.stat().st_mtime_ns if path.is_file() else None for path in sources))
+    if key not in _SHARED:
+        for old in [old for old in _SHARED if old[:3] == key[:3]] + list(_SHARED)[:-1]:
+            _SHARED.pop(old, None)
+        _SHARED[key] = load_context(folder, device, progress,
+                                    None if cohort is None else Path(cohort))
+    return _SHARED[key]
+
+
+def release_contexts() -> None:
+    """Forget the contexts of :func:`shared_context` (their images), at the end of a step."""
+    _SHARED.clear()
 
 
 def progress_callback(progress: Progress | None, description: str,

@@ -35,15 +35,17 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.progress import Progress
+from safetensors.torch import save_file
 from torch import nn
 
 from voxplain.config import (ClinicaDLImportConfig, ImportConfig, ModelConfig, MonaiImportConfig,
-                             TrainConfig)
+                             ProgramImportConfig, PythonImportConfig, TrainConfig)
 from voxplain.data.cohort import Cohort, CohortError, class_names, encode_labels, load_images
 from voxplain.evaluate.classification import chance_p_value, classification_metrics
 from voxplain.io import read_tsv, write_json, write_tsv
 from voxplain.models.clinicadl_maps import read_clinicadl_checkpoint, read_maps
 from voxplain.models.device import resolve_device
+from voxplain.models.programs import export_program, load_program
 from voxplain.models.registry import build_model
 from voxplain.models.serialization import load_checkpoint_state, save_model
 from voxplain.run import RunFolder
@@ -53,7 +55,8 @@ from voxplain.train.trainer import Dataset, predict_proba, prediction_table
 
 log = logging.getLogger("voxplain")
 
-__all__ = ["run_import_clinicadl", "run_import_monai"]
+__all__ = ["import_model", "run_import_clinicadl", "run_import_monai", "run_import_program",
+           "run_import_python"]
 
 #: What ``model.json`` says an imported model reads.
 INPUT = {"resampled": False, "normalised": False,
@@ -70,6 +73,7 @@ class ImportedFold:
     validation: pd.DataFrame
     model: nn.Module
     source: dict[str, Any]
+    program: Path | None = None  # model 'program': the .pt2 file copied into the run folder
 
 
 def run_import_clinicadl(config: ClinicaDLImportConfig,
@@ -116,15 +120,122 @@ def run_import_monai(config: MonaiImportConfig, progress: Progress | None = None
                                in_channels=images.shape[1], n_classes=len(classes),
                                input_shape=list(images.shape[2:]))
     _check_outputs(build_model(model_config), images, classes, config.network)
-    splits = _monai_splits(config, cohort)
-    folds = []
-    for (index, train, validation), weights in zip(splits, config.weights):
-        state, extras = load_checkpoint_state(weights)
-        model = _with_weights(build_model(model_config), state, weights)
-        folds.append(ImportedFold(index, train, validation, model, {
-            "from": "monai", "weights": str(weights),
-            **{key: extras[key] for key in ("epoch",) if key in extras}}))
+    folds = _folds_from_weights(config, cohort, model_config, {"from": "monai"})
     return _write_run(config, "import_monai", cohort, images, classes, model_config, folds)
+
+
+def run_import_program(config: ProgramImportConfig,
+                       progress: Progress | None = None) -> pd.DataFrame:
+    """Import one torch.export program (``.pt2``) per fold, loaded without unpickling
+    (:func:`~voxplain.models.programs.load_program`; TorchScript is refused); each is copied
+    into its model folder (``model.pt2``, with its tensors in ``model.safetensors``). Returns
+    (and writes to ``evaluation/cross_validation.tsv``) the validation metrics of each fold."""
+    cohort, images = _load_cohort(config, progress)
+    return _import_programs(config, cohort, images)
+
+
+def _import_programs(config: ProgramImportConfig, cohort: Cohort,
+                     images: np.ndarray) -> pd.DataFrame:
+    classes = config.classes or class_names(cohort.table["diagnosis"])
+    model_config = ModelConfig(name="program", in_channels=images.shape[1],
+                               n_classes=len(classes), input_shape=list(images.shape[2:]))
+    splits = _monai_splits(config, cohort, len(config.programs))
+    folds = []
+    for (index, train, validation), program in zip(splits, config.programs):
+        model = load_program(program)
+        _check_outputs(model, images, classes, str(program))
+        _check_batches(model, images, program)
+        folds.append(ImportedFold(index, train, validation, model,
+                                  {"from": "program", "program": str(program)}, Path(program)))
+    return _write_run(config, "import_program", cohort, images, classes, model_config, folds)
+
+
+def run_import_python(config: PythonImportConfig,
+                      progress: Progress | None = None) -> pd.DataFrame:
+    """Import a network built by the user's factory (``package.module:function``; importing it
+    runs that code), one weights file per fold. Returns (and writes to
+    ``evaluation/cross_validation.tsv``) the validation metrics of each fold."""
+    cohort, images = _load_cohort(config, progress)
+    return _import_python(config, cohort, images)
+
+
+def _import_python(config: PythonImportConfig, cohort: Cohort,
+                   images: np.ndarray) -> pd.DataFrame:
+    classes = config.classes or class_names(cohort.table["diagnosis"])
+    model_config = ModelConfig(name="python", factory=config.factory,
+                               arguments=config.arguments, in_channels=images.shape[1],
+                               n_classes=len(classes), input_shape=list(images.shape[2:]))
+    _check_outputs(build_model(model_config), images, classes, config.factory)
+    folds = _folds_from_weights(config, cohort, model_config,
+                                {"from": "python", "factory": config.factory})
+    return _write_run(config, "import_python", cohort, images, classes, model_config, folds)
+
+
+def import_model(modules: nn.Module | Sequence[nn.Module], *, cohort: Path, out: Path,
+                 splits: Path | None = None, classes: list[str] | None = None,
+                 factory: str | None = None, arguments: dict[str, Any] | None = None,
+                 export: bool = False, split_seed: int = 2,
+                 diagnosis_column: str = "diagnosis", batch_size: int = 8,
+                 device: str = "auto", progress: Progress | None = None) -> pd.DataFrame:
+    """A run folder around live PyTorch modules, one per fold (one module: one fold, which needs
+    ``splits``), as ``voxplain import`` writes it; returns the validation metrics per fold.
+
+    The architecture is recorded so that later steps rebuild it, one of two ways:
+
+    - ``export=False`` (default): as model ``python``, ``factory`` (``"package.module:function"``
+      or a class; default: the module's class, ``type(module).__module__:__qualname__``, which
+      must be importable, not defined in ``__main__`` or inside a function) called with
+      ``arguments``; the weights of each module go to ``OUT/imported/fold-K.safetensors``.
+      Later steps import the factory, which runs that code: for local code you trust.
+    - ``export=True``: as model ``program``: each module exported with ``torch.export`` (batch
+      size free) to ``OUT/imported/fold-K.pt2``, then imported as ``voxplain import program``
+      does; later steps need no Python code of yours, but LRP, Deep Taylor, CAM and
+      DeepLift-SHAP need the network's modules and refuse a program.
+
+    The import is recorded in ``config.toml`` (``[import_python]`` or ``[import_program]``,
+    with those files), so the run folder replays like any other.
+    """
+    modules = [modules] if isinstance(modules, nn.Module) else list(modules)
+    if not modules:
+        raise ValueError("import_model needs at least one module (one per fold)")
+    out = Path(out)
+    common = {"cohort": Path(cohort), "run": out, "splits": splits, "classes": classes,
+              "split_seed": split_seed, "diagnosis_column": diagnosis_column,
+              "batch_size": batch_size, "device": device}
+    if export:
+        if factory is not None or arguments is not None:
+            raise ValueError("factory and arguments describe a 'python' model; with export=True "
+                             "the exported program is the architecture")
+        loaded, images = _load_cohort(ProgramImportConfig(programs=[Path("-")], **common),
+                                      progress)
+        example = torch.from_numpy(np.ascontiguousarray(images[:2]))
+        programs = [export_program(module, example, out / "imported" / f"fold-{index}.pt2")
+                    for index, module in enumerate(modules)]
+        return _import_programs(ProgramImportConfig(programs=programs, **common), loaded,
+                                images)
+    factory = factory or _class_factory(modules[0])
+    weights = []
+    for index, module in enumerate(modules):
+        path = out / "imported" / f"fold-{index}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.detach().cpu().contiguous()
+                   for name, tensor in module.state_dict().items()}, str(path))
+        weights.append(path)
+    config = PythonImportConfig(factory=factory, arguments=arguments or {}, weights=weights,
+                                **common)
+    loaded, images = _load_cohort(config, progress)
+    return _import_python(config, loaded, images)
+
+
+def _class_factory(module: nn.Module) -> str:
+    """``module.class:QualName`` of a module's class, when later steps can import it."""
+    kind = type(module)
+    if kind.__module__ == "__main__" or "<locals>" in kind.__qualname__:
+        raise ValueError(f"{kind.__qualname__} is defined in {kind.__module__} (or inside a "
+                         "function): later steps could not import it. Put it in a module on "
+                         "the Python path and give factory='package.module:function', or "
+                         "pass export=True to store an exported program instead")
+    return f"{kind.__module__}:{kind.__qualname__}"
 
 
 def _load_cohort(config: ImportConfig, progress: Progress | None) -> tuple[Cohort, np.ndarray]:
@@ -211,12 +322,42 @@ def _check_outputs(model: nn.Module, images: np.ndarray, classes: list[str],
                          f"{len(classes)} classes {classes}; give --classes in output order")
 
 
-def _monai_splits(config: MonaiImportConfig,
-                  cohort: Cohort) -> list[tuple[int, pd.DataFrame, pd.DataFrame]]:
+def _check_batches(model: nn.Module, images: np.ndarray, program: Path) -> None:
+    """A program exported for one batch size fails on any other: refuse it at import."""
+    if len(images) < 3:
+        return
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(np.ascontiguousarray(images[:3])))
+    except Exception as error:  # noqa: BLE001 - the program's shape guards raise various types
+        raise ValueError(f"{program}: the program does not take a batch of 3 images "
+                         f"({str(error).strip().splitlines()[0][:200]}); export it with a "
+                         "dynamic batch size: torch.export.export(model, (x,), dynamic_shapes="
+                         "({0: torch.export.Dim('batch')},))") from None
+
+
+def _folds_from_weights(config: MonaiImportConfig | PythonImportConfig, cohort: Cohort,
+                        model_config: ModelConfig,
+                        origin: dict[str, Any]) -> list[ImportedFold]:
+    """One fold per weights file of ``config.weights``, the network of ``model_config`` with
+    those weights, on the splits of :func:`_monai_splits`; ``origin`` (and the checkpoint's
+    epoch) recorded in each model's description."""
+    folds = []
+    splits = _monai_splits(config, cohort, len(config.weights))
+    for (index, train, validation), weights in zip(splits, config.weights):
+        state, extras = load_checkpoint_state(weights)
+        model = _with_weights(build_model(model_config), state, weights)
+        folds.append(ImportedFold(index, train, validation, model, {
+            **origin, "weights": str(weights),
+            **{key: extras[key] for key in ("epoch",) if key in extras}}))
+    return folds
+
+
+def _monai_splits(config: MonaiImportConfig | ProgramImportConfig | PythonImportConfig,
+                  cohort: Cohort, n: int) -> list[tuple[int, pd.DataFrame, pd.DataFrame]]:
     """``(fold, train rows, validation rows)``: from ``config.splits`` (``split-K`` or
     ``fold-K`` folders, in K order), or voxplain's subject-level k-fold of the cohort; one per
-    weights file."""
-    n = len(config.weights)
+    weights file (or program)."""
     if config.splits is None:
         if n < 2:
             raise ValueError("one weights file: give its split with --splits DIR "
@@ -294,7 +435,7 @@ def _write_model(folder: Path, fold: ImportedFold, model_config: ModelConfig,
     epoch = fold.source.get("epoch", -1)
     save_model(folder, fold.model, model_config, classes, {
         "fold": fold.index, "run": 0, "best_epoch": epoch, "downsample": 1,
-        "imported": fold.source, "input": INPUT})
+        "imported": fold.source, "input": INPUT}, program=fold.program)
     validation = Dataset(fold.validation, images,
                          encode_labels(fold.validation, classes, config.cohort))
     probabilities, loss = predict_proba(fold.model.to(device), validation, config.batch_size,

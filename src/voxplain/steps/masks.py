@@ -18,7 +18,9 @@ written under ``masks/cohort-LABEL/{group,session}`` (:func:`voxplain.run.mask_l
 compared with the run's own by ``voxplain evaluate robustness`` (across datasets).
 
 Outputs follow :mod:`voxplain.run`; finished fold/runs are skipped, a group mask interrupted
-mid-way resumes from its epoch checkpoint.
+mid-way resumes from its epoch checkpoint. Each fold/run (of each grid setting) is a unit of
+:mod:`voxplain.run.executor` (:class:`FoldMasks`): it runs in this process or as a Ray task
+(``executor``), through the same function, which loads the run's context once per process.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from dataclasses import dataclass
+from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -47,14 +52,17 @@ from voxplain.explain.perturbation import perturb, target_probability
 from voxplain.io import read_tsv, write_json, write_tsv
 from voxplain.models.checkpoint import remove_state
 from voxplain.models.serialization import read_model_json
-from voxplain.run import (FoldSkipped, RunFolder, cohort_label, each_fold, fold_run_files,
-                          mask_level)
+from voxplain.run import (FoldSkipped, RunFolder, Unit, cohort_label, fold_run_files,
+                          fold_unit_name, map_fold_units, mask_level)
+from voxplain.run.executor import with_absolute_paths
 from voxplain.run.maps import write_map
-from voxplain.steps.context import IDS, FoldModel, RunContext, load_context
+from voxplain.steps.context import (IDS, FoldModel, RunContext, release_contexts,
+                                    shared_context)
 from voxplain.train.trainer import Dataset, predict_proba
 
 #: A mask step's settings (group, session or grid).
 MaskStepT = TypeVar("MaskStepT", GroupMaskStepConfig, SessionMaskStepConfig, MaskGridConfig)
+R = TypeVar("R")
 
 log = logging.getLogger("voxplain")
 
@@ -72,7 +80,7 @@ def external_context(context: RunContext, config: MaskStepConfig,
     cohort = getattr(config, "cohort", None)
     if cohort is None:
         return None
-    return load_context(context.run, config.device, progress, Path(cohort))
+    return shared_context(context.run.root, config.device, Path(cohort), progress)
 
 
 def read_context(config: MaskStepConfig, section: str,
@@ -85,7 +93,7 @@ def read_context(config: MaskStepConfig, section: str,
         classes = read_model_json(folder)["classes"]
         target_class(config.mask, classes, masked_class(config, classes))
     run.record_config(section, config)
-    return load_context(run, config.device, progress)
+    return shared_context(run.root, config.device, progress=progress)
 
 
 def masked_class(config: MaskStepConfig, classes: list[str]) -> str:
@@ -144,10 +152,15 @@ def run_group_masks(config: GroupMaskStepConfig, progress: Progress | None = Non
     """
     section = step_section("mask_group", config)
     config = as_recorded(config, section)
-    context = read_context(config, section, progress)
-    external = external_context(context, config, progress)
-    level = mask_level("group", None if external is None else cohort_label(external.source))
-    summaries = _group_masks(context, config, config.mask, level, progress, external)
+    try:
+        context = read_context(config, section, progress)
+        external = external_context(context, config, progress)
+        level = mask_level("group", None if external is None else cohort_label(external.source))
+        units = _fold_units(context, config, config.mask, level)
+        summaries = pd.DataFrame(map_fold_units(units, _work(group_mask_unit, config, progress),
+                                                config.executor, f"{level} masks"))
+    finally:
+        release_contexts()
     flags = flag_group_masks(context.run, config.mask)
     return summaries.drop(columns=["flagged", "flag_reasons"], errors="ignore").merge(
         flags.loc[flags.level == level, ["fold", "run", "flagged", "flag_reasons"]],
@@ -237,19 +250,62 @@ def _flag_group_masks(run: RunFolder, config: GroupMaskConfig, paths: list[Path]
     return pd.DataFrame(rows)
 
 
-def _group_masks(context: RunContext, config: MaskStepConfig, mask: GroupMaskConfig, level: str,
-                 progress: Progress | None, external: RunContext | None = None) -> pd.DataFrame:
-    def one(fold: int, run_index: int, fitted: FoldModel) -> pd.Series:
-        folder = context.run.mask_dir(level, fold, run_index)
-        context.run.remove_leftovers(folder)
-        if (folder / "summary.json").is_file():
-            remove_state(folder)  # left by a kill between summary.json and its removal
-            log.info("%s mask fold %d run %d already computed: skipped", level, fold, run_index)
-            return pd.Series(json.loads((folder / "summary.json").read_text()))
-        return _group_mask(context, config, mask, fold, run_index, fitted.model, fitted.classes,
-                           folder, progress, external)
+@dataclass(frozen=True)
+class FoldMasks:
+    """One unit of a mask step (:mod:`voxplain.run.executor`): the masks of one fold/run with
+    one setting, written under ``masks/LEVEL/fold-K/run-R``. Small and picklable: a Ray worker
+    reloads the run's context itself. ``labels``: values added to a group mask's summary (the
+    grid's hyperparameters)."""
 
-    return pd.DataFrame(each_fold(context.models(config.folds), one, f"{level} masks"))
+    config: MaskStepConfig
+    mask: MaskConfig
+    level: str
+    fold: int
+    run: int
+    labels: tuple[tuple[str, float], ...] = ()
+
+
+def _fold_units(context: RunContext, config: MaskStepConfig, mask: MaskConfig, level: str,
+                prefix: str = "", labels: tuple[tuple[str, float], ...] = ()
+                ) -> list[Unit[FoldMasks]]:
+    """A unit per selected fold/run with a trained model."""
+    shipped = with_absolute_paths(config)
+    return [Unit(prefix + fold_unit_name(fold, run_index),
+                 FoldMasks(shipped, mask, level, fold, run_index, labels))
+            for fold, run_index, _ in context.run.selected_models(config.folds)]
+
+
+def _work(unit_function: Callable[..., R], config: MaskStepConfig,
+          progress: Progress | None) -> Callable[[FoldMasks], R]:
+    """``unit_function`` with the progress display, which only units run here can move."""
+    return partial(unit_function, progress=progress if config.executor.kind == "local" else None)
+
+
+def unit_contexts(config: MaskStepConfig) -> tuple[RunContext, RunContext | None]:
+    """The run's context and, with ``config.cohort``, the other cohort's, loaded once per
+    process (:func:`~voxplain.steps.context.shared_context`)."""
+    context = shared_context(config.run, config.device)
+    cohort = getattr(config, "cohort", None)
+    return context, None if cohort is None else shared_context(config.run, config.device,
+                                                               Path(cohort))
+
+
+def group_mask_unit(unit: FoldMasks, progress: Progress | None = None) -> pd.Series:
+    """The group mask of one fold/run (:func:`_group_mask`), or its summary when it is already
+    written; here or in a Ray task."""
+    context, external = unit_contexts(unit.config)
+    folder = context.run.mask_dir(unit.level, unit.fold, unit.run)
+    context.run.remove_leftovers(folder)
+    if (folder / "summary.json").is_file():
+        remove_state(folder)  # left by a kill between summary.json and its removal
+        log.info("%s mask fold %d run %d already computed: skipped", unit.level, unit.fold,
+                 unit.run)
+        summary = pd.Series(json.loads((folder / "summary.json").read_text()))
+    else:
+        fitted = context.model(unit.fold, unit.run)
+        summary = _group_mask(context, unit.config, unit.mask, unit.fold, unit.run, fitted.model,
+                              fitted.classes, folder, progress, external)
+    return pd.concat([summary, pd.Series(dict(unit.labels))]) if unit.labels else summary
 
 
 #: Subfolder of a group mask's folder holding its first pass when quality check step 2 removed
@@ -390,21 +446,28 @@ def run_session_masks(config: SessionMaskStepConfig, progress: Progress | None =
     """
     section = step_section("mask_session", config)
     config = as_recorded(config, section)
-    context = read_context(config, section, progress)
-    external = external_context(context, config, progress)
-    level = mask_level("session", None if external is None else cohort_label(external.source))
+    try:
+        context = read_context(config, section, progress)
+        external = external_context(context, config, progress)
+        level = mask_level("session", None if external is None else cohort_label(external.source))
+        units = _fold_units(context, config, config.mask, level)
+        return pd.concat(map_fold_units(units, _work(session_mask_unit, config, progress),
+                                        config.executor, "session masks"), ignore_index=True)
+    finally:
+        release_contexts()
 
-    def one(fold: int, run_index: int, fitted: FoldModel) -> pd.DataFrame:
-        folder = context.run.mask_dir(level, fold, run_index)
-        context.run.remove_leftovers(folder)
-        if (folder / "index.tsv").is_file():
-            log.info("session masks fold %d run %d already computed: skipped", fold, run_index)
-            return read_tsv(folder / "index.tsv")
-        return _session_masks(context, config, fold, run_index, fitted, folder, progress,
-                              external)
 
-    return pd.concat(each_fold(context.models(config.folds), one, "session masks"),
-                     ignore_index=True)
+def session_mask_unit(unit: FoldMasks, progress: Progress | None = None) -> pd.DataFrame:
+    """The session masks of one fold/run (:func:`_session_masks`), or their index when already
+    written; here or in a Ray task."""
+    context, external = unit_contexts(unit.config)
+    folder = context.run.mask_dir(unit.level, unit.fold, unit.run)
+    context.run.remove_leftovers(folder)
+    if (folder / "index.tsv").is_file():
+        log.info("session masks fold %d run %d already computed: skipped", unit.fold, unit.run)
+        return read_tsv(folder / "index.tsv")
+    return _session_masks(context, unit.config, unit.fold, unit.run,
+                          context.model(unit.fold, unit.run), folder, progress, external)
 
 
 def _session_masks(context: RunContext, config: SessionMaskStepConfig, fold: int,
@@ -488,19 +551,23 @@ def run_mask_grid(config: MaskGridConfig, progress: Progress | None = None) -> p
     """Group masks for every (l1, l2, b1, b2, learning rate) of the grid, under
     ``masks/grid/SETTING`` (:func:`grid_setting`)."""
     config = as_recorded(config, "mask_grid")
-    context = read_context(config, "mask_grid", progress)
 
     def setting(l1: float, l2: float, b1: float, b2: float, learning_rate: float) -> str:
         own = None if learning_rate == config.mask.learning_rate else learning_rate
         return grid_setting(l1, l2, b1, b2, own)
 
-    summaries = []
-    for values in grid_settings(config):
-        mask = config.mask.model_copy(update=dict(zip(GRID_DIMENSIONS, values)))
-        summary = _group_masks(context, config, mask, f"grid/{setting(*values)}", progress)
-        summaries.append(summary.assign(**dict(zip(GRID_DIMENSIONS, values))))
-    table = pd.concat(summaries, ignore_index=True).drop(columns=["flagged", "flag_reasons"],
-                                                          errors="ignore")
+    try:
+        context = read_context(config, "mask_grid", progress)
+        units = [unit for values in grid_settings(config) for unit in _fold_units(
+            context, config, config.mask.model_copy(update=dict(zip(GRID_DIMENSIONS, values))),
+            f"grid/{setting(*values)}", f"{setting(*values)} ",
+            tuple(zip(GRID_DIMENSIONS, values)))]
+        summaries = map_fold_units(units, _work(group_mask_unit, config, progress),
+                                   config.executor, "grid masks")
+    finally:
+        release_contexts()
+    table = pd.DataFrame(summaries).reset_index(drop=True).drop(
+        columns=["flagged", "flag_reasons"], errors="ignore")
     flags = flag_group_masks(context.run, config.mask)
     flags = flags[flags.level.str.startswith("grid/")].assign(
         setting=lambda frame: frame.level.str.removeprefix("grid/"))

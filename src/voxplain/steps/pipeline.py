@@ -41,11 +41,12 @@ from pydantic import BaseModel, ValidationError
 from rich.progress import Progress
 
 from voxplain.config import (AtrophyCohortConfig, ClassificationEvaluationConfig,
-                             ClinicaDLImportConfig, CyCEStepConfig,
+                             ClinicaDLImportConfig, CyCEStepConfig, ExecutorConfig,
                              CyCETransferConfig, ExplainStepConfig, GroupMaskStepConfig,
                              LesionCohortConfig, LocalisationStepConfig, MaskGridConfig,
-                             MonaiImportConfig, MSCohortConfig,
-                             PredictConfig, ReportConfig, RobustnessConfig, SearchConfig,
+                             MonaiImportConfig, MSCohortConfig, PredictConfig,
+                             ProgramImportConfig, PythonImportConfig, ReportConfig,
+                             RandomisationConfig, RobustnessConfig, SearchConfig,
                              SessionMaskStepConfig, SplitTestConfig, StatsConfig, StudyAnalyseConfig,
                              StudyExportConfig, StudyMakeConfig, TrainConfig, is_field,
                              read_toml)
@@ -53,11 +54,13 @@ from voxplain.steps.classification import run_classification
 from voxplain.steps.cyce import run_cyce_train, run_cyce_transfer
 from voxplain.steps.explain import run_explain
 from voxplain.steps.generate import run_generate_atrophy, run_generate_lesions, run_generate_ms
-from voxplain.steps.imports import run_import_clinicadl, run_import_monai
+from voxplain.steps.imports import (run_import_clinicadl, run_import_monai, run_import_program,
+                                    run_import_python)
 from voxplain.steps.localisation import run_localisation
 from voxplain.steps.masks import run_group_masks, run_mask_grid, run_session_masks
 from voxplain.steps.predict import run_predict
 from voxplain.steps.report import run_report
+from voxplain.steps.randomisation import run_randomisation
 from voxplain.steps.robustness import run_robustness
 from voxplain.steps.search import run_search
 from voxplain.steps.split import run_split_test
@@ -97,6 +100,8 @@ STEPS: dict[str, Step] = {
     "train": Step(TrainConfig, run_train),
     "import_clinicadl": Step(ClinicaDLImportConfig, run_import_clinicadl),
     "import_monai": Step(MonaiImportConfig, run_import_monai),
+    "import_program": Step(ProgramImportConfig, run_import_program),
+    "import_python": Step(PythonImportConfig, run_import_python),
     "predict": Step(PredictConfig, run_predict),
     "mask_group": Step(GroupMaskStepConfig, run_group_masks),
     "mask_session": Step(SessionMaskStepConfig, run_session_masks),
@@ -107,6 +112,7 @@ STEPS: dict[str, Step] = {
     "evaluate_localisation": Step(LocalisationStepConfig, run_localisation),
     "evaluate_classification": Step(ClassificationEvaluationConfig, run_classification),
     "evaluate_robustness": Step(RobustnessConfig, run_robustness),
+    "evaluate_randomisation": Step(RandomisationConfig, run_randomisation),
     "stats": Step(StatsConfig, run_stats),
     "report": Step(ReportConfig, run_report),
     "study_make": Step(StudyMakeConfig, run_study_make),
@@ -204,9 +210,11 @@ def _shared_for(schema: type[BaseModel], shared: dict[str, Any]) -> dict[str, An
 
 def _nested_field(schema: type[BaseModel]) -> str | None:
     """The one field of ``schema`` that holds a nested settings model (``mask``, ``explain``,
-    ``cyce``, ``model``), if any."""
+    ``cyce``, ``model``), if any; the ``executor`` section (where the units run) is given as a
+    table of its own, or as its kind (``executor = "ray"``)."""
     nested = [name for name, info in schema.model_fields.items()
-              if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)]
+              if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+              and info.annotation is not ExecutorConfig]
     return nested[0] if len(nested) == 1 else None
 
 

@@ -15,10 +15,11 @@ from voxplain.config import StatsConfig
 from voxplain.data.atlas import Atlas
 from voxplain.data.grid import Grid
 from voxplain.data.template import brain_mask
+from voxplain.evaluate.permutation import covariate_design, permutation_test
 from voxplain.evaluate.stats import (CORRECTIONS, TTest, VoxelMoments, brain_percentile,
                                      cluster_table, normalise_map, one_sample_ttest,
                                      percentile_test, threshold_at, two_sample_ttest)
-from voxplain.io import write_tsv
+from voxplain.io import read_tsv, write_tsv
 from voxplain.run import RunFolder, RunFolderError
 from voxplain.run.maps import (available_methods, converged_session_maps, evidence, map_grid,
                                read_map, session_maps, write_map)
@@ -37,13 +38,22 @@ def run_stats(config: StatsConfig, progress: Progress | None = None) -> pd.DataF
     the 95th percentile of each map, the group comparison of those percentiles, and the
     voxel-wise t-tests on the maps thresholded at their own percentile.
 
+    With ``config.permutations``, the same tests (and, with ``config.paired_sessions``, a paired
+    test per group) again by permutation (:mod:`voxplain.evaluate.permutation`), adjusted for
+    ``config.covariates``: ``permutation_TEST_T`` and ``permutation_TEST_logp-{maxt,tfce,
+    cluster-size,cluster-mass}`` maps (-log10 FWE p) and one summary row per inference. Their
+    unit must be the subject: sessions of one subject are not exchangeable between groups, so
+    with ``unit="session"`` they are skipped (with a message).
+
     Writes ``RUN/stats/METHOD/``: ``percentiles.tsv``, ``percentile_test.tsv``, for each test
     ``TEST_T``, ``TEST_p``, ``TEST_p-bonferroni`` and ``TEST_p-fdr`` maps (NIfTI with the maps'
-    affine, NPY for 2D), ``clusters.tsv`` (significant voxels after ``config.correction``) and
-    ``summary.tsv`` (returned). Records the settings as ``[stats_METHOD]`` (replaced at
-    each run).
+    affine, NPY for 2D), ``clusters.tsv`` (significant voxels after ``config.correction``, or
+    after each permutation inference) and ``summary.tsv`` (returned). Records the settings as
+    ``[stats_METHOD]`` (replaced at each run).
     """
+    permute = _permutation_tests_apply(config)
     run = RunFolder(config.run)
+    cohort = _cohort_covariates(run, config.covariates)
     sessions = converged_session_maps(run, config.method, config.include_flagged)
     if config.folds is not None:
         sessions = sessions[sessions.fold.isin(config.folds)]
@@ -58,7 +68,7 @@ def run_stats(config: StatsConfig, progress: Progress | None = None) -> pd.DataF
     brain = _mapped(_brain(grid), sessions.path.iloc[0])
     out = run.stats_dir(config.method)
     moments = {group: VoxelMoments.start(grid.shape, brain) for group in groups}
-    records = []
+    records, kept = [], []
     unit = ["participant_id"] if config.unit == "subject" else ["participant_id", "session_id"]
     for key, rows in sessions.groupby(unit):
         diagnosis = rows.diagnosis.iloc[0]
@@ -69,7 +79,10 @@ def run_stats(config: StatsConfig, progress: Progress | None = None) -> pd.DataF
         records.append({**dict(zip(unit, key)), "diagnosis": diagnosis,
                         "sessions": rows.session_id.nunique(), "n_maps": len(rows),
                         "percentile": percentile})
-        moments[diagnosis].add(threshold_at(values, percentile, brain))
+        thresholded = threshold_at(values, percentile, brain)
+        moments[diagnosis].add(thresholded)
+        if permute:
+            kept.append(thresholded[brain] if brain is not None else thresholded.ravel())
     percentiles = pd.DataFrame(records)
     write_tsv(out / "percentiles.tsv", percentiles)
     tests = {f"one-sample_{g}": (lambda g=g: one_sample_ttest(moments[g])) for g in groups
@@ -90,7 +103,20 @@ def run_stats(config: StatsConfig, progress: Progress | None = None) -> pd.DataF
         result = compute()
         summary, table = _write_test(out, name, result, grid, atlas, config)
         summaries.append(summary)
-        clusters.append(table.assign(test=name))
+        clusters.append(table.assign(test=name, correction=config.correction))
+    for stale in out.glob("permutation_*"):  # of an earlier run with other settings
+        stale.unlink()
+    if permute:
+        designs = _permutation_designs(percentiles, np.asarray(kept), groups)
+        if config.paired_sessions:
+            designs.update(_paired_designs(sessions, groups, brain, config))
+        for name, (units, maps, tested) in designs.items():
+            covariates = _unit_covariates(cohort, sessions, units, config.covariates)
+            for summary, table in _permutation_test(out, f"permutation_{name}", maps, tested,
+                                                    covariates, brain, grid, atlas, config):
+                summaries.append(summary)
+                clusters.append(table.assign(test=summary["test"],
+                                             correction=summary["correction"]))
     clusters_table = (pd.concat(clusters, ignore_index=True) if clusters
                       else pd.DataFrame(columns=["test"]))
     write_tsv(out / "clusters.tsv", clusters_table[["test", *[c for c in clusters_table.columns
@@ -159,17 +185,157 @@ def _write_test(out: Path, name: str, result: TTest, grid: Grid, atlas: Atlas | 
     for key, values in corrected.items():
         write_map(out / f"{name}_p-{key}", values, grid)
     p = corrected.get(config.correction, result.p)
+    return _significance(name, result.t, p, config.correction, grid, atlas, config)
+
+
+def _significance(name: str, t: np.ndarray, p: np.ndarray, correction: str, grid: Grid,
+                  atlas: Atlas | None, config: StatsConfig) -> tuple[dict, pd.DataFrame]:
+    """The summary row and cluster table of the voxels whose ``p`` (a corrected map) is below
+    ``config.alpha``."""
     with np.errstate(invalid="ignore"):
         significant = np.nan_to_num(p, nan=1.0) < config.alpha
-    table = cluster_table(result.t, significant, grid.affine, atlas, config.connectivity)
-    tested = np.isfinite(result.p)
+    table = cluster_table(t, significant, grid.affine, atlas, config.connectivity)
+    tested = np.isfinite(p)
     summary = {"test": name, "tested_voxels": int(tested.sum()),
-               "significant_voxels": int(significant.sum()), "correction": config.correction,
+               "significant_voxels": int(significant.sum()), "correction": correction,
                "alpha": config.alpha, "clusters": len(table),
                "min_p": float(np.nanmin(p)) if tested.any() else float("nan"),
-               "max_abs_t": float(np.nanmax(np.abs(result.t))) if tested.any() else float("nan"),
+               "max_abs_t": float(np.nanmax(np.abs(t))) if tested.any() else float("nan"),
                "top_region": table.region.iloc[0] if len(table) else ""}
     log.info("%s: %d of %d tested voxels significant (%s p < %g), %d cluster(s)", name,
-             summary["significant_voxels"], summary["tested_voxels"], config.correction,
+             summary["significant_voxels"], summary["tested_voxels"], correction,
              config.alpha, len(table))
     return summary, table
+
+
+def _permutation_tests_apply(config: StatsConfig) -> bool:
+    """Whether the permutation tests run: they need exchangeable units, one map per subject."""
+    if config.paired_sessions is not None and (len(set(config.paired_sessions)) != 2 or len(
+            config.paired_sessions) != 2 or not config.permutations):
+        raise ValueError(f"--paired-sessions takes two different sessions and --permutations, "
+                         f"got {config.paired_sessions} and {config.permutations} permutations")
+    if config.paired_sessions and config.unit != "subject":
+        raise ValueError("paired permutation tests take one map per subject (unit 'subject')")
+    if config.permutations and config.unit != "subject":
+        log.warning("permutation tests skipped: sessions of one subject are not exchangeable "
+                    "between groups (they need unit 'subject')")
+        return False
+    return config.permutations > 0
+
+
+#: File-name tags of the permutation inferences.
+_INFERENCE_TAGS = {"max-T": "maxt", "TFCE": "tfce", "cluster-size": "cluster-size",
+                   "cluster-mass": "cluster-mass"}
+
+
+def _permutation_designs(units: pd.DataFrame, maps: np.ndarray, groups: list[str],
+                         ) -> dict[str, tuple[pd.DataFrame, np.ndarray, np.ndarray]]:
+    """One-sample per group (sign flips) and two-sample between two groups (label permutations)
+    of the subjects' thresholded maps: ``name -> (units, (N, V) maps, (N,) tested variable)``."""
+    designs = {}
+    for group in groups:
+        rows = (units.diagnosis == group).to_numpy()
+        designs[f"one-sample_{group}"] = (units[rows], maps[rows], np.ones(rows.sum()))
+    if len(groups) == 2:
+        a, _ = groups
+        designs[f"two-sample_{'-'.join(groups)}"] = (
+            units, maps, (units.diagnosis == a).to_numpy(np.float64))
+    return designs
+
+
+def _paired_designs(sessions: pd.DataFrame, groups: list[str], brain: np.ndarray | None,
+                    config: StatsConfig,
+                    ) -> dict[str, tuple[pd.DataFrame, np.ndarray, np.ndarray]]:
+    """Per group, the subjects' second-minus-first session differences of their thresholded
+    session maps (each map at its own percentile), tested by sign flips: a paired test."""
+    first, second = config.paired_sessions
+    designs = {}
+    for group in groups:
+        units, maps = [], []
+        for participant, rows in sessions[sessions.diagnosis == group].groupby("participant_id"):
+            pair = [rows[rows.session_id == s] for s in (first, second)]
+            if any(p.empty for p in pair):
+                continue
+            values = []
+            for session_rows in pair:
+                mapped = session_map(session_rows.path, config.method, brain)
+                thresholded = threshold_at(mapped, brain_percentile(
+                    mapped, brain, config.percentile), brain)
+                values.append(thresholded[brain] if brain is not None else thresholded.ravel())
+            units.append({"participant_id": participant, "diagnosis": group})
+            maps.append(values[1] - values[0])
+        name = f"paired_{group}_{second}-{first}"
+        if not units:
+            log.warning("%s skipped: no %s subject has both sessions", name, group)
+            continue
+        designs[name] = (pd.DataFrame(units), np.asarray(maps), np.ones(len(units)))
+    return designs
+
+
+def _cohort_covariates(run: RunFolder, columns: list[str]) -> pd.DataFrame:
+    """``participant_id, session_id`` and the covariate ``columns`` of the run's cohort."""
+    if not columns:
+        return pd.DataFrame(columns=["participant_id", "session_id"])
+    if not run.cohort_file.is_file():
+        raise RunFolderError(f"{run.cohort_file}: no cohort table to read covariates "
+                             f"{columns} from")
+    cohort = read_tsv(run.cohort_file)
+    missing = [c for c in columns if c not in cohort.columns]
+    if missing:
+        raise ValueError(f"covariates {missing} are not columns of {run.cohort_file} "
+                         f"({', '.join(map(str, cohort.columns))})")
+    return cohort[["participant_id", "session_id", *columns]]
+
+
+def _unit_covariates(cohort: pd.DataFrame, sessions: pd.DataFrame, units: pd.DataFrame,
+                     columns: list[str]) -> np.ndarray:
+    """``(N, K)`` covariate design of the subjects in ``units``: each cohort column over the
+    sessions mapped (numbers averaged, text the same in every session), text dummy-coded."""
+    if not columns:
+        return np.empty((len(units), 0))
+    used = sessions[["participant_id", "session_id"]].drop_duplicates()
+    table = used.merge(cohort, how="left", on=["participant_id", "session_id"])
+    numeric = [c for c in columns if pd.api.types.is_numeric_dtype(table[c])
+               and not pd.api.types.is_bool_dtype(table[c])]
+    for column in sorted(set(columns) - set(numeric)):
+        differing = table.groupby("participant_id")[column].nunique() > 1
+        if differing.any():
+            raise ValueError(f"covariate {column!r} differs between the sessions of "
+                             f"{', '.join(differing.index[differing])}")
+    per_subject = table.groupby("participant_id").agg(
+        {c: "mean" if c in numeric else "first" for c in columns})
+    design, names = covariate_design(per_subject.loc[units.participant_id.to_numpy()], columns)
+    log.info("permutation covariates: %s", ", ".join(names))
+    return design
+
+
+def _permutation_test(out: Path, name: str, maps: np.ndarray, tested: np.ndarray,
+                      covariates: np.ndarray, brain: np.ndarray | None, grid: Grid,
+                      atlas: Atlas | None, config: StatsConfig,
+                      ) -> list[tuple[dict, pd.DataFrame]]:
+    """Runs one permutation test and writes its ``NAME_T`` and ``NAME_logp-TAG`` maps; a summary
+    row and cluster table per inference (none when the model has too few maps)."""
+    needed = 2 + covariates.shape[1] + int(np.ptp(tested) > 0)
+    if len(maps) < needed:
+        log.warning("%s skipped: %d map(s), the model with %d covariate column(s) needs %d",
+                    name, len(maps), covariates.shape[1], needed)
+        return []
+    mask = brain if brain is not None else np.ones(grid.shape, bool)
+    result = permutation_test(maps, tested, mask, covariates, config.permutations, config.tfce,
+                              config.cluster_threshold, config.seed)
+    t = _spread(result.t, mask)
+    write_map(out / f"{name}_T", t, grid)
+    rows = []
+    for inference, logp in result.logp.items():
+        write_map(out / f"{name}_logp-{_INFERENCE_TAGS[inference]}", _spread(logp, mask), grid)
+        summary, table = _significance(name, t, _spread(result.p(inference), mask),
+                                       f"permutation {inference}", grid, atlas, config)
+        rows.append(({**summary, "permutations": result.n_permutations,
+                      "covariates": ",".join(config.covariates)}, table))
+    return rows
+
+
+def _spread(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    full = np.full(mask.shape, np.nan)
+    full[mask] = values
+    return full

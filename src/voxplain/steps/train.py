@@ -3,7 +3,9 @@
 Reads and checks the cohort (quality check of paper 1, 2.3.1), writes ``cohort.tsv``,
 ``qc_rejected.tsv``, ``grid.json`` and the subject-level splits, then trains every fold x run
 with :func:`voxplain.train.trainer.train_fold` into ``models/fold-K/run-R``; finished models
-are skipped, an interrupted one resumes from its epoch checkpoint.
+are skipped, an interrupted one resumes from its epoch checkpoint. Each fold x run is a unit of
+:mod:`voxplain.run.executor` (:class:`FoldTraining`, :func:`train_unit`): in this process or as
+a Ray task (``executor``), which prepares the cohort once per worker.
 
 Splits: k-fold (``splits/fold-K/{train,validation}.tsv``) or repeated random splits
 (``--split random``: ``fold-K`` is the K-th split, with a ``test.tsv`` too). Slice models
@@ -18,19 +20,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from rich.progress import Progress
 
-from voxplain.config import TrainConfig
+from voxplain.config import ModelConfig, TrainConfig
 from voxplain.data.cohort import (Cohort, CohortError, ImageStack, class_counts, class_names,
                                   encode_labels, load_images, quality_check)
 from voxplain.data.slicing import SliceView, foreground_slices, slice_axis_index
 from voxplain.io import read_tsv, write_json, write_tsv
 from voxplain.models.checkpoint import remove_checkpoint
 from voxplain.models.device import resolve_device
-from voxplain.run import RunFolder
+from voxplain.run import RunFolder, Unit, fold_unit_name, map_fold_units
+from voxplain.run.executor import with_absolute_paths
 from voxplain.steps.context import IDS, progress_callback
 from voxplain.train.splits import Fold, baseline_sessions, random_splits, subject_folds
 from voxplain.train.trainer import Dataset, slice_rows, train_fold
@@ -163,48 +168,111 @@ def run_train(config: TrainConfig, progress: Progress | None = None, *,
         run.record_config("train", config)  # other settings: an error naming them
         log.info("%s: models imported by `voxplain import`: nothing to train", run.root)
         return read_tsv(run.evaluation_file("cross_validation.tsv"))
-    device = resolve_device(config.device)
-    prepared = prepared or prepare_cohort(config, run, progress)
-    cohort, stack, classes = prepared.cohort, prepared.stack, prepared.classes
-    if config.split == "random" and config.test is not None:
-        raise CohortError(f"{config.test}: random splits hold out their own test subjects; "
-                          "classify another cohort with `voxplain predict` instead")
-    selected, folds = folds, splits(config, cohort.table)
-    unknown = sorted(set(selected or ()) - {fold.index for fold in folds})
+    inputs = prepare_training(config, progress, prepared)
+    unknown = sorted(set(folds or ()) - {fold.index for fold in inputs.folds})
     if unknown:
-        raise ValueError(f"folds {unknown} do not exist: the run has {len(folds)} splits")
-    view = slice_view(config, stack, cohort.table)
-    test = _test_dataset(config, run, cohort, classes, progress, view)
+        raise ValueError(f"folds {unknown} do not exist: the run has {len(inputs.folds)} splits")
     # recorded once the inputs are known to be usable: a failed command leaves no record that
     # would refuse the corrected one; a resumed run is checked before anything is rewritten
     run.record_config("train", config)
     for folder in (run.root / "models", run.root / "splits", run.evaluation_dir):
         run.remove_leftovers(folder)
-    write_cohort_tables(config, run, prepared, view)
-    for fold in folds:
+    write_cohort_tables(config, run, inputs.prepared, inputs.view)
+    for fold in inputs.folds:
         for subset in ("train", "validation", "test"):
             if getattr(fold, subset) is not None:
                 write_tsv(run.split_file(fold.index, subset), getattr(fold, subset)[SPLIT_COLUMNS])
-    images = stack.array if view is None else view.to_slices(stack.array).numpy()
-    model_config = config.model.model_copy(update={
-        "in_channels": cohort.image_shape[0], "n_classes": len(classes),
-        "input_shape": list(images.shape[2:])})
-    for fold in folds:
-        if selected is not None and fold.index not in selected:
-            continue
-        for run_index in range(config.runs):
-            folder = run.model_dir(fold.index, run_index)
-            if (folder / "metrics.tsv").is_file():
-                log.info("fold %d run %d already trained: skipped", fold.index, run_index)
-                remove_checkpoint(folder)  # left by a kill between metrics.tsv and its removal
-                continue
-            train_fold(config, model_config, classes, _sliced(fold, view), run_index, images,
-                       folder, device, test or _fold_test(fold, view, images, classes, config),
-                       progress)
+    shipped = with_absolute_paths(config)
+    units = [Unit(fold_unit_name(fold.index, run_index),
+                  FoldTraining(shipped, fold.index, run_index))
+             for fold in inputs.folds if folds is None or fold.index in folds
+             for run_index in range(config.runs)]
+    _PREPARED.clear()
+    _PREPARED[_inputs_key(shipped)] = inputs  # the units run here share them
+    try:
+        map_fold_units(units, partial(train_unit, progress=progress if config.executor.kind
+                                      == "local" else None), config.executor, "train")
+    finally:
+        _PREPARED.clear()
     summary = pd.concat([read_tsv(folder / "metrics.tsv") for _, _, folder in run.model_dirs()],
                         ignore_index=True)
     write_tsv(run.evaluation_file("cross_validation.tsv"), summary)
     return summary
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What every fold/run's training reads: the checked cohort, its splits, the images the
+    models take (volumes, images or slices), the model's settings completed from the data, the
+    slices read (None for whole images) and the test set of ``config.test``."""
+
+    prepared: PreparedCohort
+    folds: list[Fold]
+    images: np.ndarray
+    model: ModelConfig
+    view: SliceView | None
+    test: Dataset | None
+
+
+def prepare_training(config: TrainConfig, progress: Progress | None = None,
+                     prepared: PreparedCohort | None = None) -> TrainingInputs:
+    """Read and check the cohort (or take ``prepared``), split it, and find what the models
+    take; nothing is written to the run folder (but the image cache)."""
+    run = RunFolder(config.run)
+    prepared = prepared or prepare_cohort(config, run, progress)
+    cohort, stack, classes = prepared.cohort, prepared.stack, prepared.classes
+    if config.split == "random" and config.test is not None:
+        raise CohortError(f"{config.test}: random splits hold out their own test subjects; "
+                          "classify another cohort with `voxplain predict` instead")
+    folds = splits(config, cohort.table)
+    view = slice_view(config, stack, cohort.table)
+    test = _test_dataset(config, run, cohort, classes, progress, view)
+    images = stack.array if view is None else view.to_slices(stack.array).numpy()
+    model_config = config.model.model_copy(update={
+        "in_channels": cohort.image_shape[0], "n_classes": len(classes),
+        "input_shape": list(images.shape[2:])})
+    return TrainingInputs(prepared, folds, images, model_config, view, test)
+
+
+@dataclass(frozen=True)
+class FoldTraining:
+    """One unit of training (:mod:`voxplain.run.executor`): the model of fold ``fold``, run
+    ``run``. Small and picklable: a Ray worker prepares the inputs itself."""
+
+    config: TrainConfig
+    fold: int
+    run: int
+
+
+#: The :class:`TrainingInputs` of this process, by :func:`_inputs_key` (one at a time).
+_PREPARED: dict[tuple, TrainingInputs] = {}
+
+
+def _inputs_key(config: TrainConfig) -> tuple:
+    cohort = Path(config.cohort)
+    return config.model_dump_json(), cohort.stat().st_mtime_ns if cohort.is_file() else None
+
+
+def train_unit(unit: FoldTraining, progress: Progress | None = None) -> None:
+    """Train ``models/fold-K/run-R`` (resuming from its checkpoint), skipped when trained;
+    here or in a Ray task, which prepares the inputs once per worker."""
+    config = unit.config
+    folder = RunFolder(config.run).model_dir(unit.fold, unit.run)
+    if (folder / "metrics.tsv").is_file():
+        log.info("fold %d run %d already trained: skipped", unit.fold, unit.run)
+        remove_checkpoint(folder)  # left by a kill between metrics.tsv and its removal
+        return
+    key = _inputs_key(config)
+    if key not in _PREPARED:
+        _PREPARED.clear()
+        _PREPARED[key] = prepare_training(config)
+    inputs = _PREPARED[key]
+    fold = next(fold for fold in inputs.folds if fold.index == unit.fold)
+    classes = inputs.prepared.classes
+    train_fold(config, inputs.model, classes, _sliced(fold, inputs.view), unit.run, inputs.images,
+               folder, resolve_device(config.device),
+               inputs.test or _fold_test(fold, inputs.view, inputs.images, classes, config),
+               progress)
 
 
 def _fold_test(fold: Fold, view: SliceView | None, images: np.ndarray, classes: list[str],

@@ -1,0 +1,222 @@
+"""Where the independent units of a step run (:class:`~voxplain.config.ExecutorConfig`).
+
+A step that fans out (training's folds x runs, a mask grid's settings, masks per fold) names
+its units and hands them to :func:`map_units` with the function that does one unit. The same
+function runs in this process, one unit after the other (``local``), or as a task of a Ray
+cluster (``ray``): it takes small picklable arguments (configs, fold and run numbers), reloads
+what it needs from the run folder, writes there atomically and skips what is already written,
+so a unit run twice (a retried Ray task, a resumed step) gives the same files. Ray is an
+optional dependency, imported only when asked for.
+
+Threads: a unit runs with ``cpus_per_task`` torch threads; locally, by default, with the CPUs
+this process may use (its affinity and cgroup quota, not the machine's count: two torch
+processes spinning on the same cores slow each other down several-fold).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from voxplain.config import ExecutorConfig
+
+__all__ = ["NoUnitProcessed", "Unit", "UnitFailed", "UnitSkipped", "available_cpus",
+           "map_units", "with_absolute_paths"]
+
+log = logging.getLogger("voxplain")
+T = TypeVar("T")
+R = TypeVar("R")
+C = TypeVar("C", bound=BaseModel)
+
+#: How to install the optional dependency (named in the error when it is missing).
+RAY_INSTALL = "pip install 'voxplain[ray]' (or: pip install -c constraints.txt 'ray==2.60.0')"
+
+
+@dataclass(frozen=True)
+class Unit(Generic[T]):
+    """One independent piece of a step: its name in messages (``fold 0 run 1``,
+    ``l1-0.001_l2-0.01_b1-0.1_b2-1 fold 0 run 0``) and the argument of the step's work
+    function (small and picklable: it travels to a Ray worker)."""
+
+    name: str
+    argument: T
+
+
+class UnitSkipped(Exception):
+    """A unit that cannot serve its step (e.g. a fold without a correctly classified patient):
+    named in a warning, the other units go on."""
+
+
+class NoUnitProcessed(ValueError):
+    """Every unit of a step was skipped; ``reasons``: ``UNIT: REASON`` of each."""
+
+    def __init__(self, step: str, reasons: list[str]) -> None:
+        super().__init__(f"{step}: no unit could be processed ({'; '.join(reasons)})")
+        self.reasons = reasons
+
+
+class UnitFailed(RuntimeError):
+    """A unit that raised on a Ray worker (or whose worker died more than ``max_retries``
+    times): the message names the step, the unit and the last line of the remote traceback."""
+
+
+@dataclass(frozen=True)
+class _Skipped:
+    reason: str
+
+
+def map_units(units: Iterable[Unit[T]], work: Callable[[T], R], executor: ExecutorConfig,
+              name: str) -> list[R]:
+    """``work(unit.argument)`` for every unit, on ``executor``; the results in unit order.
+
+    A unit that raises :class:`UnitSkipped` is named in a warning and left out of the results;
+    :class:`NoUnitProcessed` when every unit was skipped. Locally, any other error of a unit
+    propagates as it is and stops the step; on Ray it stops the step as :class:`UnitFailed`
+    (the units still running are cancelled; what they finished stays written).
+    """
+    if executor.kind == "ray":
+        units = list(units)
+        outcomes = _on_ray(units, work, executor, name)
+    else:
+        outcomes = _here(units, work, executor)
+    results, reasons = [], []
+    for unit, outcome in outcomes:
+        if isinstance(outcome, _Skipped):
+            log.warning("%s: %s skipped: %s", name, unit.name, outcome.reason)
+            reasons.append(f"{unit.name}: {outcome.reason}")
+        else:
+            results.append(outcome)
+    if reasons and not results:
+        raise NoUnitProcessed(name, reasons)
+    return results
+
+
+def run_unit(work: Callable[[T], R], argument: T, threads: int | None) -> R | _Skipped:
+    """One unit, here or in a Ray task: ``work(argument)`` with ``threads`` torch threads (None:
+    as they are), a skipped unit as its reason."""
+    with torch_threads(threads):
+        try:
+            return work(argument)
+        except UnitSkipped as reason:
+            return _Skipped(str(reason))
+
+
+def _here(units: Iterable[Unit[T]], work: Callable[[T], R],
+          executor: ExecutorConfig) -> Iterator[tuple[Unit[T], R | _Skipped]]:
+    # lazily: the units of each_fold load a model each, one at a time
+    threads = executor.cpus_per_task or min(_torch().get_num_threads(), available_cpus())
+    for unit in units:
+        yield unit, run_unit(work, unit.argument, threads)
+
+
+def _on_ray(units: list[Unit[T]], work: Callable[[T], R], executor: ExecutorConfig,
+            name: str) -> list[tuple[Unit[T], R | _Skipped]]:
+    ray = _import_ray()
+    if not units:
+        return []
+    if not ray.is_initialized():
+        if executor.address is None:  # a cluster of this machine's available CPUs
+            ray.init(num_cpus=available_cpus(), include_dashboard=False)
+        else:
+            ray.init(address=executor.address)
+    cpus = executor.cpus_per_task or 1
+    task = ray.remote(run_unit).options(num_cpus=cpus, num_gpus=executor.gpus_per_task,
+                                        max_retries=executor.max_retries, name=name)
+    references = [task.remote(work, unit.argument, cpus) for unit in units]
+    unit_of = dict(zip(references, units))
+    outcomes = {}
+    pending = list(references)
+    log.info("%s: %d unit(s) sent to Ray (%s CPU, %s GPU each)", name, len(units), cpus,
+             executor.gpus_per_task)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        for reference in done:
+            try:
+                outcomes[reference] = ray.get(reference)
+            except ray.exceptions.RayError as error:
+                for other in pending:
+                    ray.cancel(other)
+                raise UnitFailed(f"{name}: {unit_of[reference].name} failed on Ray: "
+                                 f"{_last_line(error)}") from error
+    return [(unit_of[reference], outcomes[reference]) for reference in references]
+
+
+def with_absolute_paths(config: C) -> C:
+    """``config`` with its relative paths made absolute: a Ray worker runs in another
+    directory (and a relative run folder would name another folder there)."""
+    update = {}
+    for name, value in config:
+        if isinstance(value, Path) and not value.is_absolute():
+            update[name] = value.resolve()
+        elif isinstance(value, BaseModel) and with_absolute_paths(value) is not value:
+            update[name] = with_absolute_paths(value)  # e.g. [train.model] weights
+    return config.model_copy(update=update) if update else config
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of a remote traceback (``ValueError: ...``), or of the error itself."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(f"--executor ray needs Ray, which is not installed: {RAY_INSTALL}"
+                          ) from None
+    return ray
+
+
+def _torch() -> Any:
+    import torch  # here: the run layer reads configs and paths without torch
+
+    return torch
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's intra-op threads set to ``threads`` in the block (None: left as they are)."""
+    if threads is None:
+        yield
+        return
+    torch = _torch()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its CPU affinity (``taskset``, SLURM's ``--cpus-per-task``),
+    capped by a cgroup CPU quota (containers), at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = _cgroup_quota()
+    return max(1, min(cpus or 1, quota or cpus or 1))
+
+
+def _cgroup_quota() -> int | None:
+    """Whole CPUs of the cgroup quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None without."""
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+                                     "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = Path(quota_file).read_text().split()
+            if period_file is not None:
+                fields.append(Path(period_file).read_text().strip())
+            if fields[0] in ("max", "-1"):
+                return None
+            return max(1, math.floor(int(fields[0]) / int(fields[1])))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
