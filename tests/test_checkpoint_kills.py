@@ -66,7 +66,8 @@ def group_mask():
     predicted = pd.read_csv(RUN / "models/fold-0/run-0/predictions-validation.tsv", sep="\t")
     run_group_masks(GroupMaskStepConfig(run=RUN, folds=[0], device="cpu",
                                     diagnosis=predicted.predicted.mode()[0],
-                                    mask={"max_epochs": 3, "batch_size": 4}))
+                                    mask={"max_epochs": 3, "batch_size": 4,
+                                          "dense_fraction": 1e-6}))  # always retried
 
 
 def cyce():
@@ -152,7 +153,7 @@ for name, step, base in (("train", train, None), ("group_mask", group_mask, "tra
 '''
 
 #: Rename numbers killed just before the rename as well as just after it (see the tests).
-BEFORE = {"train": [1, 10, 11, 17], "group_mask": [3, 10], "cyce": [3, 7]}
+BEFORE = {"train": [1, 10, 11, 17], "group_mask": [3, 6, 9, 16], "cyce": [3, 7]}
 
 
 @pytest.fixture(scope="module")
@@ -264,14 +265,20 @@ def test_training_killed_at_any_rename_resumes_to_the_uninterrupted_result(kill_
 def test_group_mask_killed_at_any_rename_resumes_to_the_uninterrupted_result(kill_trials):
     # config.toml, environment.json, 3 epoch checkpoints (of the first pass, in first/: QC
     # step 2 may re-optimise without a flagged image; none is flagged here, so there is no
-    # second pass and the first pass's results land in the fold's folder), mask.nii.gz, loss,
+    # second pass), then the dense retry (every mask counts as dense here): the first mask's
+    # files in dense/ and 3 checkpoints of the retry there; the retry's mask.nii.gz, loss,
     # image_losses, qc_flags, summary.json (the marker) and its rewrite by the run-level quality
-    # check; killed after each, and before the first checkpoint and the marker
+    # check; killed after each, and before the first checkpoint, the dense files, the retry's
+    # first checkpoint and the marker
     record = _assert_resumed_runs_equal_the_uninterrupted_one(kill_trials, "group_mask",
                                                               ignored={"environment.json"})
     renames = record["renames"]
-    assert renames[2:5] == ["masks/group/fold-0/run-0/first/checkpoint.safetensors"] * 3
-    assert renames[9] == "masks/group/fold-0/run-0/summary.json" and len(renames) == 11
+    folder = "masks/group/fold-0/run-0"
+    assert renames[2:5] == [f"{folder}/first/checkpoint.safetensors"] * 3
+    assert renames[5:8] == [f"{folder}/dense/{name}" for name in
+                            ("mask.nii.gz", "loss.tsv", "image_losses.tsv")]
+    assert renames[8:11] == [f"{folder}/dense/checkpoint.safetensors"] * 3
+    assert renames[15] == f"{folder}/summary.json" and len(renames) == 17
     assert len(record["trials"]) == len(renames) + len(BEFORE["group_mask"])
 
 

@@ -207,3 +207,28 @@ def test_flagged_group_masks_are_left_out_of_robustness_unless_asked(tmp_path, c
     assert group_maps(RunFolder(run), "mask", include_flagged=False).fold.tolist() == [0, 1, 2, 3]
     assert "1 flagged mask(s) left out" in caplog.text
     assert len(group_maps(RunFolder(run), "mask", include_flagged=True)) == 5
+
+
+def test_a_dense_group_mask_is_optimised_again_at_a_tenth_of_the_learning_rate(tmp_path):
+    tsv = write_cohort(tmp_path / "cohort", subjects=24)
+    run = tmp_path / "run"
+    run_train(TrainConfig(cohort=tsv, out=run, n_folds=3, epochs=6, batch_size=4,
+                          learning_rate=3e-3, device="cpu",
+                          model={"name": "cnn", "channels": [4, 8, 8]}))
+    # every mask hides more than a millionth of the image: the retry always runs here
+    config = GroupMaskStepConfig(run=run, folds=[0], device="cpu",
+                                 mask={"max_epochs": 3, "batch_size": 4, "dense_fraction": 1e-6,
+                                       "qc_step2": "flag"})
+    summary = run_group_masks(config)
+    folder = run / "masks/group/fold-0/run-0"
+    record = json.loads((folder / "summary.json").read_text())
+    retry = record["dense_retry"]
+    assert retry["dense_learning_rate"] == 0.1 and retry["learning_rate"] == pytest.approx(0.01)
+    assert retry["dense_masked_fraction"] > 1e-6 and retry["dense_epochs"] == 3
+    dense = nib.load(folder / "dense" / "mask.nii.gz").get_fdata()
+    assert (dense < 1).mean() == pytest.approx(retry["dense_masked_fraction"], abs=1e-6)
+    first, second = (pd.read_csv(path, sep="\t") for path in
+                     (folder / "dense" / "loss.tsv", folder / "loss.tsv"))
+    assert not np.allclose(first.train_loss, second.train_loss)  # another learning rate
+    assert not list(folder.rglob("checkpoint*"))
+    assert summary.fold.tolist() == [0]

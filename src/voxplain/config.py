@@ -874,7 +874,7 @@ class GroupMaskConfig(MaskConfig):
     #: A run folder recorded before ``qc_step2`` existed only flagged the images of quality
     #: check step 2; it resumes so (``voxplain.steps.masks``), never re-optimising its masks.
     absent_in_records: ClassVar[dict[str, Any]] = {**MaskConfig.absent_in_records,
-                                                   "qc_step2": "flag"}
+                                                   "qc_step2": "flag", "dense_retry": False}
 
     tolerance: float = Field(0.05, ge=0, description="Relative distance above the lowest "
                              "validation loss that counts towards patience (paper 1, 2.3.5).")
@@ -904,6 +904,13 @@ class GroupMaskConfig(MaskConfig):
         "fraction of the image more than the median group mask of the run (and its robust "
         "z-score exceeds qc_z), or when it does not halve the validation probability of the "
         "masked class.")
+    dense_retry: bool = Field(
+        True, description="A group mask that hides more than dense_fraction of the image is "
+        "optimised again from the start at a tenth of the learning rate (paper 1, fig. 4: lr "
+        "0.01 where 0.1 did not converge); the dense mask is kept in dense/ and the retry "
+        "named in summary.json (group masks; a grid keeps its own learning rates). Adam's "
+        "first steps at lr 0.1 move every voxel by about 0.1, and a saturated model's mask can "
+        "settle on hiding nearly everything.")
 
 
 class MaskStepConfig(RunStepConfig):

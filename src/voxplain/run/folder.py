@@ -11,7 +11,8 @@
       models/fold-K/run-R/{model.safetensors, model.json, history.tsv, metrics.tsv,
                            predictions-validation.tsv, predictions-test.tsv}
       masks/group/fold-K/run-R/{mask.nii.gz, loss.tsv, image_losses.tsv, qc_flags.tsv,
-                                summary.json, first/ (the mask before QC step 2 removed images)}
+                                summary.json, first/ (the mask before QC step 2 removed images),
+                                dense/ (a mask that hid most of the image, before its retry)}
       masks/session/fold-K/run-R/{sub-X_ses-Y.nii.gz, index.tsv}
       masks/grid/l1-A_l2-B_b1-C_b2-D[_lr-E]/fold-K/run-R/...   (same files as masks/group)
       masks/cohort-LABEL/{group,session}/...   the run's models on another cohort (--cohort)
