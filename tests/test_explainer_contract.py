@@ -46,6 +46,7 @@ OPTIONS: dict[str, dict[str, object]] = {
     "occlusion": {"window": 4, "stride": 4},
     "gradient_shap": {"n_samples": 4, "n_baselines": 3},
     "deeplift_shap": {"n_baselines": 3},
+    "region_shapley": {"n_samples": 2},
 }
 HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_full_backward_hooks",
          "_backward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")

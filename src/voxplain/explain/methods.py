@@ -27,11 +27,12 @@ from voxplain.explain.gradients import (
     SmoothGradExplainer,
 )
 from voxplain.explain.lrp import DeepTaylor, EpsilonLRP
+from voxplain.explain.regions import RegionAblation, RegionShapley
 
 __all__ = ["METHODS", "explainer", "Explainer", "CAM", "GradCAM", "GradCAMPlusPlus", "HiResCAM",
            "LayerCAM", "SaliencyExplainer", "SmoothGradExplainer", "IntegratedGradientsExplainer",
            "OcclusionExplainer", "GradientShapExplainer", "DeepLiftShapExplainer", "EpsilonLRP",
-           "DeepTaylor", "CyCE"]
+           "DeepTaylor", "CyCE", "RegionAblation", "RegionShapley"]
 
 METHODS: dict[str, type[Explainer]] = {
     # class activation maps (voxplain.explain.cam)
@@ -47,6 +48,9 @@ METHODS: dict[str, type[Explainer]] = {
     "occlusion": OcclusionExplainer,
     "gradient_shap": GradientShapExplainer,
     "deeplift_shap": DeepLiftShapExplainer,
+    # regions as features, backed by Captum (voxplain.explain.regions)
+    "region_ablation": RegionAblation,
+    "region_shapley": RegionShapley,
     # layer-wise relevance propagation (voxplain.explain.lrp)
     "lrp": EpsilonLRP,
     "deep_taylor": DeepTaylor,

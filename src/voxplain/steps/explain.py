@@ -64,6 +64,7 @@ from rich.progress import Progress
 from torch import nn
 
 from voxplain.config import ExplainConfig, ExplainStepConfig
+from voxplain.data.atlas import Atlas
 from voxplain.data.grid import Grid
 from voxplain.data.classes import resolve_target
 from voxplain.explain.api import Explainer
@@ -90,15 +91,21 @@ def explanation_key(config: ExplainStepConfig) -> str:
 
 
 def build_explainer(config: ExplainConfig, model: nn.Module,
-                    cyce_folder: Path | None = None) -> Explainer:
+                    cyce_folder: Path | None = None, grid: Grid | None = None) -> Explainer:
     """The configured method on ``model``; options the method does not take are an error.
 
     ``cyce`` takes its generators from ``cyce_folder`` (the fold's ``RUN/cyce/fold-K/run-R``,
-    trained by ``voxplain cyce train``) unless the ``generators`` option names a folder.
+    trained by ``voxplain cyce train``) unless the ``generators`` option names a folder. The
+    region methods (:mod:`voxplain.explain.regions`) take the AAL2 regions on ``grid`` when it is
+    a 3D grid the atlas covers (cubes of ``block`` voxels otherwise).
     """
     options: dict[str, Any] = {**config.options, "batch_size": config.batch_size}
     if config.method == "cyce" and cyce_folder is not None:
         options.setdefault("generators", cyce_folder)
+    if takes_regions(config.method) and grid is not None and len(grid.shape) == 3:
+        labels = Atlas.aal2(grid).labels
+        if labels.any():
+            options.setdefault("regions", torch.from_numpy(labels.astype("int64")))
     if config.layer is not None:
         options["layer"] = config.layer
     if reads_layer(config.method):
@@ -108,6 +115,12 @@ def build_explainer(config: ExplainConfig, model: nn.Module,
     except TypeError as error:
         raise ValueError(f"method {config.method!r} does not take the options "
                          f"{sorted(options)} ({error})") from None
+
+
+def takes_regions(method: str) -> bool:
+    """Whether the method attributes to regions of a label map (:mod:`voxplain.explain.regions`)."""
+    factory = METHODS.get(method)
+    return factory is not None and "regions" in inspect.signature(factory).parameters
 
 
 def reads_layer(method: str) -> bool:
@@ -187,7 +200,8 @@ def explain_model(context: RunContext, config: ExplainStepConfig, key: str, fold
     index.insert(4, "run", run_index)
     input_shape = tuple(context.model_inputs(rows.iloc[:1]).shape[1:])
     model = for_batches(model, len(input_shape) - 1, config.explain.batch_size, context.device)
-    method = build_explainer(config.explain, model, context.run.cyce_dir(fold, run_index))
+    method = build_explainer(config.explain, model, context.run.cyce_dir(fold, run_index),
+                             context.grid if context.slices is None else None)  # whole images
     index["method"] = config.explain.method
     index["layer"], index["layer_shape"], index["layer_coarse"] = _layer(
         method, input_shape, f"{key} fold {fold} run {run_index}")
