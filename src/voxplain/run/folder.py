@@ -19,9 +19,10 @@
       explanations/KEY/fold-K/run-R/{sub-X_ses-Y.nii.gz, group_<DIAGNOSIS>.nii.gz, index.tsv}
       cyce/fold-K/run-R/{generators.safetensors, generators.json, loss.tsv, transfer.tsv}
       evaluation/{cross_validation.tsv, classification.tsv, localisation.tsv, robustness/,
-                  cohort-LABEL/{classification.tsv, confusion.tsv}}
+                  randomisation/, cohort-LABEL/{classification.tsv, confusion.tsv}}
       stats/METHOD/   report/index.html   predictions/NAME.tsv
       search/{study.db, trials.tsv, best_train.toml, trial-NNN/}   (a run folder per trial)
+      randomisation/data/   a run folder: the models trained again on permuted diagnoses
 
 Every step reads what earlier steps wrote, skips work already done and writes atomically.
 """
