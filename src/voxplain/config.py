@@ -617,7 +617,27 @@ class ClinicaDLImportConfig(ImportConfig):
     folds: list[int] | None = Field(None, description="Splits to import (default: all).")
 
 
-class MonaiImportConfig(ImportConfig):
+class FoldFilesImportConfig(ImportConfig):
+    """An import of one model file per fold, with the folds from a folder of splits or made by
+    voxplain."""
+
+    splits: Path | None = Field(
+        None, description="Folder of split-K/{train,validation}.tsv (or fold-K/...), one per "
+        "model file; default: voxplain's subject-level k-fold split with as many folds as "
+        "model files.")
+    split_seed: int = Field(2, description="Seed of the split made when --splits is not given.")
+    classes: list[str] | None = Field(
+        None, description="Diagnoses in the order of the network's outputs. Default: sorted, "
+        "with CN first if present.")
+
+
+#: One weights file per fold (``import monai``, ``import python``).
+WEIGHTS_FIELD_DESCRIPTION = ("One weights file per fold, in fold order: safetensors or a "
+                             "weights-only checkpoint (a state dict, bare or under 'model' or "
+                             "'state_dict').")
+
+
+class MonaiImportConfig(FoldFilesImportConfig):
     """``voxplain import monai``: a MONAI network by name, one weights file per fold."""
 
     network: str = Field(description="Class (or factory) of monai.networks.nets, e.g. "
@@ -625,37 +645,19 @@ class MonaiImportConfig(ImportConfig):
     arguments: dict[str, Any] = Field(
         default_factory=dict, description="Constructor arguments as JSON, e.g. "
         '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2}.')
-    weights: list[Path] = Field(
-        min_length=1, description="One weights file per fold, in fold order: safetensors or a "
-        "weights-only checkpoint (a state dict, bare or under 'model' or 'state_dict').")
-    splits: Path | None = Field(
-        None, description="Folder of split-K/{train,validation}.tsv (or fold-K/...), one per "
-        "weights file; default: voxplain's subject-level k-fold split with as many folds as "
-        "weights files.")
-    split_seed: int = Field(2, description="Seed of the split made when --splits is not given.")
-    classes: list[str] | None = Field(
-        None, description="Diagnoses in the order of the network's outputs. Default: sorted, "
-        "with CN first if present.")
+    weights: list[Path] = Field(min_length=1, description=WEIGHTS_FIELD_DESCRIPTION)
 
 
-class ProgramImportConfig(ImportConfig):
+class ProgramImportConfig(FoldFilesImportConfig):
     """``voxplain import program``: one torch.export program (``.pt2``) per fold, loaded
     without unpickling (:mod:`voxplain.models.programs`)."""
 
     programs: list[Path] = Field(
         min_length=1, description="One torch.export program (.pt2, torch.export.save) per "
         "fold, in fold order. TorchScript files are refused (torch.jit.load unpickles).")
-    splits: Path | None = Field(
-        None, description="Folder of split-K/{train,validation}.tsv (or fold-K/...), one per "
-        "program; default: voxplain's subject-level k-fold split with as many folds as "
-        "programs.")
-    split_seed: int = Field(2, description="Seed of the split made when --splits is not given.")
-    classes: list[str] | None = Field(
-        None, description="Diagnoses in the order of the network's outputs. Default: sorted, "
-        "with CN first if present.")
 
 
-class PythonImportConfig(ImportConfig):
+class PythonImportConfig(FoldFilesImportConfig):
     """``voxplain import python``: a network built by a factory of your own code
     (``package.module:function``), one weights file per fold. Importing the factory runs its
     module: only for code you trust."""
@@ -664,16 +666,7 @@ class PythonImportConfig(ImportConfig):
                          "network; its module must be importable (on sys.path).")
     arguments: dict[str, Any] = Field(
         default_factory=dict, description="The factory's keyword arguments as JSON.")
-    weights: list[Path] = Field(
-        min_length=1, description="One weights file per fold, in fold order: safetensors or a "
-        "weights-only checkpoint (a state dict, bare or under 'model' or 'state_dict').")
-    splits: Path | None = Field(
-        None, description="Folder of split-K/{train,validation}.tsv (or fold-K/...), one per "
-        "weights file; default: voxplain's subject-level k-fold split.")
-    split_seed: int = Field(2, description="Seed of the split made when --splits is not given.")
-    classes: list[str] | None = Field(
-        None, description="Diagnoses in the order of the network's outputs. Default: sorted, "
-        "with CN first if present.")
+    weights: list[Path] = Field(min_length=1, description=WEIGHTS_FIELD_DESCRIPTION)
 
 
 def _low_high(value: tuple[float, float]) -> tuple[float, float]:

@@ -38,8 +38,9 @@ from rich.progress import Progress
 from safetensors.torch import save_file
 from torch import nn
 
-from voxplain.config import (ClinicaDLImportConfig, ImportConfig, ModelConfig, MonaiImportConfig,
-                             ProgramImportConfig, PythonImportConfig, TrainConfig)
+from voxplain.config import (ClinicaDLImportConfig, FoldFilesImportConfig, ImportConfig,
+                             ModelConfig, MonaiImportConfig, ProgramImportConfig,
+                             PythonImportConfig, TrainConfig)
 from voxplain.data.cohort import Cohort, CohortError, class_names, encode_labels, load_images
 from voxplain.evaluate.classification import chance_p_value, classification_metrics
 from voxplain.io import read_tsv, write_json, write_tsv
@@ -353,8 +354,8 @@ def _folds_from_weights(config: MonaiImportConfig | PythonImportConfig, cohort: 
     return folds
 
 
-def _monai_splits(config: MonaiImportConfig | ProgramImportConfig | PythonImportConfig,
-                  cohort: Cohort, n: int) -> list[tuple[int, pd.DataFrame, pd.DataFrame]]:
+def _monai_splits(config: FoldFilesImportConfig, cohort: Cohort,
+                  n: int) -> list[tuple[int, pd.DataFrame, pd.DataFrame]]:
     """``(fold, train rows, validation rows)``: from ``config.splits`` (``split-K`` or
     ``fold-K`` folders, in K order), or voxplain's subject-level k-fold of the cohort; one per
     weights file (or program)."""

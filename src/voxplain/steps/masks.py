@@ -83,6 +83,17 @@ def external_context(context: RunContext, config: MaskStepConfig,
     return shared_context(context.run.root, config.device, Path(cohort), progress)
 
 
+def _mask_step(config: GroupMaskStepConfig | SessionMaskStepConfig, name: str, level: str,
+               progress: Progress | None) -> tuple[RunContext, str, list]:
+    """What a group or session mask step starts with: the run's cohort loaded (and the settings
+    recorded as ``[name]`` or ``[name_cohort-LABEL]``), the step's level (``LEVEL`` or
+    ``cohort-LABEL/LEVEL``) and its units, one per fold/run."""
+    context = read_context(config, step_section(name, config), progress)
+    external = external_context(context, config, progress)
+    level = mask_level(level, None if external is None else cohort_label(external.source))
+    return context, level, _fold_units(context, config, config.mask, level)
+
+
 def read_context(config: MaskStepConfig, section: str,
                  progress: Progress | None = None) -> RunContext:
     """Check ``config`` against the run folder, record it as ``[section]``, load the cohort."""
@@ -154,13 +165,9 @@ def run_group_masks(config: GroupMaskStepConfig, progress: Progress | None = Non
     their ``summary.json`` names the cohort (``cohort``) and gives the masked class's mean
     probability on its masked images too (``cohort_probability_before/after``).
     """
-    section = step_section("mask_group", config)
-    config = as_recorded(config, section)
+    config = as_recorded(config, step_section("mask_group", config))
     try:
-        context = read_context(config, section, progress)
-        external = external_context(context, config, progress)
-        level = mask_level("group", None if external is None else cohort_label(external.source))
-        units = _fold_units(context, config, config.mask, level)
+        context, level, units = _mask_step(config, "mask_group", "group", progress)
         summaries = pd.DataFrame(map_fold_units(units, _work(group_mask_unit, config, progress),
                                                 config.executor, f"{level} masks"))
     finally:
@@ -473,13 +480,9 @@ def run_session_masks(config: SessionMaskStepConfig, progress: Progress | None =
     others (robust z about 50), 99 % of voxels below 0.95; run on, it leaves the plateau after
     about 450 iterations at loss 0.0055.
     """
-    section = step_section("mask_session", config)
-    config = as_recorded(config, section)
+    config = as_recorded(config, step_section("mask_session", config))
     try:
-        context = read_context(config, section, progress)
-        external = external_context(context, config, progress)
-        level = mask_level("session", None if external is None else cohort_label(external.source))
-        units = _fold_units(context, config, config.mask, level)
+        _, _, units = _mask_step(config, "mask_session", "session", progress)
         return pd.concat(map_fold_units(units, _work(session_mask_unit, config, progress),
                                         config.executor, "session masks"), ignore_index=True)
     finally:
