@@ -309,13 +309,18 @@ def test_monai_splits_come_from_a_folder_and_weights_must_fit(monai_cohort, tmp_
                                                    "run": tmp_path / "other"}))
 
 
-def test_a_single_logit_monai_network_is_refused(monai_cohort, tmp_path):
+def test_a_single_logit_network_of_three_classes_is_refused(monai_cohort, tmp_path):
     folder, cohort = monai_cohort
-    with pytest.raises(ValueError, match="single output"):
+    table = pd.read_csv(cohort, sep="\t")
+    three = table.assign(diagnosis=["CN", "AD", "MCI", "CN", "AD", "MCI", "CN", "AD"],
+                         path=[str(cohort.parent / path) for path in table.path])
+    three.to_csv(tmp_path / "three.tsv", sep="\t", index=False)
+    with pytest.raises(ValueError, match=r"1 output\(s\) but there are 3 classes .*a single "
+                                         r"output, a sigmoid, needs two classes"):
         run_import_monai(MonaiImportConfig(
             network="DenseNet121", arguments={**TINY_DENSENET, "out_channels": 1},
-            weights=[folder / "fold-0.safetensors"] * 2, cohort=cohort, run=tmp_path / "run",
-            device="cpu"))
+            weights=[folder / "fold-0.safetensors"] * 2, cohort=tmp_path / "three.tsv",
+            run=tmp_path / "run", device="cpu"))
 
 
 def test_unknown_monai_networks_and_downloads_are_refused():

@@ -24,8 +24,8 @@ def test_the_demo_pipeline_is_valid_and_runs_the_steps_in_file_order(monkeypatch
     planned = read_pipeline(REPOSITORY / "pipelines" / "demo.toml")
     assert [step.name for step in planned] == [
         "generate_atrophy", "train", "mask_group", "mask_session", *["explain"] * 4,
-        "evaluate_localisation", "evaluate_classification", "evaluate_robustness", "stats",
-        "report"]
+        "evaluate_localisation", "evaluate_faithfulness", "evaluate_classification",
+        "evaluate_robustness", "stats", "report"]
     explain = [step.config.explain.method for step in planned if step.name == "explain"]
     assert explain == ["grad_cam", "grad_cam_pp", "hires_cam", "integrated_gradients"]
     train = planned[1].config

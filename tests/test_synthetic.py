@@ -8,6 +8,8 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+from pydantic import ValidationError
+from scipy import ndimage
 
 from voxplain.config import AtrophyCohortConfig
 from voxplain.data.atlas import Atlas
@@ -411,3 +413,136 @@ def test_ageing_lowers_grey_matter_by_the_stated_rate_in_the_regions_and_half_el
         name = os.path.basename(row.path)
         np.testing.assert_array_equal(load(outs[rate] / "atrophy" / name),
                                       load(outs[0.0] / "atrophy" / name))
+
+
+# Acquisition sites: subjects spread over sites, each site with its own gain, blur and bias field.
+
+def site_config(out, **changes) -> AtrophyCohortConfig:
+    settings = dict(subjects=8, sessions=1, qc_failures=1, voxel_size=8.0)
+    return small_config(out, **{**settings, **changes})
+
+
+def bias_field(coefficients, order, shape) -> np.ndarray:
+    """exp of the polynomial of the coordinates scaled to [-1, 1] per axis, terms ordered by
+    the x degree, then y, then z (TorchIO's order), written out independently of TorchIO."""
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    terms = [x ** i * y ** j * z ** k for i in range(order + 1) for j in range(order + 1 - i)
+             for k in range(order + 1 - i - j)]
+    assert len(terms) == len(coefficients)
+    return np.exp(sum(c * term for c, term in zip(coefficients, terms)))
+
+
+def test_one_site_without_site_effects_is_the_cohort_generated_before_sites_existed(tmp_path):
+    default = small_config(tmp_path / "default", subjects=8, sessions=1, qc_failures=1,
+                           voxel_size=8.0)
+    assert (default.sites, default.site_effects) == (1, 0.0)
+    explicit = site_config(tmp_path / "explicit", sites=1, site_effects=0.0)
+    two_sites = site_config(tmp_path / "two_sites", sites=2, site_effects=0.0)
+    tables = {config.out.name: read_tsv(generate_atrophy_cohort(config))
+              for config in (default, explicit, two_sites)}
+    assert "site" not in tables["default"].columns
+    assert ((tmp_path / "default" / "cohort.tsv").read_text()
+            == (tmp_path / "explicit" / "cohort.tsv").read_text())
+    # a site assignment alone changes no image and adds only the site column
+    assert tables["two_sites"].drop(columns="site").equals(tables["default"])
+    record = json.loads((tmp_path / "default" / "generator.json").read_text())
+    assert "sites" not in record and not any(key.startswith("site")
+                                             for key in record["constants"])
+    for path in tables["default"].path:
+        images = [nib.load(tmp_path / name / path) for name in tables]
+        assert all(image.get_fdata(dtype=np.float32).tobytes()
+                   == images[0].get_fdata(dtype=np.float32).tobytes() for image in images)
+        assert all(np.array_equal(image.affine, images[0].affine) for image in images)
+
+
+def test_a_folder_generated_before_sites_existed_is_accepted_at_one_site(tmp_path):
+    config = site_config(tmp_path)
+    generate_atrophy_cohort(config)
+    record = json.loads((tmp_path / "generator.json").read_text())
+    del record["config"]["sites"], record["config"]["site_effects"]  # as written before
+    (tmp_path / "generator.json").write_text(json.dumps(record))
+    generate_atrophy_cohort(config)  # the same cohort: accepted
+    with pytest.raises(ValueError, match=r"other settings \(sites: 1 -> 2\)"):
+        generate_atrophy_cohort(site_config(tmp_path, sites=2))
+
+
+def test_sites_split_each_diagnosis_evenly_and_are_seeded(tmp_path):
+    config = site_config(tmp_path / "a", subjects=10, qc_failures=2, sites=3)
+    table = read_tsv(generate_atrophy_cohort(config))
+    again = read_tsv(generate_atrophy_cohort(config.model_copy(update={"out": tmp_path / "b"})))
+    assert list(table.columns)[-1] == "site"
+    assert list(table.site) == list(again.site)  # the same seed, the same assignment
+    regular = table.iloc[:10]
+    assert set(regular.site) == {"site-1", "site-2", "site-3"}
+    for diagnosis in ("CN", "AD"):
+        counts = regular[regular.diagnosis == diagnosis].site.value_counts()
+        assert counts.sum() == 5 and counts.max() - counts.min() <= 1
+    counts = regular.site.value_counts()
+    assert counts.max() - counts.min() <= 1
+    assert table.iloc[10:].site.str.fullmatch(r"site-[123]").all()  # QC failures have one too
+    record = json.loads((tmp_path / "a" / "generator.json").read_text())
+    assert [site["site"] for site in record["sites"]] == ["site-1", "site-2", "site-3"]
+    for site in record["sites"]:
+        assert site["participants"] == sorted(table[table.site == site["site"]].participant_id)
+        assert site["gain"] == 1.0 and site["blur_mm"] == 0.0  # site_effects = 0
+        assert len(site["bias_coefficients"]) == 20 and not any(site["bias_coefficients"])
+    assignments = [list(read_tsv(generate_atrophy_cohort(
+        site_config(tmp_path / f"seed{seed}", subjects=10, sites=3, seed=seed))).site)
+        for seed in (1, 2, 3)]
+    assert len({tuple(sites) for sites in assignments}) > 1  # the assignment is drawn
+
+
+def test_site_effects_are_gain_then_blur_in_mm_then_bias_field(tmp_path, monkeypatch):
+    """Against scipy and numpy with the recorded parameters; on 8 mm voxels a blur std read in
+    voxels instead of mm would be 8 times too wide."""
+    monkeypatch.setattr("voxplain.data.synthetic.SATURATION", 0.5)  # nothing clips at 1
+    settings = dict(sites=2, noise=0.0, qc_failures=0)
+    plain = read_tsv(generate_atrophy_cohort(site_config(tmp_path / "plain", **settings)))
+    config = site_config(tmp_path / "sites", site_effects=1.0, **settings)
+    table = read_tsv(generate_atrophy_cohort(config))
+    assert list(table.site) == list(plain.site)
+    sites = {site["site"]: site
+             for site in json.loads((tmp_path / "sites" / "generator.json").read_text())["sites"]}
+    assert all(1.0 <= site["gain"] <= 1.1 and 0 <= site["blur_mm"] <= 4.0
+               for site in sites.values())
+    assert max(site["gain"] for site in sites.values()) > 1.02
+    assert max(site["blur_mm"] for site in sites.values()) > 1.0
+    for row, before in zip(table.itertuples(), plain.itertuples()):
+        site = sites[row.site]
+        gm = load(tmp_path / "plain" / before.path).astype(np.float64)
+        assert 0.1 < gm.max() < 1  # the GM before clipping
+        blurred = ndimage.gaussian_filter(site["gain"] * gm, site["blur_mm"] / 8.0)
+        expected = blurred * bias_field(site["bias_coefficients"], 3, gm.shape)
+        image = load(tmp_path / "sites" / row.path)
+        assert image.max() < 1
+        np.testing.assert_allclose(image, expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("noise", [0.03, 0.0])
+def test_regular_images_with_full_site_effects_pass_the_quality_check(tmp_path, noise):
+    config = small_config(tmp_path, subjects=12, sessions=1, qc_failures=2, sites=3,
+                          site_effects=1.0, noise=noise, downsample=4)
+    table = read_tsv(generate_atrophy_cohort(config))
+    maxima = [load(tmp_path / path).max() for path in table.path]
+    assert all(maximum >= QC_THRESHOLD for maximum in maxima[:12])
+    assert all(maximum == pytest.approx(0.7) for maximum in maxima[12:])  # QC failures
+
+
+def test_site_effects_leave_the_ground_truth_and_the_atrophy_maps_unchanged(tmp_path):
+    settings = dict(sites=2, qc_failures=1)
+    plain = read_tsv(generate_atrophy_cohort(site_config(tmp_path / "plain", **settings)))
+    table = read_tsv(generate_atrophy_cohort(site_config(tmp_path / "sites", site_effects=1.0,
+                                                         **settings)))
+    pairs = [("ground_truth.nii.gz", "ground_truth.nii.gz"),
+             *zip(plain.atrophy_path, table.atrophy_path)]
+    assert (table.diagnosis == "AD").any()
+    for before, after in pairs:
+        assert (load(tmp_path / "plain" / before).tobytes()
+                == load(tmp_path / "sites" / after).tobytes())
+    assert not np.array_equal(load(tmp_path / "plain" / plain.path[0]),
+                              load(tmp_path / "sites" / table.path[0]))
+
+
+def test_site_effects_with_a_single_site_are_refused(tmp_path):
+    with pytest.raises(ValidationError, match=r"site_effects = 0.5 needs sites > 1"):
+        site_config(tmp_path, site_effects=0.5)

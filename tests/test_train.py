@@ -263,11 +263,13 @@ def _validation_rows(summary: pd.DataFrame) -> pd.DataFrame:
 @pytest.mark.slow
 def test_training_learns_before_early_stopping_may_end_a_fold(reproduction, stopped_early,
                                                              tmp_path):
-    """Without the minimum number of steps (paper 1's patience alone) every fold stops at
-    chance on this cohort; with the default, every fold learns."""
+    """Without the minimum number of steps (paper 1's patience alone) folds stop at chance on
+    this cohort (the issue's reproduction: two of three; which ones learn depends on the
+    machine's floating-point paths); with the default, every fold learns."""
     stopped = _validation_rows(stopped_early[1])
-    assert stopped.at_chance.all() and (stopped.balanced_accuracy == 0.5).all()
-    assert (stopped.epochs < 30).all()
+    at_chance = stopped[stopped.at_chance.astype(bool)]
+    assert len(at_chance) >= 2 and (at_chance.balanced_accuracy == 0.5).all()
+    assert (at_chance.epochs < 30).all()
     learned = _validation_rows(run_train(TrainConfig(cohort=reproduction,
                                                         out=tmp_path / "default", folds=3,
                                                         device="cpu")))
@@ -279,8 +281,8 @@ def test_training_learns_before_early_stopping_may_end_a_fold(reproduction, stop
 def test_later_steps_skip_a_fold_that_cannot_serve_them_and_fail_only_if_none_can(
         stopped_early, caplog):
     """Folds at chance that predict CN for everyone have no correctly classified AD patient:
-    `mask group` names them in a warning and masks the fold that predicts AD for everyone;
-    asked for those folds only, it fails with every reason."""
+    `mask group` names them in a warning and masks the folds that predict AD (for everyone,
+    or a fold that learned); asked for those folds only, it fails with every reason."""
     from voxplain.config import GroupMaskStepConfig
     from voxplain.steps.masks import run_group_masks
     from voxplain.run import RunFolderError
@@ -288,7 +290,7 @@ def test_later_steps_skip_a_fold_that_cannot_serve_them_and_fail_only_if_none_ca
     run = stopped_early[0]
     predicted = {fold: set(pd.read_csv(run / f"models/fold-{fold}/run-0/predictions-validation.tsv",
                                        sep="\t").predicted) for fold in range(3)}
-    serving = [fold for fold, classes in predicted.items() if classes == {"AD"}]
+    serving = [fold for fold, classes in predicted.items() if "AD" in classes]
     idle = [fold for fold, classes in predicted.items() if classes == {"CN"}]
     assert serving and idle
     summary = run_group_masks(GroupMaskStepConfig(run=run, device="cpu",

@@ -155,8 +155,16 @@ class AtrophyCohortConfig(Section):
     qc_failures: int = Field(
         0, ge=0, description="Extra sessions with a low maximum, to exercise the quality check."
     )
+    sites: int = Field(
+        1, ge=1, description="Number of acquisition sites; the subjects of each diagnosis are "
+        "spread evenly over them, so that the site says nothing about the class."
+    )
+    site_effects: float = Field(
+        0.0, ge=0, le=1, description="Strength s of the differences between sites: each site "
+        "has its own intensity gain (1 to 1 + 0.1 s), Gaussian blur (std up to s / 2 voxels) and "
+        "smooth bias field (0: no differences; needs --sites > 1)."
+    )
     seed: int = Field(0, ge=0, description="Seed of every random draw of the generator.")
-
 
     @field_validator("severity")
     @classmethod
@@ -165,6 +173,14 @@ class AtrophyCohortConfig(Section):
         if not 0 <= low <= high < 1:
             raise ValueError(f"severity must be a range 0 <= low <= high < 1, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _site_effects_need_several_sites(self) -> "AtrophyCohortConfig":
+        if self.site_effects > 0 and self.sites == 1:
+            raise ValueError(f"site_effects = {self.site_effects} needs sites > 1: with one site "
+                             "there is nothing for the site to differ from (set sites or leave "
+                             "site_effects at 0)")
+        return self
 
 
 class LesionCohortConfig(Section):
@@ -591,7 +607,9 @@ class TrainConfig(Section):
 class ImportConfig(Section):
     """``voxplain import``: a run folder around trained models from elsewhere, which every step
     over a run folder then takes as it takes one of `voxplain train`. The models read the
-    cohort's images as they are (no resampling, no intensity normalisation)."""
+    cohort's images on the cohort's grid (no resampling), through the input they declare:
+    ``input_size`` and ``normalisation``; a network with one output (a sigmoid) is given the
+    two logits ``(-z / 2, z / 2)``."""
 
     resumable: ClassVar[frozenset[str]] = frozenset({"device", "run", "batch_size"})
 
@@ -601,6 +619,14 @@ class ImportConfig(Section):
     run: Path = Field(validation_alias=AliasChoices("run", "out"),
                       description="Run folder to create.")
     diagnosis_column: str = Field("diagnosis", description="Column of the TSV holding the label.")
+    normalisation: Literal["none", "zscore", "minmax"] = Field(
+        "none", description="Intensity normalisation the network expects, per image and "
+        "channel, applied inside the model (voxplain.models.declared_input): zscore, minmax "
+        "or none.")
+    input_size: list[int] | None = Field(
+        None, description="The network's input size, voxels per spatial axis: each image is "
+        "centred-cropped or zero-padded to it inside the model, and every map comes back on "
+        "the cohort's grid (default: the cohort's grid).")
     batch_size: int = Field(8, ge=1, description="Images per forward pass (validation "
                             "predictions).")
     device: Device = Field("auto", description="Where to run the models.")
@@ -1145,6 +1171,52 @@ class LocalisationStepConfig(LocalisationConfig):
     seed: int = Field(0, ge=0, description="Seed of the random and linear baselines.")
 
 
+class FaithfulnessStepConfig(RunStepConfig):
+    """``voxplain evaluate faithfulness``: deletion and insertion curves (Petsiuk et al. 2018)
+    of the run's explanations, masks and baselines on the same sessions."""
+
+    methods: list[str] | None = Field(
+        None, description="Explanation methods scored (default: every one in the run folder); "
+        "group_mask, session_mask and baseline:NAME select those rows."
+    )
+    diagnosis: str | None = Field(
+        None, description="Class whose validation sessions are scored, for that class "
+        "(default: the patient class, the class the masks explain)."
+    )
+    sessions: int = Field(
+        8, ge=1, description="Validation sessions of that class scored per fold/run (the "
+        "first in cohort order)."
+    )
+    step: float = Field(
+        0.05, gt=0, le=1, description="Fraction of the brain's voxels changed per point of a "
+        "curve (21 points at 0.05)."
+    )
+    perturbation: Literal["constant", "blur"] = Field(
+        MaskConfig.model_fields["perturbation"].default,
+        description="What a deleted voxel becomes (and an inserted one starts from): a "
+        "constant, or the image blurred; as the masks' mu (1: restored grey matter)."
+    )
+    constant: float = Field(
+        MaskConfig.model_fields["constant"].default,
+        description="The value of the constant perturbation."
+    )
+    blur_mm: float = Field(
+        MaskConfig.model_fields["blur_mm"].default, gt=0,
+        description="Gaussian sigma (mm) of the blurred perturbation."
+    )
+    baselines: bool = Field(
+        True, description="Score the baselines of voxplain.evaluate.baselines as rankings "
+        "beside the methods (baseline:random, input, edge, t_map, linear_weights, "
+        "linear_pattern)."
+    )
+    masks: bool = Field(
+        True, description="Score the run's group and session masks (ranking 1 - mask) where "
+        "they exist."
+    )
+    batch_size: int = Field(16, ge=1, description="Perturbed images per forward pass.")
+    seed: int = Field(0, ge=0, description="Seed of the random and linear baselines.")
+
+
 class ClassificationEvaluationConfig(Section):
     """``voxplain evaluate classification``: metrics with bootstrap CIs of a run's models."""
 
@@ -1174,6 +1246,11 @@ class RandomisationConfig(RunStepConfig):
     data: bool = Field(True, description="Also the data-randomisation test: train the run's "
                        "models again on permuted diagnoses (RUN/randomisation/data) and compare "
                        "their maps; costs one more training of every fold.")
+    options: dict[str, dict[str, bool | int | float | str]] = Field(
+        default_factory=dict, description="Options of each method's explainer, by method (e.g. "
+        "{integrated_gradients = {n_steps = 16}} in the pipeline file): cheaper settings of "
+        "the expensive methods, as given to voxplain explain --options."
+    )
     seed: int = Field(0, ge=0, description="Seed of the layer re-initialisations and of the "
                       "label permutation.")
 

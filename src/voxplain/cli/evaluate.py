@@ -8,6 +8,7 @@ from voxplain.cli.common import (config_command, console, print_table, progress_
                                  reported_errors)
 from voxplain.config import (
     ClassificationEvaluationConfig,
+    FaithfulnessStepConfig,
     LocalisationStepConfig,
     RandomisationConfig,
     RobustnessConfig,
@@ -118,6 +119,26 @@ def evaluate_randomisation_command(settings: RandomisationConfig) -> None:
                 "below 0.5)", summary,
                 ["test", "method", "fold", "run", "spearman_abs", "ssim", "roi_cosine", "passes"])
     console.print(f"written {settings.run / 'evaluation' / 'randomisation'}")
+
+
+@evaluate.command("faithfulness")
+@config_command(FaithfulnessStepConfig, "evaluate_faithfulness",
+                ["run", "methods", "folds", "diagnosis", "sessions", "step", "perturbation",
+                 "constant", "blur_mm", "baselines", "masks", "batch_size", "seed", "device"],
+                flags={"baselines": "--baselines/--no-baselines", "masks": "--masks/--no-masks"})
+def evaluate_faithfulness_command(settings: FaithfulnessStepConfig) -> None:
+    """Deletion and insertion curves (Petsiuk et al. 2018) of every explanation, mask and
+    baseline on the same validation sessions -> RUN/evaluation/faithfulness/ (a faithful map:
+    low deletion area, high insertion area; compare with baseline:random)."""
+    from voxplain.steps.faithfulness import run_faithfulness
+
+    with reported_errors(), progress_bar() as bar:
+        summary = run_faithfulness(settings, progress=bar)
+    print_table("Faithfulness (mean areas under the curves; deletion: lower is better, "
+                "insertion: higher)", summary,
+                ["key", "deletion_auc", "insertion_auc", "n_sessions", "deletion_beats_random",
+                 "insertion_beats_random"])
+    console.print(f"written {settings.run / 'evaluation' / 'faithfulness'}")
 
 
 @config_command(StatsConfig, "stats",

@@ -26,7 +26,8 @@ def _generate(generator: Callable[..., Path], settings: BaseModel, description: 
 @generate.command("atrophy")
 @config_command(AtrophyCohortConfig, "generate_atrophy",
                 ["out", "subjects", "sessions", "downsample", "voxel_size", "regions", "noise",
-                 "heterogeneity", "severity", "progression", "ageing", "qc_failures", "seed"],
+                 "heterogeneity", "severity", "progression", "ageing", "qc_failures", "sites",
+                 "site_effects", "seed"],
                 absolute_paths=False)
 def generate_atrophy(settings: AtrophyCohortConfig) -> None:
     """Synthetic 3D GM maps: AD patients lose grey matter in chosen AAL2 regions."""

@@ -22,7 +22,7 @@ _SUMMARY = ["fold", "run", "subset", "best_epoch", "balanced_accuracy", "auc", "
 @imports.command("clinicadl")
 @config_command(ClinicaDLImportConfig, "import_clinicadl",
                 ["maps", "cohort", "run", "selection_metric", "folds", "diagnosis_column",
-                 "batch_size", "device"],
+                 "normalisation", "input_size", "batch_size", "device"],
                 flags={"run": ("--run", "--out")})
 def clinicadl(settings: ClinicaDLImportConfig) -> None:
     """The image-level CNNs (Conv5_FC3, Conv4_FC3) of a ClinicaDL MAPS folder, one per split,
@@ -39,7 +39,7 @@ def clinicadl(settings: ClinicaDLImportConfig) -> None:
 @imports.command("monai")
 @config_command(MonaiImportConfig, "import_monai",
                 ["network", "weights", "cohort", "run", "splits", "split_seed", "classes",
-                 "diagnosis_column", "batch_size", "device"],
+                 "diagnosis_column", "normalisation", "input_size", "batch_size", "device"],
                 flags={"run": ("--run", "--out")})
 def monai(settings: MonaiImportConfig,
           args: str = typer.Option(None, "--args", help="The network's constructor arguments "
@@ -62,7 +62,7 @@ def monai(settings: MonaiImportConfig,
 @imports.command("program")
 @config_command(ProgramImportConfig, "import_program",
                 ["programs", "cohort", "run", "splits", "split_seed", "classes",
-                 "diagnosis_column", "batch_size", "device"],
+                 "diagnosis_column", "normalisation", "input_size", "batch_size", "device"],
                 flags={"run": ("--run", "--out"), "programs": ("--program", "--programs")})
 def program(settings: ProgramImportConfig) -> None:
     """One torch.export program per fold (--program fold-0.pt2,fold-1.pt2, saved with
@@ -81,7 +81,7 @@ def program(settings: ProgramImportConfig) -> None:
 @imports.command("python")
 @config_command(PythonImportConfig, "import_python",
                 ["factory", "weights", "cohort", "run", "splits", "split_seed", "classes",
-                 "diagnosis_column", "batch_size", "device"],
+                 "diagnosis_column", "normalisation", "input_size", "batch_size", "device"],
                 flags={"run": ("--run", "--out")})
 def python(settings: PythonImportConfig,
            args: str = typer.Option(None, "--args", help="The factory's keyword arguments as "

@@ -25,31 +25,58 @@ point at the medial temporal lobe. This generator builds such a cohort with the 
   no class signal, but an old control's medial temporal lobe looks like a mildly atrophied
   patient's and the classes overlap as in a real cohort. The ground truth is unchanged: the
   disease atrophy, which is what separates the classes;
+- site (``sites`` > 1): the regular subjects of each diagnosis, in a seeded random order, are
+  dealt round-robin over the sites (the count carrying on from CN to AD to the quality-check
+  failures), so every site holds as many CN and as many AD subjects (+-1) and the site is no class
+  signal. With ``site_effects`` s > 0 each site k draws once its acquisition: an intensity gain
+  ``g_k ~ U(1, 1 + 0.1 s)`` (:data:`SITE_GAIN_RANGE`; the sites differ by up to 10 %,
+  and no gain lowers the saturated GM), a Gaussian blur of std ``b_k ~ U(0, 0.5 s)`` voxels
+  (:data:`SITE_BLUR_VOXELS`; in mm, the mean voxel size times it) and a smooth multiplicative bias
+  field ``exp(sum_i c_i P_i)`` over the polynomials ``P_i`` of degree 1 to :data:`SITE_BIAS_ORDER`
+  (3) in the grid coordinates scaled to [-1, 1] (TorchIO's ``BiasField``; no constant term, so the
+  field is 1 at the grid centre and the gain alone scales the site), ``c_i ~ U(-0.05 s, 0.05 s)``
+  (:data:`SITE_BIAS_COEFFICIENT`). The noiseless GM of a session becomes ``bias * blur(g_k * GM)``
+  (TorchIO's ``Blur``, std in mm), before the noise (added where this GM is > 0), so the noise is
+  not blurred; s = 0 leaves the images unchanged bit for bit. The ground truth and the atrophy
+  maps are the disease's and do not change with the site;
 - acquisition: Gaussian voxel noise (``noise`` SD) on the tissue, then clipping to [0, 1].
 
-Probability maps from SPM saturate at 1 where grey matter is certain, and paper 1 (section
-2.3.1) rejects maps whose maximum is below 0.95. Interpolation and block averaging blur the
-template's saturated voxels (its maximum is 0.98 at downsample 4), so the template is rescaled
-to put its 99th percentile inside the brain at :data:`SATURATION` = 1.1 before the subject's
-scale and field, and clipped after: the most certain 1 % of GM stays >= 1.1 * 0.9 * 0.98 > 0.95
-in every regular image. The ``qc_failures`` extra subjects (one session each, alternately CN
-and AD, appended after the regular subjects and listed in ``generator.json``) are generated the
-same way, then scaled to a maximum of :data:`QC_FAILURE_MAXIMUM` so that the quality check has
-something to reject.
+Probability maps from SPM saturate at 1 where grey matter is certain, and paper 1 (section 2.3.1)
+rejects maps whose maximum is below 0.95. Interpolation and block averaging blur the template's
+saturated voxels (its maximum is 0.98 at downsample 4), so the template is rescaled to put its
+99th percentile inside the brain at :data:`SATURATION` = 1.1 before the subject's scale and field,
+and clipped after: the most certain 1 % of GM stays >= 1.1 * 0.9 * 0.98 > 0.95 in every regular
+image. Site effects must keep it so: the blur lowers the peaks (by about 8 % at 0.65 voxel, 12 %
+at 1 voxel on these grids), a gain below 1 would lower them further, and the bias field (between
+0.89 and 1.14 inside the brain at s = 1, measured) barely moves them (it is 1 at the grid centre,
+and the image maximum goes where the field is high). Hence gains >= 1 and a blur of at most half a
+voxel: at s = 1, over the regular images of 12-subject, 3-site cohorts (seeds 0-9) on the grids of
+downsample 4 and of voxel_size 5 and 6 mm, the noiseless GM (after the site effects, before noise
+and clipping) peaks at 1.005 or more (0.93 with blurs up to 1 voxel, 0.96 with gains in [0.95,
+1.05] and blurs up to half a voxel), so every image maximum is >= 0.95, with or without noise
+(measured: 1.0 with the default noise; finer grids were not measured). The ``qc_failures`` extra
+subjects (one session each, alternately CN and AD, appended after the regular subjects and listed
+in ``generator.json``) are generated the same way, then scaled to a maximum of
+:data:`QC_FAILURE_MAXIMUM` so that the quality check has something to reject.
 
 Every random draw comes from ``numpy.random.default_rng`` seeded by (seed, subject, purpose),
 so a subject is the same whatever the order of generation, and a re-run skips the files that
-already exist (the generator is deterministic, so they would be identical).
+already exist (the generator is deterministic, so they would be identical). The site draws have
+keys no subject stream has: the assignment (seed, :data:`_SITES`) (a one-element key; the
+diagnoses' order is (seed) and every subject key has two or three elements) and site k's
+acquisition (seed, k, :data:`_SITES`) (purpose :data:`_SITES` = 4, which no subject uses).
 
 Output folder::
 
     cohort.tsv                  participant_id, session_id, diagnosis, path, atrophy_path, age,
-                                sex, severity
+                                sex, severity, and site (site-1, site-2, ...) when sites > 1
     images/sub-XXX_ses-MYY.nii.gz     GM maps (float32, the cohort grid's affine)
     atrophy/sub-XXX_ses-MYY.nii.gz    s_k * A warped to the subject (zeros for CN; ageing
                                       is not in it)
     ground_truth.nii.gz         A on the template (undeformed) grid, in [0, 1]
-    generator.json              the configuration, regions, grid and generator constants
+    generator.json              the configuration, regions, grid and generator constants; with
+                                sites > 1 each site's subjects, gain, blur std (mm) and bias
+                                coefficients
 """
 
 from __future__ import annotations
@@ -107,9 +134,51 @@ QC_FAILURE_MAXIMUM = 0.7
 #: Age range (years) at baseline; follow-up sessions are 12 months apart.
 AGE_RANGE = (60.0, 90.0)
 MONTHS_BETWEEN_SESSIONS = 12
+#: Site k's gain is ``1 + s U(*SITE_GAIN_RANGE)`` (s: ``site_effects``).
+SITE_GAIN_RANGE = (0.0, 0.1)
+#: Site k's blur std is ``U(0, SITE_BLUR_VOXELS s)`` voxels of the cohort grid (recorded in mm).
+SITE_BLUR_VOXELS = 0.5
+#: Site k's bias field: polynomial order and the bound of its coefficients at s = 1.
+SITE_BIAS_ORDER = 3
+SITE_BIAS_COEFFICIENT = 0.05
 
-#: Purposes of the random streams of a subject (the last element of its seed key).
-_DEMOGRAPHICS, _ANATOMY, _NOISE, _HETEROGENEITY = 0, 1, 2, 3
+#: Purposes of the random streams of a subject (the second element of its seed key); _SITES is
+#: the purpose of the site streams only (module docstring).
+_DEMOGRAPHICS, _ANATOMY, _NOISE, _HETEROGENEITY, _SITES = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class SiteEffect:
+    """One acquisition site's drawn differences (module docstring): intensity gain, Gaussian
+    blur std in mm and bias-field coefficients (order :data:`SITE_BIAS_ORDER`, TorchIO's term
+    order, the constant term 0)."""
+
+    gain: float
+    blur_mm: float
+    bias_coefficients: tuple[float, ...]
+
+    def apply(self, gm: np.ndarray, grid: Grid) -> np.ndarray:
+        """``bias * blur(gain * gm)`` on ``grid`` (the blur std in mm), float32."""
+        import torchio  # takes seconds to import: only when there are site effects
+        from torchio.transforms.augmentation.intensity.random_bias_field import BiasField
+
+        image = torchio.ScalarImage(tensor=_torch_tensor(gm * np.float32(self.gain)),
+                                    affine=np.asarray(grid.affine, dtype=np.float64))
+        image = torchio.Blur(std=(self.blur_mm,) * 3)(image)
+        image = BiasField(coefficients=list(self.bias_coefficients), order=SITE_BIAS_ORDER)(image)
+        return image.data[0].numpy().astype(np.float32)
+
+    def record(self) -> dict:
+        """The JSON record of ``generator.json``."""
+        return {"gain": self.gain, "blur_mm": self.blur_mm,
+                "bias_coefficients": list(self.bias_coefficients)}
+
+
+def _torch_tensor(volume: np.ndarray):
+    """``(1, *volume.shape)`` float32 tensor (a one-channel TorchIO image)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)[None])
 
 
 @dataclass(frozen=True)
@@ -118,6 +187,7 @@ class SessionPlan(PlannedSession):
 
     severity: float
     qc_failure: bool
+    site: int = 0
 
     @property
     def filename(self) -> str:
@@ -150,19 +220,20 @@ def generate_atrophy_cohort(
     patterns = region_patterns(atlas, regions)
     pattern = patterns.sum(0)
     plan = plan_sessions(config)
-    claim_folder(out / "generator.json", _generator_record(config, regions, grid, plan),
+    sites = site_effects(config, grid)
+    claim_folder(out / "generator.json", _generator_record(config, regions, grid, plan, sites),
                  AtrophyCohortConfig)
     save_if_absent(out / "ground_truth.nii.gz", pattern, grid)
     anatomy = _saturated_template(cohort_template(config, grid))
     done = 0
     for _, group in itertools.groupby(plan, key=lambda p: p.subject):
         sessions = list(group)
-        _generate_subject(config, sessions, anatomy, patterns, grid, out)
+        _generate_subject(config, sessions, anatomy, patterns, grid, out, sites)
         for _ in sessions:
             done += 1
             if progress is not None:
                 progress(done, len(plan))
-    table = cohort_table(plan)
+    table = cohort_table(plan, config.sites)
     write_table_once(out / "cohort.tsv", table)
     return out / "cohort.tsv"
 
@@ -249,25 +320,71 @@ def plan_sessions(config: AtrophyCohortConfig) -> list[SessionPlan]:
 
     Regular subjects are half CN and half AD (AD gets the extra one when the count is odd), in a
     seeded random order; quality-check failures alternate CN, AD and have one session each.
+    Sites as :func:`assign_sites` deals them.
     """
     regular = ["CN"] * (config.subjects // 2) + ["AD"] * (config.subjects - config.subjects // 2)
     diagnoses = list(seeded_rng(config.seed).permutation(regular))
     diagnoses += ["CN" if j % 2 == 0 else "AD" for j in range(config.qc_failures)]
+    sites = assign_sites(config, [str(d) for d in diagnoses[:config.subjects]])
     width = max(3, len(str(len(diagnoses))))
     plans = []
     for subject, diagnosis in enumerate(diagnoses):
         qc_failure = subject >= config.subjects
         sessions = 1 if qc_failure else config.sessions
         plans += _subject_sessions(config, subject, f"sub-{subject + 1:0{width}d}",
-                                   str(diagnosis), sessions, qc_failure)
+                                   str(diagnosis), sessions, qc_failure, sites[subject])
     return plans
 
 
-def cohort_table(plan: Sequence[SessionPlan]) -> pd.DataFrame:
+def assign_sites(config: AtrophyCohortConfig, diagnoses: Sequence[str]) -> list[int]:
+    """Site index (0-based) of every subject, regular ones (``diagnoses``) then the
+    ``config.qc_failures`` quality-check failures; all 0 with one site (no draw then).
+
+    Per diagnosis (CN, then AD) the subjects in a seeded random order (stream (seed,
+    :data:`_SITES`)) are dealt round-robin over the sites, the count carrying on from one
+    diagnosis to the next and then over the quality-check failures in order: every site holds
+    as many subjects of each diagnosis, +-1.
+    """
+    total = len(diagnoses) + config.qc_failures
+    if config.sites == 1:
+        return [0] * total
+    rng = seeded_rng(config.seed, _SITES)
+    sites = [0] * total
+    dealt = 0
+    for diagnosis in ("CN", "AD"):
+        members = [i for i, d in enumerate(diagnoses) if d == diagnosis]
+        for subject in rng.permutation(np.array(members, dtype=int)):
+            sites[int(subject)] = dealt % config.sites
+            dealt += 1
+    for subject in range(len(diagnoses), total):
+        sites[subject] = dealt % config.sites
+        dealt += 1
+    return sites
+
+
+def site_effects(config: AtrophyCohortConfig, grid: Grid) -> list[SiteEffect]:
+    """Each site's :class:`SiteEffect` at strength s = ``config.site_effects`` (module
+    docstring), site k from stream (seed, k, :data:`_SITES`); identity effects when s is 0."""
+    strength = config.site_effects
+    voxel = float(np.mean(np.abs(grid.voxel_size)))
+    terms = math.comb(SITE_BIAS_ORDER + 3, 3)
+    effects = []
+    for site in range(config.sites):
+        rng = seeded_rng(config.seed, site, _SITES)
+        gain = 1 + strength * rng.uniform(*SITE_GAIN_RANGE)
+        blur_mm = SITE_BLUR_VOXELS * strength * rng.uniform(0, 1) * voxel
+        coefficients = SITE_BIAS_COEFFICIENT * strength * rng.uniform(-1, 1, terms)
+        coefficients[0] = 0.0  # the constant term: the gain alone scales the site
+        effects.append(SiteEffect(float(gain), float(blur_mm),
+                                  tuple(float(c) + 0.0 for c in coefficients)))
+    return effects
+
+
+def cohort_table(plan: Sequence[SessionPlan], sites: int = 1) -> pd.DataFrame:
     """The cohort TSV: participant_id, session_id, diagnosis, path (relative), atrophy_path
     (the session's own ground truth, relative), age, sex, severity (fraction of GM lost at the
-    atrophy peak; 0 for CN)."""
-    return pd.DataFrame({
+    atrophy peak; 0 for CN) and, only with ``sites`` > 1, site (``site-1``, ``site-2``, ...)."""
+    table = pd.DataFrame({
         "participant_id": [p.participant_id for p in plan],
         "session_id": [p.session_id for p in plan],
         "diagnosis": [p.diagnosis for p in plan],
@@ -277,6 +394,9 @@ def cohort_table(plan: Sequence[SessionPlan]) -> pd.DataFrame:
         "sex": [p.sex for p in plan],
         "severity": [p.severity for p in plan],
     })
+    if sites > 1:
+        table["site"] = [f"site-{p.site + 1}" for p in plan]
+    return table
 
 
 def smooth_displacement(rng: np.random.Generator, grid: Grid, amplitude_mm: float) -> np.ndarray:
@@ -316,7 +436,8 @@ def deform(volume: np.ndarray, displacement: np.ndarray) -> np.ndarray:
 
 
 def _generate_subject(config: AtrophyCohortConfig, sessions: Sequence[SessionPlan],
-                      anatomy: np.ndarray, patterns: np.ndarray, grid: Grid, out: Path) -> None:
+                      anatomy: np.ndarray, patterns: np.ndarray, grid: Grid, out: Path,
+                      sites: Sequence[SiteEffect]) -> None:
     """Write the image and atrophy map of each session of one subject not yet on disk."""
     missing = [p for p in sessions
                if not (exists_with_shape(out / "images" / p.filename, grid.shape)
@@ -333,8 +454,12 @@ def _generate_subject(config: AtrophyCohortConfig, sessions: Sequence[SessionPla
         gm = subject_gm * (1 - atrophy)
         if subject_ageing is not None:
             gm *= 1 - ageing_loss(config.ageing, plan.age) * (1 + subject_ageing) / 2
+        tissue = subject_gm > 0
+        if config.site_effects > 0:
+            gm = sites[plan.site].apply(gm, grid)
+            tissue = gm > 0
         noise_rng = seeded_rng(config.seed, plan.subject, _NOISE, plan.session)
-        image = _acquire(gm, subject_gm > 0, config.noise, noise_rng)
+        image = _acquire(gm, tissue, config.noise, noise_rng)
         if plan.qc_failure:
             image *= QC_FAILURE_MAXIMUM / image.max()
         save_nifti(out / "atrophy" / plan.filename, atrophy, grid.affine)
@@ -376,7 +501,8 @@ def _saturated_template(template: np.ndarray) -> np.ndarray:
 
 
 def _subject_sessions(config: AtrophyCohortConfig, subject: int, participant_id: str,
-                      diagnosis: str, sessions: int, qc_failure: bool) -> list[SessionPlan]:
+                      diagnosis: str, sessions: int, qc_failure: bool,
+                      site: int = 0) -> list[SessionPlan]:
     rng = seeded_rng(config.seed, subject, _DEMOGRAPHICS)
     age = rng.uniform(*AGE_RANGE)
     sex = str(rng.choice(["F", "M"]))
@@ -387,13 +513,14 @@ def _subject_sessions(config: AtrophyCohortConfig, subject: int, participant_id:
         severity = (min(baseline + k * config.progression, MAX_SEVERITY)
                     if diagnosis == "AD" else 0.0)
         plans.append(SessionPlan(subject, k, participant_id, f"ses-M{months:02d}", diagnosis,
-                                 round(age + months / 12, 1), sex, float(severity), qc_failure))
+                                 round(age + months / 12, 1), sex, float(severity), qc_failure,
+                                 site))
     return plans
 
 
 def _generator_record(config: AtrophyCohortConfig, regions: list[str], grid: Grid,
-                      plan: Sequence[SessionPlan]) -> dict:
-    return {
+                      plan: Sequence[SessionPlan], sites: Sequence[SiteEffect]) -> dict:
+    record = {
         "config": config.model_dump(mode="json"),
         "regions": regions,
         "grid": {"shape": list(grid.shape), "voxel_size": list(grid.voxel_size),
@@ -412,3 +539,14 @@ def _generator_record(config: AtrophyCohortConfig, regions: list[str], grid: Gri
             "months_between_sessions": MONTHS_BETWEEN_SESSIONS,
         },
     }
+    if config.sites > 1:  # a one-site cohort's record stays as it was before sites existed
+        record["constants"].update(site_gain_range=list(SITE_GAIN_RANGE),
+                                   site_blur_voxels=SITE_BLUR_VOXELS,
+                                   site_bias_order=SITE_BIAS_ORDER,
+                                   site_bias_coefficient=SITE_BIAS_COEFFICIENT)
+        record["sites"] = [
+            {"site": f"site-{k + 1}",
+             "participants": sorted({p.participant_id for p in plan if p.site == k}),
+             **effect.record()}
+            for k, effect in enumerate(sites)]
+    return record

@@ -163,7 +163,7 @@ def _ranks(attributions: torch.Tensor | np.ndarray, images: torch.Tensor,
     scores = scores.reshape(len(images), -1)
     considered = scores.shape[1]
     if brain is not None:
-        inside = torch.as_tensor(np.asarray(brain), dtype=torch.bool)
+        inside = torch.as_tensor(np.array(brain, dtype=bool))
         if tuple(inside.shape) != spatial:
             raise ValueError(f"brain mask shape {tuple(inside.shape)} differs from the images' "
                              f"{spatial}")

@@ -57,6 +57,7 @@ from voxplain.explain.layers import (
     choose_cam_layer,
     named_cam_layer,
 )
+from voxplain.models.declared_input import DeclaredInput
 from voxplain.models.programs import is_program, program_refusal
 
 _LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -72,6 +73,18 @@ def to_input_grid(maps: torch.Tensor, shape: tuple[int, ...], normalise: bool) -
         peak = maps.flatten(1).amax(1).view(-1, *[1] * (maps.ndim - 1))
         maps.div_(torch.where(peak > 0, peak, torch.ones_like(peak)))
     return maps
+
+
+def on_input_grid(model: nn.Module, maps: torch.Tensor, shape: tuple[int, ...],
+                  normalise: bool) -> torch.Tensor:
+    """:func:`to_input_grid`, for a model that crops or pads its input first
+    (:class:`~voxplain.models.declared_input.DeclaredInput` with a size): the layer maps cover
+    the network's frame, so they are upsampled to it and then put back on the input grid."""
+    size = model.preprocessing.size if isinstance(model, DeclaredInput) else None
+    if size is None or tuple(size) == tuple(shape):
+        return to_input_grid(maps, shape, normalise)
+    framed = model.frame_to_input(to_input_grid(maps, tuple(size), False), shape)
+    return to_input_grid(framed, shape, normalise)
 
 
 def weighted_feature_maps(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
@@ -183,7 +196,7 @@ class CAM(Explainer):
             raise ValueError(f"cam: the logits of {type(self.model).__name__} are not "
                              "linear(global average pool(features)); use grad_cam instead")
         maps = weighted_feature_maps(self.linear.weight[target], activations)
-        return to_input_grid(maps, tuple(x.shape[2:]), self.normalise)
+        return on_input_grid(self.model, maps, tuple(x.shape[2:]), self.normalise)
 
 
 class _LayerGradients(Explainer):
@@ -239,7 +252,7 @@ class _LayerGradients(Explainer):
             scores = target_scores(logits, target)
             (gradients,) = torch.autograd.grad(scores.sum(), activations)
         maps = self.layer_map(activations.detach(), gradients)
-        return to_input_grid(maps, tuple(x.shape[2:]), self.normalise)
+        return on_input_grid(self.model, maps, tuple(x.shape[2:]), self.normalise)
 
     @abstractmethod
     def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from torch import nn
 
 from voxplain.explain.api import Explainer
 from voxplain.explain.gradients import channel_sum
+from voxplain.models.declared_input import DeclaredInput
 from voxplain.models.folding import FOLDABLE, fold_batch_norm
 from voxplain.models.programs import is_program, program_refusal
 
@@ -103,6 +104,11 @@ class LRPExplainer(Explainer):
             raise ValueError(program_refusal(self.name, model, "the network's layers as nn "
                                              "modules (convolutions, linear layers, pooling, "
                                              "activations) to give each its LRP rule"))
+        if isinstance(model, DeclaredInput) and model.preprocessing.normalisation != "none":
+            raise ValueError(f"{self.name} has no rule for the {model.preprocessing.normalisation}"
+                             " intensity normalisation the model declares (per-image statistics "
+                             "inside the forward pass, no module to give a rule); use a method "
+                             "that needs only gradients or forward passes")
         self.lrp_model = _without_eval_identities(fold_batch_norm(self.model))
         for parameter in self.lrp_model.parameters():
             parameter.requires_grad_(False)

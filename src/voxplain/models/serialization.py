@@ -14,7 +14,11 @@ Imported models (:mod:`voxplain.steps.imports`) add two kinds: ``program``, a to
 program copied into the folder as ``model.pt2`` and loaded without unpickling
 (:mod:`voxplain.models.programs`; ``model.safetensors`` then holds its tensors), and ``python``,
 a factory of the user's own code (``package.module:function``), imported when the model is
-loaded: that runs the user's code, on purpose.
+loaded: that runs the user's code, on purpose. An imported model's ``model.json`` may declare
+the input its network expects (``preprocessing``: crop or pad, normalisation, a single logit);
+:func:`load_model` returns the network behind it
+(:class:`~voxplain.models.declared_input.DeclaredInput`), ``model.safetensors`` holding the
+network's own tensors.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import nn
 
 from voxplain.config import ModelConfig
 from voxplain.io import atomic_path, write_json
+from voxplain.models.declared_input import Preprocessing, declared_input
 from voxplain.models.programs import PROGRAM, ProgramError, load_program
 from voxplain.models.registry import build_model
 
@@ -89,7 +94,12 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[nn.Mod
     except RuntimeError as error:
         raise ValueError(f"{weights}: the weights do not fit the network of {path} "
                          f"({_first_line(error)})") from None
-    return model.to(device).eval(), description
+    try:
+        preprocessing = Preprocessing.from_record(description.get("preprocessing"))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: 'preprocessing' is not a declaration voxplain can apply "
+                         f"({_first_line(error)})") from None
+    return declared_input(model, preprocessing).to(device).eval(), description
 
 
 def read_model_json(folder: Path) -> dict[str, Any]:

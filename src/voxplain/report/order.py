@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from voxplain.report.cohorts import external_cohorts_section
+from voxplain.report.faithfulness import faithfulness_section
 from voxplain.report.sanity import randomisation_section
 from voxplain.report.sections import (ReportContext, Section, classification_section,
                                       cohort_section, configuration_section,
@@ -17,8 +18,9 @@ from voxplain.report.sections import (ReportContext, Section, classification_sec
 
 SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
     findings_section, classification_section, search_section, networks_section,
-    external_cohorts_section, localisation_section, explanations_section, slices_section,
-    masks_section, robustness_section, randomisation_section, statistics_section)
+    external_cohorts_section, localisation_section, faithfulness_section, explanations_section,
+    slices_section, masks_section, robustness_section, randomisation_section,
+    statistics_section)
 TRAILING_SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
     cohort_section, configuration_section)
 

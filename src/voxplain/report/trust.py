@@ -14,6 +14,9 @@ reader learns before any figure which maps cannot be trusted and why. The rules,
   few blobs stretched over the image;
 - its group maps point *outside the brain* when more than :data:`OUTSIDE_BRAIN_SHARE` of their
   relevance lies outside the MNI brain mask;
+- it is *no more faithful than a random ranking* when, on the same sessions, its mean deletion
+  area is not below the random ranking's and its mean insertion area not above it
+  (``evaluate faithfulness``; better in one of the two is stated, not warned about);
 - its maps are *nearly identical across subjects* when their mean inter-subject rank
   correlation (``evaluate robustness``) is at least :data:`IDENTICAL_RANK_CORRELATION`: a map
   that does not change with the subject explains the model or the layer, not the subject;
@@ -93,8 +96,8 @@ def classifier_findings(run: RunFolder) -> list[Finding]:
 def method_findings(run: RunFolder, key: str) -> list[Finding]:
     """Localisation against the ground truth (group and session maps), the layer read, and the
     similarity of the maps across subjects, for the explanations under ``explanations/KEY``."""
-    return [*_localisation(run, key), *_session_localisation(run, key), *_layer(run, key),
-            *_outside_brain(run, key), *_identical(run, key)]
+    return [*_localisation(run, key), *_session_localisation(run, key), *_faithfulness(run, key),
+            *_layer(run, key), *_outside_brain(run, key), *_identical(run, key)]
 
 
 def _localisation(run: RunFolder, key: str) -> list[Finding]:
@@ -128,6 +131,28 @@ def _session_localisation(run: RunFolder, key: str) -> list[Finding]:
     if near_chance:
         text += ": near chance"
     return [Finding(key, "warning" if near_chance else "ok", text)]
+
+
+def _faithfulness(run: RunFolder, key: str) -> list[Finding]:
+    table = _table(run.evaluation_file("faithfulness/summary.tsv"))
+    if table is None or "deletion_beats_random" not in table:
+        return []
+    rows = table[table.key == key]
+    if rows.empty or str(rows.deletion_beats_random.iloc[0]) not in ("True", "False"):
+        return []
+    row = rows.iloc[0]
+    random = table[table.key == "baseline:random"]
+    reference = (f" (random ranking {random.deletion_auc.iloc[0]:.2f} / "
+                 f"{random.insertion_auc.iloc[0]:.2f})" if not random.empty else "")
+    text = (f"deletion area {row.deletion_auc:.2f}, insertion area {row.insertion_auc:.2f} on "
+            f"{int(row.n_sessions)} sessions{reference}")
+    better = [test for test in ("deletion", "insertion")
+              if str(row[f"{test}_beats_random"]) == "True"]
+    if not better:
+        text += ": no more faithful to the model than a random ranking"
+    elif len(better) == 1:
+        text += f": better than a random ranking in {better[0]} only"
+    return [Finding(key, "ok" if better else "warning", text)]
 
 
 def _layer(run: RunFolder, key: str) -> list[Finding]:

@@ -13,11 +13,13 @@ masks, evaluate, report, summary) takes it unchanged.
   weights file per fold (safetensors or a weights-only checkpoint), the splits from a folder of
   ``split-K/{train,validation}.tsv`` or made by voxplain's subject-level k-fold.
 
-Input: the models read the cohort's images as they are, on the cohort's grid (no resampling,
-no intensity normalisation: give a cohort preprocessed as the models' training data was).
-``model.json`` records it (``input``); a later cohort on another grid is refused by
-:meth:`~voxplain.run.RunFolder.check_training_grid`. Models with one output (a sigmoid) are
-refused: every step reads one logit per class.
+Input: the models read the cohort's images on the cohort's grid (no resampling: give a cohort
+registered as the models' training data was), through the input each declares
+(:mod:`voxplain.models.declared_input`, applied inside the model by every step): ``input_size``
+(centred crop or zero pad to the network's size), ``normalisation`` (zscore, minmax, none) and,
+for a network with one output (a sigmoid, found at import with two classes), the two logits
+``(-z / 2, z / 2)``. ``model.json`` records it (``input``, ``preprocessing``); a later cohort on
+another grid is refused by :meth:`~voxplain.run.RunFolder.check_training_grid`.
 
 Each fold's model is evaluated on its validation sessions (``metrics.tsv``, with
 ``best_epoch`` from the checkpoint where it says, else -1); nothing is trained.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from voxplain.data.cohort import Cohort, CohortError, class_names, encode_labels
 from voxplain.evaluate.classification import chance_p_value, classification_metrics
 from voxplain.io import read_tsv, write_json, write_tsv
 from voxplain.models.clinicadl_maps import read_clinicadl_checkpoint, read_maps
+from voxplain.models.declared_input import Preprocessing, crop_or_pad, declared_input
 from voxplain.models.device import resolve_device
 from voxplain.models.programs import export_program, load_program
 from voxplain.models.registry import build_model
@@ -60,8 +63,8 @@ __all__ = ["import_model", "run_import_clinicadl", "run_import_monai", "run_impo
            "run_import_python"]
 
 #: What ``model.json`` says an imported model reads.
-INPUT = {"resampled": False, "normalised": False,
-         "reads": "the cohort's images as they are, on the grid of grid.json"}
+INPUT = {"resampled": False,
+         "reads": "the cohort's images on the grid of grid.json, through 'preprocessing'"}
 
 
 @dataclass(frozen=True)
@@ -83,17 +86,20 @@ def run_import_clinicadl(config: ClinicaDLImportConfig,
     writes to ``evaluation/cross_validation.tsv``) the validation metrics of each fold."""
     maps = read_maps(config.maps, config.selection_metric, config.folds)
     cohort, images = _load_cohort(config, progress)
-    channels, spatial = images.shape[1], list(images.shape[2:])
+    channels, spatial = images.shape[1], list(config.input_size or images.shape[2:])
     expected = maps.parameters.get("input_size")
     if isinstance(expected, list) and expected != [channels, *spatial]:
-        raise CohortError(f"{config.cohort}: images are {tuple(spatial)} (channels {channels}); "
-                          f"the MAPS's models take {tuple(expected[1:])} (channels "
-                          f"{expected[0]}, maps.json input_size)")
+        raise CohortError(f"{config.cohort}: images are {tuple(spatial)} (channels {channels}"
+                          f"{', --input-size' if config.input_size else ''}); the MAPS's models "
+                          f"take {tuple(expected[1:])} (channels {expected[0]}, maps.json "
+                          "input_size): give --input-size to crop or pad them")
     dropout = maps.parameters.get("dropout", 0.5)
     model_config = ModelConfig(name=maps.model_name, in_channels=channels,
                                n_classes=len(maps.classes), input_shape=spatial,
                                dropout=dropout if isinstance(dropout, float) and 0 <= dropout < 1
                                else 0.5)
+    preprocessing = _check_outputs(build_model(model_config), images, maps.classes,
+                                   maps.model_name, config)
     folds = []
     for split in maps.splits:
         where = maps.root / "groups" / "train" / f"split-{split.index}"
@@ -109,7 +115,7 @@ def run_import_clinicadl(config: ClinicaDLImportConfig,
             "selection_metric": config.selection_metric,
             **{key: extras[key] for key in ("epoch", "name") if key in extras}}))
     return _write_run(config, "import_clinicadl", cohort, images, maps.classes, model_config,
-                      folds)
+                      folds, preprocessing)
 
 
 def run_import_monai(config: MonaiImportConfig, progress: Progress | None = None) -> pd.DataFrame:
@@ -119,10 +125,12 @@ def run_import_monai(config: MonaiImportConfig, progress: Progress | None = None
     classes = config.classes or class_names(cohort.table["diagnosis"])
     model_config = ModelConfig(name="monai", network=config.network, arguments=config.arguments,
                                in_channels=images.shape[1], n_classes=len(classes),
-                               input_shape=list(images.shape[2:]))
-    _check_outputs(build_model(model_config), images, classes, config.network)
+                               input_shape=list(config.input_size or images.shape[2:]))
+    preprocessing = _check_outputs(build_model(model_config), images, classes, config.network,
+                                   config)
     folds = _folds_from_weights(config, cohort, model_config, {"from": "monai"})
-    return _write_run(config, "import_monai", cohort, images, classes, model_config, folds)
+    return _write_run(config, "import_monai", cohort, images, classes, model_config, folds,
+                      preprocessing)
 
 
 def run_import_program(config: ProgramImportConfig,
@@ -139,16 +147,22 @@ def _import_programs(config: ProgramImportConfig, cohort: Cohort,
                      images: np.ndarray) -> pd.DataFrame:
     classes = config.classes or class_names(cohort.table["diagnosis"])
     model_config = ModelConfig(name="program", in_channels=images.shape[1],
-                               n_classes=len(classes), input_shape=list(images.shape[2:]))
+                               n_classes=len(classes),
+                               input_shape=list(config.input_size or images.shape[2:]))
     splits = _monai_splits(config, cohort, len(config.programs))
-    folds = []
+    folds, declared = [], []
     for (index, train, validation), program in zip(splits, config.programs):
         model = load_program(program)
-        _check_outputs(model, images, classes, str(program))
+        declared.append(_check_outputs(model, images, classes, str(program), config))
         _check_batches(model, images, program)
         folds.append(ImportedFold(index, train, validation, model,
                                   {"from": "program", "program": str(program)}, Path(program)))
-    return _write_run(config, "import_program", cohort, images, classes, model_config, folds)
+    if len(set(declared)) > 1:
+        raise ValueError("the programs differ in their number of outputs: "
+                         + ", ".join(f"{program}: {'1' if d.single_logit else len(classes)}"
+                                     for program, d in zip(config.programs, declared)))
+    return _write_run(config, "import_program", cohort, images, classes, model_config, folds,
+                      declared[0])
 
 
 def run_import_python(config: PythonImportConfig,
@@ -165,11 +179,14 @@ def _import_python(config: PythonImportConfig, cohort: Cohort,
     classes = config.classes or class_names(cohort.table["diagnosis"])
     model_config = ModelConfig(name="python", factory=config.factory,
                                arguments=config.arguments, in_channels=images.shape[1],
-                               n_classes=len(classes), input_shape=list(images.shape[2:]))
-    _check_outputs(build_model(model_config), images, classes, config.factory)
+                               n_classes=len(classes),
+                               input_shape=list(config.input_size or images.shape[2:]))
+    preprocessing = _check_outputs(build_model(model_config), images, classes, config.factory,
+                                   config)
     folds = _folds_from_weights(config, cohort, model_config,
                                 {"from": "python", "factory": config.factory})
-    return _write_run(config, "import_python", cohort, images, classes, model_config, folds)
+    return _write_run(config, "import_python", cohort, images, classes, model_config, folds,
+                      preprocessing)
 
 
 def import_model(modules: nn.Module | Sequence[nn.Module], *, cohort: Path, out: Path,
@@ -177,9 +194,15 @@ def import_model(modules: nn.Module | Sequence[nn.Module], *, cohort: Path, out:
                  factory: str | None = None, arguments: dict[str, Any] | None = None,
                  export: bool = False, split_seed: int = 2,
                  diagnosis_column: str = "diagnosis", batch_size: int = 8,
-                 device: str = "auto", progress: Progress | None = None) -> pd.DataFrame:
+                 device: str = "auto", preprocessing: dict[str, Any] | None = None,
+                 progress: Progress | None = None) -> pd.DataFrame:
     """A run folder around live PyTorch modules, one per fold (one module: one fold, which needs
     ``splits``), as ``voxplain import`` writes it; returns the validation metrics per fold.
+
+    ``preprocessing``: the input the modules expect, applied inside the model by every step
+    (:mod:`voxplain.models.declared_input`): ``{"normalisation": "zscore", "input_size": [96,
+    112, 96]}`` (keys of :class:`~voxplain.config.ImportConfig`); a module with one output (a
+    sigmoid) of two classes is read as the logits ``(-z / 2, z / 2)``.
 
     The architecture is recorded so that later steps rebuild it, one of two ways:
 
@@ -200,9 +223,14 @@ def import_model(modules: nn.Module | Sequence[nn.Module], *, cohort: Path, out:
     if not modules:
         raise ValueError("import_model needs at least one module (one per fold)")
     out = Path(out)
+    declared = dict(preprocessing or {})
+    unknown = sorted(set(declared) - {"normalisation", "input_size"})
+    if unknown:
+        raise ValueError(f"preprocessing: unknown key(s) {unknown}; give normalisation and/or "
+                         "input_size")
     common = {"cohort": Path(cohort), "run": out, "splits": splits, "classes": classes,
               "split_seed": split_seed, "diagnosis_column": diagnosis_column,
-              "batch_size": batch_size, "device": device}
+              "batch_size": batch_size, "device": device, **declared}
     if export:
         if factory is not None or arguments is not None:
             raise ValueError("factory and arguments describe a 'python' model; with export=True "
@@ -210,6 +238,8 @@ def import_model(modules: nn.Module | Sequence[nn.Module], *, cohort: Path, out:
         loaded, images = _load_cohort(ProgramImportConfig(programs=[Path("-")], **common),
                                       progress)
         example = torch.from_numpy(np.ascontiguousarray(images[:2]))
+        if declared.get("input_size"):  # the modules take their own size, the program too
+            example = crop_or_pad(example, declared["input_size"])
         programs = [export_program(module, example, out / "imported" / f"fold-{index}.pt2")
                     for index, module in enumerate(modules)]
         return _import_programs(ProgramImportConfig(programs=programs, **common), loaded,
@@ -300,27 +330,34 @@ def _with_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) 
     return model.eval().requires_grad_(False)
 
 
-def _check_outputs(model: nn.Module, images: np.ndarray, classes: list[str],
-                   network: str) -> None:
-    """One forward pass of the first image: the network must take the cohort's images and
-    return one logit per class ``(1, K)``."""
+def _check_outputs(model: nn.Module, images: np.ndarray, classes: list[str], network: str,
+                   config: ImportConfig) -> Preprocessing:
+    """One forward pass of the first image through the input the import declares (crop or pad,
+    normalisation): the network must take it and return one logit per class ``(1, K)``, or one
+    logit of two classes (a sigmoid: declared ``single_logit``). Returns the declaration."""
+    declared = Preprocessing(config.normalisation,
+                             None if config.input_size is None else tuple(config.input_size))
     try:
         with torch.no_grad():
-            output = model.eval()(torch.from_numpy(np.ascontiguousarray(images[:1])))
-    except RuntimeError as error:
+            output = declared_input(model.eval(), declared)(
+                torch.from_numpy(np.ascontiguousarray(images[:1])))
+    except (RuntimeError, ValueError) as error:
+        size = f", --input-size {tuple(config.input_size)}" if config.input_size else ""
         raise ValueError(f"{network} does not take the cohort's images {images.shape[1:]} "
-                         f"(channels, *spatial): {str(error).splitlines()[0]}") from None
+                         f"(channels, *spatial{size}): {str(error).splitlines()[0]}") from None
     if not isinstance(output, torch.Tensor) or output.ndim != 2:
         found = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise ValueError(f"{network} returns {found}; voxplain needs logits (N, classes)")
-    if output.shape[1] == 1:
-        raise ValueError(f"{network} has a single output (a sigmoid classifier); voxplain needs "
-                         f"one logit per class: build it with {len(classes)} outputs (e.g. "
-                         "out_channels=2, softmax), or turn a logit z into the two logits "
-                         "(0, z), which give the same probabilities")
+    if output.shape[1] == 1 and len(classes) == 2:
+        log.info("%s has a single output (a sigmoid): read as the logits (-z/2, z/2) of %s",
+                 network, classes)
+        return replace(declared, single_logit=True)
     if output.shape[1] != len(classes):
-        raise ValueError(f"{network} has {output.shape[1]} outputs but there are "
-                         f"{len(classes)} classes {classes}; give --classes in output order")
+        raise ValueError(f"{network} has {output.shape[1]} output(s) but there are "
+                         f"{len(classes)} classes {classes}; give --classes in output order"
+                         + (" (a single output, a sigmoid, needs two classes)"
+                            if output.shape[1] == 1 else ""))
+    return declared
 
 
 def _check_batches(model: nn.Module, images: np.ndarray, program: Path) -> None:
@@ -386,8 +423,8 @@ def _monai_splits(config: FoldFilesImportConfig, cohort: Cohort,
 
 
 def _write_run(config: ImportConfig, section: str, cohort: Cohort, images: np.ndarray,
-               classes: list[str], model_config: ModelConfig,
-               folds: Sequence[ImportedFold]) -> pd.DataFrame:
+               classes: list[str], model_config: ModelConfig, folds: Sequence[ImportedFold],
+               preprocessing: Preprocessing) -> pd.DataFrame:
     """Write the run folder of the imported ``folds`` (see the module docstring)."""
     run = RunFolder(config.run)
     device = resolve_device(config.device)
@@ -421,7 +458,8 @@ def _write_run(config: ImportConfig, section: str, cohort: Cohort, images: np.nd
         if (folder / "metrics.tsv").is_file():
             log.info("fold %d already imported: skipped", fold.index)
             continue
-        _write_model(folder, fold, model_config, classes, images, config, device)
+        _write_model(folder, fold, model_config, classes, images, config, device,
+                     preprocessing)
     summary = pd.concat([read_tsv(folder / "metrics.tsv") for _, _, folder in run.model_dirs()],
                         ignore_index=True)
     write_tsv(run.evaluation_file("cross_validation.tsv"), summary)
@@ -430,17 +468,19 @@ def _write_run(config: ImportConfig, section: str, cohort: Cohort, images: np.nd
 
 def _write_model(folder: Path, fold: ImportedFold, model_config: ModelConfig,
                  classes: list[str], images: np.ndarray, config: ImportConfig,
-                 device: torch.device) -> None:
-    """``model.safetensors`` and ``model.json``, the validation predictions, and, last (it marks
-    the fold done), ``metrics.tsv``."""
+                 device: torch.device, preprocessing: Preprocessing) -> None:
+    """``model.safetensors`` (the network's own tensors) and ``model.json`` (with the declared
+    ``preprocessing``), the validation predictions, and, last (it marks the fold done),
+    ``metrics.tsv``."""
     epoch = fold.source.get("epoch", -1)
     save_model(folder, fold.model, model_config, classes, {
         "fold": fold.index, "run": 0, "best_epoch": epoch, "downsample": 1,
-        "imported": fold.source, "input": INPUT}, program=fold.program)
+        "imported": fold.source, "input": INPUT, "preprocessing": preprocessing.record()},
+        program=fold.program)
     validation = Dataset(fold.validation, images,
                          encode_labels(fold.validation, classes, config.cohort))
-    probabilities, loss = predict_proba(fold.model.to(device), validation, config.batch_size,
-                                        device)
+    model = declared_input(fold.model, preprocessing).to(device)
+    probabilities, loss = predict_proba(model, validation, config.batch_size, device)
     write_tsv(folder / "predictions-validation.tsv",
               prediction_table(validation, probabilities, classes))
     p_value = chance_p_value(validation.labels, probabilities.argmax(1))

@@ -29,9 +29,8 @@ never stops an explanation from being resumed or extended.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +42,7 @@ from voxplain.data.atlas import Atlas
 from voxplain.data.classes import patient_class
 from voxplain.data.grid import Grid
 from voxplain.data.template import brain_mask
-from voxplain.evaluate.baselines import (BASELINE_PREFIX, SESSION_BASELINES, SIGNED,
-                                         TRAINING_BASELINES, baseline_method, edge_map,
-                                         input_map, random_map, training_maps)
+from voxplain.evaluate.baselines import BASELINE_PREFIX, SIGNED, baseline_method
 from voxplain.evaluate.localisation import (SESSION_SCORES, atrophied_regions, scored_voxels,
                                             localisation_scores, resolution_ceiling, true_region,
                                             truth_on_grid)
@@ -53,7 +50,8 @@ from voxplain.io import read_tsv, write_tsv
 from voxplain.models.serialization import read_model_json
 from voxplain.run import RunFolder, RunFolderError
 from voxplain.run.maps import read_map_on_grid
-from voxplain.steps.context import IDS, RunContext, load_context
+from voxplain.steps.baselines import BaselineMaps, baseline_names, explanations
+from voxplain.steps.context import IDS
 
 log = logging.getLogger("voxplain")
 
@@ -118,7 +116,7 @@ def evaluate_localisation(run: Path, truth_path: Path, methods: Sequence[str] | 
     folder = RunFolder(Path(run))
     train = folder.train_config()
     rows, explained = [], {}
-    for key, record in _explanations(folder, methods):
+    for key, record in explanations(folder, methods):
         for fold, run_index, model_dir in folder.model_dirs():
             patient = patient_class(read_model_json(model_dir)["classes"], diagnosis)
             scored = _score_group_map(folder.explanation_dir(key, fold, run_index), patient,
@@ -132,9 +130,9 @@ def evaluate_localisation(run: Path, truth_path: Path, methods: Sequence[str] | 
         raise ValueError(f"{folder.root}: no group map to score"
                          f"{' for ' + ', '.join(methods) if methods else ''}; "
                          "run `voxplain explain` first")
-    names = _baseline_names(methods) if baselines else []
+    names = baseline_names(methods) if baselines else []
     if names:
-        rows += _group_baseline_rows(_BaselineMaps(folder, names, seed), truth_path, explained,
+        rows += _group_baseline_rows(BaselineMaps(folder, names, seed), truth_path, explained,
                                      diagnosis, config)
     columns = ["method", "layer", "fold", "run", "diagnosis", "n_sessions", "auc", "mass_inside",
                "chance_mass", "pointing_game", f"top{config.top_k}_hit",
@@ -142,21 +140,6 @@ def evaluate_localisation(run: Path, truth_path: Path, methods: Sequence[str] | 
     table = pd.DataFrame(rows, columns=columns)
     write_tsv(folder.evaluation_file("localisation.tsv"), table)
     return table
-
-
-def _explanations(folder: RunFolder, methods: Sequence[str] | None) -> Iterator[tuple[str, dict]]:
-    """``(key, explanation.json)`` of every explanation in the run (of ``methods`` only)."""
-    for record_file in sorted(folder.explanations_dir.glob("*/explanation.json")):
-        record = json.loads(record_file.read_text())
-        if methods is None or record["method"] in methods:
-            yield record_file.parent.name, record
-
-
-def _baseline_names(methods: Sequence[str] | None) -> list[str]:
-    """The baselines scored: all of them, or those ``methods`` names (``baseline:NAME``)."""
-    names = [*SESSION_BASELINES, *TRAINING_BASELINES]
-    return names if methods is None else [name for name in names
-                                          if baseline_method(name) in methods]
 
 
 def _only_baselines(methods: Sequence[str] | None) -> bool:
@@ -195,7 +178,7 @@ def _score_group_map(folder: Path, patient: str, record: dict, truth_path: Path,
             kept[IDS[:2]])
 
 
-def _group_baseline_rows(maps: _BaselineMaps, truth_path: Path,
+def _group_baseline_rows(maps: BaselineMaps, truth_path: Path,
                          explained: dict[tuple[int, int], list[pd.DataFrame]],
                          diagnosis: str | None, config: LocalisationConfig) -> list[dict]:
     """Rows of the baselines' "group maps" of every fold/run (module docstring)."""
@@ -224,71 +207,6 @@ def _group_baseline_rows(maps: _BaselineMaps, truth_path: Path,
                          "run": run_index, "diagnosis": patient, "n_sessions": n_sessions,
                          **scores})
     return rows
-
-
-class _BaselineMaps:
-    """The baseline maps of a run folder, made on demand: a cohort's images on the training grid
-    loaded once, a fold/run's training-set maps fitted once."""
-
-    def __init__(self, folder: RunFolder, names: Sequence[str], seed: int) -> None:
-        self.folder, self.names, self.seed = folder, list(names), seed
-        self._contexts: dict[Path | None, RunContext] = {}
-        self._training: dict[tuple[int, int, str], tuple[dict[str, np.ndarray], int]] = {}
-
-    def context(self, cohort: Path | None) -> RunContext:
-        """The run's cohort (``None``) or ``cohort`` on the training grid; the CPU suffices."""
-        if cohort not in self._contexts:
-            self._contexts[cohort] = load_context(self.folder, "cpu", cohort=cohort)
-        return self._contexts[cohort]
-
-    def session(self, context: RunContext, image_index: int, fold: int, run_index: int,
-                names: Sequence[str] = SESSION_BASELINES) -> dict[str, np.ndarray]:
-        """The image-based baselines (of ``names`` among the selected) of one cohort image."""
-        names = [name for name in names if name in self.names]
-        values = input_map(context.images[image_index])
-        maps = {}
-        if "random" in names:  # one stream per session: the same draw in any order
-            maps["random"] = random_map(values.shape, np.random.default_rng(
-                [self.seed, fold, run_index, int(image_index)]))
-        if "input" in names:
-            maps["input"] = values
-        if "edge" in names:
-            maps["edge"] = edge_map(values, context.grid.voxel_size)
-        return maps
-
-    def training(self, fold: int, run_index: int,
-                 patient: str) -> tuple[dict[str, np.ndarray], int]:
-        """The training-set baselines of a fold/run, patient class vs the others, and the
-        number of training sessions."""
-        wanted = [name for name in TRAINING_BASELINES if name in self.names]
-        if wanted and (fold, run_index, patient) not in self._training:
-            context = self.context(None)
-            rows = context.split_rows(fold, "train")
-            grid = context.grid
-            maps = training_maps(context.images_of(rows), (rows.diagnosis == patient).to_numpy(),
-                                 brain_mask(grid) if len(grid.shape) == 3 else None, self.seed)
-            self._training[(fold, run_index, patient)] = (
-                {name: maps[name] for name in wanted}, len(rows))
-        return self._training.get((fold, run_index, patient), ({}, 0))
-
-    def group(self, fold: int, run_index: int, patient: str,
-              rows: pd.DataFrame) -> dict[str, tuple[np.ndarray, int]]:
-        """``name -> (map, sessions it comes from)``: the image-based baselines averaged over
-        ``rows`` (the random map drawn once, seeded by fold and run), the training-set ones."""
-        context = self.context(None)
-        maps: dict[str, tuple[np.ndarray, int]] = {}
-        if "random" in self.names:
-            maps["random"] = (random_map(context.grid.shape, np.random.default_rng(
-                [self.seed, fold, run_index])), len(rows))
-        sums: dict[str, np.ndarray] = {}
-        for image_index in rows.image_index:
-            for name, values in self.session(context, image_index, fold, run_index,
-                                             ("input", "edge")).items():
-                sums[name] = sums[name] + values if name in sums else values
-        maps.update({name: (total / len(rows), len(rows)) for name, total in sums.items()})
-        training, n_training = self.training(fold, run_index, patient)
-        maps.update({name: (values, n_training) for name, values in training.items()})
-        return maps
 
 
 def evaluate_session_localisation(run: Path, column: str, methods: Sequence[str] | None = None,
@@ -324,7 +242,7 @@ def evaluate_session_localisation(run: Path, column: str, methods: Sequence[str]
     folder = RunFolder(Path(run))
     train = folder.train_config()
     rows, without, explained = [], {}, {}
-    for key, record in _explanations(folder, methods):
+    for key, record in explanations(folder, methods):
         source = Path(record["cohort"]) if record.get("cohort") else folder.cohort_file
         table = read_tsv(source)
         if column not in table.columns:
@@ -361,9 +279,9 @@ def evaluate_session_localisation(run: Path, column: str, methods: Sequence[str]
         raise ValueError(f"{folder.root}: no session map to score"
                          f"{' for ' + ', '.join(methods) if methods else ''}; "
                          "run `voxplain explain` first")
-    names = _baseline_names(methods) if baselines else []
+    names = baseline_names(methods) if baselines else []
     if names:
-        rows += _session_baseline_rows(_BaselineMaps(folder, names, seed), explained, config)
+        rows += _session_baseline_rows(BaselineMaps(folder, names, seed), explained, config)
     scored = pd.DataFrame(rows)
     write_tsv(folder.evaluation_file("localisation_sessions.tsv"), scored)
     return scored
@@ -383,7 +301,7 @@ def _session_scores(values: np.ndarray, truth: np.ndarray, grid: Grid, signed: b
     return {name: scores[name] for name in SESSION_SCORES}, voxels
 
 
-def _session_baseline_rows(maps: _BaselineMaps, explained: dict, config: LocalisationConfig
+def _session_baseline_rows(maps: BaselineMaps, explained: dict, config: LocalisationConfig
                            ) -> list[dict]:
     """Rows of the baselines of every session scored, fold/run by fold/run (module
     docstring): the explained cohort's images, the fold's training-set maps."""

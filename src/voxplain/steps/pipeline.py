@@ -42,7 +42,8 @@ from rich.progress import Progress
 
 from voxplain.config import (AtrophyCohortConfig, ClassificationEvaluationConfig,
                              ClinicaDLImportConfig, CyCEStepConfig, ExecutorConfig,
-                             CyCETransferConfig, ExplainStepConfig, GroupMaskStepConfig,
+                             CyCETransferConfig, ExplainStepConfig, FaithfulnessStepConfig,
+                             GroupMaskStepConfig,
                              LesionCohortConfig, LocalisationStepConfig, MaskGridConfig,
                              MonaiImportConfig, MSCohortConfig, PredictConfig,
                              ProgramImportConfig, PythonImportConfig, ReportConfig,
@@ -53,6 +54,7 @@ from voxplain.config import (AtrophyCohortConfig, ClassificationEvaluationConfig
 from voxplain.steps.classification import run_classification
 from voxplain.steps.cyce import run_cyce_train, run_cyce_transfer
 from voxplain.steps.explain import run_explain
+from voxplain.steps.faithfulness import run_faithfulness
 from voxplain.steps.generate import run_generate_atrophy, run_generate_lesions, run_generate_ms
 from voxplain.steps.imports import (run_import_clinicadl, run_import_monai, run_import_program,
                                     run_import_python)
@@ -110,6 +112,7 @@ STEPS: dict[str, Step] = {
     "cyce_transfer": Step(CyCETransferConfig, run_cyce_transfer),
     "explain": Step(ExplainStepConfig, run_explain, lists=("method",)),
     "evaluate_localisation": Step(LocalisationStepConfig, run_localisation),
+    "evaluate_faithfulness": Step(FaithfulnessStepConfig, run_faithfulness),
     "evaluate_classification": Step(ClassificationEvaluationConfig, run_classification),
     "evaluate_robustness": Step(RobustnessConfig, run_robustness),
     "evaluate_randomisation": Step(RandomisationConfig, run_randomisation),

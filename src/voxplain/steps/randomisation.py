@@ -82,7 +82,8 @@ def run_randomisation(config: RandomisationConfig,
         if permuted is not None:
             other = _permuted_model(permuted, fold, run_index, fitted.classes, context.device)
         for method in config.methods:
-            table = model_randomisation_test(fitted.model, method, x, targets, seed=config.seed)
+            table = model_randomisation_test(fitted.model, method, x, targets, seed=config.seed,
+                                             **config.options.get(method, {}))
             table.insert(0, "fold", fold)
             table.insert(1, "run", run_index)
             model_tables.setdefault(method, []).append(table)
@@ -92,7 +93,8 @@ def run_randomisation(config: RandomisationConfig,
                             "roi_cosine": np.nan, "n_sessions": len(rows),
                             "passes": bool(last.spearman_abs < RANDOMISATION_THRESHOLD)})
             if other is not None:
-                scores = compare_maps(fitted.model, other, method, x, targets, context)
+                scores = compare_maps(fitted.model, other, method, x, targets, context,
+                                      **config.options.get(method, {}))
                 data_tables.setdefault(method, []).append(
                     {"fold": fold, "run": run_index, **scores})
                 summary.append({"test": "data", "method": method, "fold": fold,
@@ -147,11 +149,11 @@ def _permuted_model(folder: RunFolder, fold: int, run_index: int, classes: list[
 
 
 def compare_maps(model: nn.Module, other: nn.Module, method: str, x: torch.Tensor,
-                 targets: list[int], context: RunContext) -> dict[str, float]:
-    """Mean over sessions of the similarity of ``method``'s maps of two models on ``x``:
-    ``spearman_abs``, ``ssim`` and (3D MNI maps) ``roi_cosine``."""
-    first = explainer(method, model).explain(x, targets).detach().cpu().numpy()
-    second = explainer(method, other).explain(x, targets).detach().cpu().numpy()
+                 targets: list[int], context: RunContext, **options: object) -> dict[str, float]:
+    """Mean over sessions of the similarity of ``method``'s maps (built with ``options``) of two
+    models on ``x``: ``spearman_abs``, ``ssim`` and (3D MNI maps) ``roi_cosine``."""
+    first = explainer(method, model, **options).explain(x, targets).detach().cpu().numpy()
+    second = explainer(method, other, **options).explain(x, targets).detach().cpu().numpy()
     first, second = np.abs(first).sum(1), np.abs(second).sum(1)  # (N, *spatial)
     three_d = first.ndim == 4
     brain = brain_mask(context.grid) if three_d else None
