@@ -11,14 +11,18 @@ everything with the run-folder steps a user runs:
   the truth and its chance level, pointing game) and of every AD session map against its own
   atrophy (AUC), beside the baselines (random, input, edge filter, t-map, linear weights and
   pattern; ``voxplain evaluate localisation``);
-- deletion and insertion areas (``voxplain evaluate faithfulness``);
-- model and data randomisation (``voxplain evaluate randomisation``; rank correlation of the
-  fully randomised / permuted-label model's maps with the trained one's, passes below 0.5).
+- deletion and insertion areas (``voxplain evaluate faithfulness``, each fold's first
+  :data:`SESSIONS` AD validation sessions);
+- model and data randomisation (``voxplain evaluate randomisation``, the same sessions; rank
+  correlation of the fully randomised / permuted-label model's maps with the trained one's,
+  passes below 0.5).
 
     python benchmarks/validity.py [--out /tmp/voxplain-validity] [--cohorts a,b,c] [--device cpu]
 
 Prints one table per cohort and a combined TSV (``OUT/validity.tsv``); the figures are in
-benchmarks/README.md. Everything resumes: a second call reuses what the first wrote.
+benchmarks/README.md (24 minutes from empty folders on 2 CPU cores). Training, explanations
+and masks resume: a second call reuses what the first wrote (the evaluations are redone);
+``--tables`` only prints the tables of the runs already made.
 """
 
 from __future__ import annotations
