@@ -71,6 +71,9 @@ GROUP_MASK, SESSION_MASK = "group_mask", "session_mask"
 #: Settings that do not change the scores (a fold/run file computed with others is reused).
 _NOT_SCORES = {"run", "folds", "device", "methods", "baselines", "masks", "batch_size"}
 SCORES = ("deletion_auc", "insertion_auc")
+#: Columns of a fold/run's file: a row per ranking and session, with both curves (JSON lists).
+_COLUMNS = ["key", "method", "fold", "run", *IDS[:2], "diagnosis", "target", *SCORES,
+            "curve_deletion", "curve_insertion"]
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,7 @@ def run_faithfulness(config: FaithfulnessStepConfig,
         raise ValueError(f"{run.root}: nothing to score for faithfulness"
                          f"{' among ' + ', '.join(config.methods) if config.methods else ''}; "
                          "run `voxplain explain` or `voxplain mask` first")
-    write_tsv(out / "sessions.tsv", sessions.drop(columns="curve_deletion")
-              .drop(columns="curve_insertion"))
+    write_tsv(out / "sessions.tsv", sessions.drop(columns=["curve_deletion", "curve_insertion"]))
     write_tsv(out / "curves.tsv", mean_curves(sessions, config.step))
     summary = faithfulness_summary(sessions)
     write_tsv(out / "summary.tsv", summary)
@@ -179,7 +181,7 @@ def _fold_scores(context: RunContext, fitted: FoldModel, fold: int, run_index: i
     if rows.empty:
         log.warning("faithfulness fold %d run %d: no %s validation session; skipped", fold,
                     run_index, diagnosis)
-        return pd.DataFrame(columns=[*_ROW_COLUMNS, "curve_deletion", "curve_insertion"])
+        return pd.DataFrame(columns=_COLUMNS)
     images = torch.from_numpy(context.images_of(rows))
     target = fitted.classes.index(diagnosis)
     three_d = context.spatial_dims == 3
@@ -206,10 +208,7 @@ def _fold_scores(context: RunContext, fitted: FoldModel, fold: int, run_index: i
         log.info("faithfulness fold %d run %d %s: deletion %.3f, insertion %.3f", fold,
                  run_index, ranking.key, float(curves["deletion"].auc.mean()),
                  float(curves["insertion"].auc.mean()))
-    return pd.DataFrame(records, columns=[*_ROW_COLUMNS, "curve_deletion", "curve_insertion"])
-
-
-_ROW_COLUMNS = ["key", "method", "fold", "run", *IDS[:2], "diagnosis", "target", *SCORES]
+    return pd.DataFrame(records, columns=_COLUMNS)
 
 
 def _rankings(context: RunContext, rows: pd.DataFrame, keys: list[tuple[str, dict]],
