@@ -12,12 +12,16 @@ import pytest
 import torch
 
 from conftest import write_cohort
-from voxplain.config import ExecutorConfig, MaskGridConfig, SessionMaskStepConfig, TrainConfig
+from voxplain.config import (CyCEStepConfig, ExecutorConfig, ExplainStepConfig, MaskGridConfig,
+                             RobustnessConfig, SessionMaskStepConfig, TrainConfig)
 from voxplain.io import write_text
 from voxplain.run import RunFolder
 from voxplain.run.executor import (NoUnitProcessed, Unit, UnitFailed, UnitSkipped,
                                    available_cpus, map_units)
+from voxplain.steps.cyce import run_cyce_train
+from voxplain.steps.explain import run_explain
 from voxplain.steps.masks import run_mask_grid, run_session_masks
+from voxplain.steps.robustness import run_robustness
 from voxplain.steps.train import run_train
 
 ray = pytest.importorskip("ray")
@@ -40,8 +44,9 @@ def _digest(path: Path) -> str:
 
 
 def _step_files(root: Path, executor: ExecutorConfig | str) -> dict[str, str]:
-    """Train 2 folds, then a grid of 2 mask settings and session masks on fold 0, on
-    ``executor``; the digests of the models and masks."""
+    """Train 2 folds, then a grid of 2 mask settings and session masks on fold 0, Grad-CAM
+    maps of both folds, CyCE on fold 1 and the session masks' prob_CNN, on ``executor``; the
+    digests of the models, masks, maps, generators and prob_CNN matrices."""
     run = root / "run"
     run_train(TrainConfig(cohort=write_cohort(root / "cohort", subjects=12), out=run, folds=2,
                           epochs=2, batch_size=4, device="cpu", executor=executor,
@@ -51,9 +56,19 @@ def _step_files(root: Path, executor: ExecutorConfig | str) -> dict[str, str]:
     run_session_masks(SessionMaskStepConfig(run=run, folds=[0], max_sessions=2, device="cpu",
                                             executor=executor,
                                             mask={"max_iterations": 5, "batch_size": 2}))
+    run_explain(ExplainStepConfig(run=run, device="cpu", executor=executor,
+                                  explain={"method": "grad_cam", "batch_size": 2}))
+    run_cyce_train(CyCEStepConfig(run=run, folds=[1], device="cpu", executor=executor,
+                                  cyce={"widths": [4, 8, 8, 8], "convs_per_stage": 1,
+                                        "batch_size": 2, "max_steps": 2, "min_steps": 2}))
+    run_robustness(RobustnessConfig(run=run, methods=["mask"], prob_cnn=True, device="cpu",
+                                    include_flagged=True, executor=executor))
     files = [*run.glob("models/fold-*/run-*/model.safetensors"),
              *run.glob("masks/grid/*/fold-*/run-*/mask.nii.gz"),
-             *run.glob("masks/session/fold-*/run-*/sub-*.nii.gz")]
+             *run.glob("masks/session/fold-*/run-*/sub-*.nii.gz"),
+             *run.glob("explanations/grad_cam/fold-*/run-*/*.nii.gz"),
+             *run.glob("cyce/fold-*/run-*/generators.safetensors"),
+             *run.glob("evaluation/robustness/mask/*prob_cnn.tsv")]
     return {path.relative_to(run).as_posix(): _digest(path) for path in files}
 
 
@@ -67,6 +82,9 @@ def test_folds_and_mask_settings_on_ray_write_the_files_of_the_local_executor(
     assert len([name for name in local if name.startswith("models/")]) == 2
     assert len([name for name in local if name.startswith("masks/grid/")]) == 2
     assert any(name.startswith("masks/session/") for name in local)
+    assert len([name for name in local if name.startswith("explanations/")]) >= 2 * 2
+    assert len([name for name in local if name.startswith("cyce/")]) == 1
+    assert "evaluation/robustness/mask/session_fold-0_run-0_prob_cnn.tsv" in local
     assert remote == local
 
 
@@ -185,3 +203,36 @@ def test_the_cli_flags_set_the_executor_of_a_step(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert given[0].executor == ExecutorConfig(kind="ray", address="auto", cpus_per_task=2,
                                                gpus_per_task=0.5)
+
+
+def test_a_step_on_ray_has_one_bar_that_counts_its_finished_units(ray_cluster):
+    from rich.progress import Progress
+
+    units = [Unit(f"fold {fold} run 0", fold) for fold in range(3)]
+    with Progress(disable=True) as progress:
+        assert map_units(units, _skip_odd_folds, ON_RAY, "masks", progress) == [0, 2]
+        [bar] = progress.tasks
+    assert (bar.total, bar.completed, bar.finished) == (3, 3, True)
+    assert bar.description.startswith("masks on Ray: fold ") and "done" in bar.description
+    with Progress(disable=True) as progress:  # here, the units move their own bars
+        map_units(units, _skip_odd_folds, ExecutorConfig(), "masks", progress)
+        assert progress.tasks == []
+
+
+def test_the_explain_flags_set_its_executor(tmp_path, monkeypatch):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    import voxplain.steps.explain
+    from voxplain.cli import app
+
+    given = []
+    monkeypatch.setattr(voxplain.steps.explain, "run_explain",
+                        lambda settings, progress=None: given.append(settings) or pd.DataFrame())
+    result = CliRunner().invoke(app, ["explain", "--run", str(tmp_path), "--method",
+                                      "saliency,grad_cam", "--executor", "ray",
+                                      "--cpus-per-task", "2"])
+    assert result.exit_code == 0, result.output
+    assert [settings.explain.method for settings in given] == ["saliency", "grad_cam"]
+    assert [settings.executor for settings in given] == 2 * [ExecutorConfig(kind="ray",
+                                                                            cpus_per_task=2)]

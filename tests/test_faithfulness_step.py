@@ -8,6 +8,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import SHAPE, write_cohort
@@ -183,3 +184,28 @@ def test_nothing_to_score_is_an_error_naming_the_run(cube_run):
     with pytest.raises(ValueError, match="nothing to score"):
         run_faithfulness(FaithfulnessStepConfig(run=cube_run, device="cpu", baselines=False,
                                                 methods=["grad_cam"]))
+
+
+def test_a_map_more_faithful_than_the_t_map_is_said_to_describe_the_model(tmp_path):
+    """The demo's case: Grad-CAM localises the truth worse than the t-map but deleting by it
+    lowers the model's output faster; the finding says so. A map less faithful than the
+    t-map, or no better than random, gets no such sentence."""
+    from voxplain.io import write_tsv
+    from voxplain.report.trust import method_findings
+    from voxplain.run import RunFolder
+
+    run = RunFolder(tmp_path)
+    rows = [("grad_cam", 0.60, 0.76, True), ("integrated_gradients", 0.70, 0.73, True),
+            ("saliency", 0.80, 0.70, False), ("baseline:random", 0.79, 0.81, None),
+            ("baseline:t_map", 0.68, 0.81, None)]
+    write_tsv(run.evaluation_file("faithfulness/summary.tsv"), pd.DataFrame(
+        [{"key": key, "method": key, "deletion_auc": deletion, "insertion_auc": insertion,
+          "n_sessions": 20, "deletion_beats_random": beats, "insertion_beats_random": False}
+         for key, deletion, insertion, beats in rows]))
+
+    def text(key):
+        return " ".join(finding.text for finding in method_findings(run, key))
+
+    assert "faster than deleting by the data's voxel-wise t-map (0.68)" in text("grad_cam")
+    assert "t-map" not in text("integrated_gradients")  # 0.70: less faithful than the t-map
+    assert "t-map" not in text("saliency") and "no more faithful" in text("saliency")

@@ -84,8 +84,9 @@ def test_step2_removes_the_defective_image_and_the_new_mask_leaves_its_defect(de
     hidden = {name: 1 - nib.load(path).get_fdata()[DEFECT].mean()
               for name, path in (("first", first / "mask.nii.gz"),
                                  ("final", folder / "mask.nii.gz"))}
-    # measured: 0.166 of the defect hidden by the first mask, 0.000 by the final one
-    assert hidden["first"] > 0.1 and hidden["final"] < 0.05, hidden
+    # measured: 0.166 (an earlier machine) and 0.099 (2026-12-02's: float32 kernels differ
+    # between CPUs) of the defect hidden by the first mask, 0.000 by the final one
+    assert hidden["first"] > 0.05 and hidden["final"] < 0.01, hidden
     assert not list(folder.rglob("checkpoint*")) and not list(first.rglob("checkpoint*"))
 
 

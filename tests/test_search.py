@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -14,13 +17,13 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from voxplain.cli import app
-from voxplain.config import ModelConfig, SearchConfig, TrainConfig, read_toml
+from voxplain.config import ExecutorConfig, ModelConfig, SearchConfig, TrainConfig, read_toml
 from voxplain.models.networks import CNN
 from voxplain.models.registry import build_model
-from voxplain.run import RunFolder
+from voxplain.run import RunFolder, UnitFailed
 from voxplain.steps import search as search_step
 from voxplain.steps.pipeline import read_pipeline
-from voxplain.steps.search import run_search, trial_dir
+from voxplain.steps.search import SearchTrial, TrialResult, run_search, trial_dir
 from voxplain.steps.train import run_train
 
 #: Keys and shapes of CNN((20, 24, 20), channels=[4, 8], convs_per_block=[1, 2]) before the
@@ -179,6 +182,83 @@ def test_an_interrupted_trial_is_retried_with_its_parameters_in_its_folder(tmp_p
     assert not trial_dir(tmp_path / "run", 1).exists()
 
 
+def _parameters(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c not in ("number", "state", "value", "seconds", "folder")]
+
+
+def test_trials_drawn_in_batches_are_the_trials_drawn_one_by_one(tmp_path, monkeypatch,
+                                                                 fake_training):
+    """A batch of trials (Ray: as many as the cluster runs at once) asks trial n with seed
+    ``sampler_seed + n``: the same trials as a local search."""
+    tsv = write_cohort(tmp_path / "cohort", subjects=6, sessions=1)
+    one_by_one = run_search(_search(tsv, tmp_path / "one", n_trials=5))
+    monkeypatch.setattr(search_step, "parallel_units", lambda executor: 3)
+    batched = run_search(_search(tsv, tmp_path / "batched", n_trials=5))
+    assert len(fake_training) == 10
+    pd.testing.assert_frame_equal(one_by_one.drop(columns=["seconds"]),
+                                  batched.drop(columns=["seconds"]))
+
+
+def test_a_failed_trial_fails_its_batch_but_finished_trials_keep_their_value(
+        tmp_path, monkeypatch, fake_training):
+    tsv = write_cohort(tmp_path / "cohort", subjects=6, sessions=1)
+    train = search_step.run_train
+
+    def second_trial_fails(config, progress=None, **kwargs):
+        if Path(config.run).name == "trial-001":
+            raise ValueError("no brain in this trial")
+        metrics = train(config, progress, **kwargs)
+        folder = RunFolder(config.run)
+        folder.evaluation_dir.mkdir()
+        metrics.to_csv(folder.evaluation_file("cross_validation.tsv"), sep="\t", index=False)
+        return metrics
+
+    monkeypatch.setattr(search_step, "run_train", second_trial_fails)
+    monkeypatch.setattr(search_step, "parallel_units", lambda executor: 3)
+    with pytest.raises(ValueError, match="no brain"):
+        run_search(_search(tsv, tmp_path / "run", n_trials=4))
+    written = pd.read_csv(tmp_path / "run" / "search" / "trials.tsv", sep="\t")
+    assert list(written.state) == ["COMPLETE", "FAIL", "FAIL"]
+    assert written["value"][0] == fake_training[0].model.dropout  # read from its folder
+    assert len(fake_training) == 1  # the third trial never ran: the error stopped the batch
+    table = run_search(_search(tsv, tmp_path / "run", n_trials=4))  # failures: not retried
+    assert list(table.state) == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+
+
+def test_every_trial_a_killed_batch_left_running_is_retried_once(tmp_path, monkeypatch,
+                                                                 fake_training):
+    tsv = write_cohort(tmp_path / "cohort", subjects=6, sessions=1)
+    train = search_step.run_train
+
+    def killed_in_the_first_trial(config, progress=None, **kwargs):
+        if not fake_training:
+            Path(config.run).mkdir(parents=True)
+            (Path(config.run) / "checkpoint").write_text("epoch 1")
+            fake_training.append(config)
+            raise KeyboardInterrupt
+        return train(config, progress, **kwargs)
+
+    monkeypatch.setattr(search_step, "run_train", killed_in_the_first_trial)
+    monkeypatch.setattr(search_step, "parallel_units", lambda executor: 3)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_search(_search(tsv, run, n_trials=3))
+    study = search_step.open_study(_search(tsv, run, n_trials=3))
+    assert [t.state.name for t in study.trials] == ["RUNNING"] * 3
+    monkeypatch.setattr(search_step, "parallel_units", lambda executor: 2)  # batches of 2, 1
+    table = run_search(_search(tsv, run, n_trials=3))
+    assert list(table.state) == ["FAIL"] * 3 + ["COMPLETE"] * 3
+    parameters = _parameters(table)
+    for interrupted in range(3):
+        retried = table.iloc[3 + interrupted]
+        assert table.iloc[interrupted][parameters].equals(retried[parameters])
+    assert [Path(config.run) for config in fake_training[1:]] == [trial_dir(run, n)
+                                                                  for n in (3, 4, 5)]
+    assert (trial_dir(run, 3) / "checkpoint").read_text() == "epoch 1"  # trial 0's folder
+    assert not any(trial_dir(run, n).exists() for n in range(3))
+    assert run_search(_search(tsv, run, n_trials=3)).equals(table)  # nothing left to retry
+
+
 # --- the search, trained ----------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -232,3 +312,71 @@ def test_the_report_shows_the_trials_the_best_one_and_their_parameters(tmp_path,
     assert section.blocks[1].content.startswith(f"Best trial {best}:")
     assert section.blocks[3].content.is_file()
     assert SECTIONS[SECTIONS.index(search_section) - 1].__name__ == "classification_section"
+
+
+# --- the search on Ray --------------------------------------------------------------------------
+
+ON_RAY = ExecutorConfig(kind="ray", cpus_per_task=1, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    # the work function of the failing trial travels to the workers by value: they cannot
+    # import this module (pytest put the tests folder on the path of this process only)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _searched(root: Path, tsv: Path, executor: ExecutorConfig | str) -> tuple[pd.DataFrame,
+                                                                               dict[str, str]]:
+    run = root / "run"
+    table = run_search(_search(tsv, run, n_trials=2, epochs=1, device="cpu", executor=executor))
+    files = sorted(run.glob("search/trial-*/models/fold-*/run-*/model.safetensors"))
+    return table, {path.relative_to(run).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+                   for path in files}
+
+
+@pytest.mark.slow
+def test_trials_on_ray_are_the_trials_of_the_local_executor(tmp_path, ray_cluster, one_thread):
+    """The two trials run at once on the 2-CPU cluster, each in a worker that reads the cohort
+    itself: the same parameters, values and bit-identical models as one after the other here."""
+    tsv = write_cohort(tmp_path / "cohort", subjects=8, sessions=1)
+    local_table, local_models = _searched(tmp_path / "local", tsv, "local")
+    ray_table, ray_models = _searched(tmp_path / "ray", tsv, ON_RAY)
+    assert len(local_models) == 2 and set(local_table.state) == {"COMPLETE"}
+    pd.testing.assert_frame_equal(local_table.drop(columns=["seconds"]),
+                                  ray_table.drop(columns=["seconds"]))
+    assert ray_models == local_models
+    written = pd.read_csv(tmp_path / "ray" / "run" / "search" / "trials.tsv", sep="\t")
+    assert list(written.number) == [0, 1]
+
+
+def _trial_1_fails_once_trial_0_finished(unit: SearchTrial, progress=None) -> TrialResult:
+    if unit.number != 1:
+        return search_step.trial_unit(unit, progress)
+    finished = RunFolder(trial_dir(unit.config.run, 0)).evaluation_file("cross_validation.tsv")
+    deadline = time.monotonic() + 120
+    while not finished.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    raise ValueError(f"no brain in trial {unit.number}")
+
+
+@pytest.mark.slow
+def test_a_trial_failing_on_ray_is_named_and_its_finished_neighbour_keeps_its_value(
+        tmp_path, monkeypatch, ray_cluster, one_thread):
+    tsv = write_cohort(tmp_path / "cohort", subjects=8, sessions=1)
+    monkeypatch.setattr(search_step, "trial_unit", _trial_1_fails_once_trial_0_finished)
+    assert search_step.parallel_units(ON_RAY) == 2  # trials 0 and 1 run at once
+    run = tmp_path / "run"
+    config = _search(tsv, run, n_trials=3, epochs=1, device="cpu", executor=ON_RAY)
+    with pytest.raises(UnitFailed, match=r"search: trial 1 failed on Ray: "
+                                         r"ValueError: no brain in trial 1"):
+        run_search(config)
+    written = pd.read_csv(run / "search" / "trials.tsv", sep="\t")
+    assert list(written.state) == ["COMPLETE", "FAIL"]  # one batch of 2 (2 CPUs)
+    finished = pd.read_csv(trial_dir(run, 0) / "evaluation" / "cross_validation.tsv", sep="\t")
+    assert written["value"][0] == pytest.approx(
+        finished.loc[finished.subset == "validation", "balanced_accuracy"].mean())

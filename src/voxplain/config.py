@@ -76,10 +76,11 @@ Target = Annotated[Literal["true", "predicted"] | int | str,
 
 
 class ExecutorConfig(Section):
-    """Where the independent units of a step (training's folds x runs, the mask steps' fold/runs
-    and grid settings) run: one after the other in this process (``local``), or as tasks of a
-    Ray cluster (``ray``) that share the run folder (:mod:`voxplain.run.executor`). Where a unit
-    runs never changes its results."""
+    """Where the independent units of a step (training's folds x runs, a search's trials, the
+    mask steps' fold/runs and grid settings, explanations and CyCE per fold/run) run: one after
+    the other in this process (``local``), or as tasks of a Ray cluster (``ray``) that share
+    the run folder (:mod:`voxplain.run.executor`). Where a unit runs never changes its
+    results."""
 
     kind: Literal["local", "ray"] = Field(
         "local", description="local: one unit after the other in this process; ray: units as "
@@ -95,6 +96,10 @@ class ExecutorConfig(Section):
     max_retries: int = Field(
         3, ge=0, description="Ray: times a unit whose worker died (killed, out of memory) is run "
         "again; it resumes from what it wrote.")
+    sessions_per_unit: int | None = Field(
+        None, ge=1, description="Steps that work session by session (explanations, session "
+        "masks): split each fold/run's sessions into units of this many, so that one model's "
+        "sessions spread over the workers; default: one unit per fold/run.")
 
 
 def _kind_as_an_executor(value: Any) -> Any:
@@ -1069,6 +1074,7 @@ class CyCEStepConfig(RunStepConfig):
     """``voxplain cyce train``: CyCE generators for the classifiers of a run folder."""
 
     cyce: CyCEConfig = Field(default_factory=CyCEConfig)
+    executor: Executor = Field(default_factory=ExecutorConfig)
 
 
 class CyCETransferConfig(RunStepConfig):
@@ -1124,6 +1130,7 @@ class ExplainStepConfig(RunStepConfig):
         "or the test subjects of a random split (--split random, paper 2)."
     )
     explain: ExplainConfig
+    executor: Executor = Field(default_factory=ExecutorConfig)
 
 
 # --- evaluate: localisation, classification, robustness, statistics (paper 2) ----------------
@@ -1274,6 +1281,9 @@ class RobustnessConfig(Section):
     )
     batch_size: int = Field(16, ge=1, description="Images per forward pass for prob_CNN.")
     device: Device = Field("auto", description="Where to run prob_CNN.")
+    executor: Executor = Field(
+        default_factory=ExecutorConfig, description="Where prob_CNN's units run: a row of the "
+        "group-mask matrix (one model on every mask) or one fold/run's session matrix each.")
     include_flagged: bool = Field(
         False, description="Keep flagged masks: session masks flagged as not converged (column "
         "'flagged' of masks/session/*/index.tsv) and group masks flagged in their summary.json "

@@ -56,6 +56,8 @@ def option(model: type[BaseModel], field: str, *flags: str) -> Any:
 #: ``--executor ray [--address auto|HOST:PORT] [--cpus-per-task N] [--gpus-per-task X]``.
 EXECUTOR_FIELDS = ["executor.kind", "executor.address", "executor.cpus_per_task",
                    "executor.gpus_per_task"]
+#: The executor flags of a step that works session by session: also ``--sessions-per-unit N``.
+SESSION_EXECUTOR_FIELDS = [*EXECUTOR_FIELDS, "executor.sessions_per_unit"]
 EXECUTOR_FLAGS = {"executor.kind": "--executor"}
 
 CONFIG_OPTION = typer.Option(None, "--config", help="TOML file of settings; flags override it.")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from voxplain.cli.common import (
+    EXECUTOR_FIELDS,
+    EXECUTOR_FLAGS,
     config_command,
     console,
     print_table,
@@ -26,8 +28,8 @@ _FOLDS = {"folds": ("--folds", "--fold")}
      "cyce.similarity_weight", "cyce.similarity_l1_weight", "cyce.discriminator_normalisation",
      "cyce.adversarial_weight", "cyce.activation_weight", "cyce.batch_size",
      "cyce.learning_rate", "cyce.max_steps", "cyce.max_seconds", "cyce.min_steps",
-     "cyce.patience", "cyce.checkpoint_every", "cyce.seed"],
-    flags=_FOLDS)
+     "cyce.patience", "cyce.checkpoint_every", "cyce.seed", *EXECUTOR_FIELDS],
+    flags={**_FOLDS, **EXECUTOR_FLAGS})
 def cyce_train(settings: CyCEStepConfig) -> None:
     """Train G+ and G- against each fold's classifier (on its training images; labels unused)."""
     from voxplain.steps.cyce import run_cyce_train

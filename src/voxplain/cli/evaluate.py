@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from voxplain.cli.common import (config_command, console, print_table, progress_bar,
-                                 reported_errors)
+from voxplain.cli.common import (EXECUTOR_FIELDS, EXECUTOR_FLAGS, config_command, console,
+                                 print_table, progress_bar, reported_errors)
 from voxplain.config import (
     ClassificationEvaluationConfig,
     FaithfulnessStepConfig,
@@ -89,14 +89,14 @@ def evaluate_localisation_command(settings: LocalisationStepConfig) -> None:
 @evaluate.command("robustness")
 @config_command(RobustnessConfig, "evaluate_robustness",
                 ["run", "methods", "other_run", "prob_cnn", "batch_size", "device",
-                 "include_flagged"])
+                 "include_flagged", *EXECUTOR_FIELDS], flags=EXECUTOR_FLAGS)
 def evaluate_robustness_command(settings: RobustnessConfig) -> None:
     """Similarity of maps across folds, runs, sessions, hyperparameters and datasets
     -> RUN/evaluation/robustness/ (skips what the run folder does not hold yet)."""
     from voxplain.steps.robustness import run_robustness
 
-    with reported_errors():
-        summary = run_robustness(settings)
+    with reported_errors(), progress_bar() as bar:
+        summary = run_robustness(settings, progress=bar)
     print_table("Robustness (mean of pairs)", summary,
                 ["method", "experiment", "diagnosis", "metric", "mean", "sd", "median",
                  "n_pairs", "n_subjects"])

@@ -20,7 +20,7 @@ from voxplain.cli.common import (
     setup_logging,
     split_list,
 )
-from voxplain.config import ExplainConfig, ExplainStepConfig
+from voxplain.config import ExecutorConfig, ExplainConfig, ExplainStepConfig
 
 
 def explain(
@@ -36,6 +36,11 @@ def explain(
     group: str = option(ExplainConfig, "group", "--group"),
     folds: str = option(ExplainStepConfig, "folds", "--folds"),
     device: str = option(ExplainStepConfig, "device", "--device"),
+    executor: str = option(ExecutorConfig, "kind", "--executor"),
+    address: str = option(ExecutorConfig, "address", "--address"),
+    cpus_per_task: int = option(ExecutorConfig, "cpus_per_task", "--cpus-per-task"),
+    gpus_per_task: float = option(ExecutorConfig, "gpus_per_task", "--gpus-per-task"),
+    sessions_per_unit: int = option(ExecutorConfig, "sessions_per_unit", "--sessions-per-unit"),
     config: Path = CONFIG_OPTION,
 ) -> None:
     """Maps of every fold/run's model for its validation (or --subset test) sessions (or
@@ -50,6 +55,8 @@ def explain(
     settings = [build_config(
         ExplainStepConfig, "explain", config, run=absolute(run), cohort=absolute(cohort),
         subset=subset, folds=split_list(folds, int), device=device,
+        executor=given(kind=executor, address=address, cpus_per_task=cpus_per_task,
+                       gpus_per_task=gpus_per_task, sessions_per_unit=sessions_per_unit),
         explain=given(method=name, target=target, layer=layer, min_layer_size=min_layer_size,
                       batch_size=batch_size, options=parse_options(options), group=group))
         for name in split_list(method) or [None]]

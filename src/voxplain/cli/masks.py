@@ -7,6 +7,7 @@ import typer
 from voxplain.cli.common import (
     EXECUTOR_FIELDS,
     EXECUTOR_FLAGS,
+    SESSION_EXECUTOR_FIELDS,
     config_command,
     print_table,
     progress_bar,
@@ -44,7 +45,7 @@ def mask_group(settings: GroupMaskStepConfig) -> None:
                 _STEP + ["max_sessions", "cohort", "mask.l1", "mask.l2", "mask.smoothness",
                          "mask.perturbation",
                          "mask.max_iterations", "mask.patience", "mask.batch_size",
-                         *EXECUTOR_FIELDS],
+                         *SESSION_EXECUTOR_FIELDS],
                 flags=EXECUTOR_FLAGS)
 def mask_session(settings: SessionMaskStepConfig) -> None:
     """One mask per correctly classified session of each fold's validation subjects, batched."""

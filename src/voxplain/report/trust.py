@@ -152,6 +152,12 @@ def _faithfulness(run: RunFolder, key: str) -> list[Finding]:
         text += ": no more faithful to the model than a random ranking"
     elif len(better) == 1:
         text += f": better than a random ranking in {better[0]} only"
+    t_map = table[table.key == "baseline:t_map"]
+    if "deletion" in better and not t_map.empty and row.deletion_auc < t_map.deletion_auc.iloc[0]:
+        text += (f"; deleting by this map lowers the model's output faster than deleting by the "
+                 f"data's voxel-wise t-map ({t_map.deletion_auc.iloc[0]:.2f}): where the two "
+                 "differ the model's evidence lies away from the group difference, and a low "
+                 "localisation score describes the model as much as the method")
     return [Finding(key, "ok" if better else "warning", text)]
 
 

@@ -26,10 +26,13 @@ from voxplain.run.folder import (
     map_fold_units,
     mask_level,
     parse_fold_run,
+    session_unit_name,
 )
-from voxplain.run.executor import Unit, UnitFailed, available_cpus, map_units
+from voxplain.run.executor import (Unit, UnitFailed, available_cpus, chunk_size, map_units,
+                                   session_chunks)
 
 __all__ = ["COHORT_PREFIX", "RESUMABLE_FIELDS", "FoldSkipped", "RunFolder", "RunFolderError",
            "cohort_label", "each_fold", "environment", "fold_run", "fold_run_files",
            "mask_level", "parse_fold_run", "fold_unit_name", "map_fold_units", "Unit",
-           "UnitFailed", "available_cpus", "map_units"]
+           "UnitFailed", "available_cpus", "chunk_size", "map_units", "session_chunks",
+           "session_unit_name"]

@@ -22,14 +22,18 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from voxplain.config import ExecutorConfig
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 __all__ = ["NoUnitProcessed", "Unit", "UnitFailed", "UnitSkipped", "available_cpus",
-           "map_units", "with_absolute_paths"]
+           "chunk_size", "map_units", "parallel_units", "session_chunks",
+           "with_absolute_paths"]
 
 log = logging.getLogger("voxplain")
 T = TypeVar("T")
@@ -74,17 +78,20 @@ class _Skipped:
 
 
 def map_units(units: Iterable[Unit[T]], work: Callable[[T], R], executor: ExecutorConfig,
-              name: str) -> list[R]:
+              name: str, progress: Progress | None = None) -> list[R]:
     """``work(unit.argument)`` for every unit, on ``executor``; the results in unit order.
 
     A unit that raises :class:`UnitSkipped` is named in a warning and left out of the results;
     :class:`NoUnitProcessed` when every unit was skipped. Locally, any other error of a unit
     propagates as it is and stops the step; on Ray it stops the step as :class:`UnitFailed`
     (the units still running are cancelled; what they finished stays written).
+
+    ``progress``: on Ray, one bar for the step, moved as each unit finishes and naming the
+    last one (the units' own bars, which ``work`` may move here, cannot move from a worker).
     """
     if executor.kind == "ray":
         units = list(units)
-        outcomes = _on_ray(units, work, executor, name)
+        outcomes = _on_ray(units, work, executor, name, progress)
     else:
         outcomes = _here(units, work, executor)
     results, reasons = [], []
@@ -118,15 +125,11 @@ def _here(units: Iterable[Unit[T]], work: Callable[[T], R],
 
 
 def _on_ray(units: list[Unit[T]], work: Callable[[T], R], executor: ExecutorConfig,
-            name: str) -> list[tuple[Unit[T], R | _Skipped]]:
-    ray = _import_ray()
+            name: str, progress: Progress | None = None
+            ) -> list[tuple[Unit[T], R | _Skipped]]:
     if not units:
         return []
-    if not ray.is_initialized():
-        if executor.address is None:  # a cluster of this machine's available CPUs
-            ray.init(num_cpus=available_cpus(), include_dashboard=False)
-        else:
-            ray.init(address=executor.address)
+    ray = _ray_cluster(executor)
     cpus = executor.cpus_per_task or 1
     task = ray.remote(run_unit).options(num_cpus=cpus, num_gpus=executor.gpus_per_task,
                                         max_retries=executor.max_retries, name=name)
@@ -136,6 +139,8 @@ def _on_ray(units: list[Unit[T]], work: Callable[[T], R], executor: ExecutorConf
     pending = list(references)
     log.info("%s: %d unit(s) sent to Ray (%s CPU, %s GPU each)", name, len(units), cpus,
              executor.gpus_per_task)
+    bar = (progress.add_task(f"{name} on Ray: {len(units)} units", total=len(units))
+           if progress is not None else None)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         for reference in done:
@@ -146,7 +151,52 @@ def _on_ray(units: list[Unit[T]], work: Callable[[T], R], executor: ExecutorConf
                     ray.cancel(other)
                 raise UnitFailed(f"{name}: {unit_of[reference].name} failed on Ray: "
                                  f"{_last_line(error)}") from error
+            if progress is not None and bar is not None:
+                progress.update(bar, advance=1, description=f"{name} on Ray: "
+                                f"{unit_of[reference].name} done")
     return [(unit_of[reference], outcomes[reference]) for reference in references]
+
+
+def _ray_cluster(executor: ExecutorConfig) -> Any:
+    """Ray, connected to the executor's cluster (started on this machine's available CPUs
+    without an address; joined at ``address`` otherwise) unless this process already is."""
+    ray = _import_ray()
+    if not ray.is_initialized():
+        if executor.address is None:
+            ray.init(num_cpus=available_cpus(), include_dashboard=False)
+        else:
+            ray.init(address=executor.address)
+    return ray
+
+
+def parallel_units(executor: ExecutorConfig) -> int:
+    """How many units the executor runs at once: 1 here; on Ray, as many as the cluster's
+    CPUs (and GPUs, with ``gpus_per_task``) hold tasks of the executor's size, at least 1. A
+    step that must decide what its units are before running them (a search asks its sampler
+    for that many trials at a time) reads it."""
+    if executor.kind != "ray":
+        return 1
+    resources = _ray_cluster(executor).cluster_resources()
+    slots = resources.get("CPU", 1) // (executor.cpus_per_task or 1)
+    if executor.gpus_per_task:
+        slots = min(slots, resources.get("GPU", 0) // executor.gpus_per_task)
+    return max(1, int(slots))
+
+
+def chunk_size(requested: int, batch: int, what: str) -> int:
+    """Sessions per unit: ``requested`` rounded up to a multiple of ``batch`` (said in a log
+    line when rounded), so that the units' batches are those of one unit per fold/run."""
+    size = -(-requested // batch) * batch
+    if size != requested:
+        log.info("%s: %d sessions per unit rounded up to %d, a multiple of the batch of %d "
+                 "sessions", what, requested, size, batch)
+    return size
+
+
+def session_chunks(total: int, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive runs of ``size`` of ``total`` sessions (the last one
+    shorter)."""
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
 def with_absolute_paths(config: C) -> C:

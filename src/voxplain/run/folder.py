@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import pandas as pd
+    from rich.progress import Progress
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -440,11 +441,11 @@ def each_fold(units: Iterable[tuple[int, int, T]], work: Callable[[int, int, T],
 
 
 def map_fold_units(units: Iterable[Unit[T]], work: Callable[[T], R], executor: ExecutorConfig,
-                   step: str) -> list[R]:
+                   step: str, progress: Progress | None = None) -> list[R]:
     """:func:`~voxplain.run.executor.map_units` of a step over folds: when every unit is
     skipped, a :class:`RunFolderError` that gives every reason."""
     try:
-        return map_units(units, work, executor, step)
+        return map_units(units, work, executor, step, progress)
     except NoUnitProcessed as error:
         raise RunFolderError(f"{step}: no fold could be processed "
                              f"({'; '.join(error.reasons)})") from None
@@ -453,6 +454,12 @@ def map_fold_units(units: Iterable[Unit[T]], work: Callable[[T], R], executor: E
 def fold_unit_name(fold: int, run: int) -> str:
     """``fold K run R``: how messages name a fold/run's unit."""
     return f"fold {fold} run {run}"
+
+
+def session_unit_name(fold: int, run: int, start: int, stop: int) -> str:
+    """``fold K run R sessions A-B``: the unit of the sessions at positions ``A`` to ``B``
+    (0-based, both included; ``stop`` = B + 1) of a fold/run's sessions."""
+    return f"{fold_unit_name(fold, run)} sessions {start}-{stop - 1}"
 
 
 def _with_defaults(schema: type[BaseModel], recorded: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,9 @@ from voxplain.explain.cyce.training import CyCETrainer
 from voxplain.io import read_tsv, write_tsv
 from voxplain.models.checkpoint import remove_state
 from voxplain.models.serialization import load_model
-from voxplain.run import RunFolder, RunFolderError
-from voxplain.steps.context import RunContext, load_context
+from voxplain.run import RunFolder, RunFolderError, Unit, fold_unit_name, map_fold_units
+from voxplain.run.executor import with_absolute_paths
+from voxplain.steps.context import RunContext, load_context, release_contexts, shared_context
 
 log = logging.getLogger("voxplain")
 
@@ -44,50 +47,75 @@ def _check_binary(classes: list[str], folder: Path) -> None:
 
 
 def run_cyce_train(config: CyCEStepConfig, progress: Progress | None = None) -> pd.DataFrame:
-    """Train CyCE for every selected fold/run; one summary row per fold/run."""
+    """Train CyCE for every selected fold/run (a unit each, on ``config.executor``); one
+    summary row per fold/run."""
     run = RunFolder(config.run)
     run.train_config()
     run.refuse_slice_models("CyCE")
-    run.record_config("cyce_train", config)
-    context = load_context(run, config.device, progress)
-    rows = []
-    for fold, run_index, model_folder in run.selected_models(config.folds):
-        folder = run.cyce_dir(fold, run_index)
-        if (folder / DESCRIPTION).is_file():
-            log.info("CyCE fold %d run %d already trained: skipped", fold, run_index)
-            remove_state(folder)  # left by a kill between generators.json and its removal
-            rows.append(_summary(folder, fold, run_index))
-            continue
-        classifier, description = load_model(model_folder, context.device)
-        _check_binary(description["classes"], model_folder)
-        images = split_images(context, fold, "train")
-        positive = class_index(config.cyce.positive_class, description["classes"])
-        trainer = CyCETrainer(classifier, images,
-                              config.cyce.model_copy(update={"positive_class": positive}),
-                              context.device)
-        task = (progress.add_task(f"CyCE fold {fold} run {run_index}",
-                                  total=config.cyce.max_steps) if progress else None)
-
-        def show(step: int, losses: dict[str, float], task=task, fold=fold,
-                 run_index=run_index) -> None:
-            if progress is not None and task is not None:
-                progress.update(task, completed=step, description=_loss_line(fold, run_index,
-                                                                            losses))
-
-        started = time.perf_counter()
-        state = trainer.fit(folder, show)
-        generators = CyCEGenerators(trainer.networks["g_plus"], trainer.networks["g_minus"])
-        write_tsv(folder / "loss.tsv", pd.DataFrame(state.history))
-        generators.save(folder, {**trainer.description(), "fold": fold, "run": run_index,
-                                 "classes": description["classes"],
-                                 "classifier": str(model_folder.relative_to(run.root)),
-                                 "training_images": len(images),
-                                 "seconds_this_session": time.perf_counter() - started})
-        remove_state(folder)
-        log.info("CyCE fold %d run %d: %d steps (%s)", fold, run_index, state.next_step,
-                 state.stop_reason)
-        rows.append(_summary(folder, fold, run_index))
+    try:
+        shared_context(config.run, config.device, progress=progress)  # the cohort is checked
+        run.record_config("cyce_train", config)
+        shipped = with_absolute_paths(config)
+        units = [Unit(fold_unit_name(fold, run_index), FoldCyCE(shipped, fold, run_index))
+                 for fold, run_index, _ in run.selected_models(config.folds)]
+        work = partial(cyce_unit, progress=progress if config.executor.kind == "local"
+                       else None)
+        rows = map_fold_units(units, work, config.executor, "CyCE", progress)
+    finally:
+        release_contexts()
     return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class FoldCyCE:
+    """One unit of ``voxplain cyce train`` (:mod:`voxplain.run.executor`): the generators of
+    one fold/run's classifier. Small and picklable: a Ray worker reloads the run's context
+    (once per worker) and the classifier itself."""
+
+    config: CyCEStepConfig
+    fold: int
+    run: int
+
+
+def cyce_unit(unit: FoldCyCE, progress: Progress | None = None) -> dict[str, object]:
+    """Train (or resume) CyCE for one fold/run and return its summary row; a fold/run whose
+    generators exist is skipped. Here or in a Ray task."""
+    config, fold, run_index = unit.config, unit.fold, unit.run
+    context = shared_context(config.run, config.device)
+    run = context.run
+    folder, model_folder = run.cyce_dir(fold, run_index), run.model_dir(fold, run_index)
+    if (folder / DESCRIPTION).is_file():
+        log.info("CyCE fold %d run %d already trained: skipped", fold, run_index)
+        remove_state(folder)  # left by a kill between generators.json and its removal
+        return _summary(folder, fold, run_index)
+    classifier, description = load_model(model_folder, context.device)
+    _check_binary(description["classes"], model_folder)
+    images = split_images(context, fold, "train")
+    positive = class_index(config.cyce.positive_class, description["classes"])
+    trainer = CyCETrainer(classifier, images,
+                          config.cyce.model_copy(update={"positive_class": positive}),
+                          context.device)
+    task = (progress.add_task(f"CyCE fold {fold} run {run_index}",
+                              total=config.cyce.max_steps) if progress else None)
+
+    def show(step: int, losses: dict[str, float]) -> None:
+        if progress is not None and task is not None:
+            progress.update(task, completed=step, description=_loss_line(fold, run_index,
+                                                                        losses))
+
+    started = time.perf_counter()
+    state = trainer.fit(folder, show)
+    generators = CyCEGenerators(trainer.networks["g_plus"], trainer.networks["g_minus"])
+    write_tsv(folder / "loss.tsv", pd.DataFrame(state.history))
+    generators.save(folder, {**trainer.description(), "fold": fold, "run": run_index,
+                             "classes": description["classes"],
+                             "classifier": str(model_folder.relative_to(run.root)),
+                             "training_images": len(images),
+                             "seconds_this_session": time.perf_counter() - started})
+    remove_state(folder)
+    log.info("CyCE fold %d run %d: %d steps (%s)", fold, run_index, state.next_step,
+             state.stop_reason)
+    return _summary(folder, fold, run_index)
 
 
 def _loss_line(fold: int, run_index: int, losses: dict[str, float]) -> str:

@@ -47,12 +47,19 @@ the session's soft vote; ``slices.tsv`` beside it has one row per slice (``slice
 Resume: session maps already on disk are not recomputed; ``index.tsv`` is written last and marks
 a fold/run as finished. A fold/run an earlier version left unfinished may hold 2D session maps as
 ``.npy``: they are kept and indexed as they are (:func:`map_file_name`).
+
+Units: one per fold/run (:class:`FoldExplanation`). With ``executor.sessions_per_unit``, a first
+pass of units of sessions (:class:`SessionExplanation`, ``fold K run R sessions A-B``) writes the
+session maps, spreading one model's sessions over the workers; the fold/run units then find them
+written (:func:`session_chunk_units` gives the rule that keeps the maps bit-identical).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +79,12 @@ from voxplain.explain.methods import METHODS, explainer
 from voxplain.io import atomic_path, read_tsv, write_json, write_tsv
 from voxplain.models.layout import for_batches
 from voxplain.models.serialization import load_model, read_model_json
-from voxplain.run import FoldSkipped, RunFolder, each_fold
+from voxplain.run import (FoldSkipped, RunFolder, Unit, fold_unit_name, map_fold_units,
+                          session_unit_name)
+from voxplain.run.executor import chunk_size, session_chunks, with_absolute_paths
 from voxplain.run.folder import explanation_key as key_of
 from voxplain.run.maps import read_map, write_map
-from voxplain.steps.context import IDS, RunContext, load_context
+from voxplain.steps.context import IDS, RunContext, release_contexts, shared_context
 
 log = logging.getLogger("voxplain")
 
@@ -147,8 +156,30 @@ def run_explain(config: ExplainStepConfig, progress: Progress | None = None) -> 
         for _, _, folder in models:
             resolve_target(config.explain.target, read_model_json(folder)["classes"])
     key = explanation_key(config)
-    # the cohort is checked before recording
-    context = load_context(run, config.device, progress, config.cohort)
+    try:
+        # the cohort is checked before recording
+        context = shared_context(config.run, config.device, config.cohort, progress)
+        _record(run, config, key, bool(method.signed))
+        shipped = with_absolute_paths(config)
+        here = progress if config.executor.kind == "local" else None
+        if config.executor.sessions_per_unit is not None:
+            # first the session maps, spread over units of sessions; the fold units below then
+            # find them written and add predictions, group maps and index
+            chunks = session_chunk_units(context, shipped, key, models)
+            map_fold_units(chunks, partial(explain_sessions_unit, progress=here),
+                           config.executor, f"explain {key} (sessions)", progress)
+        units = [Unit(fold_unit_name(fold, run_index),
+                      FoldExplanation(shipped, key, fold, run_index))
+                 for fold, run_index, _ in models]
+        work = partial(explain_unit, progress=here)
+        indexes = map_fold_units(units, work, config.executor, f"explain {key}", progress)
+    finally:
+        release_contexts()
+    return pd.concat(indexes, ignore_index=True)
+
+
+def _record(run: RunFolder, config: ExplainStepConfig, key: str, signed: bool) -> None:
+    """Record the step's settings and ``explanation.json``."""
     # batch size and evaluation do not change the maps: left out of the recorded settings so
     # that a resumed step may change them (None entries are not recorded)
     recorded = config.model_copy(update={
@@ -156,13 +187,31 @@ def run_explain(config: ExplainStepConfig, progress: Progress | None = None) -> 
     run.record_config(explain_section(key), recorded)
     write_json(run.explanation_dir(key) / "explanation.json", {
         "method": config.explain.method, "layer": config.explain.layer,
-        "signed": bool(method.signed), "target": config.explain.target,
+        "signed": signed, "target": config.explain.target,
         "group": config.explain.group,
         "cohort": None if config.cohort is None else str(config.cohort)})
-    indexes = each_fold(context.models(config.folds), lambda fold, run_index, fitted:
-                        explain_model(context, config, key, fold, run_index, fitted.model,
-                                      fitted.classes, progress), f"explain {key}")
-    return pd.concat(indexes, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class FoldExplanation:
+    """One unit of ``voxplain explain`` (:mod:`voxplain.run.executor`): the maps of one
+    fold/run's model under explanation key ``key``. Small and picklable: a Ray worker reloads
+    the run's context (once per worker) and the model itself."""
+
+    config: ExplainStepConfig
+    key: str
+    fold: int
+    run: int
+
+
+def explain_unit(unit: FoldExplanation, progress: Progress | None = None) -> pd.DataFrame:
+    """The maps, group maps and index of one fold/run (:func:`explain_model`), or its index
+    when already written; here or in a Ray task."""
+    config = unit.config
+    context = shared_context(config.run, config.device, config.cohort)
+    fitted = context.model(unit.fold, unit.run)
+    return explain_model(context, config, unit.key, unit.fold, unit.run, fitted.model,
+                         fitted.classes, progress)
 
 
 def explain_section(key: str) -> str:
@@ -198,32 +247,14 @@ def explain_model(context: RunContext, config: ExplainStepConfig, key: str, fold
     index, slices = _predictions(context, config.explain, model, rows, classes)
     index.insert(3, "fold", fold)
     index.insert(4, "run", run_index)
-    input_shape = tuple(context.model_inputs(rows.iloc[:1]).shape[1:])
-    model = for_batches(model, len(input_shape) - 1, config.explain.batch_size, context.device)
-    method = build_explainer(config.explain, model, context.run.cyce_dir(fold, run_index),
-                             context.grid if context.slices is None else None)  # whole images
+    method, input_shape = _method(context, config, model, fold, run_index, rows)
     index["method"] = config.explain.method
     index["layer"], index["layer_shape"], index["layer_coarse"] = _layer(
         method, input_shape, f"{key} fold {fold} run {run_index}")
-    index["path"] = [map_file_name(folder, f"{p}_{s}")
-                     for p, s in zip(rows.participant_id, rows.session_id)]
-    missing = np.flatnonzero([not (folder / path).is_file() for path in index.path])
-    task = (progress.add_task(f"{key} fold {fold} run {run_index}", total=len(rows),
-                              completed=len(rows) - len(missing)) if progress else None)
-    per_slice = 1 if context.slices is None else context.slices.n_slices
-    step = max(1, config.explain.batch_size // per_slice)  # sessions per call
-    targets = (index if slices is None else slices).target_index.to_numpy()
-    for start in range(0, len(missing), step):
-        chunk = missing[start:start + step]
-        wanted = (chunk[:, None] * per_slice + np.arange(per_slice)).ravel()
-        maps = method.explain(context.model_inputs(rows.iloc[chunk]),
-                              torch.as_tensor(targets[wanted]))[:, 0]
-        maps = (maps.cpu().numpy() if context.slices is None else
-                context.slices.to_volume(maps))
-        for row, values in zip(chunk, maps):
-            _save(context.run.inside(folder / index.path[row]), values, context.grid)
-        if progress is not None and task is not None:
-            progress.advance(task, len(chunk))
+    index["path"] = map_paths(folder, rows)
+    write_session_maps(context, config.explain, method, folder, rows, list(index.path),
+                       (index if slices is None else slices).target_index.to_numpy(),
+                       f"{key} fold {fold} run {run_index}", progress)
     _group_maps(context.run, folder, index, bool(method.signed), config.explain.group,
                 context.grid)
     if slices is not None:
@@ -232,6 +263,120 @@ def explain_model(context: RunContext, config: ExplainStepConfig, key: str, fold
         write_tsv(folder / SLICES, slices.drop(columns="target_index"))
     write_tsv(folder / INDEX, index.drop(columns="target_index"))
     return index.drop(columns="target_index")
+
+
+def _method(context: RunContext, config: ExplainStepConfig, model: nn.Module, fold: int,
+            run_index: int, rows: pd.DataFrame) -> tuple[Explainer, tuple[int, ...]]:
+    """The configured explainer on ``model`` (converted in place to the layout of batches of
+    ``explain.batch_size``) and the shape ``(C, *spatial)`` of one model input of ``rows``."""
+    input_shape = tuple(context.model_inputs(rows.iloc[:1]).shape[1:])
+    model = for_batches(model, len(input_shape) - 1, config.explain.batch_size, context.device)
+    method = build_explainer(config.explain, model, context.run.cyce_dir(fold, run_index),
+                             context.grid if context.slices is None else None)  # whole images
+    return method, input_shape
+
+
+def map_paths(folder: Path, rows: pd.DataFrame) -> list[str]:
+    """The map file of each session of ``rows`` in ``folder`` (:func:`map_file_name`)."""
+    return [map_file_name(folder, f"{p}_{s}")
+            for p, s in zip(rows.participant_id, rows.session_id)]
+
+
+def session_batch(context: RunContext, config: ExplainConfig) -> int:
+    """Sessions per call to the explainer: ``batch_size`` images, i.e. ``batch_size`` sessions
+    of an image model and ``batch_size // n_slices`` sessions of a slice model (at least 1)."""
+    per_slice = 1 if context.slices is None else context.slices.n_slices
+    return max(1, config.batch_size // per_slice)
+
+
+def write_session_maps(context: RunContext, config: ExplainConfig, method: Explainer,
+                       folder: Path, rows: pd.DataFrame, paths: list[str], targets: np.ndarray,
+                       name: str, progress: Progress | None = None) -> int:
+    """The maps of the sessions of ``rows`` whose file (``paths``, in ``folder``) is missing,
+    written atomically; returns how many. The missing sessions are explained in order,
+    :func:`session_batch` of them per call; ``targets``: the class index of each session (of
+    each of its slices, session-major, for a slice model). Both a fold/run's unit
+    (:func:`explain_model`) and a unit of some of its sessions (:func:`explain_sessions_unit`)
+    write their maps here."""
+    missing = np.flatnonzero([not (folder / path).is_file() for path in paths])
+    task = (progress.add_task(name, total=len(rows), completed=len(rows) - len(missing))
+            if progress else None)
+    per_slice = 1 if context.slices is None else context.slices.n_slices
+    step = session_batch(context, config)
+    for start in range(0, len(missing), step):
+        chunk = missing[start:start + step]
+        wanted = (chunk[:, None] * per_slice + np.arange(per_slice)).ravel()
+        maps = method.explain(context.model_inputs(rows.iloc[chunk]),
+                              torch.as_tensor(targets[wanted]))[:, 0]
+        maps = (maps.cpu().numpy() if context.slices is None else
+                context.slices.to_volume(maps))
+        for row, values in zip(chunk, maps):
+            _save(context.run.inside(folder / paths[row]), values, context.grid)
+        if progress is not None and task is not None:
+            progress.advance(task, len(chunk))
+    return len(missing)
+
+
+@dataclass(frozen=True)
+class SessionExplanation:
+    """One unit of ``voxplain explain`` with ``executor.sessions_per_unit``: the maps of the
+    sessions at positions ``start`` to ``stop - 1`` of those one fold/run explains
+    (:func:`sessions_to_explain`)."""
+
+    config: ExplainStepConfig
+    key: str
+    fold: int
+    run: int
+    start: int
+    stop: int
+
+
+def session_chunk_units(context: RunContext, config: ExplainStepConfig, key: str,
+                        models: list[tuple[int, int, Path]]) -> list[Unit[SessionExplanation]]:
+    """The units of sessions of every fold/run not yet explained (no ``index.tsv``).
+
+    Rule: a fold/run's sessions to explain, in their order, are cut into runs of
+    ``executor.sessions_per_unit`` sessions rounded up to a multiple of :func:`session_batch`
+    (the last run shorter), so that every boundary between units is a boundary between two
+    of the explainer's batches of the fold/run's own unit: the batches, hence the maps, are
+    those of a step without units of sessions (when none of the maps was written before)."""
+    size = chunk_size(config.executor.sessions_per_unit, session_batch(context, config.explain),
+                      f"explain {key}")
+    units = []
+    for fold, run_index, _ in models:
+        if (context.run.explanation_dir(key, fold, run_index) / INDEX).is_file():
+            continue
+        try:
+            rows = sessions_to_explain(context, config, fold)
+        except FoldSkipped:
+            continue  # named by the fold/run's own unit
+        units += [Unit(session_unit_name(fold, run_index, start, stop),
+                       SessionExplanation(config, key, fold, run_index, start, stop))
+                  for start, stop in session_chunks(len(rows), size)]
+    return units
+
+
+def explain_sessions_unit(unit: SessionExplanation, progress: Progress | None = None) -> int:
+    """The missing maps of one unit of sessions (:class:`SessionExplanation`), here or in a Ray
+    task; returns how many it wrote. The targets are those of the fold/run's unit: for
+    ``target = "predicted"``, the predictions of the unit's own sessions."""
+    config = unit.config
+    context = shared_context(config.run, config.device, config.cohort)
+    folder = context.run.explanation_dir(unit.key, unit.fold, unit.run)
+    name = f"{unit.key} {session_unit_name(unit.fold, unit.run, unit.start, unit.stop)}"
+    rows = sessions_to_explain(context, config, unit.fold).iloc[unit.start:unit.stop]
+    paths = map_paths(folder, rows)
+    if (folder / INDEX).is_file() or all((folder / path).is_file() for path in paths):
+        log.info("%s already explained: skipped", name)
+        return 0
+    fitted = context.model(unit.fold, unit.run)
+    index, slices = _predictions(context, config.explain, fitted.model, rows, fitted.classes)
+    method, _ = _method(context, config, fitted.model, unit.fold, unit.run, rows)
+    written = write_session_maps(context, config.explain, method, folder, rows, paths,
+                                 (index if slices is None else slices).target_index.to_numpy(),
+                                 name, progress)
+    log.info("%s: %d map(s) written", name, written)
+    return written
 
 
 def map_file_name(folder: Path, stem: str) -> str:

@@ -53,8 +53,8 @@ from voxplain.io import read_tsv, write_json, write_tsv
 from voxplain.models.checkpoint import remove_state
 from voxplain.models.serialization import read_model_json
 from voxplain.run import (FoldSkipped, RunFolder, Unit, cohort_label, fold_run_files,
-                          fold_unit_name, map_fold_units, mask_level)
-from voxplain.run.executor import with_absolute_paths
+                          fold_unit_name, map_fold_units, mask_level, session_unit_name)
+from voxplain.run.executor import chunk_size, session_chunks, with_absolute_paths
 from voxplain.run.maps import write_map
 from voxplain.steps.context import (IDS, FoldModel, RunContext, release_contexts,
                                     shared_context)
@@ -169,7 +169,7 @@ def run_group_masks(config: GroupMaskStepConfig, progress: Progress | None = Non
     try:
         context, level, units = _mask_step(config, "mask_group", "group", progress)
         summaries = pd.DataFrame(map_fold_units(units, _work(group_mask_unit, config, progress),
-                                                config.executor, f"{level} masks"))
+                                                config.executor, f"{level} masks", progress))
     finally:
         release_contexts()
     flags = flag_group_masks(context.run, config.mask)
@@ -472,6 +472,13 @@ def run_session_masks(config: SessionMaskStepConfig, progress: Progress | None =
     concatenated index. With ``config.cohort``: every correctly classified session of the
     masked diagnosis in that cohort, under ``masks/cohort-LABEL/session``.
 
+    With ``executor.sessions_per_unit``, a first pass spreads each unfinished fold/run's
+    sessions over units of sessions (:func:`session_mask_chunks`), each writing its masks and
+    a ``chunk-A-B.tsv`` (written last: a unit whose table exists is skipped on resumption);
+    the fold/run's unit then writes ``index.tsv`` from these tables (the robust z over all of
+    the fold/run's masks) and removes them. The masks and the index are those of one unit
+    per fold/run.
+
     The flag catches masks that stopped on the dense plateau Adam can reach in its first steps
     (lr 0.1 moves every voxel by about 0.1 at once): such a mask can hold the masked-class
     probability near 0 for more than ``patience`` iterations with most voxels below 0.95 and a
@@ -482,24 +489,221 @@ def run_session_masks(config: SessionMaskStepConfig, progress: Progress | None =
     """
     config = as_recorded(config, step_section("mask_session", config))
     try:
-        _, _, units = _mask_step(config, "mask_session", "session", progress)
+        context, _, units = _mask_step(config, "mask_session", "session", progress)
+        if config.executor.sessions_per_unit is not None:
+            chunks, units = session_mask_chunks(context, config, units)
+            map_fold_units(chunks, _work(session_chunk_unit, config, progress),
+                           config.executor, "session masks (sessions)", progress)
         return pd.concat(map_fold_units(units, _work(session_mask_unit, config, progress),
-                                        config.executor, "session masks"), ignore_index=True)
+                                        config.executor, "session masks", progress),
+                         ignore_index=True)
     finally:
         release_contexts()
 
 
-def session_mask_unit(unit: FoldMasks, progress: Progress | None = None) -> pd.DataFrame:
+#: The index of a fold/run's session masks (written last: it marks the fold/run done).
+SESSION_INDEX = "index.tsv"
+
+
+@dataclass(frozen=True)
+class SessionMaskChunk:
+    """A unit of ``voxplain mask session`` with ``executor.sessions_per_unit``: the masks of
+    the sessions at positions ``start`` to ``stop - 1`` of those a fold/run masks
+    (:func:`_session_rows`) and their table :func:`chunk_table`."""
+
+    masks: FoldMasks
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ChunkedSessionMasks:
+    """A fold/run's unit of ``voxplain mask session`` whose masks units of sessions computed:
+    it writes ``index.tsv`` from the tables of ``chunks`` (``(start, stop)`` each)."""
+
+    masks: FoldMasks
+    chunks: tuple[tuple[int, int], ...]
+
+
+def chunk_table(folder: Path, start: int, stop: int) -> Path:
+    """``chunk-A-B.tsv``: the table of the masks of the sessions at positions A to B (both
+    included) of a fold/run's, written last by their unit."""
+    return folder / f"chunk-{start}-{stop - 1}.tsv"
+
+
+def session_mask_chunks(context: RunContext, config: SessionMaskStepConfig,
+                        units: list[Unit[FoldMasks]]
+                        ) -> tuple[list[Unit[SessionMaskChunk]], list[Unit]]:
+    """The units of sessions of every unfinished fold/run, and the fold/run units that follow
+    them (:class:`ChunkedSessionMasks` where units of sessions compute the masks, the unit as
+    it is for a fold/run already done or without a session to mask, which it names).
+
+    Each fold/run's sessions (:func:`_session_rows`, classified here once per model) are cut
+    into runs of ``executor.sessions_per_unit`` rounded up to a multiple of
+    ``mask.batch_size`` (:func:`~voxplain.run.executor.chunk_size`); a last run of a single
+    session joins the one before it when ``mask.batch_size`` > 1. Masks are optimised in
+    batches of ``batch_size`` consecutive sessions, each batch on its own (its own Adam, its own
+    early stopping), by a model whose memory layout depends only on whether the unit holds
+    more than one session: with these boundaries every unit's batches, layout and masks are
+    those of one unit per fold/run, bit for bit."""
+    batch = config.mask.batch_size
+    size = chunk_size(config.executor.sessions_per_unit, batch, "session masks")
+    chunks, folds = [], []
+    for unit in units:
+        masks = unit.argument
+        context_here, external = unit_contexts(masks.config)
+        folder = context_here.run.mask_dir(masks.level, masks.fold, masks.run)
+        if (folder / SESSION_INDEX).is_file():
+            folds.append(unit)
+            continue
+        try:
+            rows, _, _ = _session_rows(context_here, masks.config, masks.fold,
+                                       context_here.model(masks.fold, masks.run), external)
+        except FoldSkipped:
+            folds.append(unit)
+            continue
+        bounds = session_chunks(len(rows), size)
+        if batch > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+            bounds = bounds[:-2] + [(bounds[-2][0], bounds[-1][1])]
+        chunks += [Unit(session_unit_name(masks.fold, masks.run, start, stop),
+                        SessionMaskChunk(masks, start, stop)) for start, stop in bounds]
+        folds.append(Unit(unit.name, ChunkedSessionMasks(masks, tuple(bounds))))
+    return chunks, folds
+
+
+def session_chunk_unit(chunk: SessionMaskChunk, progress: Progress | None = None) -> int:
+    """The masks of one unit of sessions and their table (:func:`chunk_table`), unless the
+    table or the fold/run's index is already written; here or in a Ray task. Returns how many
+    masks it optimised."""
+    unit = chunk.masks
+    context, external = unit_contexts(unit.config)
+    folder = context.run.mask_dir(unit.level, unit.fold, unit.run)
+    name = session_unit_name(unit.fold, unit.run, chunk.start, chunk.stop)
+    if (folder / SESSION_INDEX).is_file() or chunk_table(folder, chunk.start,
+                                                         chunk.stop).is_file():
+        log.info("session masks %s already computed: skipped", name)
+        return 0
+    _session_mask_chunk(context, unit, chunk.start, chunk.stop, folder, progress, external)
+    return chunk.stop - chunk.start
+
+
+def _session_mask_chunk(context: RunContext, unit: FoldMasks, start: int, stop: int,
+                        folder: Path, progress: Progress | None,
+                        external: RunContext | None) -> None:
+    """Optimise and write the masks of the sessions ``start`` to ``stop - 1``, then their
+    table."""
+    fitted = context.model(unit.fold, unit.run)
+    rows, source, diagnosis = _session_rows(context, unit.config, unit.fold, fitted, external)
+    if len(rows) < stop:
+        raise RuntimeError(f"session masks fold {unit.fold} run {unit.run}: {len(rows)} "
+                           f"sessions to mask, where the step planned at least {stop}")
+    table = _mask_sessions(context, unit.config, unit.fold, unit.run, fitted,
+                           rows.iloc[start:stop], source, diagnosis, folder, progress,
+                           session_unit_name(unit.fold, unit.run, start, stop))
+    write_tsv(chunk_table(folder, start, stop), table)
+
+
+def session_mask_unit(unit: FoldMasks | ChunkedSessionMasks,
+                      progress: Progress | None = None) -> pd.DataFrame:
     """The session masks of one fold/run (:func:`_session_masks`), or their index when already
-    written; here or in a Ray task."""
+    written; with units of sessions (:class:`ChunkedSessionMasks`), the index of their tables
+    (a table still missing is computed here first). Here or in a Ray task."""
+    chunks: tuple[tuple[int, int], ...] = ()
+    if isinstance(unit, ChunkedSessionMasks):
+        unit, chunks = unit.masks, unit.chunks
     context, external = unit_contexts(unit.config)
     folder = context.run.mask_dir(unit.level, unit.fold, unit.run)
     context.run.remove_leftovers(folder)
-    if (folder / "index.tsv").is_file():
+    if (folder / SESSION_INDEX).is_file():
+        _remove_chunk_tables(folder)  # left by a kill between the index and their removal
         log.info("session masks fold %d run %d already computed: skipped", unit.fold, unit.run)
-        return read_tsv(folder / "index.tsv")
-    return _session_masks(context, unit.config, unit.fold, unit.run,
-                          context.model(unit.fold, unit.run), folder, progress, external)
+        return read_tsv(folder / SESSION_INDEX)
+    if not chunks:  # (tables of an earlier step with units of sessions are not read)
+        index = _session_masks(context, unit.config, unit.fold, unit.run,
+                               context.model(unit.fold, unit.run), folder, progress, external)
+        _remove_chunk_tables(folder)
+        return index
+    for start, stop in chunks:
+        if not chunk_table(folder, start, stop).is_file():
+            _session_mask_chunk(context, unit, start, stop, folder, progress, external)
+    # read back, also the tables written just now: the index holds the values as written
+    index = pd.concat([read_tsv(chunk_table(folder, start, stop)) for start, stop in chunks],
+                      ignore_index=True)
+    index = _write_session_index(folder, index, unit.config, unit.fold, unit.run)
+    _remove_chunk_tables(folder)
+    return index
+
+
+def _remove_chunk_tables(folder: Path) -> None:
+    for path in folder.glob("chunk-*-*.tsv"):
+        path.unlink(missing_ok=True)
+
+
+def _session_rows(context: RunContext, config: SessionMaskStepConfig, fold: int,
+                  fitted: FoldModel, external: RunContext | None = None
+                  ) -> tuple[pd.DataFrame, RunContext, str]:
+    """The sessions one fold/run masks -- of the fold's validation subjects, or every session
+    of ``external``'s cohort, of the masked diagnosis, classified correctly by the model, the
+    first ``max_sessions`` --, the context holding their images and the masked diagnosis.
+
+    Raises:
+        FoldSkipped: no session to mask.
+    """
+    diagnosis = masked_class(config, fitted.classes)
+    if external is None:
+        source = context
+        subjects = context.run.read_split(fold, "validation")
+        sessions = context.table[context.table.participant_id.isin(subjects.participant_id)]
+    else:
+        source, sessions = external, external.table
+    rows = correctly_classified(source, fitted.model, sessions, fitted.classes, diagnosis)
+    rows = rows.iloc[:config.max_sessions]
+    if rows.empty:
+        raise FoldSkipped(f"no correctly classified {diagnosis} "
+                          + ("validation session" if external is None
+                             else f"session of {external.source}") + " to mask")
+    return rows, source, diagnosis
+
+
+def _mask_sessions(context: RunContext, config: SessionMaskStepConfig, fold: int,
+                   run_index: int, fitted: FoldModel, rows: pd.DataFrame, source: RunContext,
+                   diagnosis: str, folder: Path, progress: Progress | None,
+                   name: str) -> pd.DataFrame:
+    """Optimise and write the masks of ``rows`` (images in ``source``); their table: ids,
+    fold, run, path, loss, iterations, probability_before, probability_after."""
+    model, classes = fitted.model, fitted.classes
+    splits_train = context.run.read_split(fold, "train")
+    reference = reference_for(context, config.mask, classes, splits_train)
+    images = torch.from_numpy(source.images_of(rows)).to(context.device)
+    targets = torch.full((len(rows),), target_class(config.mask, classes, diagnosis),
+                         device=context.device)
+    task = (progress.add_task(f"session masks {name}", total=len(rows)) if progress else None)
+    result = optimise_session_masks(model, images, targets, reference, config.mask, (
+        lambda done, total: progress.update(task, completed=done)) if progress else None)
+    paths = []
+    for row, mask in zip(rows.itertuples(), result.masks):
+        stem = context.run.inside(folder / f"{row.participant_id}_{row.session_id}")
+        paths.append(write_map(stem, mask[0].cpu().numpy(), context.grid).name)
+    return rows[IDS].assign(fold=fold, run=run_index, path=paths, loss=result.loss,
+                            iterations=result.iterations,
+                            probability_before=result.probability_before,
+                            probability_after=result.probability_after)
+
+
+def _write_session_index(folder: Path, index: pd.DataFrame, config: SessionMaskStepConfig,
+                         fold: int, run_index: int) -> pd.DataFrame:
+    """``index.tsv`` of a fold/run's masks: their table with the robust z of the lowest loss
+    among them all and ``flagged`` (above ``qc_z``)."""
+    z = robust_z(index.loss.to_numpy())
+    index = index.assign(robust_z=z, flagged=z > config.mask.qc_z)
+    write_tsv(folder / SESSION_INDEX, index)
+    if index.flagged.any():
+        log.warning("fold %d run %d: %d session mask(s) flagged as not converged (lowest "
+                    "loss an outlier among this model's masks: %s); see %s", fold, run_index,
+                    int(index.flagged.sum()), ", ".join(
+                        index.participant_id[index.flagged] + "_"
+                        + index.session_id[index.flagged]), folder / SESSION_INDEX)
+    return index
 
 
 def _session_masks(context: RunContext, config: SessionMaskStepConfig, fold: int,
@@ -507,47 +711,10 @@ def _session_masks(context: RunContext, config: SessionMaskStepConfig, fold: int
                    progress: Progress | None, external: RunContext | None = None) -> pd.DataFrame:
     """The session masks of one fold/run and their index: of the fold's validation subjects,
     or of every session of ``external``'s cohort."""
-    model, classes = fitted.model, fitted.classes
-    diagnosis = masked_class(config, classes)
-    if external is None:
-        source = context
-        subjects = context.run.read_split(fold, "validation")
-        sessions = context.table[context.table.participant_id.isin(subjects.participant_id)]
-    else:
-        source, sessions = external, external.table
-    rows = correctly_classified(source, model, sessions, classes, diagnosis)
-    rows = rows.iloc[:config.max_sessions]
-    if rows.empty:
-        raise FoldSkipped(f"no correctly classified {diagnosis} "
-                          + ("validation session" if external is None
-                             else f"session of {external.source}") + " to mask")
-    splits_train = context.run.read_split(fold, "train")
-    reference = reference_for(context, config.mask, classes, splits_train)
-    images = torch.from_numpy(source.images_of(rows)).to(context.device)
-    targets = torch.full((len(rows),), target_class(config.mask, classes, diagnosis),
-                         device=context.device)
-    task = (progress.add_task(f"session masks fold {fold} run {run_index}", total=len(rows))
-            if progress else None)
-    result = optimise_session_masks(model, images, targets, reference, config.mask, (
-        lambda done, total: progress.update(task, completed=done)) if progress else None)
-    paths = []
-    for row, mask in zip(rows.itertuples(), result.masks):
-        stem = context.run.inside(folder / f"{row.participant_id}_{row.session_id}")
-        paths.append(write_map(stem, mask[0].cpu().numpy(), context.grid).name)
-    z = robust_z(result.loss)
-    index = rows[IDS].assign(fold=fold, run=run_index, path=paths, loss=result.loss,
-                             iterations=result.iterations,
-                             probability_before=result.probability_before,
-                             probability_after=result.probability_after,
-                             robust_z=z, flagged=z > config.mask.qc_z)
-    write_tsv(folder / "index.tsv", index)
-    if index.flagged.any():
-        log.warning("fold %d run %d: %d session mask(s) flagged as not converged (lowest "
-                    "loss an outlier among this model's masks: %s); see %s", fold, run_index,
-                    int(index.flagged.sum()), ", ".join(
-                        index.participant_id[index.flagged] + "_"
-                        + index.session_id[index.flagged]), folder / "index.tsv")
-    return index
+    rows, source, diagnosis = _session_rows(context, config, fold, fitted, external)
+    index = _mask_sessions(context, config, fold, run_index, fitted, rows, source, diagnosis,
+                           folder, progress, f"fold {fold} run {run_index}")
+    return _write_session_index(folder, index, config, fold, run_index)
 
 
 def grid_setting(l1: float, l2: float, b1: float, b2: float,
@@ -596,7 +763,7 @@ def run_mask_grid(config: MaskGridConfig, progress: Progress | None = None) -> p
             f"grid/{setting(*values)}", f"{setting(*values)} ",
             tuple(zip(GRID_DIMENSIONS, values)))]
         summaries = map_fold_units(units, _work(group_mask_unit, config, progress),
-                                   config.executor, "grid masks")
+                                   config.executor, "grid masks", progress)
     finally:
         release_contexts()
     table = pd.DataFrame(summaries).reset_index(drop=True).drop(

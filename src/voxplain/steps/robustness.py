@@ -49,11 +49,12 @@ from voxplain.data.template import brain_mask
 from voxplain.evaluate.similarity import (cosine_matrix, masked_probabilities, prob_cnn,
                                           rank_correlation_matrix, roi_vectors)
 from voxplain.io import write_tsv
-from voxplain.run import RunFolder
+from voxplain.run import RunFolder, Unit, fold_unit_name
+from voxplain.run.executor import map_units, with_absolute_paths
 from voxplain.run.maps import (GRID_PARAMETERS, MASK, available_methods, cohort_methods,
                                converged_session_maps, grid_masks, group_maps, map_grid, map_kind,
                                read_map)
-from voxplain.steps.context import RunContext, load_context
+from voxplain.steps.context import RunContext, load_context, release_contexts, shared_context
 from voxplain.steps.masks import correctly_classified, reference_for
 
 log = logging.getLogger("voxplain")
@@ -85,7 +86,7 @@ def run_robustness(config: RobustnessConfig, progress: Progress | None = None) -
     if config.methods is None or MASK in config.methods:
         rows += grid_experiments(run, out, config.include_flagged)
         if config.prob_cnn:
-            rows += prob_cnn_experiments(run, config, out)
+            rows += prob_cnn_experiments(run, config, out, progress)
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     write_tsv(out / "summary.tsv", summary)
     return summary
@@ -387,27 +388,50 @@ def _cross_dataset_prob_cnn(contexts: Contexts, pair, config: RobustnessConfig) 
             "prob_cnn": (on_own + on_other) / 2}
 
 
-def prob_cnn_experiments(run: RunFolder, config: RobustnessConfig, out: Path) -> list[dict]:
+def prob_cnn_experiments(run: RunFolder, config: RobustnessConfig, out: Path,
+                         progress: Progress | None = None) -> list[dict]:
     """prob_CNN dissimilarity of group masks (inter-fold/run) and session masks (intra/inter).
 
     Matrix entry ``[i, j]``: mean probability of the masked class given by model ``i`` to its
     images masked by mask ``j`` (group: model i's correctly classified validation patients;
     session: session i's image, model of the fold). A pair's value is the mean of its two cross
     entries, as :func:`~voxplain.evaluate.similarity.symmetric_prob_cnn`.
+
+    The forward passes run as units of ``config.executor``: a row of the group matrix (one
+    model on every group mask) and one fold/run's session matrix each
+    (:class:`ProbCNNUnit`); the matrices and tables are written here from their results.
     """
     groups = group_maps(run, MASK, config.include_flagged)
     sessions = converged_session_maps(run, MASK, config.include_flagged)
     if groups.empty and sessions.empty:
         log.info("robustness mask: no mask: prob_CNN skipped")
         return []
-    context = load_context(run, config.device)
-    models = {(fold, run_index): (fitted.model, fitted.classes)
-              for fold, run_index, fitted in context.models(None)}
+    trained = {(fold, run_index) for fold, run_index, _ in run.selected_models(None)}
+    groups, sessions = (maps[[(f, r) in trained for f, r in zip(maps.fold, maps.run)]]
+                        .sort_values(["fold", "run"], kind="stable", ignore_index=True)
+                        if len(maps) else maps
+                        for maps in (groups, sessions))
+    shipped = with_absolute_paths(config)
+    masks = tuple(str(path) for path in groups.path)
+    units = [Unit(f"group masks on {fold_unit_name(row.fold, row.run)}",
+                  ProbCNNUnit(shipped, "group", row.fold, row.run, row.diagnosis, masks))
+             for row in groups.itertuples()]
+    session_folds = [(int(fold), int(run_index), maps.reset_index(drop=True))
+                     for (fold, run_index), maps in sessions.groupby(["fold", "run"], sort=True)]
+    units += [Unit(f"session masks of {fold_unit_name(fold, run_index)}",
+                   ProbCNNUnit(shipped, "session", fold, run_index, "", tuple(maps.path),
+                               tuple(maps.participant_id), tuple(maps.session_id),
+                               tuple(maps.diagnosis)))
+              for fold, run_index, maps in session_folds]
+    try:
+        results = map_units(units, prob_cnn_unit, config.executor, "prob_CNN", progress)
+    finally:
+        release_contexts()
     rows = []
     if not groups.empty:
-        rows += _group_prob_cnn(context, groups, models, config, out)
-    if not sessions.empty:
-        rows += _session_prob_cnn(context, sessions, models, config, out)
+        rows += _group_prob_cnn(groups, results[:len(groups)], out)
+    if session_folds:
+        rows += _session_prob_cnn(sessions, session_folds, results[len(groups):], out)
     return rows
 
 
@@ -418,28 +442,63 @@ def _mask_settings(run: RunFolder, section: str) -> GroupMaskConfig:
                                            if k in MaskConfig.model_fields})
 
 
-def _group_prob_cnn(context: RunContext, groups: pd.DataFrame, models: dict,
-                    config: RobustnessConfig, out: Path) -> list[dict]:
-    groups = groups[[(f, r) in models for f, r in zip(groups.fold, groups.run)]]
-    groups = groups.sort_values(["fold", "run"], ignore_index=True)
-    settings = _mask_settings(context.run, "mask_group")
-    masks = [read_map(path) for path in groups.path]
-    matrix = np.full((len(groups), len(groups)), np.nan)
-    for i, row in groups.iterrows():
-        model, classes = models[row.fold, row.run]
-        split = {name: context.run.read_split(row.fold, name)
-                 for name in ("train", "validation")}
-        images = correctly_classified(context, model, split["validation"], classes, row.diagnosis)
+@dataclass(frozen=True)
+class ProbCNNUnit:
+    """One unit of prob_CNN (:mod:`voxplain.run.executor`): the model of ``fold``/``run`` on
+    masked images. ``level`` "group": its correctly classified validation images of
+    ``diagnosis``, masked by each of ``masks`` (a row of the group matrix); "session": the
+    sessions ``participants``/``sessions`` (of ``diagnoses``), each masked by each of their
+    masks ``masks`` (the fold/run's session matrix). Small and picklable: a Ray worker reloads
+    the run's context (once per worker) and the model."""
+
+    config: RobustnessConfig
+    level: str
+    fold: int
+    run: int
+    diagnosis: str
+    masks: tuple[str, ...]
+    participants: tuple[str, ...] = ()
+    sessions: tuple[str, ...] = ()
+    diagnoses: tuple[str, ...] = ()
+
+
+def prob_cnn_unit(unit: ProbCNNUnit) -> np.ndarray:
+    """The probabilities of one :class:`ProbCNNUnit`: a row ``(masks,)`` of the group matrix
+    (NaN where the model has no correctly classified image), or the ``(sessions, masks)``
+    matrix of a fold/run; here or in a Ray task."""
+    config = unit.config
+    context = shared_context(config.run, config.device)
+    fitted = context.model(unit.fold, unit.run)
+    model, classes = fitted.model, fitted.classes
+    masks = [read_map(path) for path in unit.masks]
+    options = {"batch_size": config.batch_size, "device": context.device}
+    train = context.run.read_split(unit.fold, "train")
+    if unit.level == "group":
+        validation = context.run.read_split(unit.fold, "validation")
+        images = correctly_classified(context, model, validation, classes, unit.diagnosis)
         if images.empty:
             log.info("prob_CNN: fold %d run %d has no correctly classified %s validation image",
-                     row.fold, row.run, row.diagnosis)
-            continue
-        reference = reference_for(context, settings, classes, split["train"])
+                     unit.fold, unit.run, unit.diagnosis)
+            return np.full(len(masks), np.nan)
+        reference = reference_for(context, _mask_settings(context.run, "mask_group"), classes,
+                                  train)
         stack = context.images[images.image_index.to_numpy()]
-        for j, mask in enumerate(masks):
-            matrix[i, j] = prob_cnn(model, mask, stack, classes.index(row.diagnosis),
-                                    perturbation=reference, batch_size=config.batch_size,
-                                    device=context.device)
+        return np.array([prob_cnn(model, mask, stack, classes.index(unit.diagnosis),
+                                  perturbation=reference, **options) for mask in masks])
+    index = context.table.reset_index(names="image_index")
+    rows = pd.DataFrame({"participant_id": unit.participants, "session_id": unit.sessions})
+    rows = rows.merge(index[["participant_id", "session_id", "image_index"]], how="left")
+    stack = context.images[rows.image_index.to_numpy()]
+    targets = np.array([classes.index(d) for d in unit.diagnoses])
+    reference = reference_for(context, _mask_settings(context.run, "mask_session"), classes,
+                              train)
+    return np.column_stack([masked_probabilities(model, mask, stack, targets,
+                                                 perturbation=reference, **options)
+                            for mask in masks])
+
+
+def _group_prob_cnn(groups: pd.DataFrame, rows_of: list[np.ndarray], out: Path) -> list[dict]:
+    matrix = np.vstack(rows_of)
     labels = [f"fold-{f}_run-{r}" for f, r in zip(groups.fold, groups.run)]
     write_matrix(out / MASK / "group_prob_cnn.tsv", labels, matrix)
     pair = (matrix + matrix.T) / 2
@@ -452,32 +511,15 @@ def _group_prob_cnn(context: RunContext, groups: pd.DataFrame, models: dict,
     return rows
 
 
-def _session_prob_cnn(context: RunContext, sessions: pd.DataFrame, models: dict,
-                      config: RobustnessConfig, out: Path) -> list[dict]:
-    settings = _mask_settings(context.run, "mask_session")
-    index = context.table.reset_index(names="image_index")
+def _session_prob_cnn(sessions: pd.DataFrame, folds: list[tuple[int, int, pd.DataFrame]],
+                      matrices: list[np.ndarray], out: Path) -> list[dict]:
     pairs = []
-    for (fold, run_index), maps in sessions.groupby(["fold", "run"], sort=True):
-        if (fold, run_index) not in models:
-            continue
-        model, classes = models[fold, run_index]
-        maps = maps.reset_index(drop=True)
-        rows = maps.merge(index[["participant_id", "session_id", "image_index"]], how="left")
-        stack = context.images[rows.image_index.to_numpy()]
-        targets = np.array([classes.index(d) for d in maps.diagnosis])
-        train = context.run.read_split(fold, "train")
-        reference = reference_for(context, settings, classes, train)
-        matrix = np.column_stack([
-            masked_probabilities(model, read_map(path), stack, targets, perturbation=reference,
-                                 batch_size=config.batch_size, device=context.device)
-            for path in maps.path])
+    for (fold, run_index, maps), matrix in zip(folds, matrices):
         labels = [f"{p}_{s}" for p, s in zip(maps.participant_id, maps.session_id)]
         write_matrix(out / MASK / f"session_fold-{fold}_run-{run_index}_prob_cnn.tsv", labels,
                      matrix)
         compared = MapSet(labels, {"prob_cnn": (matrix + matrix.T) / 2})
         pairs.append(session_pairs(maps, compared).assign(fold=fold, run=run_index))
-    if not pairs:
-        return []
     table = pd.concat(pairs, ignore_index=True)
     write_tsv(out / MASK / "session_pairs_prob_cnn.tsv", table)
     return [row for diagnosis, rows in table.groupby("diagnosis", sort=True)

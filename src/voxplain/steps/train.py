@@ -191,7 +191,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None, *,
     _PREPARED[_inputs_key(shipped)] = inputs  # the units run here share them
     try:
         map_fold_units(units, partial(train_unit, progress=progress if config.executor.kind
-                                      == "local" else None), config.executor, "train")
+                                      == "local" else None), config.executor, "train", progress)
     finally:
         _PREPARED.clear()
     summary = pd.concat([read_tsv(folder / "metrics.tsv") for _, _, folder in run.model_dirs()],
