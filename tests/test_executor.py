@@ -236,3 +236,21 @@ def test_the_explain_flags_set_its_executor(tmp_path, monkeypatch):
     assert [settings.explain.method for settings in given] == ["saliency", "grad_cam"]
     assert [settings.executor for settings in given] == 2 * [ExecutorConfig(kind="ray",
                                                                             cpus_per_task=2)]
+
+
+def test_an_executor_at_the_top_of_a_pipeline_file_reaches_every_step_that_fans_out(tmp_path):
+    from voxplain.steps.pipeline import read_pipeline
+
+    pipeline = tmp_path / "pipeline.toml"
+    write_text(pipeline, 'run = "run"\nexecutor = "ray"\n'
+               '[train]\ncohort = "cohort.tsv"\n'
+               '[explain]\nmethod = "saliency"\n'
+               '[cyce_train]\n'
+               '[mask_session]\n'
+               '[evaluate_robustness]\nprob_cnn = true\n'
+               '[evaluate_localisation]\n')
+    planned = {step.name: step.config for step in read_pipeline(pipeline)}
+    fanning_out = ["train", "explain", "cyce_train", "mask_session", "evaluate_robustness"]
+    assert {name: planned[name].executor.kind for name in fanning_out} == dict.fromkeys(
+        fanning_out, "ray")
+    assert not hasattr(planned["evaluate_localisation"], "executor")  # runs in the command
