@@ -427,3 +427,62 @@ def test_cuda_maps_equal_cpu_maps() -> None:
         gpu = method(copy.deepcopy(model).cuda()).explain(x, [0, 1, 1, 0])
         assert gpu.device.type == "cuda"
         assert torch.allclose(gpu.cpu(), cpu, atol=1e-4)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_hires_cam_from_a_baseline_is_captum_layer_integrated_gradients_from_it(spatial_dims):
+    """Behind a linear head the gradient at the layer is the same all along the path, so layer
+    integrated gradients from a baseline b, summed over channels, is sum_k g^k (A^k(x) - A^k(b))
+    exactly: HiResCAM with that baseline must be its positive part (an independent oracle:
+    Captum integrates along the input path, we subtract the baseline's feature maps)."""
+    from captum.attr import LayerIntegratedGradients
+
+    model, x = linear_head_network(spatial_dims)
+    baseline = torch.rand(1, *x.shape[2:], dtype=torch.float64)  # one sample (C, *spatial)
+    targets = [0, 1, 1]
+    ours = HiResCAM(model, normalise=False, baseline=baseline).explain(x, targets)
+    captum = LayerIntegratedGradients(model, model[1]).attribute(
+        x, baselines=baseline[None].expand_as(x), target=targets, n_steps=8)
+    expected = F.relu(captum.detach().sum(1, keepdim=True))
+    assert float(expected.flatten(1).amax(1).min()) > 0
+    assert torch.allclose(ours, expected, rtol=0, atol=1e-8)  # Captum: quadrature round-off
+    # and not the map without a baseline
+    assert not torch.allclose(ours, HiResCAM(model, normalise=False).explain(x, targets),
+                              atol=1e-3)
+
+
+@pytest.mark.parametrize("method", [GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM])
+def test_a_cam_from_a_baseline_is_zero_where_the_session_equals_it_and_grad_cam_is_captum_s(
+        method) -> None:
+    """Every CAM weights A(x) - A(b): a session equal to the baseline gets an all-zero map, a
+    constant baseline is the same as that constant image. At the GAP input of VGGGAP the
+    gradient is W[c]/Z everywhere, so Grad-CAM from b equals Captum's layer integrated gradients
+    from b, summed over channels (positive part, upsampled)."""
+    from captum.attr import LayerIntegratedGradients
+
+    model, x = model_and_inputs("vgg_gap_3d")
+    targets = [0, 1, 0, 1]
+    same = method(model, baseline=x[0], layer=GAP_INPUT).explain(x[:1], targets[:1])
+    assert float(same.abs().max()) == 0.0
+    constant = method(model, baseline=0.3, layer=GAP_INPUT).explain(x, targets)
+    image = method(model, baseline=torch.full_like(x[0], 0.3), layer=GAP_INPUT).explain(x, targets)
+    assert torch.equal(constant, image)
+    if method is GradCAM:
+        baseline = torch.rand_like(x[0])
+        ours = GradCAM(model, baseline=baseline, layer=GAP_INPUT, normalise=False).explain(
+            x, targets)
+        captum_model = copy.deepcopy(model)
+        theirs = LayerIntegratedGradients(captum_model, captum_model.get_submodule(GAP_INPUT)
+                                          ).attribute(x, baselines=baseline[None].expand_as(x),
+                                                      target=targets, n_steps=8)
+        theirs = F.relu(theirs.detach().sum(1, keepdim=True))
+        theirs = LayerAttribution.interpolate(theirs, x.shape[2:], MODES[3])
+        # Grad-CAM's weights are the mean gradient, W[c]/Z; the layer IG terms carry 1/Z too
+        assert float(theirs.flatten(1).amax(1).min()) > 0
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-7)
+
+
+def test_a_baseline_of_the_wrong_shape_is_refused() -> None:
+    model, x = model_and_inputs("cnn_3d")
+    with pytest.raises(ValueError, match=r"baseline shape \(1, 8, 8, 8\) does not match one sample"):
+        GradCAM(model, baseline=torch.zeros(1, 8, 8, 8)).explain(x, [0, 1, 0, 1])

@@ -498,3 +498,95 @@ def test_3d_session_maps_are_scored_against_each_session_s_own_truth(trained_run
     summary = session_localisation_summary(table).set_index("diagnosis")
     assert summary.scored.to_dict() == {"AD": len(ad), "CN": 0}
     assert summary.maps.to_dict() == {"AD": len(ad), "CN": len(cn)}
+
+
+def test_baseline_class_makes_integrated_gradients_explain_the_difference_from_that_class(
+        trained_run):
+    """Integrated gradients is complete: a map sums to F(x) - F(baseline). With
+    ``--baseline-class CN`` the baseline is the mean of fold 0's CN training images, computed here
+    from the NIfTI files and the split, so the maps sum to the target logit of each session minus
+    that of the mean CN image (and not of an empty image)."""
+    from voxplain.models.serialization import load_model
+
+    for method, options in (("integrated_gradients", ["--options", "n_steps=64"]),
+                            ("saliency,hires_cam", [])):
+        result = CliRunner().invoke(app, [
+            "explain", "--run", str(trained_run), "--method", method, "--baseline-class", "CN",
+            "--folds", "0", "--device", "cpu", *options])
+        assert result.exit_code == 0, result.output
+    key = "integrated_gradients_n_steps-64_baseline_class-CN"
+    record = (trained_run / "explanations" / key / "explanation.json").read_text()
+    assert '"baseline_class": "CN"' in record
+    # saliency takes no baseline: its key ignores the setting; a CAM takes one
+    assert (trained_run / "explanations/saliency/fold-0/run-0/index.tsv").is_file()
+    assert not list((trained_run / "explanations").glob("saliency_baseline*"))
+    assert (trained_run / "explanations/hires_cam_baseline_class-CN/fold-0/run-0/index.tsv"
+            ).is_file()
+
+    def image(path: str) -> np.ndarray:
+        return np.asarray(nib.load(trained_run.parent / "cohort" / path).dataobj, np.float32)
+
+    cohort = pd.read_csv(trained_run.parent / "cohort/cohort.tsv", sep="\t")
+    train = pd.read_csv(trained_run / "splits/fold-0/train.tsv", sep="\t")[
+        ["participant_id", "session_id"]].merge(cohort, on=["participant_id", "session_id"])
+    mean_cn = np.mean([image(p) for p in train[train.diagnosis == "CN"].path], axis=0)
+    assert 0 < (train.diagnosis == "CN").sum() < len(train)
+
+    model, description = load_model(trained_run / "models/fold-0/run-0", "cpu")
+    target = description["classes"].index("AD")
+
+    def logit(volume: np.ndarray) -> float:
+        with torch.no_grad():
+            return float(model(torch.tensor(volume, dtype=torch.float32)[None, None])[0, target])
+
+    index = pd.read_csv(trained_run / "explanations" / key / "fold-0/run-0/index.tsv", sep="\t")
+    rows = index[index.diagnosis == "AD"].merge(cohort[["participant_id", "session_id", "path"]],
+                                                on=["participant_id", "session_id"],
+                                                suffixes=("", "_image"))
+    assert len(rows) >= 2
+    assert abs(logit(mean_cn) - logit(np.zeros_like(mean_cn))) > 1e-2  # the baselines differ
+    for row in rows.itertuples():
+        attribution = np.asarray(nib.load(trained_run / "explanations" / key / "fold-0/run-0" /
+                                          row.path).dataobj, dtype=np.float64)
+        assert attribution.sum() == pytest.approx(logit(image(row.path_image)) - logit(mean_cn),
+                                                  rel=1e-2, abs=2e-3)
+
+
+def test_a_baseline_class_that_is_not_a_class_is_refused_before_anything_is_written(trained_run):
+    with pytest.raises(ValueError, match=r"baseline_class 'MCI' is not a class of the model"):
+        run_explain(step(trained_run, "integrated_gradients", baseline_class="MCI"))
+    assert not (trained_run / "explanations/integrated_gradients_baseline_class-MCI").exists()
+    with pytest.raises(ValueError, match="either as an option or as baseline_class"):
+        run_explain(step(trained_run, "integrated_gradients", baseline_class="CN",
+                         options={"baseline": 0.5}))
+
+
+def test_a_cam_from_the_baseline_class_weights_the_difference_from_its_mean_image(trained_run):
+    """hires_cam with --baseline-class CN equals HiResCAM given the mean CN training image of the
+    fold (computed here from the NIfTI files) as its baseline, and differs from plain HiResCAM."""
+    from voxplain.explain.cam import HiResCAM
+    from voxplain.models.serialization import load_model
+
+    run_explain(step(trained_run, "hires_cam", baseline_class="CN"))
+    cohort = pd.read_csv(trained_run.parent / "cohort/cohort.tsv", sep="\t")
+    train = pd.read_csv(trained_run / "splits/fold-0/train.tsv", sep="\t")[
+        ["participant_id", "session_id"]].merge(cohort, on=["participant_id", "session_id"])
+    images = {row.path: np.asarray(nib.load(trained_run.parent / "cohort" / row.path).dataobj,
+                                   np.float32) for row in cohort.itertuples()}
+    mean_cn = np.mean([images[p] for p in train[train.diagnosis == "CN"].path], axis=0)
+    index = pd.read_csv(trained_run / "explanations/hires_cam_baseline_class-CN/fold-0/run-0/"
+                        "index.tsv", sep="\t").merge(cohort[["participant_id", "session_id",
+                                                             "path"]],
+                                                     on=["participant_id", "session_id"],
+                                                     suffixes=("", "_image"))
+    model, description = load_model(trained_run / "models/fold-0/run-0", "cpu")
+    x = torch.from_numpy(np.stack([images[p] for p in index.path_image]))[:, None]
+    targets = [description["classes"].index(t) for t in index.target]
+    expected = HiResCAM(model, baseline=torch.from_numpy(mean_cn)[None]).explain(x, targets)
+    plain = HiResCAM(model).explain(x, targets)
+    written = np.stack([np.asarray(nib.load(trained_run / "explanations/hires_cam_baseline_"
+                                            "class-CN/fold-0/run-0" / p).dataobj)
+                        for p in index.path])
+    np.testing.assert_allclose(written, expected[:, 0].numpy(), atol=1e-5)
+    assert not np.allclose(written, plain[:, 0].numpy(), atol=1e-2)
+

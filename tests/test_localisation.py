@@ -243,3 +243,18 @@ def test_resolution_ceiling_hand_computed_cases():
     assert resolution_ceiling(volume, (2, 2, 2)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="dimensions"):
         resolution_ceiling(volume, (2, 2))
+
+
+def test_brain_outside_at_layer_hand_computed():
+    from voxplain.evaluate.localisation import brain_outside_at_layer, seen_at_layer
+
+    brain = np.zeros((4, 1, 1), dtype=bool)
+    brain[:2] = True  # the first half of a 4-voxel line
+    # layer 2x1x1: cells [1, 0]; linear upsampling (align_corners=False) back to 4 voxels samples
+    # the cells at -0.25, 0.25, 0.75, 1.25 (clamped): 1, 0.75, 0.25, 0
+    assert seen_at_layer(brain, (2, 1, 1))[:, 0, 0] == pytest.approx([1.0, 0.75, 0.25, 0.0])
+    assert brain_outside_at_layer(brain, (2, 1, 1)) == pytest.approx(0.25 / 2.0)
+    assert brain_outside_at_layer(brain, (4, 1, 1)) == pytest.approx(0.0)  # the input's grid
+    assert brain_outside_at_layer(brain, (1, 1, 1)) == pytest.approx(0.5)  # uniform: 2 of 4
+    with pytest.raises(ValueError, match="dimensions"):
+        seen_at_layer(brain, (2, 1))

@@ -28,6 +28,8 @@ def test_the_demo_pipeline_is_valid_and_runs_the_steps_in_file_order(monkeypatch
         "evaluate_robustness", "stats", "report"]
     explain = [step.config.explain.method for step in planned if step.name == "explain"]
     assert explain == ["grad_cam", "grad_cam_pp", "hires_cam", "integrated_gradients"]
+    assert [step.config.explain.baseline_class for step in planned
+            if step.name == "explain"] == [None, None, "CN", "CN"]
     train = planned[1].config
     assert train.run == tmp_path / "demo" / "run" and train.n_folds == 5
     assert planned[2].config.mask.max_epochs == 50  # a key of [mask] written in [mask_group]

@@ -4,6 +4,7 @@ by hand, so every verdict is known in advance."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -100,6 +101,15 @@ def test_each_rule_gives_its_verdict(tmp_path):
                for text in grad_cam)
     assert any(f.about == "hires_cam" and "0% of the group maps' relevance lies outside" in f.text
                for f in findings)
+    # beside it, the brain mask itself seen at the layer's grid: more of it outside at the
+    # coarser layer, less than a uniform map's share at either
+    resolution = {f.about: f.text for f in findings if "the brain itself seen at" in f.text}
+    shares = {key: int(re.search(r"seen at the layer's [0-9x]+ grid: (\d+)%", text).group(1))
+              for key, text in resolution.items()}
+    uniform = {key: int(re.search(r"a uniform map: (\d+)%", text).group(1))
+               for key, text in resolution.items()}
+    assert "1x2x1 grid" in resolution["grad_cam"] and "4x5x4 grid" in resolution["hires_cam"]
+    assert 0 < shares["hires_cam"] < shares["grad_cam"] < uniform["grad_cam"]
     assert not any(f.about == "hires_cam" and f.verdict == "warning" for f in findings)
     assert any(f.about == "hires_cam" and "AUC 0.91" in f.text for f in findings)
     # warnings first

@@ -1109,6 +1109,14 @@ class ExplainConfig(Section):
     options: dict[str, bool | int | float | str] = Field(
         default_factory=dict, description="Extra options of the method (e.g. n_steps=32)."
     )
+    baseline_class: str | None = Field(
+        None, description="Class whose mean training image is the baseline of the methods that "
+        "take one: integrated_gradients, occlusion, region_ablation and region_shapley start "
+        "from it instead of 0; the class activation maps (grad_cam, grad_cam_pp, hires_cam, "
+        "layer_cam) weight A(x) - A(mean) instead of A(x). The mean is over the fold's training "
+        "sessions of that class, so a map shows how a session departs from that class's average "
+        "(e.g. CN) instead of from an empty image. Default: none."
+    )
     group: Literal["correct", "all"] = Field(
         "correct", description="Sessions averaged into a diagnosis's group map: the correctly "
         "classified ones, or all."

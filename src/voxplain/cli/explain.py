@@ -33,6 +33,7 @@ def explain(
     min_layer_size: int = option(ExplainConfig, "min_layer_size", "--min-layer-size"),
     batch_size: int = option(ExplainConfig, "batch_size", "--batch-size"),
     options: str = option(ExplainConfig, "options", "--options"),
+    baseline_class: str = option(ExplainConfig, "baseline_class", "--baseline-class"),
     group: str = option(ExplainConfig, "group", "--group"),
     folds: str = option(ExplainStepConfig, "folds", "--folds"),
     device: str = option(ExplainStepConfig, "device", "--device"),
@@ -58,7 +59,8 @@ def explain(
         executor=given(kind=executor, address=address, cpus_per_task=cpus_per_task,
                        gpus_per_task=gpus_per_task, sessions_per_unit=sessions_per_unit),
         explain=given(method=name, target=target, layer=layer, min_layer_size=min_layer_size,
-                      batch_size=batch_size, options=parse_options(options), group=group))
+                      batch_size=batch_size, options=parse_options(options), group=group,
+                      baseline_class=baseline_class))
         for name in split_list(method) or [None]]
     for step in settings:
         with reported_errors(), progress_bar() as bar:

@@ -209,12 +209,30 @@ def atrophied_regions(truth_path: Path, truth: np.ndarray | None = None,
     return list(means.index[means.to_numpy() >= 0.5])
 
 
+def seen_at_layer(values: np.ndarray, layer_shape: Sequence[int]) -> np.ndarray:
+    """``values`` as a layer of ``layer_shape`` would see and a class activation map would draw
+    them: averaged over each cell of the layer's grid (adaptive average pooling), then upsampled
+    back to ``values``' grid (linear interpolation, ``align_corners=False``, as
+    :func:`voxplain.explain.cam.to_input_grid`); float32, ``values``' shape (2D or 3D)."""
+    import torch
+    import torch.nn.functional as F
+
+    from voxplain.explain.cam import to_input_grid
+
+    tensor = torch.as_tensor(np.asarray(values, dtype=np.float32))[None, None]
+    spatial = tuple(tensor.shape[2:])
+    if len(layer_shape) != len(spatial) or len(spatial) not in (2, 3):
+        raise ValueError(f"layer grid {tuple(layer_shape)} and map {spatial} differ in "
+                         "dimensions (2D or 3D, one each)")
+    pool = F.adaptive_avg_pool3d if len(spatial) == 3 else F.adaptive_avg_pool2d
+    coarse = pool(tensor, tuple(int(n) for n in layer_shape))
+    return to_input_grid(coarse, spatial, normalise=False)[0, 0].numpy()
+
+
 def resolution_ceiling(truth: np.ndarray, layer_shape: Sequence[int],
                        brain: np.ndarray | None = None, fraction: float = 0.5) -> float:
-    """Localisation AUC of the ground truth itself seen at a layer's resolution: ``truth``
-    averaged over each cell of a ``layer_shape`` grid (adaptive average pooling), then upsampled
-    back as a class activation map is (linear interpolation, ``align_corners=False``,
-    :mod:`voxplain.explain.cam`), scored against the true region of ``truth``.
+    """Localisation AUC of the ground truth itself seen at a layer's resolution
+    (:func:`seen_at_layer`), scored against the true region of ``truth``.
 
     A CAM-family map is drawn on the layer's grid and upsampled the same way; this map is what
     such a map would be if the layer saw exactly the truth, so a CAM's AUC well above it is
@@ -222,19 +240,22 @@ def resolution_ceiling(truth: np.ndarray, layer_shape: Sequence[int],
     not a bound: another pattern on the coarse grid can rank voxels differently). At the
     input's own resolution it is 1 (a truth with a true region and voxels outside it).
     """
-    import torch
-    import torch.nn.functional as F
+    return localisation_auc(seen_at_layer(truth, layer_shape), true_region(truth, fraction),
+                            brain)
 
-    values = torch.as_tensor(np.asarray(truth, dtype=np.float32))[None, None]
-    spatial = tuple(values.shape[2:])
-    if len(layer_shape) != len(spatial):
-        raise ValueError(f"layer grid {tuple(layer_shape)} and truth {spatial} differ in "
-                         "dimensions")
-    pool = F.adaptive_avg_pool3d if len(spatial) == 3 else F.adaptive_avg_pool2d
-    coarse = pool(values, tuple(int(n) for n in layer_shape))
-    seen = F.interpolate(coarse, size=spatial, align_corners=False,
-                         mode="trilinear" if len(spatial) == 3 else "bilinear")[0, 0].numpy()
-    return localisation_auc(seen, true_region(truth, fraction), brain)
+
+def share_outside(relevance_map: np.ndarray, inside: np.ndarray) -> float:
+    """Share of a non-negative map's mass that lies outside the boolean ``inside`` (e.g. the
+    brain); NaN for a map with no mass."""
+    return 1.0 - relevance_mass_inside(relevance_map, inside)
+
+
+def brain_outside_at_layer(brain: np.ndarray, layer_shape: Sequence[int]) -> float:
+    """Share of the brain mask's own mass outside the brain once seen at a layer's resolution
+    (:func:`seen_at_layer`): how much relevance even a map uniform over the brain and nowhere
+    else would put outside it, drawn on that layer's grid. The part of a CAM's relevance
+    outside the brain that its layer's resolution explains; 0 at the input's own grid."""
+    return share_outside(seen_at_layer(brain, layer_shape), brain)
 
 
 def localisation_scores(attribution: np.ndarray, truth: np.ndarray, *, signed: bool,

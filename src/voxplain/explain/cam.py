@@ -30,6 +30,8 @@ Shared conventions, for 2D and 3D alike (``spatial_dims = x.ndim - 2``):
 - the layer map is upsampled to the input grid with :func:`torch.nn.functional.interpolate`,
   (bi/tri)linear with ``align_corners=False``: voxels are cells, a coarse cell's value sits at the
   centre of the block of input voxels it covers (MONAI's default upsampler does the same).
+- ``baseline`` (optional, gradient methods): a reference image; the feature maps weighted are
+  ``A^k(x) - A^k(baseline)`` instead of ``A^k(x)`` (see :class:`_LayerGradients`).
 - ``normalise=True`` (the default) divides each sample's upsampled map by its own maximum, so
   every map lies in [0, 1] with 0 meaning "no positive evidence"; an all-zero map stays zero.
   ``normalise=False`` returns the raw map (for Grad-CAM++ see the note on its scale).
@@ -210,17 +212,27 @@ class _LayerGradients(Explainer):
     :meth:`resolve_layer`). After a call, ``layer_name``, ``layer_shape`` (the layer's spatial
     shape) and ``layer_coarse`` (an axis has fewer than ``min_layer_size`` voxels) describe the
     layer read for the last input shape.
+
+    ``baseline`` (default ``None``: none): a reference image, a constant or a tensor
+    ``(C, *spatial)`` (e.g. the mean image of the control class: ``voxplain explain
+    --baseline-class CN``). The feature maps a method weights become their difference from the
+    reference's, ``A^k(x) - A^k(b)``; the weights are the method's own, from the gradients at
+    ``x``. A map then shows where the session's features depart from the reference's in the
+    direction that raises the target logit, and gives nothing where they are the same (the
+    background of a brain scan, features every image activates alike). For HiResCAM this is the
+    first-order account of ``y^c(x) - y^c(b)`` per position (see :class:`HiResCAM`).
     """
 
     signed = False
 
     def __init__(self, model: nn.Module, *, layer: str | None = None,
                  min_layer_size: int = DEFAULT_MIN_LAYER_SIZE, normalise: bool = True,
-                 batch_size: int = 8) -> None:
+                 baseline: float | torch.Tensor | None = None, batch_size: int = 8) -> None:
         super().__init__(model, batch_size=batch_size)
         if layer is not None:
             check_layer_name(model, layer)
         check_min_size(min_layer_size)
+        self.baseline = baseline
         self.layer = layer
         self.min_layer_size = min_layer_size
         self.normalise = normalise
@@ -251,20 +263,40 @@ class _LayerGradients(Explainer):
             logits, activations = forward_with_layer(self.model, layer, x)
             scores = target_scores(logits, target)
             (gradients,) = torch.autograd.grad(scores.sum(), activations)
-        maps = self.layer_map(activations.detach(), gradients)
+        activations = activations.detach()
+        features = activations if self.baseline is None else \
+            activations - self.reference_activations(layer, x)
+        maps = self.layer_map(activations, gradients, features)
         return on_input_grid(self.model, maps, tuple(x.shape[2:]), self.normalise)
 
+    def reference_activations(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps ``(1, K, *spatial)`` of ``baseline`` at ``layer`` (one forward pass)."""
+        if isinstance(self.baseline, torch.Tensor):
+            reference = self.baseline.to(device=x.device, dtype=x.dtype)
+            if reference.ndim == x.ndim - 1:
+                reference = reference[None]
+            if tuple(reference.shape) != (1, *x.shape[1:]):
+                raise ValueError(f"baseline shape {tuple(self.baseline.shape)} does not match "
+                                 f"one sample {tuple(x.shape[1:])}")
+        else:
+            reference = torch.full_like(x[:1], float(self.baseline))
+        with torch.no_grad():
+            return forward_with_layer(self.model, layer, reference)[1].detach()
+
     @abstractmethod
-    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor,
+                  features: torch.Tensor) -> torch.Tensor:
         """Map ``(n, 1, *spatial)`` of the layer from feature maps ``A`` and gradients ``g``
-        ``(n, K, *spatial)``."""
+        ``(n, K, *spatial)``; ``features``: the maps that are weighted, ``A`` or, with a
+        baseline, ``A - A(baseline)``."""
 
 
 class _ChannelWeights(_LayerGradients):
     """Grad-CAM and Grad-CAM++: ``ReLU(sum_k w_k^c A^k)`` with one weight per channel."""
 
-    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-        return weighted_feature_maps(self.weights(activations, gradients), activations)
+    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor,
+                  features: torch.Tensor) -> torch.Tensor:
+        return weighted_feature_maps(self.weights(activations, gradients), features)
 
     @abstractmethod
     def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
@@ -336,12 +368,18 @@ class HiResCAM(_LayerGradients):
     and bias-free linear steps only (a positively homogeneous function of ``A``), the values sum
     to ``y^c - b_c`` (Euler's theorem). At a layer that feeds global average pooling and a linear
     layer directly, ``g^k`` is constant over space and HiResCAM equals Grad-CAM.
+
+    With a ``baseline`` ``b``, ``L^c = ReLU(sum_k g^k ⊙ (A^k(x) - A^k(b)))``: before the ReLU,
+    the first-order estimate of each position's share of ``y^c(x) - y^c(b)``; exactly that
+    share (Captum's ``LayerIntegratedGradients`` from ``b``, summed over channels) when the
+    network after the layer is linear, e.g. a flatten + linear or a pooling + linear head.
     """
 
     name = "hires_cam"
 
-    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-        return F.relu((gradients * activations).sum(1, keepdim=True))
+    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor,
+                  features: torch.Tensor) -> torch.Tensor:
+        return F.relu((gradients * features).sum(1, keepdim=True))
 
 
 class LayerCAM(_LayerGradients):
@@ -359,8 +397,9 @@ class LayerCAM(_LayerGradients):
 
     name = "layer_cam"
 
-    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-        return F.relu((F.relu(gradients) * activations).sum(1, keepdim=True))
+    def layer_map(self, activations: torch.Tensor, gradients: torch.Tensor,
+                  features: torch.Tensor) -> torch.Tensor:
+        return F.relu((F.relu(gradients) * features).sum(1, keepdim=True))
 
 
 def _as_tuple(size: int | tuple[int | None, ...] | None) -> tuple[int | None, ...]:

@@ -13,7 +13,8 @@ reader learns before any figure which maps cannot be trusted and why. The rules,
   explanation step's ``min_layer_size`` (``layer_coarse`` in ``index.tsv``): the map is then a
   few blobs stretched over the image;
 - its group maps point *outside the brain* when more than :data:`OUTSIDE_BRAIN_SHARE` of their
-  relevance lies outside the MNI brain mask;
+  relevance lies outside the MNI brain mask (stated beside a uniform map's share and, for a CAM,
+  the share its layer's resolution alone puts there);
 - it is *no more faithful than a random ranking* when, on the same sessions, its mean deletion
   area is not below the random ranking's and its mean insertion area not above it
   (``evaluate faithfulness``; better in one of the two is stated, not warned about);
@@ -161,15 +162,21 @@ def _faithfulness(run: RunFolder, key: str) -> list[Finding]:
     return [Finding(key, "ok" if better else "warning", text)]
 
 
-def _layer(run: RunFolder, key: str) -> list[Finding]:
+def _layer_index(run: RunFolder, key: str) -> pd.DataFrame | None:
+    """The rows of the method's ``index.tsv`` files that name a layer (CAM family), or None."""
     indexes = [_table(path) for _, _, path in fold_run_files(run.explanation_dir(key),
                                                               "index.tsv")]
     indexes = [index for index in indexes if index is not None and "layer_shape" in index]
     if not indexes:
-        return []
+        return None
     index = pd.concat(indexes, ignore_index=True)
     index = index[index.layer.notna() & (index.layer.astype(str) != "")]
-    if index.empty:
+    return None if index.empty else index
+
+
+def _layer(run: RunFolder, key: str) -> list[Finding]:
+    index = _layer_index(run, key)
+    if index is None:
         return []
     layers = index.drop_duplicates(["layer", "layer_shape"])
     described = ", ".join(f"{row.layer} ({row.layer_shape})" for row in layers.itertuples())
@@ -183,15 +190,20 @@ def _layer(run: RunFolder, key: str) -> list[Finding]:
 def _outside_brain(run: RunFolder, key: str) -> list[Finding]:
     """Share of the group maps' relevance outside the MNI brain mask (3D maps on an MNI grid),
     mean over folds/runs: above :data:`OUTSIDE_BRAIN_SHARE` the map mostly points at no
-    anatomy (a coarse layer's cells straddle the brain's edge and are stretched over the
-    background)."""
+    anatomy. Stated beside it: a uniform map's share, and, for a map drawn on one layer's grid
+    (CAM family), the share of the brain mask itself seen at that grid
+    (:func:`~voxplain.evaluate.localisation.brain_outside_at_layer`): the part the layer's
+    resolution explains; the rest is where the method puts the model's evidence."""
     from voxplain.data.template import brain_mask
-    from voxplain.evaluate.localisation import relevance
+    from voxplain.evaluate.localisation import brain_outside_at_layer, relevance, share_outside
 
     record_file = run.explanation_dir(key) / "explanation.json"
     signed = bool(json.loads(record_file.read_text()).get("signed")) if record_file.is_file() \
         else False
-    shares, background = [], []
+    index = _layer_index(run, key)
+    shapes = [] if index is None else sorted(set(index.layer_shape.astype(str)))
+    layer_shape = tuple(int(n) for n in shapes[0].split("x")) if len(shapes) == 1 else None
+    shares, background, resolution = [], [], []
     for path in group_maps(run, key).path:
         values, grid = read_map_on_grid(path)
         values = relevance(values, signed)
@@ -200,13 +212,19 @@ def _outside_brain(run: RunFolder, key: str) -> list[Finding]:
         inside = brain_mask(grid)
         if not inside.any():
             continue
-        shares.append(float(values[~inside].sum() / values.sum()))
+        shares.append(share_outside(values, inside))
         background.append(float(1 - inside.mean()))
+        if layer_shape is not None and len(layer_shape) == 3:
+            resolution.append(brain_outside_at_layer(inside, layer_shape))
     if not shares:
         return []
     share, uniform = float(np.mean(shares)), float(np.mean(background))
     text = (f"{share:.0%} of the group maps' relevance lies outside the brain (a uniform map: "
-            f"{uniform:.0%})")
+            f"{uniform:.0%}")
+    if resolution:
+        text += (f"; the brain itself seen at the layer's {shapes[0]} grid: "
+                 f"{np.mean(resolution):.0%}")
+    text += ")"
     if share > OUTSIDE_BRAIN_SHARE:
         return [Finding(key, "warning", f"{text}: the maps mostly point at no anatomy (the "
                         "figures show the part inside the brain)")]

@@ -368,18 +368,23 @@ def fold_run_files(base: str | os.PathLike[str], name: str) -> list[tuple[int, i
 
 
 def explanation_key(explain: ExplainConfig, cohort: str | os.PathLike[str] | None = None,
-                    reads_layer: bool = False, subset: str = "validation") -> str:
+                    reads_layer: bool = False, subset: str = "validation",
+                    takes_baseline: bool = False) -> str:
     """Folder name under ``explanations/``: the method, then every setting that changes the
-    maps and differs from the default (layer, method options, target, group, cohort, subset), so that
-    two settings never overwrite each other, e.g. ``grad_cam_layer-features.1.0.0``,
-    ``integrated_gradients_n_steps-32_target-predicted``. ``reads_layer``: the method reads
-    one layer (a class activation map), so ``min_layer_size`` changes its maps."""
+    maps and differs from the default (layer, method options, baseline class, target, group,
+    cohort, subset), so that two settings never overwrite each other, e.g.
+    ``grad_cam_layer-features.1.0.0``, ``integrated_gradients_n_steps-32_target-predicted``.
+    ``reads_layer``: the method reads one layer (a class activation map), so ``min_layer_size``
+    changes its maps; ``takes_baseline``: the method takes a baseline, so ``baseline_class``
+    changes its maps."""
     key = explain.method
     if explain.layer is not None:
         key += f"_layer-{explain.layer}"
     elif explain.min_layer_size != DEFAULT_MIN_LAYER_SIZE and reads_layer:
         key += f"_min_layer_size-{explain.min_layer_size}"
     key += "".join(f"_{name}-{value}" for name, value in sorted(explain.options.items()))
+    if explain.baseline_class is not None and takes_baseline:
+        key += f"_baseline_class-{explain.baseline_class}"
     if explain.target != "true":
         key += f"_target-{explain.target}"
     if explain.group != "correct":

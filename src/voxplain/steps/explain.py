@@ -96,19 +96,27 @@ SLICES = "slices.tsv"
 def explanation_key(config: ExplainStepConfig) -> str:
     """Folder name under ``explanations/`` (:func:`voxplain.run.folder.explanation_key`)."""
     return key_of(config.explain, config.cohort, reads_layer(config.explain.method),
-                  config.subset)
+                  config.subset, takes_baseline(config.explain.method))
 
 
 def build_explainer(config: ExplainConfig, model: nn.Module,
-                    cyce_folder: Path | None = None, grid: Grid | None = None) -> Explainer:
+                    cyce_folder: Path | None = None, grid: Grid | None = None,
+                    baseline: torch.Tensor | None = None) -> Explainer:
     """The configured method on ``model``; options the method does not take are an error.
 
     ``cyce`` takes its generators from ``cyce_folder`` (the fold's ``RUN/cyce/fold-K/run-R``,
     trained by ``voxplain cyce train``) unless the ``generators`` option names a folder. The
     region methods (:mod:`voxplain.explain.regions`) take the AAL2 regions on ``grid`` when it is
-    a 3D grid the atlas covers (cubes of ``block`` voxels otherwise).
+    a 3D grid the atlas covers (cubes of ``block`` voxels otherwise). ``baseline``
+    ``(C, *spatial)``: the baseline of a method that takes one (the mean image of
+    ``baseline_class``, :func:`class_mean_image`).
     """
     options: dict[str, Any] = {**config.options, "batch_size": config.batch_size}
+    if baseline is not None:
+        if "baseline" in options:
+            raise ValueError("give the baseline either as an option or as baseline_class, "
+                             "not both")
+        options["baseline"] = baseline
     if config.method == "cyce" and cyce_folder is not None:
         options.setdefault("generators", cyce_folder)
     if takes_regions(config.method) and grid is not None and len(grid.shape) == 3:
@@ -130,6 +138,13 @@ def takes_regions(method: str) -> bool:
     """Whether the method attributes to regions of a label map (:mod:`voxplain.explain.regions`)."""
     factory = METHODS.get(method)
     return factory is not None and "regions" in inspect.signature(factory).parameters
+
+
+def takes_baseline(method: str) -> bool:
+    """Whether the method takes one baseline image (integrated gradients, occlusion, the
+    region methods, the class activation maps)."""
+    factory = METHODS.get(method)
+    return factory is not None and "baseline" in inspect.signature(factory).parameters
 
 
 def reads_layer(method: str) -> bool:
@@ -155,6 +170,8 @@ def run_explain(config: ExplainStepConfig, progress: Progress | None = None) -> 
     if config.explain.target not in ("true", "predicted"):
         for _, _, folder in models:
             resolve_target(config.explain.target, read_model_json(folder)["classes"])
+    if config.explain.baseline_class is not None and takes_baseline(config.explain.method):
+        _check_baseline_class(run, config.explain.baseline_class, models)
     key = explanation_key(config)
     try:
         # the cohort is checked before recording
@@ -180,15 +197,19 @@ def run_explain(config: ExplainStepConfig, progress: Progress | None = None) -> 
 
 def _record(run: RunFolder, config: ExplainStepConfig, key: str, signed: bool) -> None:
     """Record the step's settings and ``explanation.json``."""
-    # batch size and evaluation do not change the maps: left out of the recorded settings so
-    # that a resumed step may change them (None entries are not recorded)
+    # batch size and evaluation do not change the maps, nor does a baseline class those of a
+    # method without a baseline: left out of the recorded settings so that a resumed step may
+    # change them (None entries are not recorded)
+    unused = {} if takes_baseline(config.explain.method) else {"baseline_class": None}
     recorded = config.model_copy(update={
-        "explain": config.explain.model_copy(update={"batch_size": None})})
+        "explain": config.explain.model_copy(update={"batch_size": None, **unused})})
     run.record_config(explain_section(key), recorded)
     write_json(run.explanation_dir(key) / "explanation.json", {
         "method": config.explain.method, "layer": config.explain.layer,
         "signed": signed, "target": config.explain.target,
         "group": config.explain.group,
+        "baseline_class": config.explain.baseline_class
+        if takes_baseline(config.explain.method) else None,
         "cohort": None if config.cohort is None else str(config.cohort)})
 
 
@@ -271,9 +292,48 @@ def _method(context: RunContext, config: ExplainStepConfig, model: nn.Module, fo
     ``explain.batch_size``) and the shape ``(C, *spatial)`` of one model input of ``rows``."""
     input_shape = tuple(context.model_inputs(rows.iloc[:1]).shape[1:])
     model = for_batches(model, len(input_shape) - 1, config.explain.batch_size, context.device)
+    baseline = None
+    if config.explain.baseline_class is not None and takes_baseline(config.explain.method):
+        baseline = class_mean_image(config.run, config.device, fold,
+                                    config.explain.baseline_class).to(context.device)
     method = build_explainer(config.explain, model, context.run.cyce_dir(fold, run_index),
-                             context.grid if context.slices is None else None)  # whole images
+                             context.grid if context.slices is None else None,  # whole images
+                             baseline)
     return method, input_shape
+
+
+def _check_baseline_class(run: RunFolder, name: str,
+                          models: list[tuple[int, int, Path]]) -> None:
+    """Refuse, before anything is written, a baseline class that is not a class of every model,
+    and a slice model (its inputs are slices, not the images a class's mean is taken of)."""
+    if run.slice_view() is not None:
+        raise ValueError(f"{run.root}: baseline_class needs a model that reads whole images; "
+                         "this run's models read slices")
+    for _, _, folder in models:
+        classes = read_model_json(folder)["classes"]
+        if name not in classes:
+            raise ValueError(f"{folder}: baseline_class {name!r} is not a class of the model "
+                             f"({', '.join(map(str, classes))})")
+
+
+def class_mean_image(run: Path, device: str, fold: int, name: str,
+                     chunk: int = 32) -> torch.Tensor:
+    """Mean image ``(C, *spatial)`` (float32, CPU) of the fold's training sessions of class
+    ``name``, on the models' input grid: the baseline ``baseline_class`` asks for. Read from
+    the run's own cohort, also when another cohort is explained, a few images at a time.
+
+    Raises:
+        FoldSkipped: the fold has no training session of that class.
+    """
+    context = shared_context(run, device)
+    rows = context.split_rows(fold, "train")
+    rows = rows[rows.diagnosis.astype(str) == name]
+    if rows.empty:
+        raise FoldSkipped(f"no training session of {name!r} for the baseline class")
+    total = np.zeros(context.images.shape[1:], dtype=np.float64)
+    for start in range(0, len(rows), chunk):
+        total += context.images_of(rows.iloc[start:start + chunk]).sum(0, dtype=np.float64)
+    return torch.from_numpy((total / len(rows)).astype(np.float32))
 
 
 def map_paths(folder: Path, rows: pd.DataFrame) -> list[str]:
