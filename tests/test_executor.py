@@ -254,3 +254,29 @@ def test_an_executor_at_the_top_of_a_pipeline_file_reaches_every_step_that_fans_
     assert {name: planned[name].executor.kind for name in fanning_out} == dict.fromkeys(
         fanning_out, "ray")
     assert not hasattr(planned["evaluate_localisation"], "executor")  # runs in the command
+
+
+def test_process_shared_makes_a_value_once_per_settings_and_cohort_and_releases_it(tmp_path):
+    from voxplain.config import ExecutorConfig as Settings
+    from voxplain.run.executor import ProcessShared
+
+    cohort = tmp_path / "cohort.tsv"
+    cohort.write_text("a\n")
+    made: list[int] = []
+
+    def make() -> int:
+        made.append(len(made))
+        return made[-1]
+
+    shared: ProcessShared[int] = ProcessShared()
+    first, other = Settings(), Settings(kind="ray")
+    assert shared.get(first, cohort, make) == 0 and shared.get(first, cohort, make) == 0
+    assert shared.get(other, cohort, make) == 1  # other settings: made afresh
+    os.utime(cohort, ns=(1, 1))  # a rewritten cohort (another modification time)
+    assert shared.get(other, cohort, make) == 2
+    with pytest.raises(RuntimeError, match="boom"):
+        with shared.sharing(first, cohort, 41):
+            assert shared.get(first, cohort, make) == 41  # the driver's own value, not made
+            raise RuntimeError("boom")
+    assert shared.get(first, cohort, make) == 3  # released after the block, also on failure
+    assert made == [0, 1, 2, 3]

@@ -31,7 +31,8 @@ from voxplain.config import ExecutorConfig
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-__all__ = ["NoUnitProcessed", "Unit", "UnitFailed", "UnitSkipped", "available_cpus",
+__all__ = ["NoUnitProcessed", "ProcessShared", "Unit", "UnitFailed", "UnitSkipped",
+           "available_cpus",
            "chunk_size", "map_units", "parallel_units", "session_chunks",
            "with_absolute_paths"]
 
@@ -197,6 +198,45 @@ def session_chunks(total: int, size: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of consecutive runs of ``size`` of ``total`` sessions (the last one
     shorter)."""
     return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+class ProcessShared(Generic[T]):
+    """What the units of one step share in one process (e.g. training's prepared inputs): one
+    value at a time, keyed by the step's settings and its cohort file's modification time, so a
+    Ray worker prepares it once for all the units it runs, and other settings or a rewritten
+    cohort are prepared afresh. The driver lends its own value to the units it runs itself
+    (:meth:`sharing`); a unit takes the value with :meth:`get`."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: T | None = None
+
+    @staticmethod
+    def key(config: BaseModel, cohort: Path) -> tuple:
+        return config.model_dump_json(), cohort.stat().st_mtime_ns if cohort.is_file() else None
+
+    def get(self, config: BaseModel, cohort: Path, make: Callable[[], T]) -> T:
+        """The value for ``config`` and ``cohort``, made (and kept) when this process has
+        none for them; the previous one is released first."""
+        key = self.key(config, cohort)
+        if self._key != key:
+            self.clear()
+            value = make()
+            self._key, self._value = key, value
+        return self._value  # type: ignore[return-value]
+
+    @contextmanager
+    def sharing(self, config: BaseModel, cohort: Path, value: T) -> Iterator[None]:
+        """Lend ``value`` to the units run in this process for ``config`` and ``cohort`` while
+        the block runs; released afterwards, also on failure."""
+        self._key, self._value = self.key(config, cohort), value
+        try:
+            yield
+        finally:
+            self.clear()
+
+    def clear(self) -> None:
+        self._key = self._value = None
 
 
 def with_absolute_paths(config: C) -> C:

@@ -61,7 +61,8 @@ from rich.progress import Progress
 from voxplain.config import ExecutorConfig, SearchConfig, TrainConfig, to_toml
 from voxplain.io import read_tsv, write_text, write_tsv
 from voxplain.run import RunFolder
-from voxplain.run.executor import Unit, map_units, parallel_units, with_absolute_paths
+from voxplain.run.executor import (ProcessShared, Unit, map_units, parallel_units,
+                                    with_absolute_paths)
 from voxplain.steps.train import PreparedCohort, prepare_cohort, run_train
 from voxplain.train.search import suggest_settings, trial_config
 
@@ -99,9 +100,7 @@ def run_search(config: SearchConfig, progress: Progress | None = None) -> pd.Dat
             if progress else None)
     shipped = with_absolute_paths(config)
     work = partial(trial_unit, progress=progress if config.executor.kind == "local" else None)
-    _COHORTS.clear()
-    _COHORTS[_cohort_key(shipped)] = prepared  # the units run here share it
-    try:
+    with _COHORTS.sharing(shipped, Path(shipped.cohort), prepared):  # for the units run here
         while missing > 0:
             batch = min(missing, parallel_units(config.executor))  # 1 here
             trials = [_ask(config, study) for _ in range(batch)]
@@ -120,8 +119,6 @@ def run_search(config: SearchConfig, progress: Progress | None = None) -> pd.Dat
                   progress, task)
             _write_results(config, study)
             missing -= len(trials)
-    finally:
-        _COHORTS.clear()
     return _write_results(config, study)
 
 
@@ -145,13 +142,8 @@ class TrialResult:
     seconds: float
 
 
-#: The :class:`PreparedCohort` of this process, by :func:`_cohort_key` (one at a time).
-_COHORTS: dict[tuple, PreparedCohort] = {}
-
-
-def _cohort_key(config: SearchConfig) -> tuple:
-    cohort = Path(config.cohort)
-    return config.model_dump_json(), cohort.stat().st_mtime_ns if cohort.is_file() else None
+#: The :class:`PreparedCohort` of this process (one at a time).
+_COHORTS: ProcessShared[PreparedCohort] = ProcessShared()
 
 
 def trial_unit(unit: SearchTrial, progress: Progress | None = None) -> TrialResult:
@@ -159,16 +151,14 @@ def trial_unit(unit: SearchTrial, progress: Progress | None = None) -> TrialResu
     resuming what it finds there) and return its objective; here or in a Ray task, which
     reads the cohort once per worker process."""
     config = unit.config
-    key = _cohort_key(config)
-    if key not in _COHORTS:
-        _COHORTS.clear()
-        _COHORTS[key] = prepare_cohort(config, RunFolder(config.run), None)
+    prepared = _COHORTS.get(config, Path(config.cohort),
+                            lambda: prepare_cohort(config, RunFolder(config.run), None))
     started = time.perf_counter()
     settings = trial_config(config, suggest_settings(optuna.trial.FixedTrial(unit.params),
                                                      config.space),
                             run=trial_dir(config.run, unit.number),
                             executor=ExecutorConfig(cpus_per_task=config.executor.cpus_per_task))
-    metrics = run_train(settings, progress, prepared=_COHORTS[key],
+    metrics = run_train(settings, progress, prepared=prepared,
                         folds=[0] if config.trial_folds == "first" else None)
     return TrialResult(unit.number, _objective(config, metrics), time.perf_counter() - started)
 

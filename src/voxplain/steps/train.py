@@ -35,7 +35,7 @@ from voxplain.io import read_tsv, write_json, write_tsv
 from voxplain.models.checkpoint import remove_checkpoint
 from voxplain.models.device import resolve_device
 from voxplain.run import RunFolder, Unit, fold_unit_name, map_fold_units
-from voxplain.run.executor import with_absolute_paths
+from voxplain.run.executor import ProcessShared, with_absolute_paths
 from voxplain.steps.context import IDS, progress_callback
 from voxplain.train.splits import Fold, baseline_sessions, random_splits, subject_folds
 from voxplain.train.trainer import Dataset, slice_rows, train_fold
@@ -187,13 +187,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None, *,
                   FoldTraining(shipped, fold.index, run_index))
              for fold in inputs.folds if folds is None or fold.index in folds
              for run_index in range(config.runs)]
-    _PREPARED.clear()
-    _PREPARED[_inputs_key(shipped)] = inputs  # the units run here share them
-    try:
+    with _PREPARED.sharing(shipped, Path(shipped.cohort), inputs):  # for the units run here
         map_fold_units(units, partial(train_unit, progress=progress if config.executor.kind
                                       == "local" else None), config.executor, "train", progress)
-    finally:
-        _PREPARED.clear()
     summary = pd.concat([read_tsv(folder / "metrics.tsv") for _, _, folder in run.model_dirs()],
                         ignore_index=True)
     write_tsv(run.evaluation_file("cross_validation.tsv"), summary)
@@ -244,13 +240,8 @@ class FoldTraining:
     run: int
 
 
-#: The :class:`TrainingInputs` of this process, by :func:`_inputs_key` (one at a time).
-_PREPARED: dict[tuple, TrainingInputs] = {}
-
-
-def _inputs_key(config: TrainConfig) -> tuple:
-    cohort = Path(config.cohort)
-    return config.model_dump_json(), cohort.stat().st_mtime_ns if cohort.is_file() else None
+#: The :class:`TrainingInputs` of this process (one set at a time).
+_PREPARED: ProcessShared[TrainingInputs] = ProcessShared()
 
 
 def train_unit(unit: FoldTraining, progress: Progress | None = None) -> None:
@@ -262,11 +253,7 @@ def train_unit(unit: FoldTraining, progress: Progress | None = None) -> None:
         log.info("fold %d run %d already trained: skipped", unit.fold, unit.run)
         remove_checkpoint(folder)  # left by a kill between metrics.tsv and its removal
         return
-    key = _inputs_key(config)
-    if key not in _PREPARED:
-        _PREPARED.clear()
-        _PREPARED[key] = prepare_training(config)
-    inputs = _PREPARED[key]
+    inputs = _PREPARED.get(config, Path(config.cohort), lambda: prepare_training(config))
     fold = next(fold for fold in inputs.folds if fold.index == unit.fold)
     classes = inputs.prepared.classes
     train_fold(config, inputs.model, classes, _sliced(fold, inputs.view), unit.run, inputs.images,
