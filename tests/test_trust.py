@@ -145,3 +145,16 @@ def test_2d_group_maps_get_no_outside_the_brain_finding(tmp_path):
         {"signed": False}))
     findings = run_findings(RunFolder(run))
     assert not any("outside the brain" in f.text for f in findings)
+
+
+def test_the_report_says_when_maps_are_drawn_from_a_class_s_mean_image(tmp_path):
+    run = checked_run(tmp_path)
+    (run / "explanations" / "hires_cam" / "explanation.json").write_text(json.dumps(
+        {"signed": False, "baseline_class": "CN"}))
+    page = build_report(ReportConfig(run=run, max_viewers=0)).read_text()
+    explanations = page.split('<section id="explanations"')[1].split("<section id=")[0]
+    hires = explanations.split("<h3>hires_cam</h3>")[1].split("<h3>")[0]
+    grad_cam = explanations.split("<h3>grad_cam</h3>")[1].split("<h3>")[0]
+    assert "the mean training image of CN of each fold" in hires
+    assert "mean training image" not in grad_cam
+

@@ -600,6 +600,11 @@ def explanations_section(context: ReportContext) -> Section:
         if description:
             section.blocks.append(Block("text", "; ".join(
                 f"{key}: {value}" for key, value in description.items() if value is not None)))
+        if description.get("baseline_class") is not None:
+            section.blocks.append(Block("text", (
+                f"Reference: the mean training image of {description['baseline_class']} of each "
+                "fold (--baseline-class): these maps show how a session departs from that "
+                "class's average, not from an empty image.")))
         found = [item for item in fold_run_files(root / method, "group_*")
                  if item[2].name.endswith(MAP_SUFFIXES)]  # not the PNG previews of 2D maps
         diagnoses = sorted({map_stem(path).removeprefix("group_") for _, _, path in found},
