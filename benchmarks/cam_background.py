@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from voxplain.data.template import brain_mask
 from voxplain.evaluate.localisation import brain_outside_at_layer, share_outside
-from voxplain.explain.cam import forward_with_layer, target_scores, to_input_grid
+from voxplain.explain.cam import (GradCAM, HiResCAM, forward_with_layer, target_scores,
+                                  to_input_grid)
 from voxplain.explain.layers import choose_cam_layer
 from voxplain.steps.context import load_context
 
@@ -68,10 +69,10 @@ def main() -> None:
         _, empty = forward_with_layer(model, layer, torch.zeros_like(x[:1]))
         activations, gradients, empty = activations.detach(), gradients.detach(), empty.detach()
         spatial = tuple(activations.shape[2:])
-        weights = gradients.flatten(2).mean(2).view(*gradients.shape[:2], *[1] * len(spatial))
-        grad_cam = per_sample_max(F.relu((weights * activations).sum(1, keepdim=True)))
-        contributions = (gradients * activations).sum(1, keepdim=True)
-        hires = per_sample_max(F.relu(contributions))
+        # the library's own layer maps (Grad-CAM's channel weights, HiResCAM's position-wise sum)
+        grad_cam = per_sample_max(GradCAM(model).layer_map(activations, gradients, activations))
+        hires = per_sample_max(HiResCAM(model).layer_map(activations, gradients, activations))
+        contributions = (gradients * activations).sum(1, keepdim=True)  # HiResCAM before ReLU
         inside = torch.from_numpy(brain.astype(np.float32))[None, None]
         pool = F.adaptive_avg_pool3d if len(spatial) == 3 else F.adaptive_avg_pool2d
         background = (pool(inside, spatial) < 0.1)[0, 0]

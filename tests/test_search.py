@@ -156,27 +156,32 @@ def test_a_resumed_search_draws_what_an_uninterrupted_one_draws(tmp_path, fake_t
                                   resumed.drop(columns=["seconds"]))
 
 
-def test_an_interrupted_trial_is_retried_with_its_parameters_in_its_folder(tmp_path, monkeypatch,
-                                                                          fake_training):
-    tsv = write_cohort(tmp_path / "cohort", subjects=6, sessions=1)
+def _killed_after(trials: int, fake_training: list):
+    """The (fake) training of the search, killed in the trial that follows ``trials`` finished
+    ones: it leaves a checkpoint in its folder, as a killed training does."""
     train = search_step.run_train
 
-    def killed_at_the_second_trial(config, progress=None, **kwargs):
-        if len(fake_training) == 1:
+    def killed(config, progress=None, **kwargs):
+        if len(fake_training) == trials:
             Path(config.run).mkdir(parents=True)
             (Path(config.run) / "checkpoint").write_text("epoch 1")
             fake_training.append(config)
             raise KeyboardInterrupt
         return train(config, progress, **kwargs)
 
-    monkeypatch.setattr(search_step, "run_train", killed_at_the_second_trial)
+    return killed
+
+
+def test_an_interrupted_trial_is_retried_with_its_parameters_in_its_folder(tmp_path, monkeypatch,
+                                                                          fake_training):
+    tsv = write_cohort(tmp_path / "cohort", subjects=6, sessions=1)
+    monkeypatch.setattr(search_step, "run_train", _killed_after(1, fake_training))
     with pytest.raises(KeyboardInterrupt):
         run_search(_search(tsv, tmp_path / "run", n_trials=3))
     table = run_search(_search(tsv, tmp_path / "run", n_trials=3))
     assert list(table.state) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     interrupted, retried = table.iloc[1], table.iloc[2]
-    parameters = [c for c in table.columns if c not in ("number", "state", "value", "seconds",
-                                                        "folder")]
+    parameters = _parameters(table)
     assert interrupted[parameters].equals(retried[parameters])
     assert (trial_dir(tmp_path / "run", 2) / "checkpoint").read_text() == "epoch 1"
     assert not trial_dir(tmp_path / "run", 1).exists()
@@ -228,17 +233,7 @@ def test_a_failed_trial_fails_its_batch_but_finished_trials_keep_their_value(
 def test_every_trial_a_killed_batch_left_running_is_retried_once(tmp_path, monkeypatch,
                                                                  fake_training):
     tsv = write_cohort(tmp_path / "cohort", subjects=6, sessions=1)
-    train = search_step.run_train
-
-    def killed_in_the_first_trial(config, progress=None, **kwargs):
-        if not fake_training:
-            Path(config.run).mkdir(parents=True)
-            (Path(config.run) / "checkpoint").write_text("epoch 1")
-            fake_training.append(config)
-            raise KeyboardInterrupt
-        return train(config, progress, **kwargs)
-
-    monkeypatch.setattr(search_step, "run_train", killed_in_the_first_trial)
+    monkeypatch.setattr(search_step, "run_train", _killed_after(0, fake_training))
     monkeypatch.setattr(search_step, "parallel_units", lambda executor: 3)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
